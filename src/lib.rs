@@ -1,0 +1,6 @@
+//! walhook: PostgreSQL logical replication (pgoutput) to entity events delivered as
+//! signed webhooks. `main.rs` only wires these stages together.
+
+pub mod cli;
+pub mod config;
+pub mod source;
