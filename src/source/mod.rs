@@ -5,6 +5,7 @@ pub mod client;
 pub mod connect;
 pub mod lsn;
 pub mod pgoutput;
+pub mod setup;
 pub mod values;
 
 pub use lsn::Lsn;

@@ -1,0 +1,337 @@
+//! Preparing a database for walhook and checking that it is ready: `wal_level`, the
+//! REPLICATION privilege, the watched tables and their replica identity, the
+//! publication (kept in step with the config) and the slot.
+
+use tokio_postgres::Client;
+
+use super::client::{ClientError, ReplicationClient, quote_ident};
+use super::Lsn;
+
+/// A schema-qualified table named in the config.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct QualifiedName {
+    pub schema: String,
+    pub name: String,
+}
+
+impl QualifiedName {
+    /// `"schema"."name"`, quoted for SQL.
+    pub fn quoted(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+}
+
+impl std::fmt::Display for QualifiedName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+/// A database that is not (yet) fit for walhook. Each message names the culprit and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(
+        "wal_level is `{0}`, but logical replication needs `logical`. Fix: run `ALTER SYSTEM SET wal_level = logical;` as a superuser (or set it in postgresql.conf) and restart PostgreSQL"
+    )]
+    WalLevel(String),
+    #[error(
+        "role `{0}` may not use replication. Fix: as a superuser run `ALTER ROLE {0} REPLICATION;`"
+    )]
+    NoReplication(String),
+    #[error(
+        "table `{0}` (listed in the config) does not exist in database `{1}`. Fix: create it, correct the name, or remove it from [[tables]]"
+    )]
+    NoSuchTable(QualifiedName, String),
+    #[error(
+        "table `{0}` has neither a primary key nor a replica identity: publishing it would make the application's own UPDATE and DELETE on it fail. Fix: add a primary key, or run `ALTER TABLE {1} REPLICA IDENTITY FULL;` (or `REPLICA IDENTITY USING INDEX ...`)"
+    )]
+    NoIdentity(QualifiedName, String),
+    #[error(
+        "publication `{name}` does not match the config and role `{role}` may not change it ({reason}). Fix: have a DBA run:\n{sql}"
+    )]
+    PublicationNeedsDba {
+        name: String,
+        role: String,
+        reason: String,
+        sql: String,
+    },
+    #[error(
+        "replication slot `{slot}` is in use by another process (PID {pid}); another walhook or `walhook tail --slot` is probably reading it. Fix: stop that process, or use another slot name"
+    )]
+    SlotActive { slot: String, pid: i32 },
+    #[error(
+        "replication slot `{slot}` uses output plugin `{plugin}`, walhook needs `pgoutput`. Fix: drop it (`SELECT pg_drop_replication_slot('{slot}');`) or choose another slot name"
+    )]
+    SlotPlugin { slot: String, plugin: String },
+    #[error(
+        "replication slot `{0}` does not exist. Fix: run `walhook setup` (or `walhook run`, which creates it), or correct [source] slot"
+    )]
+    NoSlot(String),
+    #[error("database error: {0}")]
+    Sql(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Replication(#[from] ClientError),
+}
+
+/// What start-up needs to know about one watched table.
+#[derive(Clone, Debug)]
+pub struct TableInfo {
+    pub name: QualifiedName,
+    pub oid: u32,
+    /// `d` default, `n` nothing, `f` full, `i` index.
+    pub replica_identity: char,
+    pub primary_key: Vec<String>,
+    pub columns: Vec<String>,
+    /// Columns whose values may be TOASTed (storage other than plain).
+    pub toastable: Vec<String>,
+}
+
+impl TableInfo {
+    /// Whether UPDATE and DELETE carry an identity (primary key, index or full).
+    pub fn has_identity(&self) -> bool {
+        match self.replica_identity {
+            'f' | 'i' => true,
+            'd' => !self.primary_key.is_empty(),
+            _ => false,
+        }
+    }
+}
+
+/// `SHOW wal_level` must say `logical`.
+pub async fn check_wal_level(client: &Client) -> Result<(), SetupError> {
+    let row = client.query_one("SHOW wal_level", &[]).await?;
+    let level: String = row.get(0);
+    if level != "logical" {
+        return Err(SetupError::WalLevel(level));
+    }
+    Ok(())
+}
+
+/// The connected role must be a superuser or have REPLICATION.
+pub async fn check_replication_role(client: &Client) -> Result<(), SetupError> {
+    let row = client
+        .query_one(
+            "SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await?;
+    let (role, ok): (String, bool) = (row.get(0), row.get(1));
+    if !ok {
+        return Err(SetupError::NoReplication(role));
+    }
+    Ok(())
+}
+
+/// Looks up each table; a missing table or one without identity is an error.
+pub async fn inspect_tables(client: &Client, tables: &[QualifiedName]) -> Result<Vec<TableInfo>, SetupError> {
+    let db: String = client.query_one("SELECT current_database()::text", &[]).await?.get(0);
+    let mut out = Vec::with_capacity(tables.len());
+    for table in tables {
+        let row = client
+            .query_opt(
+                "SELECT c.oid, c.relreplident::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+                &[&table.schema, &table.name],
+            )
+            .await?;
+        let Some(row) = row else {
+            return Err(SetupError::NoSuchTable(table.clone(), db));
+        };
+        let oid: u32 = row.get(0);
+        let ident: String = row.get(1);
+        let pk = client
+            .query(
+                "SELECT a.attname::text FROM pg_index i
+                 JOIN LATERAL unnest(i.indkey) WITH ORDINALITY k(attnum, ord) ON true
+                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                 WHERE i.indrelid = $1 AND i.indisprimary ORDER BY k.ord",
+                &[&oid],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect();
+        let cols = client
+            .query(
+                "SELECT attname::text, attstorage::text FROM pg_attribute
+                 WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+                &[&oid],
+            )
+            .await?;
+        let columns = cols.iter().map(|r| r.get::<_, String>(0)).collect();
+        let toastable = cols
+            .iter()
+            .filter(|r| r.get::<_, String>(1) != "p")
+            .map(|r| r.get::<_, String>(0))
+            .collect();
+        let info = TableInfo {
+            name: table.clone(),
+            oid,
+            replica_identity: ident.chars().next().unwrap_or('d'),
+            primary_key: pk,
+            columns,
+            toastable,
+        };
+        if !info.has_identity() {
+            return Err(SetupError::NoIdentity(table.clone(), table.quoted()));
+        }
+        out.push(info);
+    }
+    Ok(out)
+}
+
+/// What `ensure_publication` did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PublicationChange {
+    Unchanged,
+    Created,
+    Altered,
+}
+
+/// The SQL that makes publication `name` publish exactly `tables`.
+pub fn publication_sql(name: &str, tables: &[QualifiedName], exists: bool) -> String {
+    let list = tables.iter().map(QualifiedName::quoted).collect::<Vec<_>>().join(", ");
+    if exists {
+        format!("ALTER PUBLICATION {} SET TABLE {list};", quote_ident(name))
+    } else {
+        format!("CREATE PUBLICATION {} FOR TABLE {list};", quote_ident(name))
+    }
+}
+
+/// The tables publication `name` publishes now, or `None` when it does not exist.
+pub async fn published_tables(client: &Client, name: &str) -> Result<Option<Vec<QualifiedName>>, SetupError> {
+    let exists = client
+        .query_opt("SELECT puballtables FROM pg_publication WHERE pubname = $1", &[&name])
+        .await?;
+    if exists.is_none() {
+        return Ok(None);
+    }
+    let mut tables: Vec<QualifiedName> = client
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+            &[&name],
+        )
+        .await?
+        .iter()
+        .map(|r| QualifiedName { schema: r.get(0), name: r.get(1) })
+        .collect();
+    tables.sort();
+    Ok(Some(tables))
+}
+
+/// Creates the publication `FOR TABLE` the watched tables, or alters it to match them.
+/// When the role may not, the error carries the exact SQL a DBA must run.
+pub async fn ensure_publication(
+    client: &Client,
+    name: &str,
+    tables: &[QualifiedName],
+) -> Result<PublicationChange, SetupError> {
+    let mut wanted = tables.to_vec();
+    wanted.sort();
+    wanted.dedup();
+    let current = published_tables(client, name).await?;
+    if current.as_ref() == Some(&wanted) {
+        return Ok(PublicationChange::Unchanged);
+    }
+    let exists = current.is_some();
+    let sql = publication_sql(name, &wanted, exists);
+    match client.batch_execute(&sql).await {
+        Ok(()) => Ok(if exists { PublicationChange::Altered } else { PublicationChange::Created }),
+        Err(e) if e.code().is_some_and(|c| c.code() == "42501" || c.code() == "42710") => {
+            let role: String = client.query_one("SELECT current_user::text", &[]).await?.get(0);
+            let reason = e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_default();
+            Err(SetupError::PublicationNeedsDba { name: name.to_owned(), role, reason, sql })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A replication slot as `pg_replication_slots` shows it.
+#[derive(Clone, Debug)]
+pub struct SlotInfo {
+    pub plugin: Option<String>,
+    pub active_pid: Option<i32>,
+    pub confirmed_flush: Option<Lsn>,
+    pub wal_status: Option<String>,
+}
+
+/// Looks up slot `name` in the connected database.
+pub async fn slot_info(client: &Client, name: &str) -> Result<Option<SlotInfo>, SetupError> {
+    let row = client
+        .query_opt(
+            "SELECT plugin::text, active_pid, confirmed_flush_lsn::text, wal_status
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&name],
+        )
+        .await?;
+    Ok(row.map(|r| SlotInfo {
+        plugin: r.get(0),
+        active_pid: r.get(1),
+        confirmed_flush: r.get::<_, Option<String>>(2).and_then(|s| s.parse().ok()),
+        wal_status: r.get(3),
+    }))
+}
+
+/// Slot `name` must exist, use pgoutput and not be active in another process.
+pub async fn check_slot_usable(client: &Client, name: &str) -> Result<SlotInfo, SetupError> {
+    let info = slot_info(client, name).await?.ok_or_else(|| SetupError::NoSlot(name.to_owned()))?;
+    if let Some(plugin) = info.plugin.as_deref().filter(|p| *p != "pgoutput") {
+        return Err(SetupError::SlotPlugin { slot: name.to_owned(), plugin: plugin.to_owned() });
+    }
+    if let Some(pid) = info.active_pid {
+        return Err(SetupError::SlotActive { slot: name.to_owned(), pid });
+    }
+    Ok(info)
+}
+
+/// Creates a permanent pgoutput slot named `name`; returns its consistent point.
+pub async fn create_slot(repl: &mut ReplicationClient, name: &str, temporary: bool) -> Result<Lsn, SetupError> {
+    let temp = if temporary { " TEMPORARY" } else { "" };
+    let rows = repl
+        .simple_query(&format!(
+            "CREATE_REPLICATION_SLOT {}{temp} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
+            quote_ident(name)
+        ))
+        .await?;
+    let point = rows
+        .first()
+        .and_then(|r| r.get(1).cloned().flatten())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(Lsn::INVALID);
+    Ok(point)
+}
+
+/// Turns a slot-in-use server error (SQLSTATE 55006) into [`SetupError::SlotActive`].
+pub fn slot_error(slot: &str, err: ClientError) -> SetupError {
+    if err.code() == Some("55006") {
+        let pid = match &err {
+            ClientError::Server(e) => e
+                .message
+                .rsplit(' ')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0),
+            _ => 0,
+        };
+        return SetupError::SlotActive { slot: slot.to_owned(), pid };
+    }
+    if err.code() == Some("42704") {
+        return SetupError::NoSlot(slot.to_owned());
+    }
+    SetupError::Replication(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publication_sql_quotes_every_name() {
+        let t = [QualifiedName { schema: "public".into(), name: "user roles".into() }];
+        assert_eq!(
+            publication_sql("walhook", &t, false),
+            "CREATE PUBLICATION \"walhook\" FOR TABLE \"public\".\"user roles\";"
+        );
+        assert!(publication_sql("walhook", &t, true).starts_with("ALTER PUBLICATION \"walhook\" SET TABLE"));
+    }
+}
