@@ -1,6 +1,7 @@
 //! The source stage: a PostgreSQL logical replication client, the pgoutput decoder and
 //! the conversion of column values to JSON.
 
+pub mod decoder;
 pub mod lsn;
 pub mod pgoutput;
 pub mod values;
