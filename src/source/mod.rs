@@ -3,9 +3,11 @@
 
 pub mod client;
 pub mod connect;
+pub mod decoder;
 pub mod lsn;
 pub mod pgoutput;
 pub mod setup;
+pub mod stream;
 pub mod values;
 
 pub use lsn::Lsn;

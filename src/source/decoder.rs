@@ -1,0 +1,789 @@
+//! The stateful pgoutput decoder: keeps the relation and type caches the stream
+//! announces and turns row-change messages into typed, row-level [`Change`]s with
+//! JSON values. Unknown values (unchanged TOAST without a full old row, non-key
+//! columns of a key tuple) are left out of rows, never set to null.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use super::Lsn;
+use super::pgoutput::{ColumnData, DecodeError, Message, OldKind, OldTuple, Relation, TupleData};
+use super::values;
+
+/// A row: column name to JSON value, in column order.
+pub type Row = serde_json::Map<String, Value>;
+
+/// A schema-qualified table name, printed `schema.name`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TableName {
+    /// The schema.
+    pub schema: String,
+    /// The table.
+    pub name: String,
+}
+
+impl fmt::Display for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+/// The kind of a row change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// INSERT
+    Insert,
+    /// UPDATE
+    Update,
+    /// DELETE
+    Delete,
+}
+
+impl Op {
+    /// `"insert"`, `"update"` or `"delete"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Insert => "insert",
+            Op::Update => "update",
+            Op::Delete => "delete",
+        }
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One row change, with its values converted to JSON.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Change {
+    /// The relation OID.
+    pub relation_id: u32,
+    /// The table, shared by every change to it.
+    pub table: Arc<TableName>,
+    /// Insert, update or delete.
+    pub op: Op,
+    /// The new row (insert, update); unchanged TOASTed columns that could not be filled
+    /// from a full old row are left out and named in `unchanged_toast`.
+    pub new: Option<Row>,
+    /// The old row (update when sent, delete): the whole row under REPLICA IDENTITY
+    /// FULL, otherwise only the key columns.
+    pub old: Option<Row>,
+    /// Whether `old` is the whole old row ('O', REPLICA IDENTITY FULL).
+    pub old_is_full: bool,
+    /// Columns of the new row that Postgres did not send (unchanged TOAST) and that
+    /// are absent from `new`.
+    pub unchanged_toast: Vec<String>,
+    /// The replica identity columns as pgoutput flags them (every column under FULL).
+    pub key_columns: Arc<[String]>,
+}
+
+/// What one pgoutput message decodes to.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decoded {
+    /// A transaction begins.
+    Begin {
+        /// The transaction id.
+        xid: u32,
+        /// The LSN of its commit record.
+        final_lsn: Lsn,
+        /// Commit time, microseconds since 2000-01-01 00:00 UTC.
+        commit_time: i64,
+    },
+    /// A row changed.
+    Change(Change),
+    /// The transaction commits.
+    Commit {
+        /// The LSN of the commit record.
+        commit_lsn: Lsn,
+        /// The LSN just past it (what to confirm once the transaction is stored).
+        end_lsn: Lsn,
+        /// Commit time, microseconds since 2000-01-01 00:00 UTC.
+        commit_time: i64,
+    },
+    /// Tables were truncated.
+    Truncate {
+        /// The truncated tables.
+        tables: Vec<Arc<TableName>>,
+        /// TRUNCATE ... CASCADE.
+        cascade: bool,
+        /// TRUNCATE ... RESTART IDENTITY.
+        restart_identity: bool,
+    },
+    /// A `pg_logical_emit_message` message.
+    LogicalMessage {
+        /// Emitted inside a transaction.
+        transactional: bool,
+        /// Its LSN.
+        lsn: Lsn,
+        /// Its prefix.
+        prefix: String,
+        /// Its content.
+        content: Bytes,
+    },
+}
+
+/// One column of a cached relation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ColumnInfo {
+    /// The column name.
+    pub name: String,
+    /// The type OID.
+    pub type_oid: u32,
+    /// The type's name when a Type message announced it (non-builtin types only).
+    pub type_name: Option<Arc<str>>,
+    /// Flagged as part of the replica identity.
+    pub is_key: bool,
+}
+
+/// A relation as last announced by the stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RelationInfo {
+    /// The table.
+    pub table: Arc<TableName>,
+    /// `relreplident`: b'd' default, b'n' nothing, b'f' full, b'i' index.
+    pub replica_identity: u8,
+    /// The published columns, in order.
+    pub columns: Vec<ColumnInfo>,
+    /// Names of the columns flagged as key.
+    pub key_columns: Arc<[String]>,
+}
+
+/// Decodes a pgoutput message stream. One per replication connection: the caches
+/// it keeps are valid for one walsender session (the server announces every relation
+/// again after a reconnect).
+#[derive(Debug, Default)]
+pub struct Decoder {
+    relations: HashMap<u32, RelationInfo>,
+    types: HashMap<u32, Arc<str>>,
+    origin: Option<String>,
+}
+
+impl Decoder {
+    /// An empty decoder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The cached relation with this OID.
+    pub fn relation(&self, relation_id: u32) -> Option<&RelationInfo> {
+        self.relations.get(&relation_id)
+    }
+
+    /// The replication origin of the current transaction, when an Origin message named one.
+    pub fn origin(&self) -> Option<&str> {
+        self.origin.as_deref()
+    }
+
+    /// Decodes one message. Relation, Type and Origin messages update the decoder's
+    /// state and give `None`; a change to a relation not announced is an error.
+    pub fn decode(&mut self, msg: Message) -> Result<Option<Decoded>, DecodeError> {
+        Ok(Some(match msg {
+            Message::Begin(b) => {
+                self.origin = None;
+                Decoded::Begin {
+                    xid: b.xid,
+                    final_lsn: b.final_lsn,
+                    commit_time: b.commit_time,
+                }
+            }
+            Message::Commit(c) => {
+                self.origin = None;
+                Decoded::Commit {
+                    commit_lsn: c.commit_lsn,
+                    end_lsn: c.end_lsn,
+                    commit_time: c.commit_time,
+                }
+            }
+            Message::Origin { name, .. } => {
+                self.origin = Some(name);
+                return Ok(None);
+            }
+            Message::Relation(rel) => {
+                self.add_relation(rel);
+                return Ok(None);
+            }
+            Message::Type(t) => {
+                let name: Arc<str> = Arc::from(t.name);
+                for rel in self.relations.values_mut() {
+                    for col in rel.columns.iter_mut().filter(|c| c.type_oid == t.id) {
+                        col.type_name = Some(name.clone());
+                    }
+                }
+                self.types.insert(t.id, name);
+                return Ok(None);
+            }
+            Message::Insert { relation_id, new } => {
+                let rel = self.lookup(relation_id, Op::Insert.as_str())?;
+                let (new, unchanged_toast) = new_row(rel, Op::Insert, &new, None)?;
+                Decoded::Change(change(
+                    relation_id,
+                    rel,
+                    Op::Insert,
+                    Some(new),
+                    None,
+                    false,
+                    unchanged_toast,
+                ))
+            }
+            Message::Update {
+                relation_id,
+                old,
+                new,
+            } => {
+                let rel = self.lookup(relation_id, Op::Update.as_str())?;
+                let old_is_full = old.as_ref().is_some_and(|o| o.kind == OldKind::Full);
+                let old = old.map(|o| old_row(rel, Op::Update, &o)).transpose()?;
+                let fill = if old_is_full { old.as_ref() } else { None };
+                let (new, unchanged_toast) = new_row(rel, Op::Update, &new, fill)?;
+                Decoded::Change(change(
+                    relation_id,
+                    rel,
+                    Op::Update,
+                    Some(new),
+                    old,
+                    old_is_full,
+                    unchanged_toast,
+                ))
+            }
+            Message::Delete { relation_id, old } => {
+                let rel = self.lookup(relation_id, Op::Delete.as_str())?;
+                let old_is_full = old.kind == OldKind::Full;
+                let old = old_row(rel, Op::Delete, &old)?;
+                Decoded::Change(change(
+                    relation_id,
+                    rel,
+                    Op::Delete,
+                    None,
+                    Some(old),
+                    old_is_full,
+                    Vec::new(),
+                ))
+            }
+            Message::Truncate {
+                options,
+                relation_ids,
+            } => {
+                let tables = relation_ids
+                    .iter()
+                    .map(|&id| self.lookup(id, "truncate").map(|rel| rel.table.clone()))
+                    .collect::<Result<_, _>>()?;
+                Decoded::Truncate {
+                    tables,
+                    cascade: options & 1 != 0,
+                    restart_identity: options & 2 != 0,
+                }
+            }
+            Message::Message {
+                transactional,
+                lsn,
+                prefix,
+                content,
+            } => Decoded::LogicalMessage {
+                transactional,
+                lsn,
+                prefix,
+                content,
+            },
+        }))
+    }
+
+    /// Caches a relation, replacing what an earlier message (before an ALTER) said.
+    fn add_relation(&mut self, rel: Relation) {
+        let schema = if rel.namespace.is_empty() {
+            "pg_catalog".to_owned()
+        } else {
+            rel.namespace
+        };
+        let columns: Vec<ColumnInfo> = rel
+            .columns
+            .into_iter()
+            .map(|c| ColumnInfo {
+                type_name: self.types.get(&c.type_oid).cloned(),
+                name: c.name,
+                type_oid: c.type_oid,
+                is_key: c.is_key,
+            })
+            .collect();
+        let key_columns = columns
+            .iter()
+            .filter(|c| c.is_key)
+            .map(|c| c.name.clone())
+            .collect();
+        self.relations.insert(
+            rel.id,
+            RelationInfo {
+                table: Arc::new(TableName {
+                    schema,
+                    name: rel.name,
+                }),
+                replica_identity: rel.replica_identity,
+                columns,
+                key_columns,
+            },
+        );
+    }
+
+    fn lookup(&self, relation_id: u32, op: &'static str) -> Result<&RelationInfo, DecodeError> {
+        self.relations
+            .get(&relation_id)
+            .ok_or(DecodeError::UnknownRelation { op, relation_id })
+    }
+}
+
+fn change(
+    relation_id: u32,
+    rel: &RelationInfo,
+    op: Op,
+    new: Option<Row>,
+    old: Option<Row>,
+    old_is_full: bool,
+    unchanged_toast: Vec<String>,
+) -> Change {
+    Change {
+        relation_id,
+        table: rel.table.clone(),
+        op,
+        new,
+        old,
+        old_is_full,
+        unchanged_toast,
+        key_columns: rel.key_columns.clone(),
+    }
+}
+
+fn check_width(rel: &RelationInfo, op: Op, tuple: &TupleData) -> Result<(), DecodeError> {
+    if tuple.0.len() != rel.columns.len() {
+        return Err(DecodeError::ColumnCount {
+            op: op.as_str(),
+            table: rel.table.to_string(),
+            expected: rel.columns.len(),
+            found: tuple.0.len(),
+        });
+    }
+    Ok(())
+}
+
+/// The JSON value of one sent column (`None` for an unchanged TOAST value).
+fn value(
+    rel: &RelationInfo,
+    op: Op,
+    col: &ColumnInfo,
+    data: &ColumnData,
+) -> Result<Option<Value>, DecodeError> {
+    Ok(Some(match data {
+        ColumnData::Null => Value::Null,
+        ColumnData::UnchangedToast => return Ok(None),
+        ColumnData::Text(raw) => {
+            let text = std::str::from_utf8(raw).map_err(|_| DecodeError::InvalidUtf8Value {
+                op: op.as_str(),
+                table: rel.table.to_string(),
+                column: col.name.clone(),
+            })?;
+            values::to_json(col.type_oid, col.type_name.as_deref(), text)
+        }
+        ColumnData::Binary(raw) => values::binary_column_to_json(raw),
+    }))
+}
+
+/// The old row: every sent column of a full tuple; only key columns of a key tuple
+/// (pgoutput sends the others as NULL, which would be a lie).
+fn old_row(rel: &RelationInfo, op: Op, old: &OldTuple) -> Result<Row, DecodeError> {
+    check_width(rel, op, &old.tuple)?;
+    let key_only = old.kind == OldKind::Key;
+    let mut row = Row::with_capacity(if key_only {
+        rel.key_columns.len()
+    } else {
+        rel.columns.len()
+    });
+    for (col, data) in rel.columns.iter().zip(&old.tuple.0) {
+        if key_only && !col.is_key {
+            continue;
+        }
+        if let Some(v) = value(rel, op, col, data)? {
+            row.insert(col.name.clone(), v);
+        }
+    }
+    Ok(row)
+}
+
+/// The new row; unchanged TOAST columns are filled from `full_old` when it has them,
+/// otherwise left out and returned by name.
+fn new_row(
+    rel: &RelationInfo,
+    op: Op,
+    new: &TupleData,
+    full_old: Option<&Row>,
+) -> Result<(Row, Vec<String>), DecodeError> {
+    check_width(rel, op, new)?;
+    let mut row = Row::with_capacity(rel.columns.len());
+    let mut unchanged = Vec::new();
+    for (col, data) in rel.columns.iter().zip(&new.0) {
+        match value(rel, op, col, data)? {
+            Some(v) => {
+                row.insert(col.name.clone(), v);
+            }
+            None => match full_old.and_then(|old| old.get(&col.name)) {
+                Some(v) => {
+                    row.insert(col.name.clone(), v.clone());
+                }
+                None => unchanged.push(col.name.clone()),
+            },
+        }
+    }
+    Ok((row, unchanged))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::pgoutput::parse;
+    use crate::source::pgoutput::tests::{Buf, TOAST};
+    use serde_json::json;
+
+    const USERS: u32 = 16_385;
+
+    fn relation(replident: u8, cols: &[(&str, u32, bool)]) -> Message {
+        let mut b = Buf::new(b'R')
+            .u32(USERS)
+            .str("public")
+            .str("users")
+            .u8(replident)
+            .u16(cols.len() as u16);
+        for (name, oid, key) in cols {
+            b = b.u8(u8::from(*key)).str(name).u32(*oid).i32(-1);
+        }
+        parse(b.bytes()).unwrap()
+    }
+
+    fn decoder(replident: u8, cols: &[(&str, u32, bool)]) -> Decoder {
+        let mut d = Decoder::new();
+        assert_eq!(d.decode(relation(replident, cols)).unwrap(), None);
+        d
+    }
+
+    fn users(replident: u8) -> Decoder {
+        decoder(
+            replident,
+            &[("id", 23, true), ("email", 25, false), ("bio", 25, false)],
+        )
+    }
+
+    fn change_of(d: &mut Decoder, buf: Buf) -> Change {
+        match d.decode(parse(buf.bytes()).unwrap()).unwrap() {
+            Some(Decoded::Change(c)) => c,
+            other => panic!("not a change: {other:?}"),
+        }
+    }
+
+    fn row(v: Value) -> Row {
+        match v {
+            Value::Object(m) => m,
+            _ => panic!("not an object"),
+        }
+    }
+
+    #[test]
+    fn insert_converts_values_in_column_order() {
+        let mut d = decoder(
+            b'd',
+            &[("id", 23, true), ("active", 16, false), ("note", 25, false)],
+        );
+        let c = change_of(
+            &mut d,
+            Buf::new(b'I')
+                .u32(USERS)
+                .u8(b'N')
+                .tuple(&[Some("7"), Some("t"), None]),
+        );
+        assert_eq!(c.op, Op::Insert);
+        assert_eq!(c.op.as_str(), "insert");
+        assert_eq!(c.table.to_string(), "public.users");
+        let new = c.new.unwrap();
+        assert_eq!(new, row(json!({"id": 7, "active": true, "note": null})));
+        assert_eq!(new.keys().collect::<Vec<_>>(), ["id", "active", "note"]);
+        assert_eq!(c.old, None);
+        assert!(c.unchanged_toast.is_empty());
+        assert_eq!(&*c.key_columns, ["id".to_owned()]);
+    }
+
+    #[test]
+    fn relation_cache_follows_alter_table() {
+        let mut d = decoder(b'd', &[("id", 23, true), ("email", 25, false)]);
+        let c1 = change_of(
+            &mut d,
+            Buf::new(b'I')
+                .u32(USERS)
+                .u8(b'N')
+                .tuple(&[Some("1"), Some("a@x")]),
+        );
+        let c2 = change_of(
+            &mut d,
+            Buf::new(b'I')
+                .u32(USERS)
+                .u8(b'N')
+                .tuple(&[Some("2"), Some("b@x")]),
+        );
+        assert!(Arc::ptr_eq(&c1.table, &c2.table), "table name is shared");
+        // ALTER TABLE users ADD COLUMN age int: a new Relation message for the same id.
+        d.decode(relation(
+            b'd',
+            &[("id", 23, true), ("email", 25, false), ("age", 21, false)],
+        ))
+        .unwrap();
+        let c = change_of(
+            &mut d,
+            Buf::new(b'I')
+                .u32(USERS)
+                .u8(b'N')
+                .tuple(&[Some("3"), Some("c@x"), Some("40")]),
+        );
+        assert_eq!(
+            c.new.unwrap(),
+            row(json!({"id": 3, "email": "c@x", "age": 40}))
+        );
+        // A tuple of the old width no longer fits.
+        let err = d
+            .decode(
+                parse(
+                    Buf::new(b'I')
+                        .u32(USERS)
+                        .u8(b'N')
+                        .tuple(&[Some("4"), None])
+                        .bytes(),
+                )
+                .unwrap(),
+            )
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DecodeError::ColumnCount {
+                    expected: 3,
+                    found: 2,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unchanged_toast_is_filled_from_a_full_old_row() {
+        let mut d = users(b'f');
+        let c = change_of(
+            &mut d,
+            Buf::new(b'U')
+                .u32(USERS)
+                .u8(b'O')
+                .tuple(&[Some("1"), Some("old@x"), Some("long bio")])
+                .u8(b'N')
+                .tuple(&[Some("1"), Some("new@x"), Some(TOAST)]),
+        );
+        assert!(c.old_is_full);
+        assert_eq!(
+            c.new.unwrap(),
+            row(json!({"id": 1, "email": "new@x", "bio": "long bio"}))
+        );
+        assert_eq!(
+            c.old.unwrap(),
+            row(json!({"id": 1, "email": "old@x", "bio": "long bio"}))
+        );
+        assert!(c.unchanged_toast.is_empty());
+    }
+
+    #[test]
+    fn unchanged_toast_is_left_out_without_a_full_old_row() {
+        let mut d = users(b'd');
+        let c = change_of(
+            &mut d,
+            Buf::new(b'U')
+                .u32(USERS)
+                .u8(b'N')
+                .tuple(&[Some("1"), Some("new@x"), Some(TOAST)]),
+        );
+        let new = c.new.unwrap();
+        assert_eq!(new, row(json!({"id": 1, "email": "new@x"})));
+        assert!(!new.contains_key("bio"));
+        assert_eq!(c.unchanged_toast, ["bio"]);
+        assert_eq!(c.old, None);
+        assert!(!c.old_is_full);
+
+        // The key changed: a 'K' old tuple, which must not be used to fill.
+        let c = change_of(
+            &mut d,
+            Buf::new(b'U')
+                .u32(USERS)
+                .u8(b'K')
+                .tuple(&[Some("1"), None, None])
+                .u8(b'N')
+                .tuple(&[Some("2"), Some("new@x"), Some(TOAST)]),
+        );
+        assert_eq!(c.old.unwrap(), row(json!({"id": 1})));
+        assert!(!c.old_is_full);
+        assert_eq!(c.new.unwrap(), row(json!({"id": 2, "email": "new@x"})));
+        assert_eq!(c.unchanged_toast, ["bio"]);
+    }
+
+    #[test]
+    fn key_only_old_tuple_omits_non_key_columns() {
+        let mut d = users(b'd');
+        let c = change_of(
+            &mut d,
+            Buf::new(b'D')
+                .u32(USERS)
+                .u8(b'K')
+                .tuple(&[Some("5"), None, None]),
+        );
+        assert_eq!(c.op, Op::Delete);
+        assert_eq!(c.new, None);
+        let old = c.old.unwrap();
+        assert_eq!(old, row(json!({"id": 5})));
+        assert!(
+            !old.contains_key("email"),
+            "unknown values are left out, not null"
+        );
+        assert!(!c.old_is_full);
+    }
+
+    #[test]
+    fn full_old_tuple_keeps_real_nulls() {
+        let mut d = users(b'f');
+        let c = change_of(
+            &mut d,
+            Buf::new(b'D')
+                .u32(USERS)
+                .u8(b'O')
+                .tuple(&[Some("5"), None, Some("x")]),
+        );
+        assert!(c.old_is_full);
+        assert_eq!(
+            c.old.unwrap(),
+            row(json!({"id": 5, "email": null, "bio": "x"}))
+        );
+    }
+
+    #[test]
+    fn unknown_relation_is_an_error() {
+        let mut d = Decoder::new();
+        let msg = parse(Buf::new(b'I').u32(99).u8(b'N').tuple(&[Some("1")]).bytes()).unwrap();
+        let err = d.decode(msg).unwrap_err();
+        assert_eq!(
+            err,
+            DecodeError::UnknownRelation {
+                op: "insert",
+                relation_id: 99
+            }
+        );
+        assert!(err.to_string().contains("99"));
+        let msg = parse(Buf::new(b'T').u32(1).u8(0).u32(99).bytes()).unwrap();
+        assert!(d.decode(msg).is_err());
+    }
+
+    #[test]
+    fn type_messages_name_user_defined_arrays() {
+        let mut d = Decoder::new();
+        let ty = parse(
+            Buf::new(b'Y')
+                .u32(16_600)
+                .str("public")
+                .str("_mood")
+                .bytes(),
+        )
+        .unwrap();
+        assert_eq!(d.decode(ty).unwrap(), None);
+        d.decode(relation(
+            b'd',
+            &[("id", 23, true), ("moods", 16_600, false)],
+        ))
+        .unwrap();
+        let c = change_of(
+            &mut d,
+            Buf::new(b'I')
+                .u32(USERS)
+                .u8(b'N')
+                .tuple(&[Some("1"), Some("{happy,sad}")]),
+        );
+        assert_eq!(c.new.unwrap()["moods"], json!(["happy", "sad"]));
+    }
+
+    #[test]
+    fn transaction_messages_pass_through() {
+        let mut d = users(b'd');
+        let begin = parse(Buf::new(b'B').u64(100).u64(5).u32(42).bytes()).unwrap();
+        assert_eq!(
+            d.decode(begin).unwrap(),
+            Some(Decoded::Begin {
+                xid: 42,
+                final_lsn: Lsn(100),
+                commit_time: 5
+            })
+        );
+        let origin = parse(Buf::new(b'O').u64(1).str("node").bytes()).unwrap();
+        assert_eq!(d.decode(origin).unwrap(), None);
+        assert_eq!(d.origin(), Some("node"));
+        let truncate = parse(Buf::new(b'T').u32(1).u8(3).u32(USERS).bytes()).unwrap();
+        let Some(Decoded::Truncate {
+            tables,
+            cascade,
+            restart_identity,
+        }) = d.decode(truncate).unwrap()
+        else {
+            panic!("not a truncate")
+        };
+        assert_eq!(tables[0].to_string(), "public.users");
+        assert!(cascade && restart_identity);
+        let msg = parse(
+            Buf::new(b'M')
+                .u8(0)
+                .u64(7)
+                .str("p")
+                .i32(1)
+                .raw(b"x")
+                .bytes(),
+        )
+        .unwrap();
+        assert!(matches!(
+            d.decode(msg).unwrap(),
+            Some(Decoded::LogicalMessage {
+                transactional: false,
+                ..
+            })
+        ));
+        let commit = parse(Buf::new(b'C').u8(0).u64(100).u64(108).u64(5).bytes()).unwrap();
+        assert_eq!(
+            d.decode(commit).unwrap(),
+            Some(Decoded::Commit {
+                commit_lsn: Lsn(100),
+                end_lsn: Lsn(108),
+                commit_time: 5
+            })
+        );
+        assert_eq!(d.origin(), None);
+    }
+
+    #[test]
+    fn non_utf8_text_is_an_error_without_the_value() {
+        let mut d = users(b'd');
+        let mut buf = Buf::new(b'I').u32(USERS).u8(b'N').u16(3);
+        buf = buf
+            .u8(b't')
+            .i32(1)
+            .raw(b"1")
+            .u8(b't')
+            .i32(2)
+            .raw(&[0xc3, 0x28])
+            .u8(b'n');
+        let err = d.decode(parse(buf.bytes()).unwrap()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "pgoutput insert on public.users: value of column email is not valid UTF-8"
+        );
+    }
+}

@@ -1,0 +1,328 @@
+//! `ReplicationStream`: a pgoutput stream from one slot that answers keepalives, sends
+//! standby status updates, reconnects with backoff, and never hands on a change twice
+//! or skips one across reconnects (it resumes at `(commit LSN, rows handed on)`).
+
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use super::client::{ClientError, ReplicationClient, ReplicationMessage, quote_ident, quote_literal};
+use super::connect::ConnectParams;
+use super::decoder::{Decoded, Decoder};
+use super::pgoutput::{self, DecodeError};
+use super::setup::{SetupError, create_slot, slot_error};
+use super::Lsn;
+
+/// Standby status updates go out at least this often (DESIGN: every 10 s at most).
+const STATUS_INTERVAL: Duration = Duration::from_secs(10);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// How the stream reports progress to the slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConfirmMode {
+    /// Confirm what the consumer passed to [`ReplicationStream::confirm`], and between
+    /// transactions, once all of that is confirmed, the server's WAL end (G7).
+    Consumer,
+    /// Never move `confirmed_flush_lsn`: status updates carry an invalid flush position
+    /// (`walhook tail --slot`).
+    Never,
+}
+
+/// How far a consumer has got: every transaction committed before `commit_lsn` is done,
+/// and of the transaction that commits at `commit_lsn`, the first `rows_done` changes
+/// (all of them when `complete`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Position {
+    pub commit_lsn: Lsn,
+    pub rows_done: u64,
+    pub complete: bool,
+}
+
+/// Where and how to stream.
+#[derive(Clone, Debug)]
+pub struct StreamOptions {
+    pub slot: String,
+    pub publication: String,
+    /// A temporary slot, created by the stream on each connection (`walhook tail`).
+    pub temporary: bool,
+    pub confirm: ConfirmMode,
+    pub application_name: String,
+    /// Resume after this position (skipping what it covers).
+    pub resume: Position,
+}
+
+/// Failures of the stream that reconnecting cannot fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    #[error("malformed pgoutput data: {0}")]
+    Decode(#[from] DecodeError),
+}
+
+/// A pgoutput stream with reconnects. See the module docs.
+pub struct ReplicationStream {
+    params: ConnectParams,
+    opts: StreamOptions,
+    client: Option<ReplicationClient>,
+    decoder: Decoder,
+    /// The last position handed on (or the resume point).
+    handed: Position,
+    /// Rows of the current transaction seen so far in this session (handed or skipped).
+    rows_in_txn: u64,
+    /// Skip the rest of this transaction (already handed on before a reconnect).
+    skip_txn: bool,
+    in_txn: bool,
+    /// The transaction whose Begin was handed on last.
+    begun: Option<Lsn>,
+    /// End LSN of the last commit handed on.
+    handed_end: Lsn,
+    /// What the consumer said is durable.
+    consumer_flush: Lsn,
+    /// Highest WAL position the server told us about.
+    received: Lsn,
+    last_status: Instant,
+    status_dirty: bool,
+    backoff: Duration,
+}
+
+impl ReplicationStream {
+    /// Prepares a stream; it connects on the first call to [`next`](Self::next).
+    pub fn new(params: ConnectParams, opts: StreamOptions) -> Self {
+        ReplicationStream {
+            params,
+            handed: opts.resume,
+            opts,
+            client: None,
+            decoder: Decoder::new(),
+            rows_in_txn: 0,
+            skip_txn: false,
+            in_txn: false,
+            begun: None,
+            handed_end: Lsn::INVALID,
+            consumer_flush: Lsn::INVALID,
+            received: Lsn::INVALID,
+            last_status: Instant::now(),
+            status_dirty: false,
+            backoff: Duration::from_millis(100),
+        }
+    }
+
+    /// Connects now (so that setup errors surface before the first change).
+    pub async fn connect(&mut self) -> Result<(), StreamError> {
+        if self.client.is_some() {
+            return Ok(());
+        }
+        let mut client = ReplicationClient::connect(&self.params, &self.opts.application_name)
+            .await
+            .map_err(SetupError::Replication)?;
+        if self.opts.temporary {
+            create_slot(&mut client, &self.opts.slot, true).await?;
+        }
+        let start = Lsn::INVALID;
+        let command = format!(
+            "START_REPLICATION SLOT {} LOGICAL {} (\"proto_version\" '1', \"publication_names\" {}, \"messages\" 'true')",
+            quote_ident(&self.opts.slot),
+            start,
+            quote_literal(&quote_ident(&self.opts.publication)),
+        );
+        client
+            .start_replication(&command)
+            .await
+            .map_err(|e| slot_error(&self.opts.slot, e))?;
+        self.decoder = Decoder::new();
+        self.in_txn = false;
+        self.skip_txn = false;
+        self.rows_in_txn = 0;
+        self.client = Some(client);
+        self.last_status = Instant::now();
+        Ok(())
+    }
+
+    /// The consumer has made everything up to `end_lsn` durable; the slot may confirm it.
+    pub fn confirm(&mut self, end_lsn: Lsn) {
+        if end_lsn > self.consumer_flush {
+            self.consumer_flush = end_lsn;
+            self.status_dirty = true;
+        }
+    }
+
+    /// Highest WAL position received from the server.
+    pub fn received(&self) -> Lsn {
+        self.received
+    }
+
+    /// The next decoded item. Transient failures (connection lost, server restarting,
+    /// slot briefly busy) are retried with backoff inside; what is returned as an error
+    /// needs an operator.
+    pub async fn next(&mut self) -> Result<Decoded, StreamError> {
+        loop {
+            match self.next_once().await {
+                Ok(Some(item)) => return Ok(item),
+                Ok(None) => {}
+                Err(StreamError::Setup(SetupError::Replication(e))) if e.is_transient() => {
+                    self.reconnect_after(&e).await;
+                }
+                Err(StreamError::Setup(SetupError::SlotActive { .. })) if !self.opts.temporary => {
+                    self.client = None;
+                    tokio::time::sleep(self.backoff).await;
+                    self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn reconnect_after(&mut self, err: &ClientError) {
+        warn!(slot = %self.opts.slot, error = %err, backoff_ms = self.backoff.as_millis() as u64, "replication connection lost; reconnecting");
+        if let Some(client) = self.client.take() {
+            drop(client);
+        }
+        if self.opts.temporary {
+            warn!(slot = %self.opts.slot, "the temporary slot went with the connection; changes made while disconnected are not shown");
+        }
+        tokio::time::sleep(self.backoff).await;
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+    }
+
+    async fn next_once(&mut self) -> Result<Option<Decoded>, StreamError> {
+        if self.client.is_none() {
+            self.connect().await?;
+            info!(slot = %self.opts.slot, "streaming");
+        }
+        if self.status_due() {
+            self.send_status(false).await?;
+        }
+        let deadline = self.last_status + STATUS_INTERVAL;
+        let client = self.client.as_mut().expect("connected above");
+        let msg = tokio::select! {
+            biased;
+            msg = client.next_message() => msg.map_err(SetupError::Replication)?,
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                self.send_status(false).await?;
+                return Ok(None);
+            }
+        };
+        self.backoff = Duration::from_millis(100);
+        match msg {
+            ReplicationMessage::Keepalive { wal_end, reply_requested } => {
+                self.note_received(wal_end);
+                if reply_requested {
+                    self.send_status(false).await?;
+                }
+                Ok(None)
+            }
+            ReplicationMessage::XLogData { wal_end, data, .. } => {
+                self.note_received(wal_end);
+                let message = pgoutput::parse(data)?;
+                let Some(decoded) = self.decoder.decode(message)? else {
+                    return Ok(None);
+                };
+                Ok(self.filter(decoded))
+            }
+        }
+    }
+
+    fn note_received(&mut self, lsn: Lsn) {
+        if lsn > self.received {
+            self.received = lsn;
+            if !self.in_txn {
+                self.status_dirty = true;
+            }
+        }
+    }
+
+    /// Applies the resume position: drops what was handed on before a reconnect.
+    fn filter(&mut self, decoded: Decoded) -> Option<Decoded> {
+        match &decoded {
+            Decoded::Begin { final_lsn, .. } => {
+                self.in_txn = true;
+                self.rows_in_txn = 0;
+                let h = self.handed;
+                self.skip_txn = *final_lsn < h.commit_lsn || (*final_lsn == h.commit_lsn && h.complete);
+                if self.skip_txn {
+                    return None;
+                }
+                if *final_lsn != h.commit_lsn {
+                    self.handed = Position { commit_lsn: *final_lsn, rows_done: 0, complete: false };
+                }
+                if self.begun == Some(*final_lsn) {
+                    // Replayed after a reconnect: the consumer already has this Begin.
+                    return None;
+                }
+                self.begun = Some(*final_lsn);
+                Some(decoded)
+            }
+            Decoded::Change(_) | Decoded::Truncate { .. } | Decoded::LogicalMessage { .. } => {
+                if !self.in_txn {
+                    // A non-transactional logical message.
+                    return Some(decoded);
+                }
+                if self.skip_txn {
+                    return None;
+                }
+                self.rows_in_txn += 1;
+                if self.rows_in_txn <= self.handed.rows_done {
+                    return None;
+                }
+                self.handed.rows_done = self.rows_in_txn;
+                Some(decoded)
+            }
+            Decoded::Commit { end_lsn, .. } => {
+                self.in_txn = false;
+                if self.skip_txn {
+                    self.skip_txn = false;
+                    return None;
+                }
+                self.handed.complete = true;
+                self.handed_end = *end_lsn;
+                Some(decoded)
+            }
+        }
+    }
+
+    fn status_due(&self) -> bool {
+        self.status_dirty && self.last_status.elapsed() >= Duration::from_secs(1)
+    }
+
+    fn flush_position(&self) -> Lsn {
+        match self.opts.confirm {
+            ConfirmMode::Never => Lsn::INVALID,
+            ConfirmMode::Consumer => {
+                // Between transactions, once everything handed on is durable, nothing
+                // received so far is still owed: the server's WAL end may be confirmed (G7).
+                if !self.in_txn && self.consumer_flush >= self.handed_end {
+                    self.consumer_flush.max(self.received)
+                } else {
+                    self.consumer_flush
+                }
+            }
+        }
+    }
+
+    async fn send_status(&mut self, reply: bool) -> Result<(), StreamError> {
+        let flush = self.flush_position();
+        let (write, apply) = match self.opts.confirm {
+            ConfirmMode::Never => (self.received, Lsn::INVALID),
+            ConfirmMode::Consumer => (self.received, flush),
+        };
+        if let Some(client) = self.client.as_mut() {
+            client
+                .send_status(write, flush, apply, reply)
+                .await
+                .map_err(SetupError::Replication)?;
+        }
+        self.last_status = Instant::now();
+        self.status_dirty = false;
+        Ok(())
+    }
+
+    /// Sends a final status update (so the slot records the last confirmed position)
+    /// and closes the connection.
+    pub async fn close(mut self) {
+        let _ = self.send_status(false).await;
+        if let Some(client) = self.client.take() {
+            client.close().await;
+        }
+    }
+}
