@@ -286,7 +286,7 @@ impl Cluster {
         let owner = if is_root() { Some(postgres_os_user()?) } else { None };
         let layout = Layout::create(owner)?;
         // From here on, a failure removes the directory.
-        let started = (|| {
+        let started = (|| -> Result<_, String> {
             let ca_cert_der = write_tls_files(&layout)?;
             run_initdb(bin, &layout)?;
             write_config(&layout)?;
