@@ -19,7 +19,10 @@ async fn cluster_is_configured_for_logical_replication() {
         ("wal_sender_timeout", "10s"),
         ("ssl", "on"),
     ] {
-        let row = client.query_one(&format!("SHOW {setting}"), &[]).await.unwrap();
+        let row = client
+            .query_one(&format!("SHOW {setting}"), &[])
+            .await
+            .unwrap();
         assert_eq!(row.get::<_, String>(0), expected, "setting {setting}");
     }
     let port: String = client.query_one("SHOW port", &[]).await.unwrap().get(0);
@@ -35,25 +38,37 @@ async fn each_database_is_isolated() {
 
     a.batch("CREATE TABLE only_in_a (id int PRIMARY KEY); INSERT INTO only_in_a VALUES (1)")
         .await;
-    let row = a.query_one("SELECT current_database(), count(*) FROM only_in_a", &[]).await;
+    let row = a
+        .query_one("SELECT current_database(), count(*) FROM only_in_a", &[])
+        .await;
     assert_eq!(row.get::<_, String>(0), a.name);
     assert_eq!(row.get::<_, i64>(1), 1);
 
     let row = b
-        .query_one("SELECT current_database(), to_regclass('only_in_a') IS NULL", &[])
+        .query_one(
+            "SELECT current_database(), to_regclass('only_in_a') IS NULL",
+            &[],
+        )
         .await;
     assert_eq!(row.get::<_, String>(0), b.name);
     assert!(row.get::<_, bool>(1), "table of database a is visible in b");
 }
 
 /// Connects as `role` with `password` over plain TCP and returns `current_user`.
-async fn login(db: &pg::TestDb, role: &pg::Role, password: &str) -> Result<String, tokio_postgres::Error> {
+async fn login(
+    db: &pg::TestDb,
+    role: &pg::Role,
+    password: &str,
+) -> Result<String, tokio_postgres::Error> {
     let with_password = pg::Role {
         password: password.to_owned(),
         ..role.clone()
     };
     let client = pg::connect(&format!("{}?sslmode=disable", db.url_as(&with_password))).await?;
-    Ok(client.query_one("SELECT current_user::text", &[]).await?.get(0))
+    Ok(client
+        .query_one("SELECT current_user::text", &[])
+        .await?
+        .get(0))
 }
 
 fn assert_bad_password(result: Result<String, tokio_postgres::Error>, role: &pg::Role) {
@@ -80,7 +95,10 @@ async fn password_roles_need_their_password() {
         assert_bad_password(login(&db, &role, "wrong").await, &role);
 
         let stored: String = db
-            .query_one("SELECT rolpassword FROM pg_authid WHERE rolname = $1", &[&role.name])
+            .query_one(
+                "SELECT rolpassword FROM pg_authid WHERE rolname = $1",
+                &[&role.name],
+            )
             .await
             .get(0);
         assert!(
@@ -111,7 +129,10 @@ async fn tls_connection_is_verified_against_the_harness_ca() {
         );
         let client = pg::connect_tls(&url, cluster).await.unwrap();
         let ssl: bool = client
-            .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+            .query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
             .await
             .unwrap()
             .get(0);
@@ -122,11 +143,19 @@ async fn tls_connection_is_verified_against_the_harness_ca() {
     let role = cluster.create_role(Auth::TlsScram, "tls-pass").await;
     let plain = pg::connect(&format!("{}?sslmode=disable", db.url_as(&role))).await;
     let err = plain.expect_err("TLS-only role logged in without TLS");
-    assert_eq!(err.code(), Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION), "{err:?}");
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION),
+        "{err:?}"
+    );
     let client = pg::connect_tls(&format!("{}?sslmode=require", db.url_as(&role)), cluster)
         .await
         .unwrap();
-    let user: String = client.query_one("SELECT current_user::text", &[]).await.unwrap().get(0);
+    let user: String = client
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(user, role.name);
 }
 
@@ -146,7 +175,11 @@ async fn replication_connections_follow_the_same_auth_rules() {
             .expect("run psql")
     };
     let ok = identify(&role.password);
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     assert!(String::from_utf8_lossy(&ok.stdout).contains(&db.name));
 
     let wrong = identify("wrong");
@@ -163,7 +196,17 @@ async fn dedicated_cluster_keeps_committed_data_across_restarts() {
     let cluster = Cluster::start();
     assert_ne!(cluster.port(), pg::cluster().port());
     let db = cluster.create_db().await;
-    db.batch("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)").await;
+
+    // Each cluster has its own CA: the shared cluster's CA does not vouch for this one.
+    let tls_url = format!("{}?sslmode=require", db.url());
+    let err = pg::connect_tls(&tls_url, pg::cluster())
+        .await
+        .expect_err("TLS accepted a server certificate from another CA");
+    assert!(format!("{err:?}").contains("InvalidCertificate"), "{err:?}");
+    pg::connect_tls(&tls_url, &cluster).await.unwrap();
+
+    db.batch("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)")
+        .await;
 
     cluster.restart(StopMode::Fast);
     db.batch("INSERT INTO t VALUES (2)").await;
@@ -174,7 +217,10 @@ async fn dedicated_cluster_keeps_committed_data_across_restarts() {
     assert_eq!(count, 2);
 
     cluster.stop(StopMode::Fast);
-    assert!(pg::connect(&db.url()).await.is_err(), "connected to a stopped server");
+    assert!(
+        pg::connect(&db.url()).await.is_err(),
+        "connected to a stopped server"
+    );
     cluster.start_again();
     db.batch("SELECT 1").await;
 
@@ -187,7 +233,12 @@ async fn dedicated_cluster_keeps_committed_data_across_restarts() {
 #[tokio::test]
 #[should_panic(expected = "waiting for the flag that never flips")]
 async fn wait_for_names_what_it_waited_for() {
-    wait_for("the flag that never flips", Duration::from_millis(100), || async { false }).await;
+    wait_for(
+        "the flag that never flips",
+        Duration::from_millis(100),
+        || async { false },
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -201,6 +252,7 @@ async fn wait_for_returns_once_the_condition_holds() {
 
 #[test]
 fn tools_are_found() {
+    assert!(pg::bin_dir().join("postgres").is_file());
     assert!(pg::pg_bin("pg_recvlogical").is_file());
     assert!(walhook_bin().is_file());
 }
