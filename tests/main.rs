@@ -1,0 +1,6 @@
+//! The one integration-test binary: every module below is a group of tests sharing the
+//! harness in `support` (a throwaway PostgreSQL cluster, bounded waits).
+
+mod support;
+
+mod harness_smoke;
