@@ -653,6 +653,24 @@ mod tests {
     }
 
     #[test]
+    fn replica_identity_index_keys_several_columns() {
+        let mut d = decoder(
+            b'i',
+            &[("org", 25, true), ("id", 20, true), ("name", 25, false)],
+        );
+        let c = change_of(
+            &mut d,
+            Buf::new(b'D')
+                .u32(USERS)
+                .u8(b'K')
+                .tuple(&[Some("acme"), Some("9"), None]),
+        );
+        assert_eq!(c.old.unwrap(), row(json!({"org": "acme", "id": 9})));
+        assert_eq!(&*c.key_columns, ["org".to_owned(), "id".to_owned()]);
+        assert_eq!(d.relation(USERS).unwrap().replica_identity, b'i');
+    }
+
+    #[test]
     fn full_old_tuple_keeps_real_nulls() {
         let mut d = users(b'f');
         let c = change_of(

@@ -298,6 +298,16 @@ pub enum DecodeError {
     },
 }
 
+/// Seconds from the Unix epoch to the PostgreSQL epoch (2000-01-01 00:00 UTC).
+const PG_EPOCH_UNIX_SECS: i64 = 946_684_800;
+
+/// A pgoutput timestamp (microseconds since 2000-01-01 00:00 UTC) as a UTC time;
+/// `None` when it is out of chrono's range.
+pub fn pg_timestamp_to_utc(micros: i64) -> Option<chrono::DateTime<chrono::Utc>> {
+    let unix_micros = micros.checked_add(PG_EPOCH_UNIX_SECS.checked_mul(1_000_000)?)?;
+    chrono::DateTime::from_timestamp_micros(unix_micros)
+}
+
 /// Parses one pgoutput message (protocol version 1; also accepts binary column values).
 pub fn parse(buf: Bytes) -> Result<Message, DecodeError> {
     let Some(&tag) = buf.first() else {
@@ -926,6 +936,48 @@ pub(crate) mod tests {
         let err = parse(Buf::new(b'Y').u32(1).raw(&[0xff, 0]).str("t").bytes());
         assert!(matches!(err, Err(DecodeError::InvalidUtf8 { .. })));
         assert_eq!(Tag(0x01).to_string(), "0x01");
+    }
+
+    #[test]
+    fn random_input_never_panics() {
+        // A small xorshift generator: deterministic, no dependency.
+        let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let tags = b"BCORYIUDTMNKOntub";
+        for _ in 0..20_000 {
+            let len = (next() % 48) as usize;
+            let mut v = Vec::with_capacity(len + 1);
+            v.push(tags[(next() % tags.len() as u64) as usize]);
+            for _ in 0..len {
+                // Bias towards small numbers and protocol bytes so parsing gets deep.
+                let r = next();
+                v.push(match r % 4 {
+                    0 => 0,
+                    1 => tags[(r >> 8) as usize % tags.len()],
+                    2 => (r >> 8) as u8 % 4,
+                    _ => (r >> 8) as u8,
+                });
+            }
+            let _ = parse(Bytes::from(v));
+        }
+    }
+
+    #[test]
+    fn timestamps_count_from_2000() {
+        assert_eq!(
+            pg_timestamp_to_utc(0).unwrap().to_rfc3339(),
+            "2000-01-01T00:00:00+00:00"
+        );
+        assert_eq!(
+            pg_timestamp_to_utc(1_500_000).unwrap().timestamp_micros(),
+            946_684_801_500_000
+        );
+        assert_eq!(pg_timestamp_to_utc(i64::MAX), None);
     }
 
     #[test]
