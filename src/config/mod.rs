@@ -17,9 +17,9 @@ mod validate;
 
 use std::path::Path;
 
+use figment::Figment;
 use figment::providers::{Format as _, Toml};
 use figment::value::{Dict, Value};
-use figment::Figment;
 
 pub use duration::parse_duration;
 pub use error::{ConfigError, ConfigErrors, Origin};
@@ -28,7 +28,7 @@ pub use types::*;
 pub use validate::DEFAULT_BACKOFF;
 
 use env::EnvOverrides;
-use locate::{index, join, line_of, Locator};
+use locate::{Locator, index, join, line_of};
 
 /// Reads, expands and validates the config file at `path`, with overrides and `${VAR}`
 /// values from the process environment.
@@ -94,13 +94,21 @@ fn load_inner(
         .merge(overrides)
         .extract::<Dict>()
         .map_err(|e| {
-            ConfigErrors::single(ConfigError::new(file, "", format!("cannot merge config: {e}")))
+            ConfigErrors::single(ConfigError::new(
+                file,
+                "",
+                format!("cannot merge config: {e}"),
+            ))
         })?;
     let mut value = Value::from(merged);
 
     let mut expand_errors = Vec::new();
     expand::expand_tree(&mut value, "", lookup, &mut expand_errors);
-    errors.extend(expand_errors.into_iter().map(|e| loc.error(&e.key, e.message)));
+    errors.extend(
+        expand_errors
+            .into_iter()
+            .map(|e| loc.error(&e.key, e.message)),
+    );
 
     let Some((raw, poisoned)) = deserialize_all(value, &loc, &mut errors) else {
         return Err(sorted(errors));
@@ -168,10 +176,12 @@ fn deserialize_all(
 
 /// Path segments to a dotted key: `["tables", "1", "id"]` -> `tables[1].id`.
 fn dotted(segments: &[String]) -> String {
-    segments.iter().fold(String::new(), |acc, s| match s.parse::<usize>() {
-        Ok(i) if !acc.is_empty() => index(&acc, i),
-        _ => join(&acc, s),
-    })
+    segments
+        .iter()
+        .fold(String::new(), |acc, s| match s.parse::<usize>() {
+            Ok(i) if !acc.is_empty() => index(&acc, i),
+            _ => join(&acc, s),
+        })
 }
 
 /// The path of the offending value, its dotted key and a message.
@@ -235,10 +245,12 @@ fn remove_at(value: &mut Value, path: &[String]) -> bool {
                 Some(v) => v,
                 None => return false,
             },
-            Value::Array(_, items) => match seg.parse::<usize>().ok().and_then(|i| items.get_mut(i)) {
-                Some(v) => v,
-                None => return false,
-            },
+            Value::Array(_, items) => {
+                match seg.parse::<usize>().ok().and_then(|i| items.get_mut(i)) {
+                    Some(v) => v,
+                    None => return false,
+                }
+            }
             _ => return false,
         };
     }
@@ -296,8 +308,14 @@ mod tests {
         assert_eq!(c.store.url.expose().as_str(), DB);
         assert_eq!(c.tables.len(), 2);
         let users = &c.tables[0];
-        assert_eq!((users.schema.as_str(), users.name.as_str()), ("public", "users"));
-        assert_eq!(users.columns, Columns::Exclude(vec!["password_hash".into()]));
+        assert_eq!(
+            (users.schema.as_str(), users.name.as_str()),
+            ("public", "users")
+        );
+        assert_eq!(
+            users.columns,
+            Columns::Exclude(vec!["password_hash".into()])
+        );
         assert_eq!(users.events.update.as_deref(), Some("user.updated"));
         assert_eq!(users.rules[0].event, "user.suspended");
         assert!(users.rules[0].reads_old && !users.rules[0].reads_changed);
@@ -381,7 +399,11 @@ mod tests {
         );
         let err = find(&e, "server.listen");
         assert_eq!(err.env_var.as_deref(), Some("WALHOOK_SERVER__LISTEN"));
-        assert!(e.to_string().contains("(env WALHOOK_SERVER__LISTEN): server.listen"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("(env WALHOOK_SERVER__LISTEN): server.listen"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -393,7 +415,10 @@ mod tests {
         assert_eq!(c.source.url.expose().password(), Some("pw"));
         assert_eq!(c.store.schema, "wh_prod");
 
-        let e = load_err("[source]\nurl = \"postgres://x/app\"\n\n[log]\nlevel = \"${LEVEL}\"\n", &[]);
+        let e = load_err(
+            "[source]\nurl = \"postgres://x/app\"\n\n[log]\nlevel = \"${LEVEL}\"\n",
+            &[],
+        );
         let err = find(&e, "log.level");
         assert_eq!(err.line, Some(5));
         assert!(err.message.contains("LEVEL"), "{err}");
@@ -409,7 +434,11 @@ mod tests {
         assert_eq!(err.line, Some(4));
         assert!(err.message.contains("did you mean \"retention\""), "{err}");
         assert_eq!(find(&e, "tables[0].colour").line, Some(7));
-        assert!(e.to_string().contains("walhook.toml:4: store.retenton: unknown key"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("walhook.toml:4: store.retenton: unknown key"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -447,17 +476,29 @@ max_in_flight = "many"
         assert!(cel.message.starts_with("bad CEL"), "{cel}");
         let dup = find(&e, "subscriptions[1].name");
         assert_eq!(dup.line, Some(12));
-        assert!(dup.message.contains("duplicate"), "{dup}");
+        assert!(
+            dup.message
+                .contains("(first at subscriptions[0].name, line 5)"),
+            "{dup}"
+        );
         let bad = find(&e, "subscriptions[2].name");
         assert_eq!(bad.line, Some(17));
         assert!(bad.message.contains("\"crm-sync\""), "{bad}");
         assert_eq!(find(&e, "subscriptions[2].url").line, Some(18));
         assert_eq!(find(&e, "subscriptions[2].max_in_flight").line, Some(20));
-        assert!(e.iter().any(|e| e.key.starts_with("subscriptions[2].retry")), "{e}");
+        assert!(
+            e.iter()
+                .any(|e| e.key.starts_with("subscriptions[2].retry")),
+            "{e}"
+        );
         // Sorted by line, each line of the report names file and line.
         let lines: Vec<usize> = e.iter().filter_map(|e| e.line).collect();
         assert!(lines.windows(2).all(|w| w[0] <= w[1]), "{lines:?}");
-        assert!(e.to_string().contains("walhook.toml:7: subscriptions[0].events[1]: bad glob"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("walhook.toml:7: subscriptions[0].events[1]: bad glob"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -481,9 +522,20 @@ table = "public.items"
 events = { insert = false, update = false, delete = false }
 "#;
         let e = load_err(toml, &[]);
-        assert!(find(&e, "tables[0].table").message.contains("\"public.users\""), "{e}");
+        assert!(
+            find(&e, "tables[0].table")
+                .message
+                .contains("\"public.users\""),
+            "{e}"
+        );
         assert_eq!(find(&e, "tables[1].exclude_columns").line, Some(8));
-        assert!(find(&e, "tables[2].table").message.contains("already declared"), "{e}");
+        assert!(
+            find(&e, "tables[2].table")
+                .message
+                .contains("already declared (tables[1].table, line 6)"),
+            "{e}"
+        );
+        assert!(!e.iter().any(|e| e.key == "tables[0].entity"), "{e}");
         assert_eq!(find(&e, "tables[2].events.insert").line, Some(11));
         assert_eq!(find(&e, "tables[2].rules[0].when").line, Some(14));
         find(&e, "tables[3].events");
@@ -506,7 +558,10 @@ headers = { webhook-signature = "x", X-Token = "line\nbreak-top-secret" }
         find(&e, "subscriptions[0].headers.webhook-signature");
         find(&e, "subscriptions[0].headers.X-Token");
         let text = e.to_string();
-        assert!(!text.contains("top-secret") && !text.contains("not*base64"), "{text}");
+        assert!(
+            !text.contains("top-secret") && !text.contains("not*base64"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -631,6 +686,11 @@ when = "new.size > 10"
     #[test]
     fn missing_source_url_is_required() {
         let e = load_err("", &[]);
-        assert!(find(&e, "source.url").message.contains("WALHOOK_SOURCE__URL"), "{e}");
+        assert!(
+            find(&e, "source.url")
+                .message
+                .contains("WALHOOK_SOURCE__URL"),
+            "{e}"
+        );
     }
 }

@@ -9,7 +9,7 @@ use base64::Engine as _;
 
 use super::duration::parse_duration;
 use super::error::ConfigError;
-use super::locate::{index, join, Locator};
+use super::locate::{Locator, index, join};
 use super::raw::*;
 use super::secret::{DatabaseUrl, Secret};
 use super::types::*;
@@ -53,7 +53,12 @@ pub(crate) fn validate(raw: RawConfig, loc: &Locator) -> Result<Config, Vec<Conf
     let log = v.log(raw.log);
     let daemon = DaemonConfig {
         shutdown_grace: v
-            .duration("daemon.shutdown_grace", raw.daemon.shutdown_grace, "30s", false)
+            .duration(
+                "daemon.shutdown_grace",
+                raw.daemon.shutdown_grace,
+                "30s",
+                false,
+            )
             .unwrap_or_default(),
     };
     let tables = v.tables(raw.tables);
@@ -86,8 +91,7 @@ fn is_ident(s: &str) -> bool {
 
 fn is_name_segment(s: &str) -> bool {
     !s.is_empty()
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
@@ -117,7 +121,12 @@ fn compile_cel(source: &str) -> Result<cel::Program, String> {
         Ok(Ok(program)) => Ok(program),
         Ok(Err(errors)) => {
             let text = errors.to_string();
-            let first = text.lines().next().unwrap_or("syntax error").trim().to_string();
+            let first = text
+                .lines()
+                .next()
+                .unwrap_or("syntax error")
+                .trim()
+                .to_string();
             Err(first)
         }
         Err(_) => Err("the CEL parser could not handle this expression".to_string()),
@@ -125,6 +134,15 @@ fn compile_cel(source: &str) -> Result<cel::Program, String> {
 }
 
 impl Validator<'_> {
+    /// `key (line N)` for messages that point at another key.
+    fn describe_key(&self, key: &str) -> String {
+        match self.loc.origin(key) {
+            Some(super::error::Origin::File { line: Some(line) }) => format!("{key}, line {line}"),
+            Some(super::error::Origin::Env { var }) => format!("{key}, env {var}"),
+            _ => key.to_string(),
+        }
+    }
+
     fn err(&mut self, key: &str, message: impl Into<String>) {
         self.errors.push(self.loc.error(key, message));
     }
@@ -146,7 +164,10 @@ impl Validator<'_> {
         let text = raw.as_deref().unwrap_or(default);
         match parse_duration(text) {
             Ok(d) if d.is_zero() && !allow_zero => {
-                self.err(key, format!("duration \"{text}\" must be greater than zero"));
+                self.err(
+                    key,
+                    format!("duration \"{text}\" must be greater than zero"),
+                );
                 None
             }
             Ok(d) => Some(d),
@@ -160,7 +181,10 @@ impl Validator<'_> {
     /// A non-empty list of distinct, non-empty names.
     fn name_list(&mut self, key: &str, list: Vec<String>, what: &str) -> Option<Vec<String>> {
         if list.is_empty() {
-            self.err(key, format!("empty list: name at least one {what}, or remove the key"));
+            self.err(
+                key,
+                format!("empty list: name at least one {what}, or remove the key"),
+            );
             return None;
         }
         let mut ok = true;
@@ -256,7 +280,8 @@ impl Validator<'_> {
             );
         }
         let retention = self.duration("store.retention", raw.retention, "7d", false);
-        let dead_retention = self.duration("store.dead_retention", raw.dead_retention, "30d", false);
+        let dead_retention =
+            self.duration("store.dead_retention", raw.dead_retention, "30d", false);
         let paused_retention =
             self.duration("store.paused_retention", raw.paused_retention, "7d", false);
         Some(StoreConfig {
@@ -293,7 +318,9 @@ impl Validator<'_> {
                 .loc
                 .error(
                     "log.level",
-                    format!("bad log level \"{level}\" ({e}); use error, warn, info, debug or trace"),
+                    format!(
+                        "bad log level \"{level}\" ({e}); use error, warn, info, debug or trace"
+                    ),
                 )
                 .with_cause(e);
             self.errors.push(error);
@@ -356,20 +383,22 @@ impl Validator<'_> {
         for (i, t) in raw.into_iter().enumerate() {
             let key = index("tables", i);
             let table_key = join(&key, "table");
-            let Some(name) =
-                self.required(&table_key, t.table.clone(), ": e.g. table = \"public.users\"")
-            else {
+            let Some(name) = self.required(
+                &table_key,
+                t.table.clone(),
+                ": e.g. table = \"public.users\"",
+            ) else {
                 continue;
             };
             let qualified = self.qualified_table(&table_key, &name);
             if let Some((schema, table)) = &qualified {
                 let full = format!("{schema}.{table}");
                 if let Some(first) = seen.get(&full) {
-                    let first = first.clone();
+                    let first = self.describe_key(&join(first, "table"));
                     self.err(
                         &table_key,
                         format!(
-                            "table \"{full}\" is already declared at {first}; merge the two entries (use [[tables.rules]] for extra events)"
+                            "table \"{full}\" is already declared ({first}); merge the two entries (use [[tables.rules]] for extra events)"
                         ),
                     );
                 } else {
@@ -390,7 +419,17 @@ impl Validator<'_> {
         t: RawTable,
     ) -> Option<TableConfig> {
         let before = self.errors.len();
-        let default_entity = qualified.as_ref().map(|(_, n)| n.clone()).unwrap_or_default();
+        // Without a valid `table` the entity still defaults sensibly (no second error).
+        let default_entity = match &qualified {
+            Some((_, n)) => n.clone(),
+            None => t
+                .table
+                .as_deref()
+                .and_then(|n| n.rsplit('.').next())
+                .filter(|n| is_name_segment(n))
+                .unwrap_or("entity")
+                .to_string(),
+        };
         let entity = t.entity.unwrap_or(default_entity);
         if !is_name_segment(&entity) {
             self.err(
@@ -539,18 +578,35 @@ impl Validator<'_> {
             let name = self.required(&join(&ckey, "name"), c.name, "");
             if let Some(n) = &name {
                 if !is_ident(n) {
-                    self.err(&join(&ckey, "name"), format!("bad context name \"{n}\": use letters, digits and _"));
+                    self.err(
+                        &join(&ckey, "name"),
+                        format!("bad context name \"{n}\": use letters, digits and _"),
+                    );
                 } else if out.iter().any(|o| &o.name == n) {
-                    self.err(&join(&ckey, "name"), format!("context \"{n}\" is declared twice for this table"));
+                    self.err(
+                        &join(&ckey, "name"),
+                        format!("context \"{n}\" is declared twice for this table"),
+                    );
                 }
             }
             let table_key = join(&ckey, "table");
             let table = self
-                .required(&table_key, c.table, ": e.g. table = \"public.organisations\"")
-                .and_then(|t| self.qualified_table(&table_key, &t).map(|(s, n)| format!("{s}.{n}")));
+                .required(
+                    &table_key,
+                    c.table,
+                    ": e.g. table = \"public.organisations\"",
+                )
+                .and_then(|t| {
+                    self.qualified_table(&table_key, &t)
+                        .map(|(s, n)| format!("{s}.{n}"))
+                });
             let key_key = join(&ckey, "key");
             let ckey_cols = self
-                .required(&key_key, c.key, ": the column(s) of this table holding the other row's key")
+                .required(
+                    &key_key,
+                    c.key,
+                    ": the column(s) of this table holding the other row's key",
+                )
                 .and_then(|k| {
                     let list = match k {
                         OneOrMany::One(s) => vec![s],
@@ -578,7 +634,11 @@ impl Validator<'_> {
         for (j, a) in raw.into_iter().enumerate() {
             let akey = index(&join(key, "aggregate"), j);
             let event = self.full_event_name(&join(&akey, "event"), a.event);
-            let op = self.required(&join(&akey, "op"), a.op, ": \"insert\", \"update\" or \"delete\"");
+            let op = self.required(
+                &join(&akey, "op"),
+                a.op,
+                ": \"insert\", \"update\" or \"delete\"",
+            );
             let min_rows = a.min_rows.unwrap_or(1);
             if min_rows == 0 {
                 self.err(&join(&akey, "min_rows"), "min_rows must be at least 1");
@@ -612,7 +672,7 @@ impl Validator<'_> {
             let name_key = join(&key, "name");
             if let Some(name) = &s.name {
                 if let Some(first) = seen.get(name) {
-                    let first = first.clone();
+                    let first = self.describe_key(&join(first, "name"));
                     self.err(
                         &name_key,
                         format!("duplicate subscription name \"{name}\" (first at {first}); names must be unique"),
@@ -635,8 +695,7 @@ impl Validator<'_> {
         let name = self.required(&k("name"), s.name, ": e.g. name = \"crm\"");
         if let Some(n) = &name {
             let valid = !n.is_empty()
-                && n
-                    .chars()
+                && n.chars()
                     .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
             if !valid {
                 let suggestion = slugify(n);
@@ -653,11 +712,19 @@ impl Validator<'_> {
         }
 
         let url = self
-            .required(&k("url"), s.url, ": the receiver, e.g. url = \"https://example.com/hooks\"")
+            .required(
+                &k("url"),
+                s.url,
+                ": the receiver, e.g. url = \"https://example.com/hooks\"",
+            )
             .and_then(|u| self.receiver_url(&k("url"), &u));
 
         let events = self
-            .required(&k("events"), s.events, ": e.g. events = [\"user.*\"] (\"*\" for all)")
+            .required(
+                &k("events"),
+                s.events,
+                ": e.g. events = [\"user.*\"] (\"*\" for all)",
+            )
             .and_then(|patterns| self.patterns(&k("events"), patterns));
 
         let filter = s.filter.and_then(|source| {
@@ -675,7 +742,10 @@ impl Validator<'_> {
             if !token {
                 self.err(&hkey, format!("bad header name \"{name}\""));
             } else if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
-                self.err(&hkey, format!("header \"{name}\" is set by walhook and cannot be overridden"));
+                self.err(
+                    &hkey,
+                    format!("header \"{name}\" is set by walhook and cannot be overridden"),
+                );
             } else if value.contains(['\r', '\n', '\0']) {
                 self.err(&hkey, "header value contains a line break or NUL");
             } else {
@@ -685,10 +755,16 @@ impl Validator<'_> {
 
         let secrets = match s.secret {
             None => Vec::new(),
-            Some(OneOrMany::One(secret)) => self.signing_key(&k("secret"), &secret).into_iter().collect(),
+            Some(OneOrMany::One(secret)) => self
+                .signing_key(&k("secret"), &secret)
+                .into_iter()
+                .collect(),
             Some(OneOrMany::Many(list)) => {
                 if list.is_empty() {
-                    self.err(&k("secret"), "empty list: give at least one key, or remove secret");
+                    self.err(
+                        &k("secret"),
+                        "empty list: give at least one key, or remove secret",
+                    );
                 }
                 list.iter()
                     .enumerate()
@@ -699,13 +775,18 @@ impl Validator<'_> {
 
         let payload = s.payload.unwrap_or_default();
         let format = s.format.unwrap_or_default();
-        let fields = s.fields.and_then(|f| self.fields(&k("fields"), f, payload, format));
+        let fields = s
+            .fields
+            .and_then(|f| self.fields(&k("fields"), f, payload, format));
 
         let timeout = self.duration(&k("timeout"), s.timeout, "10s", false);
         let max_in_flight = match s.max_in_flight.unwrap_or(16) {
             n @ 1..=10_000 => n as u32,
             n => {
-                self.err(&k("max_in_flight"), format!("max_in_flight = {n} is out of range 1..=10000"));
+                self.err(
+                    &k("max_in_flight"),
+                    format!("max_in_flight = {n} is out of range 1..=10000"),
+                );
                 1
             }
         };
@@ -713,13 +794,17 @@ impl Validator<'_> {
             None => None,
             Some(n @ 1..=10_000) => Some(n as u32),
             Some(n) => {
-                self.err(&k("batch_size"), format!("batch_size = {n} is out of range 1..=10000"));
+                self.err(
+                    &k("batch_size"),
+                    format!("batch_size = {n} is out of range 1..=10000"),
+                );
                 None
             }
         };
 
         let set = s.set.and_then(|set| {
-            let issuer = self.required(&join(&k("set"), "issuer"), set.issuer, ": the `iss` claim")?;
+            let issuer =
+                self.required(&join(&k("set"), "issuer"), set.issuer, ": the `iss` claim")?;
             Some(SetConfig {
                 issuer,
                 audience: set.audience,
@@ -727,15 +812,25 @@ impl Validator<'_> {
             })
         });
         let slack = s.slack.and_then(|slack| {
-            let text = self.required(&join(&k("slack"), "text"), slack.text, ": the message template")?;
+            let text = self.required(
+                &join(&k("slack"), "text"),
+                slack.text,
+                ": the message template",
+            )?;
             Some(SlackConfig { text })
         });
         match format {
             Format::Set if set.is_none() && self.errors.len() == before => {
-                self.err(&k("format"), "format = \"set\" needs set = { issuer = \"...\" }");
+                self.err(
+                    &k("format"),
+                    "format = \"set\" needs set = { issuer = \"...\" }",
+                );
             }
             Format::Slack if slack.is_none() && self.errors.len() == before => {
-                self.err(&k("format"), "format = \"slack\" needs slack = { text = \"...\" }");
+                self.err(
+                    &k("format"),
+                    "format = \"slack\" needs slack = { text = \"...\" }",
+                );
             }
             _ => {}
         }
@@ -743,7 +838,10 @@ impl Validator<'_> {
             self.err(&k("set"), "set = {...} is only used with format = \"set\"");
         }
         if slack.is_some() && format != Format::Slack {
-            self.err(&k("slack"), "slack = {...} is only used with format = \"slack\"");
+            self.err(
+                &k("slack"),
+                "slack = {...} is only used with format = \"slack\"",
+            );
         }
 
         let retry_raw = s.retry.unwrap_or_default();
@@ -751,7 +849,10 @@ impl Validator<'_> {
         let backoff_key = join(&rkey, "backoff");
         let backoff: Option<Vec<Duration>> = match retry_raw.backoff {
             Some(list) if list.is_empty() => {
-                self.err(&backoff_key, "empty backoff: give at least one delay, e.g. [\"5s\", \"5m\"]");
+                self.err(
+                    &backoff_key,
+                    "empty backoff: give at least one delay, e.g. [\"5s\", \"5m\"]",
+                );
                 None
             }
             Some(list) => list
@@ -818,7 +919,10 @@ impl Validator<'_> {
             Err(e) => {
                 let error = self
                     .loc
-                    .error(key, format!("not a valid URL ({e}); expected e.g. https://example.com/hooks"))
+                    .error(
+                        key,
+                        format!("not a valid URL ({e}); expected e.g. https://example.com/hooks"),
+                    )
                     .with_cause(e);
                 self.errors.push(error);
                 None
@@ -828,7 +932,10 @@ impl Validator<'_> {
 
     fn patterns(&mut self, key: &str, patterns: Vec<String>) -> Option<EventPatterns> {
         if patterns.is_empty() {
-            self.err(key, "empty events: give at least one pattern, e.g. [\"user.*\"] or [\"*\"]");
+            self.err(
+                key,
+                "empty events: give at least one pattern, e.g. [\"user.*\"] or [\"*\"]",
+            );
             return None;
         }
         let mut builder = globset::GlobSetBuilder::new();
@@ -871,7 +978,10 @@ impl Validator<'_> {
         match builder.build() {
             Ok(set) => Some(EventPatterns { patterns, set }),
             Err(e) => {
-                let error = self.loc.error(key, format!("cannot compile patterns: {e}")).with_cause(e);
+                let error = self
+                    .loc
+                    .error(key, format!("cannot compile patterns: {e}"))
+                    .with_cause(e);
                 self.errors.push(error);
                 None
             }
@@ -894,7 +1004,10 @@ impl Validator<'_> {
                 None
             }
             None => {
-                self.err(key, format!("secret is not of the form whsec_<base64>; expected {FIX}"));
+                self.err(
+                    key,
+                    format!("secret is not of the form whsec_<base64>; expected {FIX}"),
+                );
                 None
             }
         }
@@ -908,7 +1021,10 @@ impl Validator<'_> {
         format: Format,
     ) -> Option<Vec<FieldMapping>> {
         if raw.is_empty() {
-            self.err(key, "empty fields: map at least one output key, or remove fields");
+            self.err(
+                key,
+                "empty fields: map at least one output key, or remove fields",
+            );
             return None;
         }
         if format != Format::Json {
