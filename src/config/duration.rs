@@ -5,7 +5,8 @@ use std::time::Duration;
 /// Parses a duration made of one or more `<integer><unit>` parts, units `ms`, `s`, `m`,
 /// `h`, `d`, `w`. Zero is allowed (`"0s"`); callers reject it where it makes no sense.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    const HINT: &str = "expected a number and a unit (ms, s, m, h, d, w), e.g. \"30s\", \"5m\", \"7d\"";
+    const HINT: &str =
+        "expected a number and a unit (ms, s, m, h, d, w), e.g. \"30s\", \"5m\", \"7d\"";
     let s = text.trim();
     if s.is_empty() {
         return Err(format!("empty duration; {HINT}"));
@@ -36,7 +37,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "w" => 7 * 86_400,
             "" => return Err(format!("bad duration \"{text}\": missing unit; {HINT}")),
             other => {
-                return Err(format!("bad duration \"{text}\": unknown unit \"{other}\"; {HINT}"));
+                return Err(format!(
+                    "bad duration \"{text}\": unknown unit \"{other}\"; {HINT}"
+                ));
             }
         };
         let secs = number
@@ -65,7 +68,16 @@ mod tests {
 
     #[test]
     fn rejects_bad_durations() {
-        for bad in ["", "5", "s", "5 parsecs", "5x", "-5s", "1.5h", "99999999999999999999s"] {
+        for bad in [
+            "",
+            "5",
+            "s",
+            "5 parsecs",
+            "5x",
+            "-5s",
+            "1.5h",
+            "99999999999999999999s",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should fail");
         }
     }

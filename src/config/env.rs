@@ -101,7 +101,10 @@ mod tests {
         let o = EnvOverrides::collect(&names, &|n| Some(format!("v-{n}")));
         assert_eq!(o.unknown, vec!["WALHOOK_STORE__RETENTON".to_string()]);
         assert_eq!(o.sources.len(), 2);
-        assert!(o.sources.contains(&("log.level".into(), "WALHOOK_log__level".into())));
+        assert!(
+            o.sources
+                .contains(&("log.level".into(), "WALHOOK_log__level".into()))
+        );
         assert!(EnvOverrides::known_names().contains(&"WALHOOK_DAEMON__SHUTDOWN_GRACE".into()));
     }
 }

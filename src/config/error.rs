@@ -80,7 +80,9 @@ pub struct ConfigErrors {
 
 impl ConfigErrors {
     pub(crate) fn single(error: ConfigError) -> Self {
-        ConfigErrors { errors: vec![error] }
+        ConfigErrors {
+            errors: vec![error],
+        }
     }
 
     /// Iterates over the problems.
@@ -112,7 +114,9 @@ impl fmt::Display for ConfigErrors {
 
 impl StdError for ConfigError {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        self.cause.as_deref().map(|c| c as &(dyn StdError + 'static))
+        self.cause
+            .as_deref()
+            .map(|c| c as &(dyn StdError + 'static))
     }
 }
 

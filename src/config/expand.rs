@@ -21,17 +21,13 @@ pub(crate) fn expand_tree(
     errors: &mut Vec<ExpandError>,
 ) {
     match value {
-        Value::String(_, s) => {
-            if s.contains('$') {
-                match expand_str(s, lookup) {
-                    Ok(expanded) => *s = expanded,
-                    Err(message) => errors.push(ExpandError {
-                        key: path.to_string(),
-                        message,
-                    }),
-                }
-            }
-        }
+        Value::String(_, s) if s.contains('$') => match expand_str(s, lookup) {
+            Ok(expanded) => *s = expanded,
+            Err(message) => errors.push(ExpandError {
+                key: path.to_string(),
+                message,
+            }),
+        },
         Value::Dict(_, dict) => {
             for (k, v) in dict.iter_mut() {
                 expand_tree(v, &join(path, k), lookup, errors);
@@ -47,7 +43,10 @@ pub(crate) fn expand_tree(
 }
 
 /// Expands one string. Errors name the variable, never the value.
-pub(crate) fn expand_str(s: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+pub(crate) fn expand_str(
+    s: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, String> {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     let mut missing = Vec::new();
@@ -59,7 +58,9 @@ pub(crate) fn expand_str(s: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Re
             rest = tail;
         } else if let Some(tail) = after.strip_prefix("${") {
             let Some(end) = tail.find('}') else {
-                return Err("unterminated \"${\": write ${VAR}, or $${ for a literal \"${\"".into());
+                return Err(
+                    "unterminated \"${\": write ${VAR}, or $${ for a literal \"${\"".into(),
+                );
             };
             let name = &tail[..end];
             let valid = !name.is_empty()
@@ -87,7 +88,10 @@ pub(crate) fn expand_str(s: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Re
             "environment variable {} is not set (referenced as ${{{}}})",
             missing[0], missing[0]
         )),
-        _ => Err(format!("environment variables {} are not set", missing.join(", "))),
+        _ => Err(format!(
+            "environment variables {} are not set",
+            missing.join(", ")
+        )),
     }
 }
 

@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
 
 use super::types::{AggregateOp, Format, LogFormat, Ordering, Payload, Signature};
 
@@ -17,7 +17,13 @@ pub(crate) const OVERRIDABLE: &[(&str, &[&str])] = &[
     ("source", &["url", "slot", "publication"]),
     (
         "store",
-        &["url", "schema", "retention", "dead_retention", "paused_retention"],
+        &[
+            "url",
+            "schema",
+            "retention",
+            "dead_retention",
+            "paused_retention",
+        ],
     ),
     ("server", &["listen"]),
     ("log", &["format", "level"]),

@@ -138,7 +138,11 @@ impl TableConfig {
                 reads.push("`changed`");
             }
             if !reads.is_empty() {
-                reasons.push(format!("rule for {} reads {}", rule.event, reads.join(" and ")));
+                reasons.push(format!(
+                    "rule for {} reads {}",
+                    rule.event,
+                    reads.join(" and ")
+                ));
             }
         }
         reasons
@@ -289,7 +293,9 @@ impl EventPatterns {
 
 impl fmt::Debug for EventPatterns {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("EventPatterns").field(&self.patterns).finish()
+        f.debug_tuple("EventPatterns")
+            .field(&self.patterns)
+            .finish()
     }
 }
 
