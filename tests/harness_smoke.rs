@@ -14,8 +14,8 @@ async fn cluster_is_configured_for_logical_replication() {
     let client = db.client().await;
     for (setting, expected) in [
         ("wal_level", "logical"),
-        ("max_replication_slots", "20"),
-        ("max_wal_senders", "20"),
+        ("max_replication_slots", "300"),
+        ("max_wal_senders", "60"),
         ("wal_sender_timeout", "10s"),
         ("ssl", "on"),
     ] {

@@ -4,3 +4,4 @@
 mod support;
 
 mod harness_smoke;
+mod source;

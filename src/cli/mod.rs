@@ -1,1 +1,61 @@
-//! Command-line interface.
+//! The `walhook` command line: argument parsing and one module per subcommand.
+
+pub mod check;
+pub mod tail;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, Config};
+
+/// walhook: PostgreSQL changes to signed, ordered, durable webhooks.
+#[derive(Debug, Parser)]
+#[command(name = "walhook", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where the config file is.
+#[derive(Debug, clap::Args)]
+pub struct ConfigArg {
+    /// Path of walhook.toml.
+    #[arg(
+        short = 'c',
+        long = "config",
+        env = "WALHOOK_CONFIG",
+        default_value = "walhook.toml"
+    )]
+    pub path: PathBuf,
+}
+
+impl ConfigArg {
+    /// Loads and validates the config, or returns every problem in it.
+    pub fn load(&self) -> Result<Config, config::ConfigErrors> {
+        config::load(&self.path)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the changes walhook sees on the configured tables, as JSON lines.
+    Tail(tail::TailArgs),
+    /// Check the config, the connection, the database settings, the tables,
+    /// the publication and the slot; exit 1 on any error.
+    Check(check::CheckArgs),
+}
+
+/// An error and its causes on one line, without repeating a cause that the message
+/// already contains.
+pub fn error_chain(err: &anyhow::Error) -> String {
+    let mut out = err.to_string();
+    for cause in err.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
+}

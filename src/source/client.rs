@@ -63,7 +63,9 @@ pub enum ClientError {
     },
     #[error("the server at {0} does not accept TLS, but sslmode requires it")]
     TlsRefused(String),
-    #[error("the server asked for a password, but the connection string has none (add it to the URL or set PGPASSWORD)")]
+    #[error(
+        "the server asked for a password, but the connection string has none (add it to the URL or set PGPASSWORD)"
+    )]
     NoPassword,
     #[error("the server asked for an authentication method walhook does not support ({0})")]
     UnsupportedAuth(&'static str),
@@ -114,7 +116,11 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
 #[derive(Debug)]
 pub enum ReplicationMessage {
     /// A chunk of WAL data: one pgoutput message.
-    XLogData { wal_start: Lsn, wal_end: Lsn, data: Bytes },
+    XLogData {
+        wal_start: Lsn,
+        wal_end: Lsn,
+        data: Bytes,
+    },
     /// The server's keepalive.
     Keepalive { wal_end: Lsn, reply_requested: bool },
 }
@@ -135,12 +141,17 @@ pub struct ReplicationClient {
 impl ReplicationClient {
     /// Opens a replication connection: TLS as `sslmode` says, start-up with
     /// `replication=database` and walhook's session settings, then authentication.
-    pub async fn connect(params: &ConnectParams, application_name: &str) -> Result<Self, ClientError> {
+    pub async fn connect(
+        params: &ConnectParams,
+        application_name: &str,
+    ) -> Result<Self, ClientError> {
         let mut last_err = None;
         let ports = params.pg.get_ports();
+        let hostaddrs = params.pg.get_hostaddrs();
         for (i, host) in params.pg.get_hosts().iter().enumerate() {
             let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
-            match Self::connect_one(params, host, port, application_name).await {
+            let hostaddr = hostaddrs.get(i).copied();
+            match Self::connect_one(params, host, hostaddr, port, application_name).await {
                 Ok(client) => return Ok(client),
                 Err(e) => last_err = Some(e),
             }
@@ -151,6 +162,7 @@ impl ReplicationClient {
     async fn connect_one(
         params: &ConnectParams,
         host: &Host,
+        hostaddr: Option<std::net::IpAddr>,
         port: u16,
         application_name: &str,
     ) -> Result<Self, ClientError> {
@@ -161,29 +173,48 @@ impl ReplicationClient {
             .unwrap_or(Duration::from_secs(30));
         let (stream, addr, host_name): (Pin<Box<dyn Stream>>, String, Option<String>) = match host {
             Host::Tcp(h) => {
-                let addr = format!("{h}:{port}");
-                let tcp = tokio::time::timeout(timeout, TcpStream::connect((h.as_str(), port)))
+                // `hostaddr` picks the address; `host` stays the name TLS verifies.
+                let addr = match hostaddr {
+                    Some(ip) => format!("{ip}:{port} ({h})"),
+                    None => format!("{h}:{port}"),
+                };
+                let connect = async {
+                    match hostaddr {
+                        Some(ip) => TcpStream::connect((ip, port)).await,
+                        None => TcpStream::connect((h.as_str(), port)).await,
+                    }
+                };
+                let tcp = tokio::time::timeout(timeout, connect)
                     .await
                     .map_err(|_| ClientError::Connect {
                         addr: addr.clone(),
                         source: io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
                     })?
-                    .map_err(|source| ClientError::Connect { addr: addr.clone(), source })?;
+                    .map_err(|source| ClientError::Connect {
+                        addr: addr.clone(),
+                        source,
+                    })?;
                 tcp.set_nodelay(true)?;
                 (Box::pin(tcp), addr, Some(h.clone()))
             }
             Host::Unix(dir) => {
                 let path = dir.join(format!(".s.PGSQL.{port}"));
                 let addr = path.display().to_string();
-                let unix = UnixStream::connect(&path)
-                    .await
-                    .map_err(|source| ClientError::Connect { addr: addr.clone(), source })?;
+                let unix =
+                    UnixStream::connect(&path)
+                        .await
+                        .map_err(|source| ClientError::Connect {
+                            addr: addr.clone(),
+                            source,
+                        })?;
                 (Box::pin(unix), addr, None)
             }
         };
         let stream = match (params.ssl_mode, host_name) {
             (SslMode::Disable, _) | (_, None) => stream,
-            (mode, Some(host_name)) => Self::start_tls(stream, params, mode, &host_name, &addr).await?,
+            (mode, Some(host_name)) => {
+                Self::start_tls(stream, params, mode, &host_name, &addr).await?
+            }
         };
         let mut client = ReplicationClient {
             stream,
@@ -213,8 +244,9 @@ impl ReplicationClient {
             }
             return Err(ClientError::TlsRefused(addr.to_owned()));
         }
-        let config: Arc<rustls::ClientConfig> =
-            params.tls_config()?.expect("sslmode other than disable has a TLS config");
+        let config: Arc<rustls::ClientConfig> = params
+            .tls_config()?
+            .expect("sslmode other than disable has a TLS config");
         let name = ServerName::try_from(host_name.to_owned()).map_err(|e| ClientError::Tls {
             addr: addr.to_owned(),
             source: io::Error::new(io::ErrorKind::InvalidInput, e),
@@ -222,11 +254,18 @@ impl ReplicationClient {
         let tls = tokio_rustls::TlsConnector::from(config)
             .connect(name, stream)
             .await
-            .map_err(|source| ClientError::Tls { addr: addr.to_owned(), source })?;
+            .map_err(|source| ClientError::Tls {
+                addr: addr.to_owned(),
+                source,
+            })?;
         Ok(Box::pin(tls))
     }
 
-    async fn startup(&mut self, params: &ConnectParams, application_name: &str) -> Result<(), ClientError> {
+    async fn startup(
+        &mut self,
+        params: &ConnectParams,
+        application_name: &str,
+    ) -> Result<(), ClientError> {
         let user = params
             .pg
             .get_user()
@@ -258,7 +297,11 @@ impl ReplicationClient {
                 }
                 backend::Message::AuthenticationMd5Password(body) => {
                     let pw = password.as_deref().ok_or(ClientError::NoPassword)?;
-                    let hash = postgres_protocol::authentication::md5_hash(user.as_bytes(), pw, body.salt());
+                    let hash = postgres_protocol::authentication::md5_hash(
+                        user.as_bytes(),
+                        pw,
+                        body.salt(),
+                    );
                     frontend::password_message(hash.as_bytes(), &mut self.write)?;
                     self.flush().await?;
                 }
@@ -272,19 +315,29 @@ impl ReplicationClient {
                     if !has_scram {
                         return Err(ClientError::UnsupportedAuth("SASL without SCRAM-SHA-256"));
                     }
-                    let state = ScramSha256::new(pw, ChannelBinding::unrequested());
-                    frontend::sasl_initial_response(sasl::SCRAM_SHA_256, state.message(), &mut self.write)?;
+                    // Channel binding is not offered: 'n' is valid over TLS and plain TCP alike, and
+                    // verify-full already ties the session to the server's certificate.
+                    let state = ScramSha256::new(pw, ChannelBinding::unsupported());
+                    frontend::sasl_initial_response(
+                        sasl::SCRAM_SHA_256,
+                        state.message(),
+                        &mut self.write,
+                    )?;
                     self.flush().await?;
                     scram = Some(state);
                 }
                 backend::Message::AuthenticationSaslContinue(body) => {
-                    let state = scram.as_mut().ok_or_else(|| ClientError::Protocol("SASL continue before SASL start".into()))?;
+                    let state = scram.as_mut().ok_or_else(|| {
+                        ClientError::Protocol("SASL continue before SASL start".into())
+                    })?;
                     state.update(body.data()).map_err(ClientError::Scram)?;
                     frontend::sasl_response(state.message(), &mut self.write)?;
                     self.flush().await?;
                 }
                 backend::Message::AuthenticationSaslFinal(body) => {
-                    let state = scram.as_mut().ok_or_else(|| ClientError::Protocol("SASL final before SASL start".into()))?;
+                    let state = scram.as_mut().ok_or_else(|| {
+                        ClientError::Protocol("SASL final before SASL start".into())
+                    })?;
                     state.finish(body.data()).map_err(ClientError::Scram)?;
                 }
                 backend::Message::AuthenticationKerberosV5
@@ -301,8 +354,14 @@ impl ReplicationClient {
                 }
                 backend::Message::BackendKeyData(_) | backend::Message::NoticeResponse(_) => {}
                 backend::Message::ReadyForQuery(_) => return Ok(()),
-                backend::Message::ErrorResponse(body) => return Err(ClientError::Server(server_error(&body)?)),
-                _ => return Err(ClientError::Protocol("unexpected message during start-up".into())),
+                backend::Message::ErrorResponse(body) => {
+                    return Err(ClientError::Server(server_error(&body)?));
+                }
+                _ => {
+                    return Err(ClientError::Protocol(
+                        "unexpected message during start-up".into(),
+                    ));
+                }
             }
         }
     }
@@ -361,7 +420,11 @@ impl ReplicationClient {
                     return Err(ClientError::Server(err));
                 }
                 backend::Message::NoticeResponse(_) | backend::Message::ParameterStatus(_) => {}
-                _ => return Err(ClientError::Protocol("expected CopyBothResponse after START_REPLICATION".into())),
+                _ => {
+                    return Err(ClientError::Protocol(
+                        "expected CopyBothResponse after START_REPLICATION".into(),
+                    ));
+                }
             }
         }
     }
@@ -387,7 +450,11 @@ impl ReplicationClient {
                     | backend::Message::ParameterStatus(_)
                     | backend::Message::CommandComplete(_)
                     | backend::Message::ReadyForQuery(_) => {}
-                    _ => return Err(ClientError::Protocol("unexpected message in the replication stream".into())),
+                    _ => {
+                        return Err(ClientError::Protocol(
+                            "unexpected message in the replication stream".into(),
+                        ));
+                    }
                 },
             }
         }
@@ -395,7 +462,13 @@ impl ReplicationClient {
 
     /// Sends a Standby Status Update. `flush` is what the slot may confirm; pass
     /// `Lsn::INVALID` to never move `confirmed_flush_lsn`.
-    pub async fn send_status(&mut self, write: Lsn, flush: Lsn, apply: Lsn, reply: bool) -> Result<(), ClientError> {
+    pub async fn send_status(
+        &mut self,
+        write: Lsn,
+        flush: Lsn,
+        apply: Lsn,
+        reply: bool,
+    ) -> Result<(), ClientError> {
         let mut body = BytesMut::with_capacity(34);
         body.put_u8(b'r');
         body.put_u64(write.0);
@@ -475,7 +548,11 @@ fn parse_copy_data(mut data: Bytes) -> Result<ReplicationMessage, ClientError> {
             let wal_start = Lsn(data.get_u64());
             let wal_end = Lsn(data.get_u64());
             let _send_time = data.get_i64();
-            Ok(ReplicationMessage::XLogData { wal_start, wal_end, data })
+            Ok(ReplicationMessage::XLogData {
+                wal_start,
+                wal_end,
+                data,
+            })
         }
         b'k' => {
             if data.len() < 17 {
@@ -484,7 +561,10 @@ fn parse_copy_data(mut data: Bytes) -> Result<ReplicationMessage, ClientError> {
             let wal_end = Lsn(data.get_u64());
             let _send_time = data.get_i64();
             let reply_requested = data.get_u8() == 1;
-            Ok(ReplicationMessage::Keepalive { wal_end, reply_requested })
+            Ok(ReplicationMessage::Keepalive {
+                wal_end,
+                reply_requested,
+            })
         }
         tag => Err(ClientError::Protocol(format!(
             "unknown replication message tag {:?}",
@@ -546,7 +626,11 @@ mod tests {
         buf.put_i64(0);
         buf.put_slice(b"Bpayload");
         match parse_copy_data(buf.freeze()).unwrap() {
-            ReplicationMessage::XLogData { wal_start, wal_end, data } => {
+            ReplicationMessage::XLogData {
+                wal_start,
+                wal_end,
+                data,
+            } => {
                 assert_eq!((wal_start, wal_end), (Lsn(0x10), Lsn(0x20)));
                 assert_eq!(&data[..], b"Bpayload");
             }
@@ -559,7 +643,10 @@ mod tests {
         buf.put_u8(1);
         assert!(matches!(
             parse_copy_data(buf.freeze()).unwrap(),
-            ReplicationMessage::Keepalive { wal_end: Lsn(0x30), reply_requested: true }
+            ReplicationMessage::Keepalive {
+                wal_end: Lsn(0x30),
+                reply_requested: true
+            }
         ));
         assert!(parse_copy_data(Bytes::from_static(b"w\0\0")).is_err());
         assert!(parse_copy_data(Bytes::from_static(b"x")).is_err());

@@ -54,9 +54,7 @@ impl SslMode {
 pub enum ConnectConfigError {
     #[error("invalid connection string: {0}")]
     Invalid(#[source] tokio_postgres::Error),
-    #[error(
-        "sslmode `{0}` is not one of disable, prefer, require, verify-ca, verify-full"
-    )]
+    #[error("sslmode `{0}` is not one of disable, prefer, require, verify-ca, verify-full")]
     SslMode(String),
     #[error("cannot read sslrootcert `{path}`: {source}")]
     RootCert {
@@ -102,7 +100,8 @@ impl ConnectParams {
             }
             Ok(())
         })?;
-        let mut pg = tokio_postgres::Config::from_str(&rest).map_err(ConnectConfigError::Invalid)?;
+        let mut pg =
+            tokio_postgres::Config::from_str(&rest).map_err(ConnectConfigError::Invalid)?;
         if pg.get_hosts().is_empty() {
             return Err(ConnectConfigError::NoHost);
         }
@@ -124,7 +123,11 @@ impl ConnectParams {
             options.push_str(&format!("-c {name}={value}"));
         }
         pg.options(options);
-        Ok(ConnectParams { pg, ssl_mode, ssl_root_cert })
+        Ok(ConnectParams {
+            pg,
+            ssl_mode,
+            ssl_root_cert,
+        })
     }
 
     /// `user@host:port/db` without the password, for logs and messages.
@@ -158,15 +161,13 @@ impl ConnectParams {
                 .with_no_client_auth(),
             SslMode::VerifyCa | SslMode::VerifyFull => {
                 let roots = Arc::new(self.root_store()?);
-                let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
-                    roots,
-                    provider,
-                )
-                .build()
-                .map_err(|e| ConnectConfigError::RootCert {
-                    path: self.ssl_root_cert.clone().unwrap_or_default(),
-                    source: io::Error::other(e),
-                })?;
+                let inner =
+                    rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider)
+                        .build()
+                        .map_err(|e| ConnectConfigError::RootCert {
+                            path: self.ssl_root_cert.clone().unwrap_or_default(),
+                            source: io::Error::other(e),
+                        })?;
                 let verifier = ChainVerifier {
                     inner,
                     check_name: self.ssl_mode == SslMode::VerifyFull,
@@ -189,13 +190,12 @@ impl ConnectParams {
                 path: path.clone(),
                 source,
             })?;
-            let certs: Vec<CertificateDer<'static>> =
-                rustls_pemfile::certs(&mut pem.as_slice())
-                    .collect::<Result<_, _>>()
-                    .map_err(|source| ConnectConfigError::RootCert {
-                        path: path.clone(),
-                        source,
-                    })?;
+            let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut pem.as_slice())
+                .collect::<Result<_, _>>()
+                .map_err(|source| ConnectConfigError::RootCert {
+                    path: path.clone(),
+                    source,
+                })?;
             if certs.is_empty() {
                 return Err(ConnectConfigError::EmptyRootCert(path.clone()));
             }
@@ -391,7 +391,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(p.ssl_mode, SslMode::VerifyFull);
-        assert_eq!(p.ssl_root_cert.as_deref(), Some(std::path::Path::new("/tmp/ca.pem")));
+        assert_eq!(
+            p.ssl_root_cert.as_deref(),
+            Some(std::path::Path::new("/tmp/ca.pem"))
+        );
         assert_eq!(p.pg.get_application_name(), Some("x"));
         assert_eq!(p.redacted(), "u@db.example:6543/app");
         assert!(!format!("{p:?}").contains("secret"));

@@ -4,8 +4,8 @@
 
 use tokio_postgres::Client;
 
-use super::client::{ClientError, ReplicationClient, quote_ident};
 use super::Lsn;
+use super::client::{ClientError, ReplicationClient, quote_ident};
 
 /// A schema-qualified table named in the config.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -123,8 +123,14 @@ pub async fn check_replication_role(client: &Client) -> Result<(), SetupError> {
 }
 
 /// Looks up each table; a missing table or one without identity is an error.
-pub async fn inspect_tables(client: &Client, tables: &[QualifiedName]) -> Result<Vec<TableInfo>, SetupError> {
-    let db: String = client.query_one("SELECT current_database()::text", &[]).await?.get(0);
+pub async fn inspect_tables(
+    client: &Client,
+    tables: &[QualifiedName],
+) -> Result<Vec<TableInfo>, SetupError> {
+    let db: String = client
+        .query_one("SELECT current_database()::text", &[])
+        .await?
+        .get(0);
     let mut out = Vec::with_capacity(tables.len());
     for table in tables {
         let row = client
@@ -190,7 +196,11 @@ pub enum PublicationChange {
 
 /// The SQL that makes publication `name` publish exactly `tables`.
 pub fn publication_sql(name: &str, tables: &[QualifiedName], exists: bool) -> String {
-    let list = tables.iter().map(QualifiedName::quoted).collect::<Vec<_>>().join(", ");
+    let list = tables
+        .iter()
+        .map(QualifiedName::quoted)
+        .collect::<Vec<_>>()
+        .join(", ");
     if exists {
         format!("ALTER PUBLICATION {} SET TABLE {list};", quote_ident(name))
     } else {
@@ -199,9 +209,15 @@ pub fn publication_sql(name: &str, tables: &[QualifiedName], exists: bool) -> St
 }
 
 /// The tables publication `name` publishes now, or `None` when it does not exist.
-pub async fn published_tables(client: &Client, name: &str) -> Result<Option<Vec<QualifiedName>>, SetupError> {
+pub async fn published_tables(
+    client: &Client,
+    name: &str,
+) -> Result<Option<Vec<QualifiedName>>, SetupError> {
     let exists = client
-        .query_opt("SELECT puballtables FROM pg_publication WHERE pubname = $1", &[&name])
+        .query_opt(
+            "SELECT puballtables FROM pg_publication WHERE pubname = $1",
+            &[&name],
+        )
         .await?;
     if exists.is_none() {
         return Ok(None);
@@ -236,11 +252,29 @@ pub async fn ensure_publication(
     let exists = current.is_some();
     let sql = publication_sql(name, &wanted, exists);
     match client.batch_execute(&sql).await {
-        Ok(()) => Ok(if exists { PublicationChange::Altered } else { PublicationChange::Created }),
-        Err(e) if e.code().is_some_and(|c| c.code() == "42501" || c.code() == "42710") => {
-            let role: String = client.query_one("SELECT current_user::text", &[]).await?.get(0);
-            let reason = e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_default();
-            Err(SetupError::PublicationNeedsDba { name: name.to_owned(), role, reason, sql })
+        Ok(()) => Ok(if exists {
+            PublicationChange::Altered
+        } else {
+            PublicationChange::Created
+        }),
+        Err(e)
+            if e.code()
+                .is_some_and(|c| c.code() == "42501" || c.code() == "42710") =>
+        {
+            let role: String = client
+                .query_one("SELECT current_user::text", &[])
+                .await?
+                .get(0);
+            let reason = e
+                .as_db_error()
+                .map(|d| d.message().to_owned())
+                .unwrap_or_default();
+            Err(SetupError::PublicationNeedsDba {
+                name: name.to_owned(),
+                role,
+                reason,
+                sql,
+            })
         }
         Err(e) => Err(e.into()),
     }
@@ -274,18 +308,30 @@ pub async fn slot_info(client: &Client, name: &str) -> Result<Option<SlotInfo>, 
 
 /// Slot `name` must exist, use pgoutput and not be active in another process.
 pub async fn check_slot_usable(client: &Client, name: &str) -> Result<SlotInfo, SetupError> {
-    let info = slot_info(client, name).await?.ok_or_else(|| SetupError::NoSlot(name.to_owned()))?;
+    let info = slot_info(client, name)
+        .await?
+        .ok_or_else(|| SetupError::NoSlot(name.to_owned()))?;
     if let Some(plugin) = info.plugin.as_deref().filter(|p| *p != "pgoutput") {
-        return Err(SetupError::SlotPlugin { slot: name.to_owned(), plugin: plugin.to_owned() });
+        return Err(SetupError::SlotPlugin {
+            slot: name.to_owned(),
+            plugin: plugin.to_owned(),
+        });
     }
     if let Some(pid) = info.active_pid {
-        return Err(SetupError::SlotActive { slot: name.to_owned(), pid });
+        return Err(SetupError::SlotActive {
+            slot: name.to_owned(),
+            pid,
+        });
     }
     Ok(info)
 }
 
 /// Creates a permanent pgoutput slot named `name`; returns its consistent point.
-pub async fn create_slot(repl: &mut ReplicationClient, name: &str, temporary: bool) -> Result<Lsn, SetupError> {
+pub async fn create_slot(
+    repl: &mut ReplicationClient,
+    name: &str,
+    temporary: bool,
+) -> Result<Lsn, SetupError> {
     let temp = if temporary { " TEMPORARY" } else { "" };
     let rows = repl
         .simple_query(&format!(
@@ -313,7 +359,10 @@ pub fn slot_error(slot: &str, err: ClientError) -> SetupError {
                 .unwrap_or(0),
             _ => 0,
         };
-        return SetupError::SlotActive { slot: slot.to_owned(), pid };
+        return SetupError::SlotActive {
+            slot: slot.to_owned(),
+            pid,
+        };
     }
     if err.code() == Some("42704") {
         return SetupError::NoSlot(slot.to_owned());
@@ -327,11 +376,17 @@ mod tests {
 
     #[test]
     fn publication_sql_quotes_every_name() {
-        let t = [QualifiedName { schema: "public".into(), name: "user roles".into() }];
+        let t = [QualifiedName {
+            schema: "public".into(),
+            name: "user roles".into(),
+        }];
         assert_eq!(
             publication_sql("walhook", &t, false),
             "CREATE PUBLICATION \"walhook\" FOR TABLE \"public\".\"user roles\";"
         );
-        assert!(publication_sql("walhook", &t, true).starts_with("ALTER PUBLICATION \"walhook\" SET TABLE"));
+        assert!(
+            publication_sql("walhook", &t, true)
+                .starts_with("ALTER PUBLICATION \"walhook\" SET TABLE")
+        );
     }
 }

@@ -6,12 +6,14 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use super::client::{ClientError, ReplicationClient, ReplicationMessage, quote_ident, quote_literal};
+use super::Lsn;
+use super::client::{
+    ClientError, ReplicationClient, ReplicationMessage, quote_ident, quote_literal,
+};
 use super::connect::ConnectParams;
 use super::decoder::{Decoded, Decoder};
 use super::pgoutput::{self, DecodeError};
 use super::setup::{SetupError, create_slot, slot_error};
-use super::Lsn;
 
 /// Standby status updates go out at least this often (DESIGN: every 10 s at most).
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
@@ -205,7 +207,10 @@ impl ReplicationStream {
         };
         self.backoff = Duration::from_millis(100);
         match msg {
-            ReplicationMessage::Keepalive { wal_end, reply_requested } => {
+            ReplicationMessage::Keepalive {
+                wal_end,
+                reply_requested,
+            } => {
                 self.note_received(wal_end);
                 if reply_requested {
                     self.send_status(false).await?;
@@ -239,12 +244,17 @@ impl ReplicationStream {
                 self.in_txn = true;
                 self.rows_in_txn = 0;
                 let h = self.handed;
-                self.skip_txn = *final_lsn < h.commit_lsn || (*final_lsn == h.commit_lsn && h.complete);
+                self.skip_txn =
+                    *final_lsn < h.commit_lsn || (*final_lsn == h.commit_lsn && h.complete);
                 if self.skip_txn {
                     return None;
                 }
                 if *final_lsn != h.commit_lsn {
-                    self.handed = Position { commit_lsn: *final_lsn, rows_done: 0, complete: false };
+                    self.handed = Position {
+                        commit_lsn: *final_lsn,
+                        rows_done: 0,
+                        complete: false,
+                    };
                 }
                 if self.begun == Some(*final_lsn) {
                     // Replayed after a reconnect: the consumer already has this Begin.

@@ -370,8 +370,8 @@ fn write_config(layout: &Layout) -> Result<(), String> {
          listen_addresses = '{HOST}'\n\
          unix_socket_directories = '{socket}'\n\
          wal_level = logical\n\
-         max_wal_senders = 20\n\
-         max_replication_slots = 20\n\
+         max_wal_senders = 60\n\
+         max_replication_slots = 300\n\
          max_connections = 200\n\
          wal_sender_timeout = '10s'\n\
          fsync = off\n\

@@ -1,0 +1,188 @@
+//! `walhook tail`: print what walhook sees, one JSON line per change, until Ctrl-C.
+//!
+//! By default it reads a TEMPORARY slot of its own, so it never disturbs the daemon's
+//! slot. With `--slot NAME` it reads an existing slot from its confirmed position without
+//! ever confirming progress.
+
+use std::io::Write;
+
+use serde::Serialize;
+use tracing::{info, warn};
+
+use super::ConfigArg;
+use crate::config::Config;
+use crate::source::connect::ConnectParams;
+use crate::source::decoder::{Decoded, Row};
+use crate::source::setup::{self, QualifiedName};
+use crate::source::stream::{ConfirmMode, Position, ReplicationStream, StreamOptions};
+use crate::source::{Lsn, client::PG_EPOCH_OFFSET_MICROS};
+
+#[derive(Debug, clap::Args)]
+pub struct TailArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Read this existing slot (from its confirmed position) instead of a temporary
+    /// one. Progress is never confirmed, so the slot is left as it was; the daemon
+    /// cannot use the slot meanwhile.
+    #[arg(long)]
+    pub slot: Option<String>,
+    /// Stop after the first transaction that commits at or beyond this WAL position.
+    #[arg(long, value_name = "LSN")]
+    pub endpos: Option<Lsn>,
+}
+
+/// One printed line.
+#[derive(Serialize)]
+struct Line<'a> {
+    table: &'a str,
+    op: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    new: Option<&'a Row>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    old: Option<&'a Row>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    unchanged_toast: &'a [String],
+    xid: u32,
+    lsn: String,
+    commit_time: &'a str,
+}
+
+/// Runs `walhook tail`.
+pub async fn run(args: TailArgs) -> anyhow::Result<()> {
+    let config = args.config.load()?;
+    let params = ConnectParams::parse(config.source.url.expose().as_str())?;
+    let tables = watched_tables(&config);
+
+    let sql = params
+        .connect_sql()
+        .await
+        .map_err(|e| super::check::describe_connect_error(&params, e))?;
+    setup::check_wal_level(&sql).await?;
+    setup::check_replication_role(&sql).await?;
+    setup::inspect_tables(&sql, &tables).await?;
+
+    let (slot, temporary, confirm) = match &args.slot {
+        Some(slot) => {
+            setup::check_slot_usable(&sql, slot).await?;
+            let published = setup::published_tables(&sql, &config.source.publication).await?;
+            if published.is_none() {
+                anyhow::bail!(
+                    "publication `{}` does not exist; `tail --slot` never creates or alters it. Fix: run `walhook setup` or `walhook run` first",
+                    config.source.publication
+                );
+            }
+            warn!(slot = %slot, "reading an existing slot without confirming progress; the daemon cannot use this slot until tail exits");
+            (slot.clone(), false, ConfirmMode::Never)
+        }
+        None => {
+            setup::ensure_publication(&sql, &config.source.publication, &tables).await?;
+            let slot = format!("walhook_tail_{}", std::process::id());
+            (slot, true, ConfirmMode::Consumer)
+        }
+    };
+    drop(sql);
+
+    let mut stream = ReplicationStream::new(
+        params,
+        StreamOptions {
+            slot,
+            publication: config.source.publication.clone(),
+            temporary,
+            confirm,
+            application_name: "walhook tail".into(),
+            resume: Position::default(),
+        },
+    );
+    stream.connect().await?;
+    info!("tailing; press Ctrl-C to stop");
+
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::with_capacity(256 * 1024, stdout.lock());
+    let mut txn: Option<(u32, Lsn, String)> = None;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        let item = tokio::select! {
+            biased;
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+            item = stream.next() => item?,
+        };
+        match item {
+            Decoded::Begin {
+                xid,
+                final_lsn,
+                commit_time,
+            } => {
+                txn = Some((xid, final_lsn, format_commit_time(commit_time)));
+            }
+            Decoded::Change(change) => {
+                let (xid, lsn, time) = txn
+                    .as_ref()
+                    .map(|(x, l, t)| (*x, *l, t.as_str()))
+                    .unwrap_or((0, Lsn::INVALID, ""));
+                let table = change.table.to_string();
+                let line = Line {
+                    table: &table,
+                    op: change.op.as_str(),
+                    new: change.new.as_ref(),
+                    old: change.old.as_ref(),
+                    unchanged_toast: &change.unchanged_toast,
+                    xid,
+                    lsn: lsn.to_string(),
+                    commit_time: time,
+                };
+                serde_json::to_writer(&mut out, &line)?;
+                out.write_all(b"\n")?;
+            }
+            Decoded::Commit {
+                end_lsn,
+                commit_lsn,
+                ..
+            } => {
+                txn = None;
+                out.flush()?;
+                stream.confirm(end_lsn);
+                if args.endpos.is_some_and(|end| commit_lsn >= end) {
+                    break;
+                }
+            }
+            Decoded::Truncate { tables, .. } => {
+                let names: Vec<String> = tables.iter().map(|t| t.to_string()).collect();
+                warn!(tables = ?names, "tables truncated; walhook emits no events for TRUNCATE");
+            }
+            Decoded::LogicalMessage { .. } => {}
+        }
+    }
+    out.flush()?;
+    drop(out);
+    stream.close().await;
+    Ok(())
+}
+
+/// The configured tables as schema-qualified names.
+pub fn watched_tables(config: &Config) -> Vec<QualifiedName> {
+    config
+        .tables
+        .iter()
+        .map(|t| QualifiedName {
+            schema: t.schema.clone(),
+            name: t.name.clone(),
+        })
+        .collect()
+}
+
+/// RFC 3339 UTC with microseconds, from the protocol's clock.
+pub fn format_commit_time(pg_micros: i64) -> String {
+    chrono::DateTime::from_timestamp_micros(pg_micros + PG_EPOCH_OFFSET_MICROS)
+        .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn commit_time_is_rfc3339_utc_micros() {
+        // 2000-01-01 00:00:00.000001 UTC is 1 µs on the protocol clock.
+        assert_eq!(super::format_commit_time(1), "2000-01-01T00:00:00.000001Z");
+    }
+}
