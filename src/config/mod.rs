@@ -205,6 +205,22 @@ fn describe(e: &figment::Error) -> (Vec<String>, String, String) {
             let key = dotted(&path);
             (path, key, message)
         }
+        Kind::InvalidType(figment::error::Actual::Map, _)
+            if e.path.last().is_some_and(|s| s.parse::<usize>().is_ok()) =>
+        {
+            // A struct given as an array of tables: `[[x.retry]]` for `[x.retry]`.
+            let array = e.path[..e.path.len() - 1]
+                .iter()
+                .filter(|s| s.parse::<usize>().is_err())
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(".");
+            let message = format!(
+                "{} is a table, not a list of tables: write [{array}] instead of [[{array}]]",
+                array.rsplit('.').next().unwrap_or(&array)
+            );
+            (e.path.clone(), dotted(&e.path), message)
+        }
         kind => (e.path.clone(), dotted(&e.path), kind.to_string()),
     }
 }
@@ -486,10 +502,17 @@ max_in_flight = "many"
         assert!(bad.message.contains("\"crm-sync\""), "{bad}");
         assert_eq!(find(&e, "subscriptions[2].url").line, Some(18));
         assert_eq!(find(&e, "subscriptions[2].max_in_flight").line, Some(20));
+        let retry = find(&e, "subscriptions[2].retry[0]");
         assert!(
+            retry.message.contains("write [subscriptions.retry]"),
+            "{retry}"
+        );
+        // A removed value does not come back as a second "missing" error.
+        assert_eq!(
             e.iter()
-                .any(|e| e.key.starts_with("subscriptions[2].retry")),
-            "{e}"
+                .filter(|e| e.key.starts_with("subscriptions[2].m"))
+                .count(),
+            1
         );
         // Sorted by line, each line of the report names file and line.
         let lines: Vec<usize> = e.iter().filter_map(|e| e.line).collect();
@@ -681,6 +704,15 @@ when = "new.size > 10"
 
         let e = load_err("[source]\nurl = \"postgres://x/app\"\nslot = \n", &[]);
         assert_eq!(e.errors[0].line, Some(3), "{e}");
+    }
+
+    #[test]
+    fn id_accepts_a_string_and_events_true_keeps_default() {
+        let toml = "[source]\nurl = \"postgres://x/app\"\n[[tables]]\ntable = \"app.Orders\"\nentity = \"order\"\nid = \"order_no\"\nevents = { update = true }\n";
+        let c = load_ok(toml, &[]);
+        assert_eq!(c.tables[0].id, Some(vec!["order_no".to_string()]));
+        assert_eq!(c.tables[0].events.update.as_deref(), Some("order.updated"));
+        assert_eq!(c.tables[0].qualified_name(), "app.Orders");
     }
 
     #[test]
