@@ -3,4 +3,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod daemon;
+pub mod mapping;
 pub mod source;
+pub mod store;

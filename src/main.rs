@@ -7,7 +7,25 @@ use walhook::cli::{Cli, Command, check, tail};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    // The daemon logs as its config says; other commands log warnings to stderr.
+    let mut run_config = None;
+    if let Command::Run(args) = &cli.command {
+        match args.config.load() {
+            Ok(config) => {
+                init_logging(
+                    &config.log.level,
+                    config.log.format == walhook::config::LogFormat::Json,
+                );
+                run_config = Some(config);
+            }
+            Err(errors) => {
+                eprintln!("error: {errors}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        init_logging("info", false);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -20,6 +38,11 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Run(_) => {
+                let config = run_config.expect("loaded above");
+                walhook::cli::run::run(config).await.map(|()| true)
+            }
+            Command::Setup(args) => walhook::cli::setup::run(args).await.map(|()| true),
             Command::Tail(args) => tail::run(args).await.map(|()| true),
             Command::Check(args) => check::run(args).await,
         }
@@ -34,12 +57,17 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+/// Logs go to stderr; `WALHOOK_LOG` (an EnvFilter) overrides the level.
+fn init_logging(level: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WALHOOK_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
 }

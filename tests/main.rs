@@ -3,5 +3,6 @@
 
 mod support;
 
+mod daemon;
 mod harness_smoke;
 mod source;

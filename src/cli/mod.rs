@@ -1,6 +1,8 @@
 //! The `walhook` command line: argument parsing and one module per subcommand.
 
 pub mod check;
+pub mod run;
+pub mod setup;
 pub mod tail;
 
 use std::path::PathBuf;
@@ -39,6 +41,10 @@ impl ConfigArg {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the daemon: replication stream -> entity events -> store (-> webhooks).
+    Run(run::RunArgs),
+    /// Apply store migrations and create the publication and the slot.
+    Setup(setup::SetupArgs),
     /// Print the changes walhook sees on the configured tables, as JSON lines.
     Tail(tail::TailArgs),
     /// Check the config, the connection, the database settings, the tables,

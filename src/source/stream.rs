@@ -141,12 +141,51 @@ impl ReplicationStream {
         Ok(())
     }
 
+    /// Connects, waiting (with backoff) while the slot is active in another process or
+    /// the server is unreachable: a standby instance sits here until the holder goes (G8).
+    pub async fn connect_waiting(&mut self) -> Result<(), StreamError> {
+        loop {
+            match self.connect().await {
+                Ok(()) => {
+                    self.backoff = Duration::from_millis(100);
+                    return Ok(());
+                }
+                Err(StreamError::Setup(SetupError::SlotActive { pid, .. })) => {
+                    tracing::debug!(slot = %self.opts.slot, holder_pid = pid, "slot held by another process; standing by");
+                }
+                Err(StreamError::Setup(SetupError::Replication(e))) if e.is_transient() => {
+                    warn!(slot = %self.opts.slot, error = %e, "cannot start replication yet; retrying");
+                }
+                Err(e) => return Err(e),
+            }
+            tokio::time::sleep(self.backoff).await;
+            self.backoff = (self.backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Skips everything at or before `position` (the store's checkpoint). Call before
+    /// reading the first item.
+    pub fn resume_from(&mut self, position: Position) {
+        self.handed = position;
+    }
+
+    /// Sends a standby status update now (keeps the walsender from timing out while
+    /// the consumer is busy).
+    pub async fn keepalive(&mut self) -> Result<(), StreamError> {
+        self.send_status(false).await
+    }
+
     /// The consumer has made everything up to `end_lsn` durable; the slot may confirm it.
     pub fn confirm(&mut self, end_lsn: Lsn) {
         if end_lsn > self.consumer_flush {
             self.consumer_flush = end_lsn;
             self.status_dirty = true;
         }
+    }
+
+    /// The position after the last item handed on.
+    pub fn position(&self) -> Position {
+        self.handed
     }
 
     /// Highest WAL position received from the server.
@@ -312,6 +351,7 @@ impl ReplicationStream {
 
     async fn send_status(&mut self, reply: bool) -> Result<(), StreamError> {
         let flush = self.flush_position();
+        tracing::debug!(slot = %self.opts.slot, %flush, received = %self.received, in_txn = self.in_txn, "standby status update");
         let (write, apply) = match self.opts.confirm {
             ConfirmMode::Never => (self.received, Lsn::INVALID),
             ConfirmMode::Consumer => (self.received, flush),

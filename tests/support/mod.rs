@@ -5,6 +5,7 @@
 // does not call yet must not fail `clippy -D warnings`.
 #![allow(dead_code)]
 
+pub mod daemon;
 pub mod pg;
 
 use std::future::Future;

@@ -1,0 +1,98 @@
+//! `walhook run`: prepares the source and the store, waits to hold the slot, then runs
+//! source -> mapping -> group-committed ingest until SIGTERM.
+
+pub mod ingest;
+pub mod prepare;
+pub mod source_task;
+
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::source::Lsn;
+use crate::source::stream::{ConfirmMode, ReplicationStream, StreamOptions};
+
+/// Capacity of the channel between the source task and ingest, in messages.
+const CHANNEL_CAPACITY: usize = 16 * 1024;
+
+/// Errors that stop the daemon (each names its cause and fix).
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Prepare(#[from] prepare::PrepareError),
+    #[error(transparent)]
+    Stream(#[from] crate::source::stream::StreamError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("the source task stopped unexpectedly: {0}")]
+    SourceTask(String),
+}
+
+/// Runs the daemon until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    let prepared = prepare::prepare(&config).await?;
+    let mut store = prepared.store;
+    let slot = config.source.slot.clone();
+
+    let mut stream = ReplicationStream::new(
+        prepared.source_params,
+        StreamOptions {
+            slot: slot.clone(),
+            publication: config.source.publication.clone(),
+            temporary: false,
+            confirm: ConfirmMode::Consumer,
+            application_name: "walhook".into(),
+            resume: Default::default(),
+        },
+    );
+    // G8: wait until this instance holds the slot; another holder makes us a standby.
+    info!(slot = %slot, "waiting to hold the replication slot");
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => return Ok(()),
+        held = stream.connect_waiting() => held?,
+    }
+    let leader = format!("{}:{}", hostname(), std::process::id());
+    let epoch = store.take_leadership(&slot, &leader).await?;
+    let checkpoint = store
+        .checkpoint(&slot)
+        .await?
+        .ok_or_else(|| crate::store::StoreError::NoCheckpoint(slot.clone()))?;
+    stream.resume_from(checkpoint.position);
+    info!(slot = %slot, epoch, resume_lsn = %checkpoint.position.commit_lsn, rows_done = checkpoint.position.rows_done, "holding the slot; ingesting");
+
+    let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+    let (confirm_tx, confirm_rx) = watch::channel(Lsn::INVALID);
+    let source_stop = CancellationToken::new();
+    let source = tokio::spawn(source_task::run(
+        stream,
+        prepared.mapper,
+        prepared.routes,
+        tx,
+        confirm_rx,
+        source_stop.clone(),
+    ));
+    let result = ingest::run(&mut store, &slot, epoch, rx, confirm_tx, shutdown.clone()).await;
+    source_stop.cancel();
+    match tokio::time::timeout(Duration::from_secs(10), source).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => {
+            if result.is_ok() {
+                return Err(e.into());
+            }
+            warn!(error = %e, "source task failed during shutdown");
+        }
+        Ok(Err(join)) => return Err(DaemonError::SourceTask(join.to_string())),
+        Err(_) => warn!("source task did not stop within 10 s"),
+    }
+    result
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}

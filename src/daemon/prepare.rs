@@ -1,0 +1,181 @@
+//! Start-up checks and preparation for `walhook run` and `walhook setup`: the source
+//! database is fit (wal_level, privilege, tables, replica identity where the config
+//! needs old rows), the store is migrated, the publication matches the config, and the
+//! slot exists — or, when the store has a checkpoint but the slot is gone, refusal (G1).
+
+use std::sync::Arc;
+
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::mapping::{Mapper, MappingError};
+use crate::source::client::ReplicationClient;
+use crate::source::connect::{ConnectConfigError, ConnectParams};
+use crate::source::setup::{self, PublicationChange, QualifiedName, SetupError, TableInfo};
+use crate::store::{Store, StoreError};
+
+/// Why the daemon cannot start. Every message names the culprit and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error("{0}")]
+    Connect(String),
+    #[error(transparent)]
+    ConnectConfig(#[from] ConnectConfigError),
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Mapping(#[from] MappingError),
+    #[error(
+        "table `{table}`: {needs} need the old row, which only REPLICA IDENTITY FULL provides. Fix: run `ALTER TABLE {quoted} REPLICA IDENTITY FULL;` or remove those settings from the config"
+    )]
+    NeedsFullIdentity {
+        table: QualifiedName,
+        quoted: String,
+        needs: String,
+    },
+    #[error(
+        "replication slot `{slot}` is gone, but the store has a checkpoint for it (last stored commit {lsn}). Changes made since then may have been lost with the slot (dropped, invalidated by max_slot_wal_keep_size, or lost in a failover), so walhook will not silently start again from now. Fix: run `walhook setup --reset-slot` to create a new slot and continue from now, then backfill what was missed"
+    )]
+    SlotLost { slot: String, lsn: String },
+}
+
+/// What `prepare` hands to the pipeline.
+pub struct Prepared {
+    pub source_params: ConnectParams,
+    pub store: Store,
+    pub mapper: Mapper,
+    /// Per subscription: its name and event patterns, for routing at ingest.
+    pub routes: Arc<Routes>,
+    pub tables: Vec<TableInfo>,
+}
+
+/// Subscriptions' event patterns, for routing at ingest.
+pub struct Routes {
+    pub subscriptions: Vec<(String, crate::config::EventPatterns)>,
+}
+
+impl Routes {
+    /// Names of the subscriptions whose `events` patterns match `event_type`.
+    pub fn matching(&self, event_type: &str) -> Vec<String> {
+        self.subscriptions
+            .iter()
+            .filter(|(_, p)| p.matches(event_type))
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+}
+
+/// Checks the source, migrates the store, makes the publication and the slot.
+pub async fn prepare(config: &Config) -> Result<Prepared, PrepareError> {
+    let source_params = ConnectParams::parse(config.source.url.expose().as_str())?;
+    let sql = source_params.connect_sql().await.map_err(|e| {
+        PrepareError::Connect(
+            crate::cli::check::describe_connect_error(&source_params, e).to_string(),
+        )
+    })?;
+    setup::check_wal_level(&sql).await?;
+    setup::check_replication_role(&sql).await?;
+    let names: Vec<QualifiedName> = config
+        .tables
+        .iter()
+        .map(|t| QualifiedName {
+            schema: t.schema.clone(),
+            name: t.name.clone(),
+        })
+        .collect();
+    let infos = setup::inspect_tables(&sql, &names).await?;
+    for (cfg, info) in config.tables.iter().zip(&infos) {
+        let needs = cfg.needs_full_identity();
+        if !needs.is_empty() && info.replica_identity != 'f' {
+            return Err(PrepareError::NeedsFullIdentity {
+                table: info.name.clone(),
+                quoted: info.name.quoted(),
+                needs: needs.join(", "),
+            });
+        }
+    }
+    let mapper = Mapper::new(&config.tables, &infos)?;
+
+    let store_params = ConnectParams::parse(config.store.url.expose().as_str())?;
+    let mut store = Store::connect(&store_params, &config.store.schema).await?;
+    let applied = store.migrate().await?;
+    if applied > 0 {
+        info!(schema = %config.store.schema, applied, "store migrated");
+    }
+    let sub_names: Vec<String> = config
+        .subscriptions
+        .iter()
+        .map(|s| s.name.as_str().to_owned())
+        .collect();
+    store.ensure_subscriptions(&sub_names).await?;
+
+    match setup::ensure_publication(&sql, &config.source.publication, &names).await? {
+        PublicationChange::Unchanged => {}
+        PublicationChange::Created => {
+            info!(publication = %config.source.publication, "publication created")
+        }
+        PublicationChange::Altered => {
+            info!(publication = %config.source.publication, "publication now matches the config")
+        }
+    }
+
+    let slot = &config.source.slot;
+    let checkpoint = store.checkpoint(slot).await?;
+    match (setup::slot_info(&sql, slot).await?, checkpoint) {
+        (None, Some(cp)) => {
+            return Err(PrepareError::SlotLost {
+                slot: slot.clone(),
+                lsn: cp.position.commit_lsn.to_string(),
+            });
+        }
+        (None, None) => {
+            let mut repl = ReplicationClient::connect(&source_params, "walhook setup")
+                .await
+                .map_err(SetupError::Replication)?;
+            // The checkpoint row first: if we crash in between, the next start sees a
+            // checkpoint without a slot and refuses, rather than silently starting over.
+            store.create_checkpoint(slot).await?;
+            let point = setup::create_slot(&mut repl, slot, false).await?;
+            repl.close().await;
+            info!(slot = %slot, consistent_point = %point, "replication slot created");
+        }
+        (Some(info), cp) => {
+            if let Some(plugin) = info.plugin.as_deref().filter(|p| *p != "pgoutput") {
+                return Err(SetupError::SlotPlugin {
+                    slot: slot.clone(),
+                    plugin: plugin.to_owned(),
+                }
+                .into());
+            }
+            if info.wal_status.as_deref() == Some("lost") {
+                return Err(PrepareError::SlotLost {
+                    slot: slot.clone(),
+                    lsn: cp
+                        .map(|c| c.position.commit_lsn.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                });
+            }
+            if cp.is_none() {
+                warn!(slot = %slot, "slot exists but the store has no checkpoint for it; starting from the slot's position");
+                store.create_checkpoint(slot).await?;
+            }
+        }
+    }
+    drop(sql);
+    let routes = Arc::new(Routes {
+        subscriptions: config
+            .subscriptions
+            .iter()
+            .map(|s| (s.name.as_str().to_owned(), s.events.clone()))
+            .collect(),
+    });
+    Ok(Prepared {
+        source_params,
+        store,
+        mapper,
+        routes,
+        tables: infos,
+    })
+}

@@ -1,0 +1,170 @@
+//! The source task: reads the replication stream, maps each row change to entity events,
+//! routes them to subscriptions, and hands them to ingest over a bounded channel. It
+//! confirms to the slot only what ingest reports as committed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::prepare::Routes;
+use crate::mapping::{EventDraft, Mapper};
+use crate::source::Lsn;
+use crate::source::decoder::Decoded;
+use crate::source::stream::{Position, ReplicationStream, StreamError};
+use crate::store::{ChangeEvents, PendingEvent};
+
+/// How often the source task answers the server while ingest is not taking messages.
+const KEEPALIVE_WHILE_BLOCKED: Duration = Duration::from_secs(5);
+
+/// What the source hands to ingest.
+#[derive(Debug)]
+pub enum SourceMsg {
+    /// A row change (with its events, if it produced any) and the position after it.
+    Change {
+        events: Option<ChangeEvents>,
+        position: Position,
+    },
+    /// A transaction committed; `end_lsn` may be confirmed once it is stored.
+    Commit { end_lsn: Lsn, position: Position },
+}
+
+/// The current transaction's context, from its Begin message.
+struct Txn {
+    xid: u32,
+    commit_lsn: Lsn,
+    commit_time: i64,
+}
+
+/// Runs until `stop` is cancelled or the stream fails.
+pub async fn run(
+    mut stream: ReplicationStream,
+    mapper: Mapper,
+    routes: Arc<Routes>,
+    tx: mpsc::Sender<SourceMsg>,
+    mut confirmed: watch::Receiver<Lsn>,
+    stop: CancellationToken,
+) -> Result<(), StreamError> {
+    let mut txn: Option<Txn> = None;
+    let mut drafts: Vec<EventDraft> = Vec::new();
+    loop {
+        if confirmed.has_changed().unwrap_or(false) {
+            stream.confirm(*confirmed.borrow_and_update());
+        }
+        let item = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            item = stream.next() => item?,
+        };
+        let msg = match item {
+            Decoded::Begin {
+                xid,
+                final_lsn,
+                commit_time,
+            } => {
+                txn = Some(Txn {
+                    xid,
+                    commit_lsn: final_lsn,
+                    commit_time,
+                });
+                continue;
+            }
+            Decoded::Change(change) => {
+                drafts.clear();
+                mapper.map(&change, &mut drafts);
+                let events = match (&txn, drafts.is_empty()) {
+                    (Some(t), false) => Some(to_change_events(t, &mut drafts, &routes)),
+                    _ => None,
+                };
+                SourceMsg::Change {
+                    events,
+                    position: stream.position(),
+                }
+            }
+            Decoded::Commit { end_lsn, .. } => {
+                txn = None;
+                SourceMsg::Commit {
+                    end_lsn,
+                    position: stream.position(),
+                }
+            }
+            Decoded::Truncate { tables, .. } => {
+                let names: Vec<String> = tables.iter().map(|t| t.to_string()).collect();
+                tracing::warn!(tables = ?names, "tables truncated; walhook emits no events for TRUNCATE");
+                SourceMsg::Change {
+                    events: None,
+                    position: stream.position(),
+                }
+            }
+            Decoded::LogicalMessage { transactional, .. } => {
+                if !transactional {
+                    continue;
+                }
+                SourceMsg::Change {
+                    events: None,
+                    position: stream.position(),
+                }
+            }
+        };
+        // Hand on, answering the server meanwhile if ingest is slow (store down).
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => {
+                    stream.confirm(*confirmed.borrow());
+                    stream.close().await;
+                    return Ok(());
+                }
+                permit = tx.reserve() => {
+                    match permit {
+                        Ok(permit) => permit.send(msg),
+                        Err(_) => {
+                            // Ingest stopped.
+                            stream.confirm(*confirmed.borrow());
+                            stream.close().await;
+                            return Ok(());
+                        }
+                    }
+                    break;
+                }
+                _ = tokio::time::sleep(KEEPALIVE_WHILE_BLOCKED) => {
+                    if confirmed.has_changed().unwrap_or(false) {
+                        stream.confirm(*confirmed.borrow_and_update());
+                    }
+                    stream.keepalive().await?;
+                }
+            }
+        }
+    }
+    // Ingest may be gone (its sender dropped), but its last word still counts.
+    stream.confirm(*confirmed.borrow());
+    stream.close().await;
+    Ok(())
+}
+
+fn to_change_events(txn: &Txn, drafts: &mut Vec<EventDraft>, routes: &Routes) -> ChangeEvents {
+    let first = &drafts[0];
+    let entity = first.entity.clone();
+    let entity_id = first.entity_id.clone();
+    let table: Arc<str> = Arc::from(first.table.to_string());
+    let events = drafts
+        .drain(..)
+        .map(|d| PendingEvent {
+            subscriptions: routes.matching(&d.event_type),
+            event_type: d.event_type,
+            data: d.data,
+            previous: d.previous,
+            changed: d.changed,
+        })
+        .collect();
+    ChangeEvents {
+        entity,
+        entity_id,
+        table,
+        commit_lsn: txn.commit_lsn,
+        xid: txn.xid,
+        commit_time: txn.commit_time,
+        events,
+    }
+}

@@ -1,0 +1,98 @@
+//! Store migrations: numbered SQL files from `sql/`, embedded in the binary, applied in
+//! order under an advisory lock so that several instances (or versions N and N+1 during
+//! a rolling upgrade) never apply one twice.
+
+use tokio_postgres::Client;
+
+use super::StoreError;
+use crate::source::client::quote_ident;
+
+/// One embedded migration.
+pub struct Migration {
+    pub version: i32,
+    pub name: &'static str,
+    sql: &'static str,
+}
+
+/// Every migration, in order.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "0001_init",
+    sql: include_str!("../../sql/0001_init.sql"),
+}];
+
+/// Advisory lock key for migrations ("walhook" in ASCII).
+const MIGRATION_LOCK: i64 = 0x7761_6c68_6f6f_6b;
+
+impl Migration {
+    /// The SQL with `{schema}` replaced by the quoted schema name.
+    pub fn sql_for(&self, schema: &str) -> String {
+        self.sql.replace("{schema}", &quote_ident(schema))
+    }
+}
+
+/// Everything `walhook setup --print-sql` prints: the schema, the bookkeeping table and
+/// every migration, for DBAs who apply SQL by hand.
+pub fn full_sql(schema: &str) -> String {
+    let s = quote_ident(schema);
+    let mut out = format!(
+        "CREATE SCHEMA IF NOT EXISTS {s};\n\
+         CREATE TABLE IF NOT EXISTS {s}.schema_migrations (version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now());\n"
+    );
+    for m in MIGRATIONS {
+        out.push_str(&format!("\n-- {}\n{}\n", m.name, m.sql_for(schema)));
+        out.push_str(&format!(
+            "INSERT INTO {s}.schema_migrations (version, name) VALUES ({}, '{}');\n",
+            m.version, m.name
+        ));
+    }
+    out
+}
+
+/// Applies the migrations not yet applied; returns how many were.
+pub async fn migrate(client: &mut Client, schema: &str) -> Result<usize, StoreError> {
+    let s = quote_ident(schema);
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    tx.batch_execute("SET LOCAL client_min_messages = warning")
+        .await?;
+    tx.batch_execute(&format!(
+        "CREATE SCHEMA IF NOT EXISTS {s};
+         CREATE TABLE IF NOT EXISTS {s}.schema_migrations (version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now());"
+    ))
+    .await?;
+    let applied: Vec<i32> = tx
+        .query(&format!("SELECT version FROM {s}.schema_migrations"), &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let newest_known = MIGRATIONS.last().map(|m| m.version).unwrap_or(0);
+    if let Some(newer) = applied.iter().copied().filter(|v| *v > newest_known).max() {
+        // A newer walhook migrated this store; older code keeps running (rolling upgrade)
+        // as long as migrations stay additive.
+        tracing::warn!(
+            store_version = newer,
+            known = newest_known,
+            "the store was migrated by a newer walhook"
+        );
+    }
+    let mut count = 0;
+    for m in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
+        tx.batch_execute(&m.sql_for(schema))
+            .await
+            .map_err(|source| StoreError::Migration {
+                name: m.name,
+                source,
+            })?;
+        tx.execute(
+            &format!("INSERT INTO {s}.schema_migrations (version, name) VALUES ($1, $2)"),
+            &[&m.version, &m.name],
+        )
+        .await?;
+        count += 1;
+    }
+    tx.commit().await?;
+    Ok(count)
+}

@@ -1,0 +1,211 @@
+//! The durable store in PostgreSQL (schema `walhook` by default): migrations, the ingest
+//! checkpoint and leader epoch, and group-committed ingest of entity events.
+//!
+//! Contract of [`Store::ingest`]: one store transaction writes a batch's events, their
+//! revisions and the checkpoint, so after any crash the checkpoint says exactly which
+//! source changes are stored (G2), and revisions stay gap-free (G3). Callers confirm a
+//! flush LSN to the slot only after `ingest` returned (G1).
+
+pub mod ingest;
+pub mod migrations;
+
+use tokio_postgres::Client;
+
+pub use ingest::{ChangeEvents, IngestBatch, PendingEvent};
+
+use crate::source::Lsn;
+use crate::source::client::quote_ident;
+use crate::source::connect::{ConnectParams, SqlConnectError};
+use crate::source::stream::Position;
+
+/// Failures of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot connect to the store: {0}")]
+    Connect(#[from] SqlConnectError),
+    #[error("store query failed: {0}")]
+    Query(#[from] tokio_postgres::Error),
+    #[error("store migration {name} failed: {source}")]
+    Migration {
+        name: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error(
+        "another instance took over slot `{slot}` (leader epoch {current}, ours {ours}); this instance stops ingesting"
+    )]
+    Deposed {
+        slot: String,
+        ours: i64,
+        current: i64,
+    },
+    #[error("the store has no checkpoint row for slot `{0}`")]
+    NoCheckpoint(String),
+}
+
+impl StoreError {
+    /// Whether the store may come back (connection lost, server restarting), so that
+    /// the caller should wait and retry the same batch.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Connect(_) => true,
+            StoreError::Query(e) => {
+                e.is_closed()
+                    || e.code().is_none()
+                    || e.code().is_some_and(|c| {
+                        let c = c.code();
+                        c.starts_with("08")
+                            || c.starts_with("57P")
+                            || c == "40001"
+                            || c == "40P01"
+                            || c == "53300"
+                    })
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Where ingest stands for one slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub position: Position,
+    pub last_seq: i64,
+    pub leader_epoch: i64,
+}
+
+/// A connection to the store.
+pub struct Store {
+    client: Client,
+    params: ConnectParams,
+    schema: String,
+    /// The schema, quoted for SQL.
+    s: String,
+}
+
+impl Store {
+    /// Connects to the store database.
+    pub async fn connect(params: &ConnectParams, schema: &str) -> Result<Store, StoreError> {
+        let client = params.connect_sql().await?;
+        Ok(Store {
+            client,
+            params: params.clone(),
+            schema: schema.to_owned(),
+            s: quote_ident(schema),
+        })
+    }
+
+    /// Reconnects after the connection was lost.
+    pub async fn reconnect(&mut self) -> Result<(), StoreError> {
+        self.client = self.params.connect_sql().await?;
+        Ok(())
+    }
+
+    /// Whether the connection is closed.
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    /// The schema name.
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// The underlying client, for operator queries.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Applies pending migrations.
+    pub async fn migrate(&mut self) -> Result<usize, StoreError> {
+        migrations::migrate(&mut self.client, &self.schema).await
+    }
+
+    /// The checkpoint of `slot`, if walhook has ever created that slot with this store.
+    pub async fn checkpoint(&self, slot: &str) -> Result<Option<Checkpoint>, StoreError> {
+        let row = self
+            .client
+            .query_opt(
+                &format!(
+                    "SELECT commit_lsn::text, rows_done, complete, last_seq, leader_epoch FROM {}.checkpoints WHERE slot = $1",
+                    self.s
+                ),
+                &[&slot],
+            )
+            .await?;
+        Ok(row.map(|r| Checkpoint {
+            position: Position {
+                commit_lsn: r.get::<_, String>(0).parse().unwrap_or(Lsn::INVALID),
+                rows_done: r.get::<_, i64>(1) as u64,
+                complete: r.get(2),
+            },
+            last_seq: r.get(3),
+            leader_epoch: r.get(4),
+        }))
+    }
+
+    /// Records that walhook created `slot`: from now on a missing slot means changes may
+    /// have been missed (G1).
+    pub async fn create_checkpoint(&self, slot: &str) -> Result<(), StoreError> {
+        self.client
+            .execute(
+                &format!(
+                    "INSERT INTO {}.checkpoints (slot) VALUES ($1) ON CONFLICT (slot) DO NOTHING",
+                    self.s
+                ),
+                &[&slot],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Forgets the position of `slot` (`walhook setup --reset-slot`): ingest starts
+    /// from the new slot's start. Revisions and the event log are kept.
+    pub async fn reset_checkpoint(&self, slot: &str) -> Result<(), StoreError> {
+        self.client
+            .execute(
+                &format!(
+                    "UPDATE {}.checkpoints SET commit_lsn = '0/0', rows_done = 0, complete = true, updated_at = now() WHERE slot = $1",
+                    self.s
+                ),
+                &[&slot],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Makes this instance the slot's ingest leader: bumps the epoch and returns it. Any
+    /// ingest by an earlier leader fails from now on (G8).
+    pub async fn take_leadership(&self, slot: &str, leader: &str) -> Result<i64, StoreError> {
+        let row = self
+            .client
+            .query_opt(
+                &format!(
+                    "UPDATE {}.checkpoints SET leader_epoch = leader_epoch + 1, leader = $2, updated_at = now()
+                     WHERE slot = $1 RETURNING leader_epoch",
+                    self.s
+                ),
+                &[&slot, &leader],
+            )
+            .await?;
+        row.map(|r| r.get(0))
+            .ok_or_else(|| StoreError::NoCheckpoint(slot.to_owned()))
+    }
+
+    /// Records the subscriptions of the config, keeping the state of known ones.
+    pub async fn ensure_subscriptions(&self, names: &[String]) -> Result<(), StoreError> {
+        self.client
+            .execute(
+                &format!(
+                    "INSERT INTO {}.subscription_state (subscription, cursor)
+                     SELECT name, (SELECT coalesce(max(last_seq), 0) FROM {s}.checkpoints) FROM unnest($1::text[]) name
+                     ON CONFLICT (subscription) DO NOTHING",
+                    self.s,
+                    s = self.s
+                ),
+                &[&names],
+            )
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,576 @@
+//! `walhook run` part 1 against the real binary and cluster: entity events in the store,
+//! exactly once across SIGKILL and PostgreSQL restarts (G1, G2, G3), a huge transaction
+//! in bounded memory, a lost slot refused (G1), idle slot advance (G7), and start-up
+//! refusals for configs that need REPLICA IDENTITY FULL.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio_postgres::Client;
+
+use crate::support::daemon::{Daemon, Workdir};
+use crate::support::pg::{Cluster, StopMode, TestDb, create_db};
+use crate::support::{wait_for, wait_for_some};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A config for `db` watching `tables_toml`, with the slot named after the database.
+fn config(db: &TestDb, tables_toml: &str) -> String {
+    format!(
+        r#"
+[source]
+url = "postgres://postgres@127.0.0.1:{port}/{name}?sslmode=disable"
+slot = "{name}"
+publication = "walhook"
+
+[server]
+listen = "127.0.0.1:0"
+
+{tables_toml}
+"#,
+        port = db.port,
+        name = db.name
+    )
+}
+
+async fn event_count(client: &Client) -> i64 {
+    client
+        .query_one("SELECT count(*) FROM walhook.events", &[])
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or(0)
+}
+
+/// Waits until walhook holds the slot and has taken leadership.
+async fn wait_leading(db: &TestDb, daemon: &mut Daemon) {
+    let client = db.client().await;
+    let slot = db.name.clone();
+    let start = Instant::now();
+    loop {
+        if !daemon.is_running() {
+            panic!("walhook run exited early; log:\n{}", daemon.log());
+        }
+        let row = client
+            .query_opt(
+                "SELECT leader_epoch FROM walhook.checkpoints WHERE slot = $1 AND leader IS NOT NULL",
+                &[&slot],
+            )
+            .await;
+        let active = client
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                &[&slot],
+            )
+            .await;
+        if matches!(row, Ok(Some(_))) && matches!(active, Ok(Some(_))) {
+            return;
+        }
+        if start.elapsed() > WAIT {
+            panic!(
+                "timed out waiting for walhook to hold slot {slot}; log:\n{}",
+                daemon.log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn run_stores_entity_events_with_revisions_and_exits_0_on_sigterm() {
+    let db = create_db().await;
+    db.batch(
+        "CREATE TABLE users (id int PRIMARY KEY, email text, status text, password_hash text);
+         ALTER TABLE users REPLICA IDENTITY FULL;
+         CREATE TABLE user_roles (user_id int, role text, PRIMARY KEY (user_id, role));",
+    )
+    .await;
+    let work = Workdir::new(&config(
+        &db,
+        r#"
+[[tables]]
+table = "public.users"
+entity = "user"
+exclude_columns = ["password_hash"]
+
+[[tables.rules]]
+event = "user.suspended"
+when = "old.status != 'suspended' && new.status == 'suspended'"
+
+[[tables]]
+table = "public.user_roles"
+entity = "user"
+id = ["user_id"]
+events = { insert = "role.assigned", delete = "role.unassigned", update = false }
+
+[[subscriptions]]
+name = "crm"
+url = "http://127.0.0.1:9/hook"
+events = ["user.*"]
+"#,
+    ));
+    let mut daemon = work.spawn_run(0);
+    wait_leading(&db, &mut daemon).await;
+    db.batch("INSERT INTO users VALUES (1, 'a@x', 'active', 'secret-hash')")
+        .await;
+    db.batch("UPDATE users SET email = 'b@x' WHERE id = 1")
+        .await;
+    db.batch("INSERT INTO user_roles VALUES (1, 'admin')").await;
+    db.batch("UPDATE users SET status = 'suspended' WHERE id = 1")
+        .await;
+    db.batch("DELETE FROM user_roles WHERE user_id = 1").await;
+    db.batch("DELETE FROM users WHERE id = 1").await;
+    let client = db.client().await;
+    wait_for("7 events in the store", WAIT, || async {
+        event_count(&client).await == 7
+    })
+    .await;
+
+    let rows = client
+        .query(
+            "SELECT type, entity, entity_id, revision, data, previous, changed, subscriptions, source_table FROM walhook.events ORDER BY seq",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(3))).collect();
+    assert_eq!(
+        got,
+        [
+            ("user.created".into(), 1),
+            ("user.updated".into(), 2),
+            ("user.role.assigned".into(), 3),
+            ("user.updated".into(), 4),
+            ("user.suspended".into(), 4),
+            ("user.role.unassigned".into(), 5),
+            ("user.deleted".into(), 6),
+        ]
+    );
+    for r in &rows {
+        assert_eq!(r.get::<_, String>(1), "user");
+        assert_eq!(r.get::<_, String>(2), "1");
+        assert_eq!(r.get::<_, Vec<String>>(7), ["crm"]);
+        let data: serde_json::Value = r.get(4);
+        assert!(
+            data.get("password_hash").is_none(),
+            "redacted column stored: {data}"
+        );
+        if let Some(prev) = r.get::<_, Option<serde_json::Value>>(5) {
+            assert!(prev.get("password_hash").is_none());
+        }
+    }
+    assert_eq!(
+        rows[1].get::<_, serde_json::Value>(4),
+        json!({"id": 1, "email": "b@x", "status": "active"})
+    );
+    assert_eq!(
+        rows[1].get::<_, Option<serde_json::Value>>(5),
+        Some(json!({"id": 1, "email": "a@x", "status": "active"}))
+    );
+    assert_eq!(
+        rows[1].get::<_, Option<Vec<String>>>(6),
+        Some(vec!["email".to_owned()])
+    );
+    assert_eq!(rows[2].get::<_, String>(8), "public.user_roles");
+    let revision: i64 = client
+        .query_one(
+            "SELECT revision FROM walhook.revisions WHERE entity = 'user' AND entity_id = '1'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(revision, 6);
+    assert!(
+        !daemon.log().contains("secret-hash"),
+        "a row value reached the log"
+    );
+
+    daemon.signal(libc::SIGTERM);
+    let status = daemon.wait_exit(WAIT);
+    assert!(
+        status.success(),
+        "exit status {status:?}; log:\n{}",
+        daemon.log()
+    );
+    // The final status update confirmed everything stored.
+    let row = client
+        .query_one(
+            "SELECT confirmed_flush_lsn > (SELECT max(source_lsn) FROM walhook.events), confirmed_flush_lsn::text, (SELECT max(source_lsn) FROM walhook.events)::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&db.name],
+        )
+        .await
+        .unwrap();
+    assert!(
+        row.get::<_, bool>(0),
+        "confirmed {} vs last commit {}; log:\n{}",
+        row.get::<_, String>(1),
+        row.get::<_, String>(2),
+        daemon.log()
+    );
+}
+
+/// A deterministic pseudo-random sequence (xorshift), seeded per run and printed.
+struct Rng(u64);
+
+impl Rng {
+    fn new() -> Rng {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+            | 1;
+        eprintln!("rng seed {seed}");
+        Rng(seed)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Commits random small transactions of inserts/updates/deletes on `entities` ids and
+/// returns the committed log: (id, event type) in commit order.
+async fn write_random(
+    client: &Client,
+    rng: &mut Rng,
+    live: &mut Vec<bool>,
+    txns: usize,
+) -> Vec<(i32, &'static str)> {
+    let mut log = Vec::new();
+    for _ in 0..txns {
+        let mut sql = String::from("BEGIN;");
+        let mut pending = Vec::new();
+        for _ in 0..=rng.below(4) {
+            let id = rng.below(live.len() as u64) as usize;
+            let n = rng.below(1_000_000);
+            if !live[id] {
+                sql.push_str(&format!("INSERT INTO users VALUES ({id}, 'u{id}@x', {n});"));
+                live[id] = true;
+                pending.push((id as i32, "user.created"));
+            } else if rng.below(5) == 0 {
+                sql.push_str(&format!("DELETE FROM users WHERE id = {id};"));
+                live[id] = false;
+                pending.push((id as i32, "user.deleted"));
+            } else {
+                sql.push_str(&format!("UPDATE users SET n = {n} WHERE id = {id};"));
+                pending.push((id as i32, "user.updated"));
+            }
+        }
+        sql.push_str("COMMIT;");
+        client
+            .batch_execute(&sql)
+            .await
+            .expect("workload transaction");
+        log.extend(pending);
+    }
+    log
+}
+
+/// Every committed change has exactly one event, and revisions per entity are 1..n in
+/// commit order.
+async fn assert_exactly_once(client: &Client, log: &[(i32, &'static str)]) {
+    let rows = client
+        .query(
+            "SELECT entity_id, type, revision FROM walhook.events ORDER BY seq",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        rows.len(),
+        log.len(),
+        "events in store vs committed changes"
+    );
+    let mut expected: HashMap<String, Vec<&str>> = HashMap::new();
+    for (id, ty) in log {
+        expected.entry(id.to_string()).or_default().push(ty);
+    }
+    let mut got: HashMap<String, Vec<(String, i64)>> = HashMap::new();
+    for r in &rows {
+        got.entry(r.get(0)).or_default().push((r.get(1), r.get(2)));
+    }
+    assert_eq!(got.len(), expected.len());
+    for (id, want) in &expected {
+        let have = &got[id];
+        let types: Vec<&str> = have.iter().map(|(t, _)| t.as_str()).collect();
+        assert_eq!(&types, want, "event types of entity {id}");
+        let revs: Vec<i64> = have.iter().map(|(_, r)| *r).collect();
+        let one_to_n: Vec<i64> = (1..=want.len() as i64).collect();
+        assert_eq!(revs, one_to_n, "revisions of entity {id}");
+    }
+}
+
+const USERS_TABLE: &str = r#"
+[[tables]]
+table = "public.users"
+entity = "user"
+"#;
+
+#[tokio::test]
+async fn sigkill_at_random_moments_loses_and_repeats_nothing() {
+    let db = create_db().await;
+    db.batch("CREATE TABLE users (id int PRIMARY KEY, email text, n int)")
+        .await;
+    let work = Workdir::new(&config(&db, USERS_TABLE));
+    let writer = db.client().await;
+    let reader = db.client().await;
+    let mut rng = Rng::new();
+    let mut live = vec![false; 300];
+    let mut log = Vec::new();
+    for round in 0..10 {
+        let mut daemon = work.spawn_run(round);
+        if round == 0 {
+            wait_leading(&db, &mut daemon).await;
+        }
+        // Write while the daemon runs, then kill it at a random moment.
+        let txns = 20 + rng.below(80) as usize;
+        log.extend(write_random(&writer, &mut rng, &mut live, txns).await);
+        tokio::time::sleep(Duration::from_millis(rng.below(400))).await;
+        daemon.kill9();
+        // Some writes while no walhook runs at all.
+        log.extend(write_random(&writer, &mut rng, &mut live, 10).await);
+    }
+    let mut daemon = work.spawn_run(99);
+    let total = log.len() as i64;
+    wait_for(
+        &format!("{total} events after 10 kills"),
+        WAIT * 2,
+        || async { event_count(&reader).await >= total },
+    )
+    .await;
+    daemon.signal(libc::SIGTERM);
+    assert!(daemon.wait_exit(WAIT).success());
+    assert_exactly_once(&reader, &log).await;
+}
+
+#[tokio::test]
+async fn postgres_restarts_lose_and_repeat_nothing() {
+    let cluster = Cluster::start();
+    let db = cluster.create_db().await;
+    db.batch("CREATE TABLE users (id int PRIMARY KEY, email text, n int)")
+        .await;
+    let work = Workdir::new(&config(&db, USERS_TABLE));
+    let mut daemon = work.spawn_run(0);
+    wait_leading(&db, &mut daemon).await;
+    let mut rng = Rng::new();
+    let mut live = vec![false; 300];
+    let mut log = Vec::new();
+    for _ in 0..2 {
+        let writer = db.client().await;
+        log.extend(write_random(&writer, &mut rng, &mut live, 150).await);
+        drop(writer);
+        tokio::time::sleep(Duration::from_millis(rng.below(300))).await;
+        let c = cluster.clone();
+        tokio::task::spawn_blocking(move || c.restart(StopMode::Fast))
+            .await
+            .unwrap();
+    }
+    let writer = db.client().await;
+    log.extend(write_random(&writer, &mut rng, &mut live, 100).await);
+    let total = log.len() as i64;
+    wait_for(
+        &format!("{total} events after two restarts"),
+        WAIT * 2,
+        || async { event_count(&writer).await >= total },
+    )
+    .await;
+    assert!(
+        daemon.is_running(),
+        "walhook survived the restarts; log:\n{}",
+        daemon.log()
+    );
+    daemon.signal(libc::SIGTERM);
+    assert!(daemon.wait_exit(WAIT).success());
+    assert_exactly_once(&writer, &log).await;
+}
+
+#[tokio::test]
+async fn crash_inside_a_million_row_transaction_is_exactly_once_in_bounded_memory() {
+    let db = create_db().await;
+    db.batch("CREATE TABLE users (id int PRIMARY KEY, email text, n int)")
+        .await;
+    let work = Workdir::new(&config(&db, USERS_TABLE));
+    let mut daemon = work.spawn_run(0);
+    wait_leading(&db, &mut daemon).await;
+    db.batch("INSERT INTO users SELECT g, 'user' || g || '@example.com', g FROM generate_series(1, 1000000) g").await;
+    let client = db.client().await;
+    // Kill it once part of the transaction is stored (checkpoint not complete).
+    wait_for("part of the big transaction stored", WAIT * 3, || async {
+        client
+            .query_one(
+                "SELECT NOT complete AND rows_done > 50000 FROM walhook.checkpoints",
+                &[],
+            )
+            .await
+            .map(|r| r.get::<_, bool>(0))
+            .unwrap_or(false)
+    })
+    .await;
+    let mut peak = daemon.peak_rss_kib().unwrap_or(0);
+    daemon.kill9();
+    let mut daemon = work.spawn_run(1);
+    let deadline = Instant::now() + WAIT * 5;
+    loop {
+        if let Some(rss) = daemon.is_running().then(|| daemon.peak_rss_kib()).flatten() {
+            peak = peak.max(rss);
+        }
+        if event_count(&client).await >= 1_000_000 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for 1,000,000 events; log:\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if let Some(rss) = daemon.peak_rss_kib() {
+        peak = peak.max(rss);
+    }
+    daemon.signal(libc::SIGTERM);
+    assert!(daemon.wait_exit(WAIT).success());
+    let row = client
+        .query_one(
+            "SELECT count(*), count(DISTINCT entity_id), max(revision), bool_and(type = 'user.created') FROM walhook.events",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 1_000_000);
+    assert_eq!(row.get::<_, i64>(1), 1_000_000);
+    assert_eq!(row.get::<_, i64>(2), 1);
+    assert!(row.get::<_, bool>(3));
+    eprintln!("peak RSS {peak} KiB");
+    assert!(
+        peak < 150 * 1024,
+        "peak RSS {peak} KiB is not below 150 MiB"
+    );
+}
+
+#[tokio::test]
+async fn lost_slot_with_a_checkpoint_is_refused_until_reset() {
+    let db = create_db().await;
+    db.batch("CREATE TABLE users (id int PRIMARY KEY, email text, n int)")
+        .await;
+    let work = Workdir::new(&config(&db, USERS_TABLE));
+    let mut daemon = work.spawn_run(0);
+    wait_leading(&db, &mut daemon).await;
+    daemon.signal(libc::SIGTERM);
+    assert!(daemon.wait_exit(WAIT).success());
+    db.batch(&format!("SELECT pg_drop_replication_slot('{}')", db.name))
+        .await;
+
+    let (status, _, stderr) = work.run_to_end(&["run"], WAIT);
+    assert_eq!(status.code(), Some(1), "stderr: {stderr}");
+    assert!(stderr.contains("is gone"), "{stderr}");
+    assert!(stderr.contains("may have been lost"), "{stderr}");
+    assert!(stderr.contains("walhook setup --reset-slot"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    let (status, _, stderr) = work.run_to_end(&["setup", "--reset-slot"], WAIT);
+    assert!(status.success(), "{stderr}");
+    let mut daemon = work.spawn_run(1);
+    wait_leading(&db, &mut daemon).await;
+    db.batch("INSERT INTO users VALUES (1, 'a', 1)").await;
+    let client = db.client().await;
+    wait_for("the event after a reset", WAIT, || async {
+        event_count(&client).await == 1
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn idle_watched_tables_still_advance_the_slot() {
+    let db = create_db().await;
+    db.batch("CREATE TABLE users (id int PRIMARY KEY, email text, n int); CREATE TABLE busy (id serial PRIMARY KEY, v int);")
+        .await;
+    let work = Workdir::new(&config(&db, USERS_TABLE));
+    let mut daemon = work.spawn_run(0);
+    wait_leading(&db, &mut daemon).await;
+    let client = db.client().await;
+    let lsn_of = |sql: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .query_one(sql, &[])
+                .await
+                .unwrap()
+                .get::<_, String>(0)
+        }
+    };
+    let slot = db.name.clone();
+    let before: String = client
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    for i in 0..50 {
+        client
+            .execute("INSERT INTO busy (v) VALUES ($1)", &[&i])
+            .await
+            .unwrap();
+    }
+    let target = lsn_of("SELECT pg_current_wal_lsn()::text").await;
+    wait_for_some("confirmed_flush_lsn to pass the unwatched writes", Duration::from_secs(30), || async {
+        let advanced: bool = client
+            .query_one(
+                "SELECT confirmed_flush_lsn >= $2::text::pg_lsn AND confirmed_flush_lsn > $3::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot, &target, &before],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        advanced.then_some(())
+    })
+    .await;
+    assert_eq!(event_count(&client).await, 0);
+}
+
+#[tokio::test]
+async fn configs_that_need_old_rows_are_refused_without_replica_identity_full() {
+    let db = create_db().await;
+    db.batch("CREATE TABLE users (id int PRIMARY KEY, email text, status text)")
+        .await;
+    let cases = [
+        r#"
+[[tables]]
+table = "public.users"
+[[tables.rules]]
+event = "users.suspended"
+when = "old.status != 'suspended' && new.status == 'suspended'"
+"#,
+        r#"
+[[tables]]
+table = "public.users"
+update_columns = ["email"]
+"#,
+    ];
+    for tables in cases {
+        let work = Workdir::new(&config(&db, tables));
+        for cmd in ["run", "check"] {
+            let (status, stdout, stderr) = work.run_to_end(&[cmd], WAIT);
+            let out = format!("{stdout}{stderr}");
+            assert_eq!(status.code(), Some(1), "walhook {cmd}: {out}");
+            assert!(
+                out.contains("public.users"),
+                "walhook {cmd} names the table: {out}"
+            );
+            assert!(
+                out.contains("REPLICA IDENTITY FULL"),
+                "walhook {cmd} names the fix: {out}"
+            );
+            assert!(!out.contains("panicked"), "{out}");
+        }
+    }
+    // With FULL the same config starts.
+    db.batch("ALTER TABLE users REPLICA IDENTITY FULL").await;
+    let work = Workdir::new(&config(&db, cases[0]));
+    let mut daemon = work.spawn_run(0);
+    wait_leading(&db, &mut daemon).await;
+}

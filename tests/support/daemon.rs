@@ -1,0 +1,165 @@
+//! Running the real `walhook` binary: a config file in a temp dir, a daemon process whose
+//! output goes to a log file, signals (SIGTERM, SIGKILL), and bounded waits for its exit.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use super::walhook_bin;
+
+/// A temp dir holding `walhook.toml` and the daemon logs.
+pub struct Workdir {
+    pub dir: tempfile::TempDir,
+}
+
+impl Workdir {
+    /// Writes `toml` as walhook.toml in a new temp dir.
+    pub fn new(toml: &str) -> Workdir {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("walhook.toml"), toml).expect("write walhook.toml");
+        Workdir { dir }
+    }
+
+    /// Path of walhook.toml.
+    pub fn config(&self) -> PathBuf {
+        self.dir.path().join("walhook.toml")
+    }
+
+    /// Replaces walhook.toml.
+    pub fn rewrite(&self, toml: &str) {
+        std::fs::write(self.config(), toml).expect("rewrite walhook.toml");
+    }
+
+    /// Runs `walhook ARGS -c walhook.toml` to completion (bounded), returning status,
+    /// stdout and stderr.
+    pub fn run_to_end(&self, args: &[&str], timeout: Duration) -> (ExitStatus, String, String) {
+        let mut child = Command::new(walhook_bin())
+            .args(args)
+            .arg("-c")
+            .arg(self.config())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn walhook");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(_status) = child.try_wait().expect("wait walhook") {
+                let out = child.wait_with_output().expect("walhook output");
+                return (
+                    out.status,
+                    String::from_utf8_lossy(&out.stdout).into_owned(),
+                    String::from_utf8_lossy(&out.stderr).into_owned(),
+                );
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let out = child.wait_with_output().expect("walhook output");
+                panic!(
+                    "walhook {args:?} did not finish within {timeout:?}; stderr:\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts `walhook run`; its stdout and stderr go to `run-N.log` in the dir.
+    pub fn spawn_run(&self, n: usize) -> Daemon {
+        let log_path = self.dir.path().join(format!("run-{n}.log"));
+        let log = std::fs::File::create(&log_path).expect("daemon log");
+        let child = Command::new(walhook_bin())
+            .args(["run", "-c"])
+            .arg(self.config())
+            .env("WALHOOK_LOG", "info,walhook=debug")
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn walhook run");
+        Daemon {
+            child: Some(child),
+            log_path,
+        }
+    }
+}
+
+/// A running `walhook run`. Killed (SIGKILL) when dropped.
+pub struct Daemon {
+    child: Option<Child>,
+    pub log_path: PathBuf,
+}
+
+impl Daemon {
+    /// The process id.
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    /// Sends `signal` (libc::SIGTERM, SIGKILL, ...).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.pid(), signal) };
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill9(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits (bounded) for the process to exit and returns its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait walhook") {
+                self.child = None;
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "walhook run did not exit within {timeout:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether it is still running.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().expect("wait walhook").is_none(),
+            None => false,
+        }
+    }
+
+    /// Everything it printed so far.
+    pub fn log(&self) -> String {
+        read(&self.log_path)
+    }
+
+    /// Peak resident set size (VmHWM) in KiB, while it runs.
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
