@@ -3,5 +3,7 @@
 
 mod support;
 
+mod cli_check;
+mod cli_tail;
 mod harness_smoke;
 mod source;

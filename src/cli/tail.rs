@@ -7,6 +7,7 @@
 use std::io::Write;
 
 use serde::Serialize;
+use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
 use super::ConfigArg;
@@ -49,61 +50,26 @@ struct Line<'a> {
 
 /// Runs `walhook tail`.
 pub async fn run(args: TailArgs) -> anyhow::Result<()> {
-    let config = args.config.load()?;
-    let params = ConnectParams::parse(config.source.url.expose().as_str())?;
-    let tables = watched_tables(&config);
-
-    let sql = params
-        .connect_sql()
-        .await
-        .map_err(|e| super::check::describe_connect_error(&params, e))?;
-    setup::check_wal_level(&sql).await?;
-    setup::check_replication_role(&sql).await?;
-    setup::inspect_tables(&sql, &tables).await?;
-
-    let (slot, temporary, confirm) = match &args.slot {
-        Some(slot) => {
-            setup::check_slot_usable(&sql, slot).await?;
-            let published = setup::published_tables(&sql, &config.source.publication).await?;
-            if published.is_none() {
-                anyhow::bail!(
-                    "publication `{}` does not exist; `tail --slot` never creates or alters it. Fix: run `walhook setup` or `walhook run` first",
-                    config.source.publication
-                );
-            }
-            warn!(slot = %slot, "reading an existing slot without confirming progress; the daemon cannot use this slot until tail exits");
-            (slot.clone(), false, ConfirmMode::Never)
-        }
-        None => {
-            setup::ensure_publication(&sql, &config.source.publication, &tables).await?;
-            let slot = format!("walhook_tail_{}", std::process::id());
-            (slot, true, ConfirmMode::Consumer)
-        }
+    // Listen for Ctrl-C and SIGTERM before anything else, and once: a signal that
+    // arrives while connecting or while a change is being printed is kept until a
+    // `select!` below looks, instead of killing the process or being lost.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut stream = tokio::select! {
+        biased;
+        _ = sigint.recv() => return Ok(()),
+        _ = sigterm.recv() => return Ok(()),
+        stream = connect(&args) => stream?,
     };
-    drop(sql);
-
-    let mut stream = ReplicationStream::new(
-        params,
-        StreamOptions {
-            slot,
-            publication: config.source.publication.clone(),
-            temporary,
-            confirm,
-            application_name: "walhook tail".into(),
-            resume: Position::default(),
-        },
-    );
-    stream.connect().await?;
     info!("tailing; press Ctrl-C to stop");
 
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(256 * 1024, stdout.lock());
     let mut txn: Option<(u32, Lsn, String)> = None;
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         let item = tokio::select! {
             biased;
-            _ = tokio::signal::ctrl_c() => break,
+            _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             item = stream.next() => item?,
         };
@@ -157,6 +123,58 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
     drop(out);
     stream.close().await;
     Ok(())
+}
+
+/// Checks the database and the config's tables, then connects the stream: to a new
+/// TEMPORARY slot (keeping the publication in step), or to `--slot` without touching
+/// the publication.
+async fn connect(args: &TailArgs) -> anyhow::Result<ReplicationStream> {
+    let config = args.config.load()?;
+    let params = ConnectParams::parse(config.source.url.expose().as_str())?;
+    let tables = watched_tables(&config);
+
+    let sql = params
+        .connect_sql()
+        .await
+        .map_err(|e| super::check::describe_connect_error(&params, e))?;
+    setup::check_wal_level(&sql).await?;
+    setup::check_replication_role(&sql).await?;
+    setup::inspect_tables(&sql, &tables).await?;
+
+    let (slot, temporary, confirm) = match &args.slot {
+        Some(slot) => {
+            setup::check_slot_usable(&sql, slot).await?;
+            let published = setup::published_tables(&sql, &config.source.publication).await?;
+            if published.is_none() {
+                anyhow::bail!(
+                    "publication `{}` does not exist; `tail --slot` never creates or alters it. Fix: run `walhook setup` or `walhook run` first",
+                    config.source.publication
+                );
+            }
+            warn!(slot = %slot, "reading an existing slot without confirming progress; the daemon cannot use this slot until tail exits");
+            (slot.clone(), false, ConfirmMode::Never)
+        }
+        None => {
+            setup::ensure_publication(&sql, &config.source.publication, &tables).await?;
+            let slot = format!("walhook_tail_{}", std::process::id());
+            (slot, true, ConfirmMode::Consumer)
+        }
+    };
+    drop(sql);
+
+    let mut stream = ReplicationStream::new(
+        params,
+        StreamOptions {
+            slot,
+            publication: config.source.publication.clone(),
+            temporary,
+            confirm,
+            application_name: "walhook tail".into(),
+            resume: Position::default(),
+        },
+    );
+    stream.connect().await?;
+    Ok(stream)
 }
 
 /// The configured tables as schema-qualified names.

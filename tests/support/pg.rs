@@ -160,12 +160,23 @@ impl Cluster {
     /// Starts a cluster of its own (for tests that stop or restart PostgreSQL). Blocks
     /// for a second or two. Panics naming the cause if it cannot start.
     pub fn start() -> Cluster {
-        Cluster::try_start()
+        Cluster::start_with(&[])
+    }
+
+    /// Like [`Cluster::start`], with server `settings` (`name`, `value`) that override
+    /// the harness defaults, e.g. `&[("wal_level", "replica")]`. Values are written to
+    /// postgresql.conf as quoted strings.
+    pub fn start_with(settings: &[(&str, &str)]) -> Cluster {
+        Cluster::try_start_with(settings)
             .unwrap_or_else(|message| panic!("test PostgreSQL cluster did not start: {message}"))
     }
 
     fn try_start() -> Result<Cluster, String> {
-        let launched = setup::launch()?;
+        Cluster::try_start_with(&[])
+    }
+
+    fn try_start_with(settings: &[(&str, &str)]) -> Result<Cluster, String> {
+        let launched = setup::launch(settings)?;
         Ok(Cluster(Arc::new(Inner {
             port: launched.port,
             layout: launched.layout,
