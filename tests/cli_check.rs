@@ -21,8 +21,8 @@ async fn both_fail(
     check_needles: &[&str],
 ) -> (Outcome, Outcome) {
     let tail = run(&["tail"], config, url).await;
-    let line = tail.assert_failed_with("walhook tail", &tail.stderr, tail_needles);
-    assert!(line.starts_with("error: "), "tail: {line}");
+    tail.assert_failed_with("walhook tail", &tail.stderr, tail_needles);
+    assert!(tail.stderr.starts_with("error: "), "tail: {}", tail.stderr);
     assert!(tail.stdout.is_empty(), "tail printed no change: {}", tail.stdout);
 
     let check = run(&["check"], config, url).await;
@@ -54,10 +54,10 @@ async fn check_on_a_good_setup_prints_ok_for_every_check() {
         "CREATE TABLE accounts (id int PRIMARY KEY, email text);
          ALTER TABLE accounts REPLICA IDENTITY FULL;
          CREATE TABLE roles (account_id int, role int, PRIMARY KEY (account_id, role));
-         CREATE PUBLICATION walhook FOR TABLE accounts, roles;
-         SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput');"
+         CREATE PUBLICATION walhook FOR TABLE accounts, roles;"
     ))
     .await;
+    db.create_slot(&slot).await;
     let config = ConfigFile::source(&slot, "walhook", &["public.accounts", "public.roles"]);
     let out = run(&["check"], &config, &db.url()).await;
     assert_eq!(out.code, Some(0), "stdout:\n{}\nstderr:\n{}", out.stdout, out.stderr);
@@ -181,10 +181,10 @@ async fn slot_active_in_another_process_is_refused() {
     let (db, config) = db_with_table().await;
     let slot = format!("{}_slot", db.name);
     db.batch(&format!(
-        "CREATE PUBLICATION walhook FOR TABLE t;
-         SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput');"
+        "CREATE PUBLICATION walhook FOR TABLE t;"
     ))
     .await;
+    db.create_slot(&slot).await;
     let holder = Tail::spawn(&["--slot", &slot], &config, &db.url(), StdoutMode::Lines);
     let pid: i32 = crate::support::wait_for_some("the first `walhook tail --slot` to hold the slot", WAIT, || async {
         db.query(
@@ -245,5 +245,6 @@ async fn unknown_config_key_is_named_with_its_line() {
         "[source]\nurl = \"${DATABASE_URL}\"\nslott = \"x\"\npublication = \"walhook\"\n\n[[tables]]\ntable = \"public.t\"\nentity = \"t\"\n",
     );
     let needles = ["walhook.toml:3", "source.slott", "unknown key", "did you mean \"slot\""];
-    both_fail(&config, &db.url(), &needles, "config", &["config error"]).await;
+    let (_, check) = both_fail(&config, &db.url(), &needles, "config", &["config error"]).await;
+    check.assert_failed_with("walhook check", &check.stdout, &needles);
 }

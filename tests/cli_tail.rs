@@ -247,10 +247,10 @@ async fn tail_slot_reads_an_existing_slot_without_confirming_or_altering_the_pub
     db.batch(&format!(
         "CREATE TABLE t (id int PRIMARY KEY, v text);
          CREATE TABLE u (id int PRIMARY KEY);
-         CREATE PUBLICATION walhook FOR TABLE t;
-         SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput');"
+         CREATE PUBLICATION walhook FOR TABLE t;"
     ))
     .await;
+    db.create_slot(&slot).await;
     // The config watches `u` too: `tail --slot` must not add it to the publication.
     let config = ConfigFile::source(&slot, "walhook", &["public.t", "public.u"]);
     db.batch("INSERT INTO t VALUES (1, 'a'), (2, 'b'); INSERT INTO u VALUES (1);")
@@ -354,10 +354,10 @@ async fn tail_streams_a_200k_row_transaction_in_bounded_memory() {
     let slot = format!("{}_slot", db.name);
     db.batch(&format!(
         "CREATE TABLE big (id int PRIMARY KEY, pad text);
-         CREATE PUBLICATION walhook FOR TABLE big;
-         SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput');"
+         CREATE PUBLICATION walhook FOR TABLE big;"
     ))
     .await;
+    db.create_slot(&slot).await;
     // ~1 KiB per row (32 x 32 hex digits, different per row), ~200 MB in all, in one
     // transaction; --endpos is a position inside it, so its commit is the last one.
     let mut client = db.client().await;

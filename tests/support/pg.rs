@@ -443,6 +443,16 @@ impl TestDb {
             .unwrap_or_else(|err| panic!("in database {}: {sql}: {err:?}", self.name));
     }
 
+    /// Creates the logical replication slot `slot` with the pgoutput plugin (in a
+    /// transaction of its own: PostgreSQL refuses one that has written).
+    pub async fn create_slot(&self, slot: &str) {
+        self.query_one(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')::text",
+            &[&slot],
+        )
+        .await;
+    }
+
     /// Runs one statement as the superuser and returns the rows affected.
     pub async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> u64 {
         self.client()
