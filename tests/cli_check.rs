@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::support::cli::{ConfigFile, Outcome, StdoutMode, Tail, run};
 use crate::support::pg::{Auth, Cluster, TestDb, cluster, create_db};
-use crate::support::wait_for;
+use crate::support::{wait_for, wait_for_some};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -23,7 +23,11 @@ async fn both_fail(
     let tail = run(&["tail"], config, url).await;
     tail.assert_failed_with("walhook tail", &tail.stderr, tail_needles);
     assert!(tail.stderr.starts_with("error: "), "tail: {}", tail.stderr);
-    assert!(tail.stdout.is_empty(), "tail printed no change: {}", tail.stdout);
+    assert!(
+        tail.stdout.is_empty(),
+        "tail printed no change: {}",
+        tail.stdout
+    );
 
     let check = run(&["check"], config, url).await;
     let prefix = format!("error {check_what}: ");
@@ -50,17 +54,23 @@ async fn db_with_table() -> (TestDb, ConfigFile) {
 async fn check_on_a_good_setup_prints_ok_for_every_check() {
     let db = create_db().await;
     let slot = format!("{}_slot", db.name);
-    db.batch(&format!(
+    db.batch(
         "CREATE TABLE accounts (id int PRIMARY KEY, email text);
          ALTER TABLE accounts REPLICA IDENTITY FULL;
          CREATE TABLE roles (account_id int, role int, PRIMARY KEY (account_id, role));
-         CREATE PUBLICATION walhook FOR TABLE accounts, roles;"
-    ))
+         CREATE PUBLICATION walhook FOR TABLE accounts, roles;",
+    )
     .await;
     db.create_slot(&slot).await;
     let config = ConfigFile::source(&slot, "walhook", &["public.accounts", "public.roles"]);
     let out = run(&["check"], &config, &db.url()).await;
-    assert_eq!(out.code, Some(0), "stdout:\n{}\nstderr:\n{}", out.stdout, out.stderr);
+    assert_eq!(
+        out.code,
+        Some(0),
+        "stdout:\n{}\nstderr:\n{}",
+        out.stdout,
+        out.stderr
+    );
     let lines: Vec<&str> = out.stdout.lines().collect();
     let (summary, checks) = lines.split_last().expect("some output");
     assert_eq!(*summary, "0 error(s), 0 warning(s)");
@@ -100,7 +110,12 @@ async fn wal_level_replica_is_refused() {
     both_fail(
         &config,
         &db.url(),
-        &["wal_level is `replica`", "Fix:", "wal_level = logical", "restart"],
+        &[
+            "wal_level is `replica`",
+            "Fix:",
+            "wal_level = logical",
+            "restart",
+        ],
         "wal_level",
         &["`replica`", "Fix:"],
     )
@@ -116,7 +131,10 @@ async fn role_without_replication_is_refused() {
     both_fail(
         &config,
         &url,
-        &[&format!("role `{role}` may not use replication"), &format!("Fix: as a superuser run `ALTER ROLE {role} REPLICATION;`")],
+        &[
+            &format!("role `{role}` may not use replication"),
+            &format!("Fix: as a superuser run `ALTER ROLE {role} REPLICATION;`"),
+        ],
         "replication privilege",
         &[&format!("role `{role}`"), "ALTER ROLE"],
     )
@@ -138,9 +156,19 @@ async fn wrong_password_is_refused_for_md5_and_scram() {
             role.name.as_str(),
             "Fix: check the user and password",
         ];
-        let (tail, check) = both_fail(&config, &db.url_as(&wrong), &needles, "connection", &needles).await;
+        let (tail, check) = both_fail(
+            &config,
+            &db.url_as(&wrong),
+            &needles,
+            "connection",
+            &needles,
+        )
+        .await;
         for out in [&tail.stderr, &check.stdout] {
-            assert!(!out.contains("wrong-Pa55"), "{auth:?}: the password is not shown: {out}");
+            assert!(
+                !out.contains("wrong-Pa55"),
+                "{auth:?}: the password is not shown: {out}"
+            );
         }
     }
 }
@@ -167,7 +195,11 @@ async fn table_without_identity_is_refused() {
     both_fail(
         &config,
         &db.url(),
-        &["table `public.loose` has neither a primary key nor a replica identity", "Fix:", "REPLICA IDENTITY FULL"],
+        &[
+            "table `public.loose` has neither a primary key nor a replica identity",
+            "Fix:",
+            "REPLICA IDENTITY FULL",
+        ],
         "table public.loose",
         &["neither a primary key nor a replica identity", "Fix:"],
     )
@@ -180,15 +212,14 @@ async fn table_without_identity_is_refused() {
 async fn slot_active_in_another_process_is_refused() {
     let (db, config) = db_with_table().await;
     let slot = format!("{}_slot", db.name);
-    db.batch(&format!(
-        "CREATE PUBLICATION walhook FOR TABLE t;"
-    ))
-    .await;
+    db.batch("CREATE PUBLICATION walhook FOR TABLE t").await;
     db.create_slot(&slot).await;
     let holder = Tail::spawn(&["--slot", &slot], &config, &db.url(), StdoutMode::Lines);
-    let pid: i32 = crate::support::wait_for_some("the first `walhook tail --slot` to hold the slot", WAIT, || async {
+    let holding = "the first `walhook tail --slot` to hold the slot";
+    let pid: i32 = wait_for_some(holding, WAIT, || async {
         db.query(
-            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1 AND active_pid IS NOT NULL",
+            "SELECT active_pid FROM pg_replication_slots
+             WHERE slot_name = $1 AND active_pid IS NOT NULL",
             &[&slot],
         )
         .await
@@ -201,7 +232,10 @@ async fn slot_active_in_another_process_is_refused() {
     second.assert_failed_with(
         "second walhook tail --slot",
         &second.stderr,
-        &[&format!("replication slot `{slot}` is in use by another process (PID {pid})"), "Fix: stop that process"],
+        &[
+            &format!("replication slot `{slot}` is in use by another process (PID {pid})"),
+            "Fix: stop that process",
+        ],
     );
     let check = run(&["check"], &config, &db.url()).await;
     check.assert_failed_with(
@@ -212,7 +246,12 @@ async fn slot_active_in_another_process_is_refused() {
 
     holder.interrupt();
     let finished = holder.finish(WAIT).await;
-    assert_eq!(finished.outcome.code, Some(0), "{}", finished.outcome.stderr);
+    assert_eq!(
+        finished.outcome.code,
+        Some(0),
+        "{}",
+        finished.outcome.stderr
+    );
     wait_for("the slot to be free again", WAIT, || async {
         !db.query(
             "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active_pid IS NULL",
@@ -233,7 +272,10 @@ async fn unreachable_host_is_refused() {
         .expect("a free port")
         .port();
     let url = format!("postgres://postgres@127.0.0.1:{port}/{}", db.name);
-    let target = format!("cannot reach PostgreSQL at postgres@127.0.0.1:{port}/{}", db.name);
+    let target = format!(
+        "cannot reach PostgreSQL at postgres@127.0.0.1:{port}/{}",
+        db.name
+    );
     let needles = [target.as_str(), "Fix: check the host and port"];
     both_fail(&config, &url, &needles, "connection", &needles).await;
 }
@@ -242,9 +284,22 @@ async fn unreachable_host_is_refused() {
 async fn unknown_config_key_is_named_with_its_line() {
     let db = create_db().await;
     let config = ConfigFile::new(
-        "[source]\nurl = \"${DATABASE_URL}\"\nslott = \"x\"\npublication = \"walhook\"\n\n[[tables]]\ntable = \"public.t\"\nentity = \"t\"\n",
+        r#"[source]
+url = "${DATABASE_URL}"
+slott = "x"
+publication = "walhook"
+
+[[tables]]
+table = "public.t"
+entity = "t"
+"#,
     );
-    let needles = ["walhook.toml:3", "source.slott", "unknown key", "did you mean \"slot\""];
+    let needles = [
+        "walhook.toml:3",
+        "source.slott",
+        "unknown key",
+        "did you mean \"slot\"",
+    ];
     let (_, check) = both_fail(&config, &db.url(), &needles, "config", &["config error"]).await;
     check.assert_failed_with("walhook check", &check.stdout, &needles);
 }

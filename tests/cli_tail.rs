@@ -90,15 +90,19 @@ async fn tail_prints_changes_in_order_and_drops_its_temporary_slot_on_ctrl_c() {
     let slot = tail.temporary_slot();
     // The slot has reached its consistent point once confirmed_flush_lsn is set: every
     // transaction that commits afterwards is decoded.
-    wait_for("walhook tail's temporary slot to be ready", WAIT, || async {
-        !db.query(
-            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND temporary
+    wait_for(
+        "walhook tail's temporary slot to be ready",
+        WAIT,
+        || async {
+            !db.query(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND temporary
              AND active_pid IS NOT NULL AND confirmed_flush_lsn IS NOT NULL",
-            &[&slot],
-        )
-        .await
-        .is_empty()
-    })
+                &[&slot],
+            )
+            .await
+            .is_empty()
+        },
+    )
     .await;
 
     let mut client = db.client().await;
@@ -190,7 +194,10 @@ async fn tail_prints_changes_in_order_and_drops_its_temporary_slot_on_ctrl_c() {
     }
     for (_, line) in &lines {
         let lsn = lsn_of(line);
-        assert!(start < lsn && lsn < end, "lsn within the test's WAL: {line}");
+        assert!(
+            start < lsn && lsn < end,
+            "lsn within the test's WAL: {line}"
+        );
         let time = line["commit_time"].as_str().expect("commit_time string");
         assert!(
             chrono::DateTime::parse_from_rfc3339(time).is_ok() && time.ends_with('Z'),
@@ -207,7 +214,10 @@ async fn tail_prints_changes_in_order_and_drops_its_temporary_slot_on_ctrl_c() {
         "exit code after SIGINT; stderr:\n{}",
         outcome.stderr
     );
-    assert!(rest.is_empty(), "nothing else printed (no `other`): {rest:?}");
+    assert!(
+        rest.is_empty(),
+        "nothing else printed (no `other`): {rest:?}"
+    );
     wait_no_tail_slot(&db).await;
 }
 
@@ -244,11 +254,11 @@ async fn slot_progress(db: &TestDb, slot: &str) -> (String, String) {
 async fn tail_slot_reads_an_existing_slot_without_confirming_or_altering_the_publication() {
     let db = create_db().await;
     let slot = format!("{}_slot", db.name);
-    db.batch(&format!(
+    db.batch(
         "CREATE TABLE t (id int PRIMARY KEY, v text);
          CREATE TABLE u (id int PRIMARY KEY);
-         CREATE PUBLICATION walhook FOR TABLE t;"
-    ))
+         CREATE PUBLICATION walhook FOR TABLE t;",
+    )
     .await;
     db.create_slot(&slot).await;
     // The config watches `u` too: `tail --slot` must not add it to the publication.
@@ -352,10 +362,10 @@ async fn tail_streams_a_200k_row_transaction_in_bounded_memory() {
     const MAX_RSS_KIB: u64 = 100 * 1024;
     let db = create_db().await;
     let slot = format!("{}_slot", db.name);
-    db.batch(&format!(
+    db.batch(
         "CREATE TABLE big (id int PRIMARY KEY, pad text);
-         CREATE PUBLICATION walhook FOR TABLE big;"
-    ))
+         CREATE PUBLICATION walhook FOR TABLE big;",
+    )
     .await;
     db.create_slot(&slot).await;
     // ~1 KiB per row (32 x 32 hex digits, different per row), ~200 MB in all, in one

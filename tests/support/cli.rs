@@ -89,9 +89,7 @@ impl Outcome {
         let paragraph = text
             .lines()
             .find(|line| needles.iter().all(|n| line.contains(n)))
-            .unwrap_or_else(|| {
-                panic!("{what}: no line contains all of {needles:?} in:\n{text}")
-            });
+            .unwrap_or_else(|| panic!("{what}: no line contains all of {needles:?} in:\n{text}"));
         paragraph.to_owned()
     }
 }
