@@ -75,21 +75,10 @@ async fn wait_no_tail_slot(db: &TestDb) {
     .await;
 }
 
-#[tokio::test]
-async fn tail_prints_changes_in_order_and_drops_its_temporary_slot_on_ctrl_c() {
-    let db = create_db().await;
-    db.batch(
-        "CREATE TABLE items (id int PRIMARY KEY, name text, qty int);
-         CREATE TABLE ledger (id int PRIMARY KEY, amount int);
-         ALTER TABLE ledger REPLICA IDENTITY FULL;
-         CREATE TABLE other (id int PRIMARY KEY);",
-    )
-    .await;
-    let config = ConfigFile::source("unused", "walhook", &["public.items", "public.ledger"]);
-    let mut tail = Tail::spawn(&[], &config, &db.url(), StdoutMode::Lines);
+/// Waits until the temporary slot of `tail` has reached its consistent point
+/// (confirmed_flush_lsn is set): every transaction that commits afterwards is decoded.
+async fn wait_tail_ready(db: &TestDb, tail: &Tail) {
     let slot = tail.temporary_slot();
-    // The slot has reached its consistent point once confirmed_flush_lsn is set: every
-    // transaction that commits afterwards is decoded.
     wait_for(
         "walhook tail's temporary slot to be ready",
         WAIT,
@@ -104,6 +93,21 @@ async fn tail_prints_changes_in_order_and_drops_its_temporary_slot_on_ctrl_c() {
         },
     )
     .await;
+}
+
+#[tokio::test]
+async fn tail_prints_changes_in_order_and_drops_its_temporary_slot_on_ctrl_c() {
+    let db = create_db().await;
+    db.batch(
+        "CREATE TABLE items (id int PRIMARY KEY, name text, qty int);
+         CREATE TABLE ledger (id int PRIMARY KEY, amount int);
+         ALTER TABLE ledger REPLICA IDENTITY FULL;
+         CREATE TABLE other (id int PRIMARY KEY);",
+    )
+    .await;
+    let config = ConfigFile::source("unused", "walhook", &["public.items", "public.ledger"]);
+    let mut tail = Tail::spawn(&[], &config, &db.url(), StdoutMode::Lines);
+    wait_tail_ready(&db, &tail).await;
 
     let mut client = db.client().await;
     let start = wal_position(&db).await;
@@ -217,6 +221,33 @@ async fn tail_prints_changes_in_order_and_drops_its_temporary_slot_on_ctrl_c() {
     assert!(
         rest.is_empty(),
         "nothing else printed (no `other`): {rest:?}"
+    );
+    wait_no_tail_slot(&db).await;
+}
+
+#[tokio::test]
+async fn tail_stops_quietly_when_its_reader_goes_away() {
+    let db = create_db().await;
+    db.batch("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let config = ConfigFile::source("unused", "walhook", &["public.t"]);
+    let mut tail = Tail::spawn(&[], &config, &db.url(), StdoutMode::Lines);
+    wait_tail_ready(&db, &tail).await;
+    db.batch("INSERT INTO t VALUES (1)").await;
+    tail.next_json("the insert", WAIT).await;
+    // `walhook tail | head -n 1`: the reader is gone; the next write fails with EPIPE.
+    tail.close_stdout();
+    db.batch("INSERT INTO t VALUES (2)").await;
+    let finished = tail.finish(WAIT).await;
+    assert_eq!(
+        finished.outcome.code,
+        Some(0),
+        "a closed stdout ends tail normally; stderr:\n{}",
+        finished.outcome.stderr
+    );
+    assert!(
+        !finished.outcome.stderr.contains("error"),
+        "{}",
+        finished.outcome.stderr
     );
     wait_no_tail_slot(&db).await;
 }

@@ -97,8 +97,12 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
                     lsn: lsn.to_string(),
                     commit_time: time,
                 };
-                serde_json::to_writer(&mut out, &line)?;
-                out.write_all(b"\n")?;
+                let written = serde_json::to_writer(&mut out, &line)
+                    .map_err(std::io::Error::from)
+                    .and_then(|()| out.write_all(b"\n"));
+                if reader_gone(written)? {
+                    break;
+                }
             }
             Decoded::Commit {
                 end_lsn,
@@ -106,7 +110,9 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
                 ..
             } => {
                 txn = None;
-                out.flush()?;
+                if reader_gone(out.flush())? {
+                    break;
+                }
                 stream.confirm(end_lsn);
                 if args.endpos.is_some_and(|end| commit_lsn >= end) {
                     break;
@@ -119,10 +125,20 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
             Decoded::LogicalMessage { .. } => {}
         }
     }
-    out.flush()?;
+    reader_gone(out.flush())?;
     drop(out);
     stream.close().await;
     Ok(())
+}
+
+/// Whether a write failed because stdout was closed (`walhook tail | head`): a normal
+/// way to stop, not an error. Other write errors are returned.
+fn reader_gone(written: std::io::Result<()>) -> anyhow::Result<bool> {
+    match written {
+        Ok(()) => Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(true),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Checks the database and the config's tables, then connects the stream: to a new

@@ -168,7 +168,8 @@ pub struct Tail {
     /// Its process id.
     pub pid: u32,
     lines: mpsc::UnboundedReceiver<String>,
-    stdout_task: JoinHandle<Counted>,
+    /// `None` once [`Tail::close_stdout`] closed it.
+    stdout_task: Option<JoinHandle<Counted>>,
     stderr_task: JoinHandle<String>,
     stderr: Arc<Mutex<String>>,
     peak_rss_kib: Arc<AtomicU64>,
@@ -202,7 +203,7 @@ impl Tail {
             child,
             pid,
             lines,
-            stdout_task,
+            stdout_task: Some(stdout_task),
             stderr_task,
             stderr,
             peak_rss_kib,
@@ -238,6 +239,14 @@ impl Tail {
             .unwrap_or_else(|err| panic!("{what}: stdout line is not JSON ({err}): {line}"))
     }
 
+    /// Closes the read end of its stdout, as `walhook tail | head -n 1` does after one
+    /// line; lines not read yet are lost.
+    pub fn close_stdout(&mut self) {
+        if let Some(task) = self.stdout_task.take() {
+            task.abort();
+        }
+    }
+
     /// Sends SIGINT (Ctrl-C).
     pub fn interrupt(&self) {
         // SAFETY: kill(2) on our own child, which is not reaped before `finish`.
@@ -255,13 +264,12 @@ impl Tail {
         let status = within("`walhook tail` to exit", timeout, self.child.wait())
             .await
             .expect("wait for walhook tail");
-        let counted = within(
-            "`walhook tail` stdout to close",
-            timeout,
-            &mut self.stdout_task,
-        )
-        .await
-        .expect("stdout reader");
+        let counted = match self.stdout_task.take() {
+            Some(task) => within("`walhook tail` stdout to close", timeout, task)
+                .await
+                .expect("stdout reader"),
+            None => Counted::default(),
+        };
         let stderr = within(
             "`walhook tail` stderr to close",
             timeout,
