@@ -5,7 +5,8 @@
 //!
 //! All tests share one cluster ([`cluster`]) and isolate themselves with a fresh
 //! database each ([`create_db`]). A test that stops or restarts PostgreSQL must start
-//! its own cluster ([`Cluster::start`]) so that it does not disturb the others.
+//! its own cluster ([`Cluster::start`]) so that it does not disturb the others; so must
+//! one that needs other server settings ([`Cluster::start_with`]).
 //!
 //! Authentication over TCP (127.0.0.1) is `trust` unless a role belongs to one of the
 //! groups below, which [`Cluster::create_role`] sets up:
