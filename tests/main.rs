@@ -3,6 +3,8 @@
 
 mod support;
 
+mod cli_check;
+mod cli_tail;
 mod daemon;
 mod harness_smoke;
 mod source;

@@ -7,6 +7,7 @@
 use std::io::Write;
 
 use serde::Serialize;
+use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
 use super::ConfigArg;
@@ -49,6 +50,101 @@ struct Line<'a> {
 
 /// Runs `walhook tail`.
 pub async fn run(args: TailArgs) -> anyhow::Result<()> {
+    // Listen for Ctrl-C and SIGTERM before anything else, and once: a signal that
+    // arrives while connecting or while a change is being printed is kept until a
+    // `select!` below looks, instead of killing the process or being lost.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut stream = tokio::select! {
+        biased;
+        _ = sigint.recv() => return Ok(()),
+        _ = sigterm.recv() => return Ok(()),
+        stream = connect(&args) => stream?,
+    };
+    info!("tailing; press Ctrl-C to stop");
+
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::with_capacity(256 * 1024, stdout.lock());
+    let mut txn: Option<(u32, Lsn, String)> = None;
+    loop {
+        let item = tokio::select! {
+            biased;
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            item = stream.next() => item?,
+        };
+        match item {
+            Decoded::Begin {
+                xid,
+                final_lsn,
+                commit_time,
+            } => {
+                txn = Some((xid, final_lsn, format_commit_time(commit_time)));
+            }
+            Decoded::Change(change) => {
+                let (xid, lsn, time) = txn
+                    .as_ref()
+                    .map(|(x, l, t)| (*x, *l, t.as_str()))
+                    .unwrap_or((0, Lsn::INVALID, ""));
+                let table = change.table.to_string();
+                let line = Line {
+                    table: &table,
+                    op: change.op.as_str(),
+                    new: change.new.as_ref(),
+                    old: change.old.as_ref(),
+                    unchanged_toast: &change.unchanged_toast,
+                    xid,
+                    lsn: lsn.to_string(),
+                    commit_time: time,
+                };
+                let written = serde_json::to_writer(&mut out, &line)
+                    .map_err(std::io::Error::from)
+                    .and_then(|()| out.write_all(b"\n"));
+                if reader_gone(written)? {
+                    break;
+                }
+            }
+            Decoded::Commit {
+                end_lsn,
+                commit_lsn,
+                ..
+            } => {
+                txn = None;
+                if reader_gone(out.flush())? {
+                    break;
+                }
+                stream.confirm(end_lsn);
+                if args.endpos.is_some_and(|end| commit_lsn >= end) {
+                    break;
+                }
+            }
+            Decoded::Truncate { tables, .. } => {
+                let names: Vec<String> = tables.iter().map(|t| t.to_string()).collect();
+                warn!(tables = ?names, "tables truncated; walhook emits no events for TRUNCATE");
+            }
+            Decoded::LogicalMessage { .. } => {}
+        }
+    }
+    reader_gone(out.flush())?;
+    drop(out);
+    stream.close().await;
+    Ok(())
+}
+
+/// Whether a write failed because stdout was closed (`walhook tail | head`): a normal
+/// way to stop, not an error. Other write errors are returned.
+fn reader_gone(written: std::io::Result<()>) -> anyhow::Result<bool> {
+    match written {
+        Ok(()) => Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(true),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Checks the database and the config's tables, then connects the stream: to a new
+/// TEMPORARY slot (keeping the publication in step), or to `--slot` without touching
+/// the publication.
+async fn connect(args: &TailArgs) -> anyhow::Result<ReplicationStream> {
     let config = args.config.load()?;
     let params = ConnectParams::parse(config.source.url.expose().as_str())?;
     let tables = watched_tables(&config);
@@ -94,69 +190,7 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
         },
     );
     stream.connect().await?;
-    info!("tailing; press Ctrl-C to stop");
-
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::with_capacity(256 * 1024, stdout.lock());
-    let mut txn: Option<(u32, Lsn, String)> = None;
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    loop {
-        let item = tokio::select! {
-            biased;
-            _ = tokio::signal::ctrl_c() => break,
-            _ = sigterm.recv() => break,
-            item = stream.next() => item?,
-        };
-        match item {
-            Decoded::Begin {
-                xid,
-                final_lsn,
-                commit_time,
-            } => {
-                txn = Some((xid, final_lsn, format_commit_time(commit_time)));
-            }
-            Decoded::Change(change) => {
-                let (xid, lsn, time) = txn
-                    .as_ref()
-                    .map(|(x, l, t)| (*x, *l, t.as_str()))
-                    .unwrap_or((0, Lsn::INVALID, ""));
-                let table = change.table.to_string();
-                let line = Line {
-                    table: &table,
-                    op: change.op.as_str(),
-                    new: change.new.as_ref(),
-                    old: change.old.as_ref(),
-                    unchanged_toast: &change.unchanged_toast,
-                    xid,
-                    lsn: lsn.to_string(),
-                    commit_time: time,
-                };
-                serde_json::to_writer(&mut out, &line)?;
-                out.write_all(b"\n")?;
-            }
-            Decoded::Commit {
-                end_lsn,
-                commit_lsn,
-                ..
-            } => {
-                txn = None;
-                out.flush()?;
-                stream.confirm(end_lsn);
-                if args.endpos.is_some_and(|end| commit_lsn >= end) {
-                    break;
-                }
-            }
-            Decoded::Truncate { tables, .. } => {
-                let names: Vec<String> = tables.iter().map(|t| t.to_string()).collect();
-                warn!(tables = ?names, "tables truncated; walhook emits no events for TRUNCATE");
-            }
-            Decoded::LogicalMessage { .. } => {}
-        }
-    }
-    out.flush()?;
-    drop(out);
-    stream.close().await;
-    Ok(())
+    Ok(stream)
 }
 
 /// The configured tables as schema-qualified names.

@@ -1,10 +1,12 @@
 //! Shared helpers for the integration tests: the throwaway PostgreSQL cluster (`pg`),
-//! bounded waits that name what they waited for, and the path of the built binary.
+//! running the `walhook` binary (`cli`), bounded waits that name what they waited for,
+//! and the path of the built binary.
 
 // Each test module uses a different subset of these helpers; the ones a given build
 // does not call yet must not fail `clippy -D warnings`.
 #![allow(dead_code)]
 
+pub mod cli;
 pub mod daemon;
 pub mod pg;
 

@@ -5,7 +5,8 @@
 //!
 //! All tests share one cluster ([`cluster`]) and isolate themselves with a fresh
 //! database each ([`create_db`]). A test that stops or restarts PostgreSQL must start
-//! its own cluster ([`Cluster::start`]) so that it does not disturb the others.
+//! its own cluster ([`Cluster::start`]) so that it does not disturb the others; so must
+//! one that needs other server settings ([`Cluster::start_with`]).
 //!
 //! Authentication over TCP (127.0.0.1) is `trust` unless a role belongs to one of the
 //! groups below, which [`Cluster::create_role`] sets up:
@@ -160,12 +161,23 @@ impl Cluster {
     /// Starts a cluster of its own (for tests that stop or restart PostgreSQL). Blocks
     /// for a second or two. Panics naming the cause if it cannot start.
     pub fn start() -> Cluster {
-        Cluster::try_start()
+        Cluster::start_with(&[])
+    }
+
+    /// Like [`Cluster::start`], with server `settings` (`name`, `value`) that override
+    /// the harness defaults, e.g. `&[("wal_level", "replica")]`. Values are written to
+    /// postgresql.conf as quoted strings.
+    pub fn start_with(settings: &[(&str, &str)]) -> Cluster {
+        Cluster::try_start_with(settings)
             .unwrap_or_else(|message| panic!("test PostgreSQL cluster did not start: {message}"))
     }
 
     fn try_start() -> Result<Cluster, String> {
-        let launched = setup::launch()?;
+        Cluster::try_start_with(&[])
+    }
+
+    fn try_start_with(settings: &[(&str, &str)]) -> Result<Cluster, String> {
+        let launched = setup::launch(settings)?;
         Ok(Cluster(Arc::new(Inner {
             port: launched.port,
             layout: launched.layout,
@@ -430,6 +442,16 @@ impl TestDb {
             .batch_execute(sql)
             .await
             .unwrap_or_else(|err| panic!("in database {}: {sql}: {err:?}", self.name));
+    }
+
+    /// Creates the logical replication slot `slot` with the pgoutput plugin (in a
+    /// transaction of its own: PostgreSQL refuses one that has written).
+    pub async fn create_slot(&self, slot: &str) {
+        self.query_one(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')::text",
+            &[&slot],
+        )
+        .await;
     }
 
     /// Runs one statement as the superuser and returns the rows affected.

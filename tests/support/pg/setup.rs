@@ -54,9 +54,10 @@ pub(super) struct Launched {
     pub child: Child,
 }
 
-/// Creates, configures and starts a new cluster. On failure nothing is left behind and
-/// the error ends with the server log, if any.
-pub(super) fn launch() -> Result<Launched, String> {
+/// Creates, configures and starts a new cluster, with `settings` overriding the
+/// harness defaults in postgresql.conf. On failure nothing is left behind and the error
+/// ends with the server log, if any.
+pub(super) fn launch(settings: &[(&str, &str)]) -> Result<Launched, String> {
     let bin = bin_dir_or_error()?;
     let owner = if is_root() {
         Some(postgres_os_user()?)
@@ -68,7 +69,7 @@ pub(super) fn launch() -> Result<Launched, String> {
     let started = (|| -> Result<_, String> {
         let ca_cert_der = write_tls_files(&layout)?;
         run_initdb(bin, &layout)?;
-        write_config(&layout)?;
+        write_config(&layout, settings)?;
         let (port, child) = start_on_free_port(&layout)?;
         bootstrap_roles(&layout, port)?;
         Ok((ca_cert_der, port, child))
@@ -361,11 +362,11 @@ fn run_initdb(bin: &Path, layout: &Layout) -> Result<(), String> {
     Ok(())
 }
 
-/// Appends the test settings to postgresql.conf (later lines win) and replaces
-/// pg_hba.conf with the per-group rules of the module docs.
-fn write_config(layout: &Layout) -> Result<(), String> {
+/// Appends the test settings, then `overrides`, to postgresql.conf (later lines win)
+/// and replaces pg_hba.conf with the per-group rules of the module docs.
+fn write_config(layout: &Layout, overrides: &[(&str, &str)]) -> Result<(), String> {
     let tls = layout.root.join("tls");
-    let settings = format!(
+    let mut settings = format!(
         "\n# walhook test harness\n\
          listen_addresses = '{HOST}'\n\
          unix_socket_directories = '{socket}'\n\
@@ -387,6 +388,9 @@ fn write_config(layout: &Layout) -> Result<(), String> {
         cert = tls.join("server.crt").display(),
         key = tls.join("server.key").display(),
     );
+    for (name, value) in overrides {
+        settings.push_str(&format!("{name} = '{}'\n", value.replace('\'', "''")));
+    }
     let conf_path = layout.data_dir.join("postgresql.conf");
     OpenOptions::new()
         .append(true)
