@@ -3,4 +3,6 @@
 
 pub mod cli;
 pub mod config;
+pub mod mapping;
+pub mod routing;
 pub mod source;
