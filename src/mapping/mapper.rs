@@ -63,6 +63,12 @@ pub struct MapStats {
 
 /// The table rules of a config, checked against the database catalog.
 ///
+/// A rule is false when its condition is false, is not a bool, or fails at run time;
+/// failures are counted in [`MapStats`] and logged without values. A failure of a rule
+/// that reads a row the change does not have (`old` on an insert or without REPLICA
+/// IDENTITY FULL, `new` on a delete) is not counted: `old.status != new.status` simply
+/// does not apply to an insert.
+///
 /// Rules (`[[tables.rules]]`) see the same redacted rows as payloads: a column
 /// filtered out by `include_columns`/`exclude_columns` is absent from `new` and `old`,
 /// and from `changed`. Entity ids are read from the unredacted row (id columns are
@@ -139,10 +145,14 @@ impl Mapper {
         let mut fired: Vec<&str> = Vec::new();
         if !t.rules.is_empty() {
             let ctx = rule_scope(t, change, old_full, raw_changed.as_deref());
+            let new_null = change.op == Op::Delete || change.new.is_none();
             for (i, rule) in t.rules.iter().enumerate() {
                 match condition::eval_bool(&rule.program, &ctx) {
                     Ok(true) => fired.push(&rule.event),
                     Ok(false) => {}
+                    // A rule reading a row this change lacks (`old` on an insert,
+                    // `new` on a delete) does not apply: false, not an error.
+                    Err(_) if (rule.reads_old && !old_full) || (rule.reads_new && new_null) => {}
                     Err(e) => {
                         stats.rule_errors += 1;
                         stats.failed_rules.push(i);
@@ -264,5 +274,380 @@ fn log_rule_error(t: &TableMapping, index: usize, e: EvalError) {
             failures,
             "rule condition failed; counted as false"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mapping::test_support::{info, tables};
+    use serde_json::{Value, json};
+
+    /// The `[[tables]]` example of DESIGN.md, plus tables for ids and rule errors.
+    const CONFIG: &str = r#"
+[[tables]]
+table = "public.users"
+entity = "user"
+id = ["id"]
+exclude_columns = ["password_hash"]
+update_columns = ["email", "status"]
+
+[[tables.rules]]
+event = "user.suspended"
+when = "old.status != 'suspended' && new.status == 'suspended'"
+
+[[tables.rules]]
+event = "user.saw_redacted"
+when = "'password_hash' in new || (old != null && 'password_hash' in old) || 'password_hash' in changed"
+
+[[tables]]
+table = "public.user_roles"
+entity = "user"
+id = ["user_id"]
+events = { insert = "role.assigned", delete = "role.unassigned", update = false }
+
+[[tables]]
+table = "public.memberships"
+entity = "membership"
+id = ["org", "member"]
+include_columns = ["org", "member", "role"]
+
+[[tables]]
+table = "public.counters"
+entity = "counter"
+events = { update = false, delete = false }
+
+[[tables.rules]]
+event = "counter.high"
+when = "new.count > 5"
+
+[[tables.rules]]
+event = "counter.seen"
+when = "op == 'insert' && table == 'public.counters' && size(changed) == 0 && old == null"
+"#;
+
+    fn mapper() -> Mapper {
+        let infos = [
+            info(
+                "public.users",
+                'f',
+                &["id"],
+                &["id", "email", "status", "name", "password_hash", "bio"],
+            ),
+            info(
+                "public.user_roles",
+                'd',
+                &["user_id", "role_id"],
+                &["user_id", "role_id", "granted_by"],
+            ),
+            info(
+                "public.memberships",
+                'd',
+                &["org", "member"],
+                &["org", "member", "role", "secret"],
+            ),
+            info("public.counters", 'd', &["id"], &["id", "count"]),
+        ];
+        Mapper::new(&tables(CONFIG), &infos).unwrap()
+    }
+
+    fn row(v: Value) -> Row {
+        match v {
+            Value::Object(m) => m,
+            other => panic!("not an object: {other}"),
+        }
+    }
+
+    fn change(table: &str, op: Op, new: Option<Value>, old: Option<Value>, full: bool) -> Change {
+        let (schema, name) = table.split_once('.').unwrap();
+        Change {
+            relation_id: 1,
+            table: Arc::new(TableName {
+                schema: schema.into(),
+                name: name.into(),
+            }),
+            op,
+            new: new.map(row),
+            old: old.map(row),
+            old_is_full: full,
+            unchanged_toast: Vec::new(),
+            key_columns: Arc::from(Vec::<String>::new()),
+        }
+    }
+
+    fn run(m: &Mapper, c: &Change) -> (Vec<EventDraft>, MapStats) {
+        let mut out = Vec::new();
+        let stats = m.map(c, &mut out);
+        assert_eq!(stats.drafts as usize, out.len());
+        (out, stats)
+    }
+
+    fn types(drafts: &[EventDraft]) -> Vec<&str> {
+        drafts.iter().map(|d| d.event_type.as_str()).collect()
+    }
+
+    fn user(email: &str, status: &str, pw: &str) -> Value {
+        json!({"id": 42, "email": email, "status": status, "name": "Ann", "password_hash": pw})
+    }
+
+    #[test]
+    fn insert_emits_created_with_redacted_data() {
+        let m = mapper();
+        let c = change("public.users", Op::Insert, Some(user("a@x", "active", "h1")), None, false);
+        let (out, stats) = run(&m, &c);
+        assert_eq!(types(&out), ["user.created"]);
+        let d = &out[0];
+        assert_eq!(&*d.entity, "user");
+        assert_eq!(d.entity_id, "42");
+        assert_eq!(d.data, row(json!({"id": 42, "email": "a@x", "status": "active", "name": "Ann"})));
+        assert_eq!((d.previous.as_ref(), d.changed.as_ref()), (None, None));
+        assert_eq!(d.table.to_string(), "public.users");
+        assert_eq!(stats.rule_errors, 0, "{stats:?}");
+    }
+
+    #[test]
+    fn update_under_full_has_previous_and_changed_without_redacted_columns() {
+        let m = mapper();
+        let c = change(
+            "public.users",
+            Op::Update,
+            Some(user("b@x", "active", "h2")),
+            Some(user("a@x", "active", "h1")),
+            true,
+        );
+        let (out, stats) = run(&m, &c);
+        assert_eq!(types(&out), ["user.updated"]);
+        let d = &out[0];
+        assert_eq!(d.changed.as_deref(), Some(&["email".to_string()][..]));
+        let prev = d.previous.as_ref().unwrap();
+        assert_eq!(prev["email"], "a@x");
+        assert!(!prev.contains_key("password_hash") && !d.data.contains_key("password_hash"));
+        // The rule probing for password_hash never sees it.
+        assert_eq!(stats, MapStats { drafts: 1, ..MapStats::default() });
+    }
+
+    #[test]
+    fn update_columns_suppress_updates_of_other_columns() {
+        let m = mapper();
+        let mut new = user("a@x", "active", "h2");
+        new["name"] = json!("Bob");
+        let c = change("public.users", Op::Update, Some(new), Some(user("a@x", "active", "h1")), true);
+        let (out, stats) = run(&m, &c);
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(stats, MapStats::default());
+    }
+
+    #[test]
+    fn update_without_old_row_is_treated_as_changed() {
+        let m = mapper();
+        let c = change("public.users", Op::Update, Some(user("a@x", "active", "h")), None, false);
+        let (out, stats) = run(&m, &c);
+        assert_eq!(types(&out), ["user.updated"]);
+        assert_eq!((out[0].previous.as_ref(), out[0].changed.as_ref()), (None, None));
+        // `old` is null, so the suspension rule does not apply: false, not an error.
+        assert_eq!(stats, MapStats { drafts: 1, ..MapStats::default() });
+    }
+
+    #[test]
+    fn status_transition_rule_fires_alongside_the_update() {
+        let m = mapper();
+        let c = change(
+            "public.users",
+            Op::Update,
+            Some(user("a@x", "suspended", "h")),
+            Some(user("a@x", "active", "h")),
+            true,
+        );
+        let (out, stats) = run(&m, &c);
+        assert_eq!(types(&out), ["user.updated", "user.suspended"]);
+        assert_eq!(out[0].data, out[1].data);
+        assert_eq!(out[1].changed.as_deref(), Some(&["status".to_string()][..]));
+        assert_eq!(out[1].previous, out[0].previous);
+        assert_eq!(stats.rule_errors, 0);
+
+        // Already suspended: the email change is an update, not a new suspension.
+        let c = change(
+            "public.users",
+            Op::Update,
+            Some(user("b@x", "suspended", "h")),
+            Some(user("a@x", "suspended", "h")),
+            true,
+        );
+        assert_eq!(types(&run(&m, &c).0), ["user.updated"]);
+    }
+
+    #[test]
+    fn delete_data_is_the_key_tuple_or_the_full_old_row() {
+        let m = mapper();
+        let key_only = change("public.users", Op::Delete, None, Some(json!({"id": 42})), false);
+        let (out, _) = run(&m, &key_only);
+        assert_eq!(types(&out), ["user.deleted"]);
+        assert_eq!(out[0].data, row(json!({"id": 42})));
+        assert_eq!((out[0].previous.as_ref(), out[0].changed.as_ref()), (None, None));
+
+        let full = change("public.users", Op::Delete, None, Some(user("a@x", "active", "h")), true);
+        let (out, _) = run(&m, &full);
+        assert_eq!(out[0].entity_id, "42");
+        assert_eq!(
+            out[0].data,
+            row(json!({"id": 42, "email": "a@x", "status": "active", "name": "Ann"}))
+        );
+        assert_eq!(out[0].previous, None);
+    }
+
+    #[test]
+    fn join_table_emits_role_events_on_the_user_entity() {
+        let m = mapper();
+        let ins = change(
+            "public.user_roles",
+            Op::Insert,
+            Some(json!({"user_id": 7, "role_id": 3, "granted_by": 1})),
+            None,
+            false,
+        );
+        let (out, _) = run(&m, &ins);
+        assert_eq!(types(&out), ["user.role.assigned"]);
+        assert_eq!((&*out[0].entity, out[0].entity_id.as_str()), ("user", "7"));
+
+        let upd = change(
+            "public.user_roles",
+            Op::Update,
+            Some(json!({"user_id": 7, "role_id": 3, "granted_by": 2})),
+            None,
+            false,
+        );
+        let (out, stats) = run(&m, &upd);
+        assert!(out.is_empty());
+        assert_eq!(stats, MapStats::default());
+
+        let del = change(
+            "public.user_roles",
+            Op::Delete,
+            None,
+            Some(json!({"user_id": 7, "role_id": 3})),
+            false,
+        );
+        let (out, _) = run(&m, &del);
+        assert_eq!(types(&out), ["user.role.unassigned"]);
+        assert_eq!(out[0].entity_id, "7");
+        assert_eq!(out[0].data, row(json!({"user_id": 7, "role_id": 3})));
+    }
+
+    #[test]
+    fn composite_ids_encode_parts_and_include_columns_redact() {
+        let m = mapper();
+        let c = change(
+            "public.memberships",
+            Op::Insert,
+            Some(json!({"org": "acme:eu", "member": "50%", "role": "admin", "secret": "s"})),
+            None,
+            false,
+        );
+        let (out, _) = run(&m, &c);
+        assert_eq!(types(&out), ["membership.created"]);
+        assert_eq!(out[0].entity_id, "acme%3Aeu:50%25");
+        assert_eq!(
+            out[0].data,
+            row(json!({"org": "acme:eu", "member": "50%", "role": "admin"}))
+        );
+    }
+
+    #[test]
+    fn include_columns_redact_previous_and_changed() {
+        let tables = tables(
+            "[[tables]]\ntable = \"public.memberships\"\ninclude_columns = [\"org\", \"member\", \"role\"]\n",
+        );
+        let infos = [info(
+            "public.memberships",
+            'f',
+            &["org", "member"],
+            &["org", "member", "role", "secret"],
+        )];
+        let m = Mapper::new(&tables, &infos).unwrap();
+        let c = change(
+            "public.memberships",
+            Op::Update,
+            Some(json!({"org": "o", "member": "m", "role": "owner", "secret": "new"})),
+            Some(json!({"org": "o", "member": "m", "role": "admin", "secret": "old"})),
+            true,
+        );
+        let (out, _) = run(&m, &c);
+        assert_eq!(out[0].changed.as_deref(), Some(&["role".to_string()][..]));
+        assert!(!out[0].previous.as_ref().unwrap().contains_key("secret"));
+        assert!(!out[0].data.contains_key("secret"));
+    }
+
+    #[test]
+    fn rule_runtime_error_counts_as_false_and_is_reported() {
+        let m = mapper();
+        let c = change("public.counters", Op::Insert, Some(json!({"id": 1, "count": "7"})), None, false);
+        let (out, stats) = run(&m, &c);
+        assert_eq!(types(&out), ["counter.created", "counter.seen"]);
+        assert_eq!((stats.rule_errors, &stats.failed_rules[..]), (1, &[0][..]));
+        let table = TableName {
+            schema: "public".into(),
+            name: "counters".into(),
+        };
+        assert_eq!(m.rule_event(&table, 0), Some("counter.high"));
+
+        let c = change("public.counters", Op::Insert, Some(json!({"id": 1, "count": 9})), None, false);
+        let (out, stats) = run(&m, &c);
+        assert_eq!(types(&out), ["counter.created", "counter.high", "counter.seen"]);
+        assert_eq!(stats.rule_errors, 0);
+    }
+
+    #[test]
+    fn rules_alone_can_emit_when_own_events_are_disabled() {
+        let m = mapper();
+        let c = change(
+            "public.counters",
+            Op::Update,
+            Some(json!({"id": 1, "count": 6})),
+            Some(json!({"id": 1})),
+            false,
+        );
+        let (out, _) = run(&m, &c);
+        assert_eq!(types(&out), ["counter.high"]);
+        assert_eq!(out[0].entity_id, "1");
+    }
+
+    #[test]
+    fn unwatched_tables_and_rows_without_id_are_skipped() {
+        let m = mapper();
+        let c = change("public.other", Op::Insert, Some(json!({"id": 1})), None, false);
+        assert_eq!(run(&m, &c).1.skipped, Some(Skip::Unwatched));
+
+        let mut u = user("a@x", "active", "h");
+        u["id"] = Value::Null;
+        let c = change("public.users", Op::Insert, Some(u), None, false);
+        let (out, stats) = run(&m, &c);
+        assert!(out.is_empty());
+        assert_eq!(
+            stats.skipped,
+            Some(Skip::MissingId {
+                column: "id".into(),
+                reason: MissingId::Null
+            })
+        );
+    }
+
+    #[test]
+    fn unchanged_toast_without_full_is_left_out() {
+        let m = mapper();
+        let mut c = change("public.users", Op::Update, Some(user("a@x", "active", "h")), None, false);
+        c.unchanged_toast = vec!["bio".into()];
+        let (out, _) = run(&m, &c);
+        assert!(!out[0].data.contains_key("bio"));
+    }
+
+    #[test]
+    fn unknown_columns_fail_construction_naming_every_table() {
+        let tables = tables(
+            "[[tables]]\ntable = \"public.a\"\nid = [\"nope\"]\n[[tables]]\ntable = \"public.b\"\n",
+        );
+        let err = Mapper::new(&tables, &[info("public.a", 'f', &["id"], &["id"])]).unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.errors.len(), 2, "{text}");
+        assert!(text.contains("public.a") && text.contains("public.b"), "{text}");
     }
 }

@@ -18,6 +18,10 @@ pub(crate) struct RuleMapping {
     pub event: String,
     /// Compiled condition.
     pub program: CelProgram,
+    /// The condition reads `new`.
+    pub reads_new: bool,
+    /// The condition reads `old`.
+    pub reads_old: bool,
     /// Runtime failures so far (for rate-limited logs).
     pub failures: FailureCount,
 }
@@ -125,12 +129,15 @@ impl TableMapping {
             .iter()
             .map(|rule| {
                 let refs = rule.program.references();
-                needs.new |= refs.has_variable("new");
-                needs.old |= refs.has_variable("old");
+                let (reads_new, reads_old) = (refs.has_variable("new"), refs.has_variable("old"));
+                needs.new |= reads_new;
+                needs.old |= reads_old;
                 needs.changed |= refs.has_variable("changed");
                 RuleMapping {
                     event: rule.event.clone(),
                     program: rule.program.clone(),
+                    reads_new,
+                    reads_old,
                     failures: FailureCount::default(),
                 }
             })
