@@ -135,7 +135,8 @@ mod tests {
 
     #[test]
     fn json_values_convert_to_their_cel_types() {
-        let row = json!({"n": 7, "f": 1.5, "s": "x", "b": true, "z": null, "l": [1, "a"], "o": {"k": 2}});
+        let row =
+            json!({"n": 7, "f": 1.5, "s": "x", "b": true, "z": null, "l": [1, "a"], "o": {"k": 2}});
         assert_eq!(
             eval(
                 "r.n == 7 && r.f > 1.0 && r.s == 'x' && r.b && r.z == null && size(r.l) == 2 && r.o.k == 2",
@@ -150,14 +151,19 @@ mod tests {
     fn errors_are_classified_without_values() {
         let err = eval("r.count > 5", &[("r", json!({"count": "secret-7"}))]).unwrap_err();
         assert!(!err.kind.contains("secret"), "{err:?}");
-        assert_eq!(eval("r.nope == 1", &[("r", json!({}))]).unwrap_err().kind, "no such key");
+        assert_eq!(
+            eval("r.nope == 1", &[("r", json!({}))]).unwrap_err().kind,
+            "no such key"
+        );
         assert_eq!(eval("1 + 1", &[]).unwrap_err().kind, "result is not a bool");
     }
 
     #[test]
     fn redacted_columns_are_left_out_of_cel_rows() {
         let row = json!({"id": 1, "secret": "s"});
-        let Json::Object(row) = row else { unreachable!() };
+        let Json::Object(row) = row else {
+            unreachable!()
+        };
         let Value::Map(m) = row_to_cel(&row, &Columns::Exclude(vec!["secret".into()])) else {
             panic!("not a map")
         };
@@ -167,10 +173,12 @@ mod tests {
     #[test]
     fn failures_are_logged_at_powers_of_two() {
         let c = FailureCount::default();
-        let logged: Vec<u64> = (0..9).filter_map(|_| match c.record() {
-            (n, true) => Some(n),
-            _ => None,
-        }).collect();
+        let logged: Vec<u64> = (0..9)
+            .filter_map(|_| match c.record() {
+                (n, true) => Some(n),
+                _ => None,
+            })
+            .collect();
         assert_eq!(logged, [1, 2, 4, 8]);
     }
 }

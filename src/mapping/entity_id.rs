@@ -16,7 +16,10 @@ pub enum MissingId {
 }
 
 /// The entity id of `row` from the id columns `columns` (never empty).
-pub(crate) fn entity_id<'c>(row: &Row, columns: &'c [String]) -> Result<String, (&'c str, MissingId)> {
+pub(crate) fn entity_id<'c>(
+    row: &Row,
+    columns: &'c [String],
+) -> Result<String, (&'c str, MissingId)> {
     if let [column] = columns {
         return part(row, column).map_err(|e| (column.as_str(), e));
     }
@@ -82,13 +85,19 @@ mod tests {
     fn composite_ids_join_and_encode_parts() {
         let r = row(json!({"org": "acme:eu", "n": 7, "p": "50%"}));
         assert_eq!(entity_id(&r, &cols(&["org", "n"])).unwrap(), "acme%3Aeu:7");
-        assert_eq!(entity_id(&r, &cols(&["p", "n", "org"])).unwrap(), "50%25:7:acme%3Aeu");
+        assert_eq!(
+            entity_id(&r, &cols(&["p", "n", "org"])).unwrap(),
+            "50%25:7:acme%3Aeu"
+        );
     }
 
     #[test]
     fn missing_and_null_parts_are_reported_with_their_column() {
         let r = row(json!({"a": 1, "n": null}));
-        assert_eq!(entity_id(&r, &cols(&["a", "b"])), Err(("b", MissingId::Absent)));
+        assert_eq!(
+            entity_id(&r, &cols(&["a", "b"])),
+            Err(("b", MissingId::Absent))
+        );
         assert_eq!(entity_id(&r, &cols(&["n"])), Err(("n", MissingId::Null)));
     }
 }

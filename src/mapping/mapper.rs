@@ -393,13 +393,22 @@ when = "op == 'insert' && table == 'public.counters' && size(changed) == 0 && ol
     #[test]
     fn insert_emits_created_with_redacted_data() {
         let m = mapper();
-        let c = change("public.users", Op::Insert, Some(user("a@x", "active", "h1")), None, false);
+        let c = change(
+            "public.users",
+            Op::Insert,
+            Some(user("a@x", "active", "h1")),
+            None,
+            false,
+        );
         let (out, stats) = run(&m, &c);
         assert_eq!(types(&out), ["user.created"]);
         let d = &out[0];
         assert_eq!(&*d.entity, "user");
         assert_eq!(d.entity_id, "42");
-        assert_eq!(d.data, row(json!({"id": 42, "email": "a@x", "status": "active", "name": "Ann"})));
+        assert_eq!(
+            d.data,
+            row(json!({"id": 42, "email": "a@x", "status": "active", "name": "Ann"}))
+        );
         assert_eq!((d.previous.as_ref(), d.changed.as_ref()), (None, None));
         assert_eq!(d.table.to_string(), "public.users");
         assert_eq!(stats.rule_errors, 0, "{stats:?}");
@@ -423,7 +432,13 @@ when = "op == 'insert' && table == 'public.counters' && size(changed) == 0 && ol
         assert_eq!(prev["email"], "a@x");
         assert!(!prev.contains_key("password_hash") && !d.data.contains_key("password_hash"));
         // The rule probing for password_hash never sees it.
-        assert_eq!(stats, MapStats { drafts: 1, ..MapStats::default() });
+        assert_eq!(
+            stats,
+            MapStats {
+                drafts: 1,
+                ..MapStats::default()
+            }
+        );
     }
 
     #[test]
@@ -431,7 +446,13 @@ when = "op == 'insert' && table == 'public.counters' && size(changed) == 0 && ol
         let m = mapper();
         let mut new = user("a@x", "active", "h2");
         new["name"] = json!("Bob");
-        let c = change("public.users", Op::Update, Some(new), Some(user("a@x", "active", "h1")), true);
+        let c = change(
+            "public.users",
+            Op::Update,
+            Some(new),
+            Some(user("a@x", "active", "h1")),
+            true,
+        );
         let (out, stats) = run(&m, &c);
         assert!(out.is_empty(), "{out:?}");
         assert_eq!(stats, MapStats::default());
@@ -440,12 +461,27 @@ when = "op == 'insert' && table == 'public.counters' && size(changed) == 0 && ol
     #[test]
     fn update_without_old_row_is_treated_as_changed() {
         let m = mapper();
-        let c = change("public.users", Op::Update, Some(user("a@x", "active", "h")), None, false);
+        let c = change(
+            "public.users",
+            Op::Update,
+            Some(user("a@x", "active", "h")),
+            None,
+            false,
+        );
         let (out, stats) = run(&m, &c);
         assert_eq!(types(&out), ["user.updated"]);
-        assert_eq!((out[0].previous.as_ref(), out[0].changed.as_ref()), (None, None));
+        assert_eq!(
+            (out[0].previous.as_ref(), out[0].changed.as_ref()),
+            (None, None)
+        );
         // `old` is null, so the suspension rule does not apply: false, not an error.
-        assert_eq!(stats, MapStats { drafts: 1, ..MapStats::default() });
+        assert_eq!(
+            stats,
+            MapStats {
+                drafts: 1,
+                ..MapStats::default()
+            }
+        );
     }
 
     #[test]
@@ -479,13 +515,28 @@ when = "op == 'insert' && table == 'public.counters' && size(changed) == 0 && ol
     #[test]
     fn delete_data_is_the_key_tuple_or_the_full_old_row() {
         let m = mapper();
-        let key_only = change("public.users", Op::Delete, None, Some(json!({"id": 42})), false);
+        let key_only = change(
+            "public.users",
+            Op::Delete,
+            None,
+            Some(json!({"id": 42})),
+            false,
+        );
         let (out, _) = run(&m, &key_only);
         assert_eq!(types(&out), ["user.deleted"]);
         assert_eq!(out[0].data, row(json!({"id": 42})));
-        assert_eq!((out[0].previous.as_ref(), out[0].changed.as_ref()), (None, None));
+        assert_eq!(
+            (out[0].previous.as_ref(), out[0].changed.as_ref()),
+            (None, None)
+        );
 
-        let full = change("public.users", Op::Delete, None, Some(user("a@x", "active", "h")), true);
+        let full = change(
+            "public.users",
+            Op::Delete,
+            None,
+            Some(user("a@x", "active", "h")),
+            true,
+        );
         let (out, _) = run(&m, &full);
         assert_eq!(out[0].entity_id, "42");
         assert_eq!(
@@ -580,7 +631,13 @@ when = "op == 'insert' && table == 'public.counters' && size(changed) == 0 && ol
     #[test]
     fn rule_runtime_error_counts_as_false_and_is_reported() {
         let m = mapper();
-        let c = change("public.counters", Op::Insert, Some(json!({"id": 1, "count": "7"})), None, false);
+        let c = change(
+            "public.counters",
+            Op::Insert,
+            Some(json!({"id": 1, "count": "7"})),
+            None,
+            false,
+        );
         let (out, stats) = run(&m, &c);
         assert_eq!(types(&out), ["counter.created", "counter.seen"]);
         assert_eq!((stats.rule_errors, &stats.failed_rules[..]), (1, &[0][..]));
@@ -590,9 +647,18 @@ when = "op == 'insert' && table == 'public.counters' && size(changed) == 0 && ol
         };
         assert_eq!(m.rule_event(&table, 0), Some("counter.high"));
 
-        let c = change("public.counters", Op::Insert, Some(json!({"id": 1, "count": 9})), None, false);
+        let c = change(
+            "public.counters",
+            Op::Insert,
+            Some(json!({"id": 1, "count": 9})),
+            None,
+            false,
+        );
         let (out, stats) = run(&m, &c);
-        assert_eq!(types(&out), ["counter.created", "counter.high", "counter.seen"]);
+        assert_eq!(
+            types(&out),
+            ["counter.created", "counter.high", "counter.seen"]
+        );
         assert_eq!(stats.rule_errors, 0);
     }
 
@@ -614,7 +680,13 @@ when = "op == 'insert' && table == 'public.counters' && size(changed) == 0 && ol
     #[test]
     fn unwatched_tables_and_rows_without_id_are_skipped() {
         let m = mapper();
-        let c = change("public.other", Op::Insert, Some(json!({"id": 1})), None, false);
+        let c = change(
+            "public.other",
+            Op::Insert,
+            Some(json!({"id": 1})),
+            None,
+            false,
+        );
         assert_eq!(run(&m, &c).1.skipped, Some(Skip::Unwatched));
 
         let mut u = user("a@x", "active", "h");
@@ -634,7 +706,13 @@ when = "op == 'insert' && table == 'public.counters' && size(changed) == 0 && ol
     #[test]
     fn unchanged_toast_without_full_is_left_out() {
         let m = mapper();
-        let mut c = change("public.users", Op::Update, Some(user("a@x", "active", "h")), None, false);
+        let mut c = change(
+            "public.users",
+            Op::Update,
+            Some(user("a@x", "active", "h")),
+            None,
+            false,
+        );
         c.unchanged_toast = vec!["bio".into()];
         let (out, _) = run(&m, &c);
         assert!(!out[0].data.contains_key("bio"));
@@ -648,6 +726,9 @@ when = "op == 'insert' && table == 'public.counters' && size(changed) == 0 && ol
         let err = Mapper::new(&tables, &[info("public.a", 'f', &["id"], &["id"])]).unwrap_err();
         let text = err.to_string();
         assert_eq!(err.errors.len(), 2, "{text}");
-        assert!(text.contains("public.a") && text.contains("public.b"), "{text}");
+        assert!(
+            text.contains("public.a") && text.contains("public.b"),
+            "{text}"
+        );
     }
 }

@@ -9,8 +9,8 @@ mod mapper;
 mod rows;
 mod table;
 
-pub(crate) use condition::{FailureCount, eval_bool, row_to_cel, scope, string, to_cel};
 pub use condition::EvalError;
+pub(crate) use condition::{FailureCount, eval_bool, row_to_cel, scope, string, to_cel};
 pub use entity_id::MissingId;
 pub use error::{MappingError, TableError};
 pub use mapper::{EventDraft, MapStats, Mapper, Skip};
@@ -37,7 +37,12 @@ pub(crate) mod test_support {
     }
 
     /// Catalog information for `schema.name`.
-    pub(crate) fn info(qualified: &str, identity: char, pk: &[&str], columns: &[&str]) -> TableInfo {
+    pub(crate) fn info(
+        qualified: &str,
+        identity: char,
+        pk: &[&str],
+        columns: &[&str],
+    ) -> TableInfo {
         let (schema, name) = qualified.split_once('.').unwrap();
         TableInfo {
             name: QualifiedName {

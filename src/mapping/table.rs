@@ -191,7 +191,10 @@ mod tests {
         .unwrap_err();
         assert!(matches!(&errs[..], [TableError::NoId { .. }]));
         let text = errs[0].to_string();
-        assert!(text.contains("public.logs") && text.contains("Fix: set `id"), "{text}");
+        assert!(
+            text.contains("public.logs") && text.contains("Fix: set `id"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -208,7 +211,10 @@ mod tests {
                 other => panic!("{other}"),
             })
             .collect();
-        assert_eq!(keys, ["id:uid", "exclude_columns:pasword", "update_columns:mail"]);
+        assert_eq!(
+            keys,
+            ["id:uid", "exclude_columns:pasword", "update_columns:mail"]
+        );
     }
 
     #[test]
@@ -226,7 +232,9 @@ mod tests {
         let toml = "[[tables]]\ntable = \"public.posts\"\nid = [\"author_id\"]\n";
         let cols = ["id", "author_id"];
         let errs = build(toml, Some(&info("public.posts", 'd', &["id"], &cols))).unwrap_err();
-        assert!(matches!(&errs[..], [TableError::IdNotInIdentity { column, .. }] if column == "author_id"));
+        assert!(
+            matches!(&errs[..], [TableError::IdNotInIdentity { column, .. }] if column == "author_id")
+        );
         assert!(build(toml, Some(&info("public.posts", 'f', &["id"], &cols))).is_ok());
         let no_delete = format!("{toml}events = {{ delete = false }}\n");
         assert!(build(&no_delete, Some(&info("public.posts", 'd', &["id"], &cols))).is_ok());

@@ -94,9 +94,15 @@ impl Envelope {
         m.insert(key("entity_id"), string(&self.entity_id));
         m.insert(key("revision"), cel::Value::Int(self.revision));
         m.insert(key("occurred_at"), string(&format_time(&self.occurred_at)));
-        m.insert(key("data"), row_to_cel(&self.data, &crate::config::Columns::All));
+        m.insert(
+            key("data"),
+            row_to_cel(&self.data, &crate::config::Columns::All),
+        );
         if let Some(previous) = &self.previous {
-            m.insert(key("previous"), row_to_cel(previous, &crate::config::Columns::All));
+            m.insert(
+                key("previous"),
+                row_to_cel(previous, &crate::config::Columns::All),
+            );
         }
         if let Some(changed) = &self.changed {
             let list = changed.iter().map(|c| string(c)).collect();
@@ -106,7 +112,12 @@ impl Envelope {
         source.insert(key("table"), string(&self.source.table.to_string()));
         source.insert(key("lsn"), string(&self.source.lsn.to_string()));
         source.insert(key("xid"), to_cel(&self.source.xid.into()));
-        m.insert(key("source"), cel::Value::Map(Map { map: Arc::new(source) }));
+        m.insert(
+            key("source"),
+            cel::Value::Map(Map {
+                map: Arc::new(source),
+            }),
+        );
         cel::Value::Map(Map { map: Arc::new(m) })
     }
 }
@@ -147,7 +158,9 @@ pub(crate) mod tests {
             revision: 7,
             occurred_at: Utc.timestamp_opt(1_795_634_130, 123_456_000).unwrap(),
             data: row(json!({"id": 42, "email": "a@example.com", "status": "active"})),
-            previous: Some(row(json!({"id": 42, "email": "old@example.com", "status": "active"}))),
+            previous: Some(row(
+                json!({"id": 42, "email": "old@example.com", "status": "active"}),
+            )),
             changed: Some(vec!["email".into()]),
             source: EventSource {
                 table: Arc::new(TableName {
@@ -180,7 +193,14 @@ pub(crate) mod tests {
 
     #[test]
     fn cel_value_matches_the_json() {
-        for e in [example(), Envelope { previous: None, changed: None, ..example() }] {
+        for e in [
+            example(),
+            Envelope {
+                previous: None,
+                changed: None,
+                ..example()
+            },
+        ] {
             let json = serde_json::to_value(&e).unwrap();
             assert_eq!(e.to_cel(), to_cel(&json));
         }

@@ -106,8 +106,12 @@ mod tests {
     }
 
     fn sub(name: &str, events: &str, filter: Option<&str>) -> String {
-        let filter = filter.map(|f| format!("filter = \"{f}\"\n")).unwrap_or_default();
-        format!("[[subscriptions]]\nname = \"{name}\"\nurl = \"https://r.example/{name}\"\nevents = {events}\n{filter}")
+        let filter = filter
+            .map(|f| format!("filter = \"{f}\"\n"))
+            .unwrap_or_default();
+        format!(
+            "[[subscriptions]]\nname = \"{name}\"\nurl = \"https://r.example/{name}\"\nevents = {events}\n{filter}"
+        )
     }
 
     fn typed(event_type: &str) -> Envelope {
@@ -119,16 +123,21 @@ mod tests {
 
     #[test]
     fn globs_match_across_dots() {
-        let r = router(&[
-            sub("all", "[\"*\"]", None),
-            sub("users", "[\"user.*\", \"organisation.created\"]", None),
-            sub("orgs", "[\"organisation.*\"]", None),
-            sub("exact", "[\"user.updated\"]", None),
-        ]
-        .concat());
+        let r = router(
+            &[
+                sub("all", "[\"*\"]", None),
+                sub("users", "[\"user.*\", \"organisation.created\"]", None),
+                sub("orgs", "[\"organisation.*\"]", None),
+                sub("exact", "[\"user.updated\"]", None),
+            ]
+            .concat(),
+        );
         assert_eq!(r.route(&typed("user.role.assigned")).subscriptions, [0, 1]);
         assert_eq!(r.route(&typed("user.updated")).subscriptions, [0, 1, 3]);
-        assert_eq!(r.route(&typed("organisation.created")).subscriptions, [0, 1, 2]);
+        assert_eq!(
+            r.route(&typed("organisation.created")).subscriptions,
+            [0, 1, 2]
+        );
         assert_eq!(r.route(&typed("users.created")).subscriptions, [0]);
         assert_eq!(r.name(2).unwrap().as_str(), "orgs");
     }
@@ -142,18 +151,26 @@ mod tests {
         ]
         .concat());
         let routes = r.route(&example());
-        assert_eq!(routes, Routes { subscriptions: vec![0, 2], filter_errors: vec![] });
+        assert_eq!(
+            routes,
+            Routes {
+                subscriptions: vec![0, 2],
+                filter_errors: vec![]
+            }
+        );
     }
 
     #[test]
     fn filter_errors_count_as_false() {
-        let r = router(&[
-            sub("missing", "[\"*\"]", Some("event.data.org_id == 'acme'")),
-            sub("types", "[\"*\"]", Some("event.data.email > 5")),
-            sub("notbool", "[\"*\"]", Some("event.revision")),
-            sub("plain", "[\"*\"]", None),
-        ]
-        .concat());
+        let r = router(
+            &[
+                sub("missing", "[\"*\"]", Some("event.data.org_id == 'acme'")),
+                sub("types", "[\"*\"]", Some("event.data.email > 5")),
+                sub("notbool", "[\"*\"]", Some("event.revision")),
+                sub("plain", "[\"*\"]", None),
+            ]
+            .concat(),
+        );
         let routes = r.route(&example());
         assert_eq!(routes.subscriptions, [3]);
         assert_eq!(routes.filter_errors, [0, 1, 2]);
