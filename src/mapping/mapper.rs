@@ -173,13 +173,17 @@ impl Mapper {
         let entity_id = match entity_id(id_row.unwrap_or(&empty), &t.id) {
             Ok(id) => id,
             Err((column, reason)) => {
-                tracing::warn!(
-                    table = %t.qualified,
-                    column,
-                    reason = ?reason,
-                    op = change.op.as_str(),
-                    "row change has no entity id; no event emitted"
-                );
+                let (failures, log) = t.missing_ids.record();
+                if log {
+                    tracing::warn!(
+                        table = %t.qualified,
+                        column,
+                        reason = ?reason,
+                        op = change.op.as_str(),
+                        failures,
+                        "row change has no entity id; no event emitted"
+                    );
+                }
                 stats.skipped = Some(Skip::MissingId {
                     column: column.to_owned(),
                     reason,
@@ -239,7 +243,7 @@ fn rule_scope(
 ) -> cel::Context<'static> {
     let mut ctx = condition::scope();
     ctx.add_variable_from_value("op", condition::string(change.op.as_str()));
-    ctx.add_variable_from_value("table", condition::string(&t.qualified));
+    ctx.add_variable_from_value("table", t.qualified_cel.clone());
     if t.needs.new {
         let new = match (&change.new, change.op) {
             (Some(row), Op::Insert | Op::Update) => condition::row_to_cel(row, &t.columns),

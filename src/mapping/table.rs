@@ -39,8 +39,12 @@ pub(crate) struct Needs {
 pub(crate) struct TableMapping {
     /// The table, shared by its drafts.
     pub table: Arc<TableName>,
-    /// `schema.name` for the `table` CEL variable.
+    /// `schema.name`, for logs.
     pub qualified: String,
+    /// `schema.name` as the `table` CEL variable (cloning it is an `Arc` clone).
+    pub qualified_cel: cel::Value,
+    /// Rows skipped for a missing id so far (for rate-limited logs).
+    pub missing_ids: FailureCount,
     /// Entity name.
     pub entity: Arc<str>,
     /// Id columns (configured, else the primary key); never empty.
@@ -147,7 +151,9 @@ impl TableMapping {
                 schema: config.schema.clone(),
                 name: config.name.clone(),
             }),
+            qualified_cel: super::condition::string(&qualified),
             qualified,
+            missing_ids: FailureCount::default(),
             entity: Arc::from(config.entity.as_str()),
             id,
             columns: config.columns.clone(),
