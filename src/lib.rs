@@ -5,5 +5,6 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod mapping;
+pub mod routing;
 pub mod source;
 pub mod store;
