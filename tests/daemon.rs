@@ -236,7 +236,7 @@ impl Rng {
 async fn write_random(
     client: &Client,
     rng: &mut Rng,
-    live: &mut Vec<bool>,
+    live: &mut [bool],
     txns: usize,
 ) -> Vec<(i32, &'static str)> {
     let mut log = Vec::new();

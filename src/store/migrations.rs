@@ -22,7 +22,7 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
 }];
 
 /// Advisory lock key for migrations ("walhook" in ASCII).
-const MIGRATION_LOCK: i64 = 0x7761_6c68_6f6f_6b;
+const MIGRATION_LOCK: i64 = 0x0077_616c_686f_6f6b;
 
 impl Migration {
     /// The SQL with `{schema}` replaced by the quoted schema name.
