@@ -29,8 +29,8 @@ CREATE TABLE {schema}.events (
     revision       bigint NOT NULL,
     occurred_at    timestamptz NOT NULL,
     ingested_at    timestamptz NOT NULL DEFAULT now(),
-    data           jsonb NOT NULL,
-    previous       jsonb,
+    data           json NOT NULL,
+    previous       json,
     changed        text[],
     source_table   text NOT NULL,
     source_lsn     pg_lsn NOT NULL,
@@ -38,7 +38,6 @@ CREATE TABLE {schema}.events (
     -- the subscriptions this event is due to
     subscriptions  text[] NOT NULL DEFAULT '{}'
 );
-CREATE INDEX events_entity_idx ON {schema}.events (entity, entity_id, revision);
 
 -- The last revision given to each entity (G3).
 CREATE TABLE {schema}.revisions (

@@ -44,13 +44,13 @@ pub async fn run(
         let mut batch = IngestBatch::default();
         let mut last_commit = None;
         let mut messages = 0;
-        add(&mut batch, &mut last_commit, first);
+        let mut events = add(&mut batch, &mut last_commit, first);
         messages += 1;
         let deadline = Instant::now() + MAX_BATCH_WAIT;
-        while batch.event_count() < MAX_BATCH_EVENTS && messages < MAX_BATCH_MESSAGES {
+        while events < MAX_BATCH_EVENTS && messages < MAX_BATCH_MESSAGES {
             match rx.try_recv() {
                 Ok(msg) => {
-                    add(&mut batch, &mut last_commit, msg);
+                    events += add(&mut batch, &mut last_commit, msg);
                     messages += 1;
                     continue;
                 }
@@ -59,7 +59,7 @@ pub async fn run(
             }
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Some(msg)) => {
-                    add(&mut batch, &mut last_commit, msg);
+                    events += add(&mut batch, &mut last_commit, msg);
                     messages += 1;
                 }
                 Ok(None) | Err(_) => break,
@@ -72,17 +72,24 @@ pub async fn run(
     }
 }
 
-fn add(batch: &mut IngestBatch, last_commit: &mut Option<Lsn>, msg: SourceMsg) {
+/// Adds a message to the batch; returns how many events it added.
+fn add(batch: &mut IngestBatch, last_commit: &mut Option<Lsn>, msg: SourceMsg) -> usize {
     match msg {
         SourceMsg::Change { events, position } => {
-            if let Some(events) = events {
-                batch.changes.push(events);
-            }
             batch.position = position;
+            match events {
+                Some(events) => {
+                    let n = events.events.len();
+                    batch.changes.push(events);
+                    n
+                }
+                None => 0,
+            }
         }
         SourceMsg::Commit { end_lsn, position } => {
             *last_commit = Some(end_lsn);
             batch.position = position;
+            0
         }
     }
 }

@@ -58,7 +58,7 @@ pub struct Routes {
 
 impl Routes {
     /// Names of the subscriptions whose `events` patterns match `event_type`.
-    pub fn matching(&self, event_type: &str) -> Vec<String> {
+    pub fn matching(&self, event_type: &str) -> Arc<[String]> {
         self.subscriptions
             .iter()
             .filter(|(_, p)| p.matches(event_type))

@@ -2,6 +2,7 @@
 //! routes them to subscriptions, and hands them to ingest over a bounded channel. It
 //! confirms to the slot only what ingest reports as committed.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::prepare::Routes;
 use crate::mapping::{EventDraft, Mapper};
 use crate::source::Lsn;
-use crate::source::decoder::Decoded;
+use crate::source::decoder::{Decoded, TableName};
 use crate::source::stream::{Position, ReplicationStream, StreamError};
 use crate::store::{ChangeEvents, PendingEvent};
 
@@ -48,6 +49,7 @@ pub async fn run(
 ) -> Result<(), StreamError> {
     let mut txn: Option<Txn> = None;
     let mut drafts: Vec<EventDraft> = Vec::new();
+    let mut names = NameCache::default();
     loop {
         if confirmed.has_changed().unwrap_or(false) {
             stream.confirm(*confirmed.borrow_and_update());
@@ -74,7 +76,7 @@ pub async fn run(
                 drafts.clear();
                 mapper.map(&change, &mut drafts);
                 let events = match (&txn, drafts.is_empty()) {
-                    (Some(t), false) => Some(to_change_events(t, &mut drafts, &routes)),
+                    (Some(t), false) => Some(to_change_events(t, &mut drafts, &routes, &mut names)),
                     _ => None,
                 };
                 SourceMsg::Change {
@@ -143,15 +145,48 @@ pub async fn run(
     Ok(())
 }
 
-fn to_change_events(txn: &Txn, drafts: &mut Vec<EventDraft>, routes: &Routes) -> ChangeEvents {
+/// Per-row strings that are the same for many rows: table names and the subscriptions
+/// each event type routes to.
+#[derive(Default)]
+struct NameCache {
+    tables: HashMap<TableName, Arc<str>>,
+    routes: HashMap<String, Arc<[String]>>,
+}
+
+impl NameCache {
+    fn table(&mut self, table: &TableName) -> Arc<str> {
+        if let Some(name) = self.tables.get(table) {
+            return name.clone();
+        }
+        let name: Arc<str> = Arc::from(table.to_string());
+        self.tables.insert(table.clone(), name.clone());
+        name
+    }
+
+    fn routes(&mut self, routes: &Routes, event_type: &str) -> Arc<[String]> {
+        if let Some(r) = self.routes.get(event_type) {
+            return r.clone();
+        }
+        let r = routes.matching(event_type);
+        self.routes.insert(event_type.to_owned(), r.clone());
+        r
+    }
+}
+
+fn to_change_events(
+    txn: &Txn,
+    drafts: &mut Vec<EventDraft>,
+    routes: &Routes,
+    names: &mut NameCache,
+) -> ChangeEvents {
     let first = &drafts[0];
     let entity = first.entity.clone();
     let entity_id = first.entity_id.clone();
-    let table: Arc<str> = Arc::from(first.table.to_string());
+    let table = names.table(&first.table);
     let events = drafts
         .drain(..)
         .map(|d| PendingEvent {
-            subscriptions: routes.matching(&d.event_type),
+            subscriptions: names.routes(routes, &d.event_type),
             event_type: d.event_type,
             data: d.data,
             previous: d.previous,

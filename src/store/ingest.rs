@@ -22,8 +22,8 @@ pub struct PendingEvent {
     pub data: Map<String, Value>,
     pub previous: Option<Map<String, Value>>,
     pub changed: Option<Vec<String>>,
-    /// The subscriptions the event is due to.
-    pub subscriptions: Vec<String>,
+    /// The subscriptions the event is due to (shared by all events of one type).
+    pub subscriptions: Arc<[String]>,
 }
 
 /// The events of one source row change: they share one revision of their entity (G3).
@@ -71,8 +71,8 @@ const EVENT_TYPES: [Type; 14] = [
     Type::TEXT,
     Type::INT8,
     Type::TIMESTAMPTZ,
-    Type::JSONB,
-    Type::JSONB,
+    Type::JSON,
+    Type::JSON,
     Type::TEXT_ARRAY,
     Type::TEXT,
     Type::PG_LSN,
@@ -170,6 +170,7 @@ impl Store {
                     let id = format!("evt_{}", ulid::Ulid::new());
                     let data = Json(&event.data);
                     let previous = event.previous.as_ref().map(Json);
+                    let subscriptions: &[String] = &event.subscriptions;
                     let values: [&(dyn ToSql + Sync); 14] = [
                         &seq,
                         &id,
@@ -184,7 +185,7 @@ impl Store {
                         &&*change.table,
                         &lsn,
                         &xid,
-                        &event.subscriptions,
+                        &subscriptions,
                     ];
                     writer.as_mut().write(&values).await?;
                     written += 1;
