@@ -17,6 +17,19 @@ const WAIT: Duration = Duration::from_secs(60);
 
 /// A config for `db` watching `tables_toml`, with the slot named after the database.
 fn config(db: &TestDb, tables_toml: &str) -> String {
+    config_with_store(db, None, tables_toml)
+}
+
+/// Like [`config`], with the store in `store` (default: the source database).
+fn config_with_store(db: &TestDb, store: Option<&TestDb>, tables_toml: &str) -> String {
+    let store = store
+        .map(|s| {
+            format!(
+                "[store]\nurl = \"postgres://postgres@127.0.0.1:{}/{}?sslmode=disable\"\n",
+                s.port, s.name
+            )
+        })
+        .unwrap_or_default();
     format!(
         r#"
 [source]
@@ -24,6 +37,7 @@ url = "postgres://postgres@127.0.0.1:{port}/{name}?sslmode=disable"
 slot = "{name}"
 publication = "walhook"
 
+{store}
 [server]
 listen = "127.0.0.1:0"
 
@@ -573,4 +587,98 @@ update_columns = ["email"]
     let work = Workdir::new(&config(&db, cases[0]));
     let mut daemon = work.spawn_run(0);
     wait_leading(&db, &mut daemon).await;
+}
+
+#[tokio::test]
+async fn unreachable_store_makes_ingest_wait_without_confirming() {
+    let db = create_db().await;
+    db.batch("CREATE TABLE users (id int PRIMARY KEY, email text, n int)")
+        .await;
+    // The store lives in a cluster of its own, which the test stops and starts.
+    let store_cluster = Cluster::start();
+    let store_db = store_cluster.create_db().await;
+    let toml = config_with_store(&db, Some(&store_db), USERS_TABLE);
+    let work = Workdir::new(&toml);
+    let mut daemon = work.spawn_run(0);
+    let store_client = store_db.client().await;
+    wait_for("walhook to take the slot", WAIT, || async {
+        store_client
+            .query_opt(
+                "SELECT 1 FROM walhook.checkpoints WHERE leader IS NOT NULL",
+                &[],
+            )
+            .await
+            .map(|r| r.is_some())
+            .unwrap_or(false)
+    })
+    .await;
+    let writer = db.client().await;
+    let mut rng = Rng::new();
+    let mut live = vec![false; 100];
+    let mut log = write_random(&writer, &mut rng, &mut live, 30).await;
+    let first = log.len() as i64;
+    wait_for("the first events", WAIT, || async {
+        event_count(&store_client).await == first
+    })
+    .await;
+    drop(store_client);
+
+    let c = store_cluster.clone();
+    tokio::task::spawn_blocking(move || c.stop(StopMode::Fast))
+        .await
+        .unwrap();
+    // Every transaction from here on commits after `mark`.
+    let mark: String = writer
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    log.extend(write_random(&writer, &mut rng, &mut live, 40).await);
+    // Long enough for several status updates; none may confirm the unstored changes.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let past: bool = writer
+        .query_one(
+            "SELECT confirmed_flush_lsn > $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
+            &[&db.name, &mark],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        !past,
+        "confirmed past {mark} (now {}) while the store was down",
+        confirmed_flush(&writer, &db.name).await
+    );
+    assert!(
+        daemon.is_running(),
+        "walhook waits for the store; log:\n{}",
+        daemon.log()
+    );
+
+    let c = store_cluster.clone();
+    tokio::task::spawn_blocking(move || c.start_again())
+        .await
+        .unwrap();
+    let store_client = store_db.client().await;
+    let total = log.len() as i64;
+    wait_for(
+        &format!("{total} events once the store is back"),
+        WAIT,
+        || async { event_count(&store_client).await >= total },
+    )
+    .await;
+    daemon.signal(libc::SIGTERM);
+    assert!(daemon.wait_exit(WAIT).success(), "log:\n{}", daemon.log());
+    assert_exactly_once(&store_client, &log).await;
+}
+
+async fn confirmed_flush(client: &Client, slot: &str) -> String {
+    client
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .unwrap()
+        .get(0)
 }

@@ -1,10 +1,17 @@
 //! The ingest loop: collects source messages into batches (bounded by count and by a few
 //! milliseconds), writes each in one store transaction, and only then reports the last
 //! committed source transaction's end LSN for confirmation to the slot.
+//!
+//! Batches are pipelined over [`PIPELINE_DEPTH`] store connections: batch n+1 is
+//! written while batch n commits, but commits only after batch n did (see
+//! [`Store::ingest_ordered`]). On any failure everything in flight is rolled back and
+//! retried in order, one batch at a time.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -12,8 +19,10 @@ use tracing::{debug, warn};
 use super::DaemonError;
 use super::source_task::SourceMsg;
 use crate::source::Lsn;
-use crate::store::{IngestBatch, Store};
+use crate::store::{IngestBatch, Store, StoreError};
 
+/// Store connections ingest writes over at once.
+pub const PIPELINE_DEPTH: usize = 2;
 /// A batch closes at this many events...
 const MAX_BATCH_EVENTS: usize = 5_000;
 /// ...or this many source messages (changes without events count too)...
@@ -22,98 +31,213 @@ const MAX_BATCH_MESSAGES: usize = 20_000;
 const MAX_BATCH_WAIT: Duration = Duration::from_millis(5);
 const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(10);
 
-/// Runs until the source closes the channel or `shutdown` is cancelled; the batch in
-/// hand is always committed (or the error returned) before returning.
+/// A batch and the end LSN of the last source transaction it completes.
+struct Pending {
+    batch: IngestBatch,
+    last_commit: Option<Lsn>,
+    events: usize,
+}
+
+type Written = (Store, Pending, Result<i64, StoreError>);
+
+struct InFlight {
+    task: JoinHandle<Written>,
+    /// Events in the batch (their sequence numbers are taken).
+    events: i64,
+}
+
+/// Runs until the source closes the channel or `shutdown` is cancelled; every batch in
+/// hand is committed (or the error returned) before returning.
 pub async fn run(
-    store: &mut Store,
+    mut stores: Vec<Store>,
     slot: &str,
     epoch: i64,
+    mut last_seq: i64,
     mut rx: mpsc::Receiver<SourceMsg>,
     confirm: watch::Sender<Lsn>,
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
+    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+    // Resolves once the newest batch in flight committed (or failed).
+    let mut previous: Option<oneshot::Receiver<bool>> = None;
     loop {
-        let first = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return Ok(()),
-            msg = rx.recv() => match msg {
-                Some(m) => m,
-                None => return Ok(()),
-            },
-        };
-        let mut batch = IngestBatch::default();
-        let mut last_commit = None;
-        let mut messages = 0;
-        let mut events = add(&mut batch, &mut last_commit, first);
-        messages += 1;
-        let deadline = Instant::now() + MAX_BATCH_WAIT;
-        while events < MAX_BATCH_EVENTS && messages < MAX_BATCH_MESSAGES {
-            match rx.try_recv() {
-                Ok(msg) => {
-                    events += add(&mut batch, &mut last_commit, msg);
-                    messages += 1;
-                    continue;
-                }
-                Err(mpsc::error::TryRecvError::Disconnected) => break,
-                Err(mpsc::error::TryRecvError::Empty) => {}
-            }
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(msg)) => {
-                    events += add(&mut batch, &mut last_commit, msg);
-                    messages += 1;
-                }
-                Ok(None) | Err(_) => break,
-            }
+        while stores.is_empty() {
+            finish_oldest(
+                &mut in_flight,
+                &mut stores,
+                slot,
+                epoch,
+                &mut last_seq,
+                &confirm,
+            )
+            .await?;
         }
-        commit_with_retry(store, slot, epoch, &batch).await?;
-        if let Some(end) = last_commit {
-            confirm.send_replace(end);
+        let Some(pending) = collect(&mut rx, &shutdown).await else {
+            while !in_flight.is_empty() {
+                finish_oldest(
+                    &mut in_flight,
+                    &mut stores,
+                    slot,
+                    epoch,
+                    &mut last_seq,
+                    &confirm,
+                )
+                .await?;
+            }
+            return Ok(());
+        };
+        let mut store = stores.pop().expect("a free store connection");
+        let (locked_tx, locked_rx) = oneshot::channel();
+        let (done_tx, done_rx) = oneshot::channel();
+        let predecessor = previous.replace(done_rx);
+        let seq_base = last_seq + in_flight.iter().map(|f| f.events).sum::<i64>();
+        let events = pending.events as i64;
+        let slot_owned = slot.to_owned();
+        let task = tokio::spawn(async move {
+            let prior = async move {
+                match predecessor {
+                    None => true,
+                    Some(rx) => rx.await.unwrap_or(false),
+                }
+            };
+            let result = store
+                .ingest_ordered(
+                    &slot_owned,
+                    epoch,
+                    seq_base,
+                    &pending.batch,
+                    locked_tx,
+                    prior,
+                )
+                .await
+                .map(|o| o.last_seq);
+            let _ = done_tx.send(result.is_ok());
+            (store, pending, result)
+        });
+        in_flight.push_back(InFlight { task, events });
+        // The next batch may start once this one holds its revision rows.
+        let _ = locked_rx.await;
+    }
+}
+
+/// Waits for the oldest batch; on success confirms it, on failure rolls back everything
+/// in flight and retries in order.
+async fn finish_oldest(
+    in_flight: &mut VecDeque<InFlight>,
+    stores: &mut Vec<Store>,
+    slot: &str,
+    epoch: i64,
+    last_seq: &mut i64,
+    confirm: &watch::Sender<Lsn>,
+) -> Result<(), DaemonError> {
+    let Some(oldest) = in_flight.pop_front() else {
+        return Ok(());
+    };
+    let (store, pending, result) = oldest
+        .task
+        .await
+        .map_err(|e| DaemonError::SourceTask(e.to_string()))?;
+    stores.push(store);
+    match result {
+        Ok(seq) => {
+            *last_seq = seq;
+            if let Some(end) = pending.last_commit {
+                confirm.send_replace(end);
+            }
+            debug!(events = pending.events, "batch ingested");
+            Ok(())
+        }
+        Err(err) => {
+            warn!(error = %err, "ingest failed; retrying the batches in flight in order");
+            let mut retry = vec![pending];
+            while let Some(next) = in_flight.pop_front() {
+                let (store, pending, _) = next
+                    .task
+                    .await
+                    .map_err(|e| DaemonError::SourceTask(e.to_string()))?;
+                stores.push(store);
+                retry.push(pending);
+            }
+            for store in stores.iter_mut().filter(|s| s.is_closed()) {
+                if let Err(e) = store.reconnect().await {
+                    warn!(error = %e, "store reconnect failed");
+                }
+            }
+            for pending in retry {
+                *last_seq = commit_with_retry(stores, slot, epoch, &pending.batch).await?;
+                if let Some(end) = pending.last_commit {
+                    confirm.send_replace(end);
+                }
+            }
+            Ok(())
         }
     }
 }
 
-/// Adds a message to the batch; returns how many events it added.
-fn add(batch: &mut IngestBatch, last_commit: &mut Option<Lsn>, msg: SourceMsg) -> usize {
+/// The next batch, or `None` when the source is done or shutdown was asked for.
+async fn collect(
+    rx: &mut mpsc::Receiver<SourceMsg>,
+    shutdown: &CancellationToken,
+) -> Option<Pending> {
+    let first = tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => return None,
+        msg = rx.recv() => msg?,
+    };
+    let mut pending = Pending {
+        batch: IngestBatch::default(),
+        last_commit: None,
+        events: 0,
+    };
+    let mut messages = 1;
+    add(&mut pending, first);
+    let deadline = Instant::now() + MAX_BATCH_WAIT;
+    while pending.events < MAX_BATCH_EVENTS && messages < MAX_BATCH_MESSAGES {
+        let msg = match rx.try_recv() {
+            Ok(msg) => msg,
+            Err(mpsc::error::TryRecvError::Disconnected) => break,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(msg)) => msg,
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        };
+        add(&mut pending, msg);
+        messages += 1;
+    }
+    Some(pending)
+}
+
+fn add(pending: &mut Pending, msg: SourceMsg) {
     match msg {
         SourceMsg::Change { events, position } => {
-            batch.position = position;
-            match events {
-                Some(events) => {
-                    let n = events.events.len();
-                    batch.changes.push(events);
-                    n
-                }
-                None => 0,
+            pending.batch.position = position;
+            if let Some(events) = events {
+                pending.events += events.events.len();
+                pending.batch.changes.push(events);
             }
         }
         SourceMsg::Commit { end_lsn, position } => {
-            *last_commit = Some(end_lsn);
-            batch.position = position;
-            0
+            pending.last_commit = Some(end_lsn);
+            pending.batch.position = position;
         }
     }
 }
 
-/// Writes the batch; while the store is unreachable, waits and retries the same batch
-/// (nothing is confirmed meanwhile).
+/// Writes one batch alone; while the store is unreachable, waits and retries the same
+/// batch (nothing is confirmed meanwhile). Returns the log's last sequence number.
 async fn commit_with_retry(
-    store: &mut Store,
+    stores: &mut [Store],
     slot: &str,
     epoch: i64,
     batch: &IngestBatch,
-) -> Result<(), DaemonError> {
+) -> Result<i64, DaemonError> {
+    let store = &mut stores[0];
     let mut backoff = Duration::from_millis(100);
     loop {
-        let started = std::time::Instant::now();
         match store.ingest(slot, epoch, batch).await {
-            Ok(outcome) => {
-                debug!(
-                    events = outcome.events,
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "batch ingested"
-                );
-                return Ok(());
-            }
+            Ok(outcome) => return Ok(outcome.last_seq),
             Err(e) if e.is_transient() => {
                 warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "store unavailable; retrying the batch");
                 tokio::time::sleep(backoff).await;

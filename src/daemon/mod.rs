@@ -14,6 +14,7 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::source::Lsn;
 use crate::source::stream::{ConfirmMode, ReplicationStream, StreamOptions};
+use crate::store::Store;
 
 /// Capacity of the channel between the source task and ingest, in messages.
 const CHANNEL_CAPACITY: usize = 16 * 1024;
@@ -34,7 +35,7 @@ pub enum DaemonError {
 /// Runs the daemon until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
     let prepared = prepare::prepare(&config).await?;
-    let mut store = prepared.store;
+    let store = prepared.store;
     let slot = config.source.slot.clone();
 
     let mut stream = ReplicationStream::new(
@@ -75,7 +76,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         confirm_rx,
         source_stop.clone(),
     ));
-    let result = ingest::run(&mut store, &slot, epoch, rx, confirm_tx, shutdown.clone()).await;
+    let mut stores = vec![store];
+    for _ in 1..ingest::PIPELINE_DEPTH {
+        stores.push(Store::connect(&prepared.store_params, &config.store.schema).await?);
+    }
+    let result = ingest::run(
+        stores,
+        &slot,
+        epoch,
+        checkpoint.last_seq,
+        rx,
+        confirm_tx,
+        shutdown.clone(),
+    )
+    .await;
     source_stop.cancel();
     match tokio::time::timeout(Duration::from_secs(10), source).await {
         Ok(Ok(Ok(()))) => {}

@@ -44,6 +44,7 @@ pub enum PrepareError {
 /// What `prepare` hands to the pipeline.
 pub struct Prepared {
     pub source_params: ConnectParams,
+    pub store_params: ConnectParams,
     pub store: Store,
     pub mapper: Mapper,
     /// Per subscription: its name and event patterns, for routing at ingest.
@@ -173,6 +174,7 @@ pub async fn prepare(config: &Config) -> Result<Prepared, PrepareError> {
     });
     Ok(Prepared {
         source_params,
+        store_params,
         store,
         mapper,
         routes,

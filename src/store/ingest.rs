@@ -89,41 +89,57 @@ impl Store {
         epoch: i64,
         batch: &IngestBatch,
     ) -> Result<IngestOutcome, StoreError> {
-        let s = self.s.clone();
-        let tx = self.client.transaction().await?;
-        tx.batch_execute("SET LOCAL synchronous_commit = on")
-            .await?;
-        let row = tx
+        let row = self
+            .client
             .query_opt(
                 &format!(
-                    "SELECT last_seq, leader_epoch FROM {s}.checkpoints WHERE slot = $1 FOR UPDATE"
+                    "SELECT last_seq FROM {}.checkpoints WHERE slot = $1",
+                    self.s
                 ),
                 &[&slot],
             )
             .await?
             .ok_or_else(|| StoreError::NoCheckpoint(slot.to_owned()))?;
-        let (mut seq, current): (i64, i64) = (row.get(0), row.get(1));
-        if current != epoch {
-            return Err(StoreError::Deposed {
-                slot: slot.to_owned(),
-                ours: epoch,
-                current,
-            });
-        }
+        let (locked, _) = tokio::sync::oneshot::channel();
+        self.ingest_ordered(slot, epoch, row.get(0), batch, locked, async { true })
+            .await
+    }
 
-        // Revisions: one upsert row per entity in the batch, adding its change count.
+    /// Like [`Store::ingest`], for pipelined ingest over several connections: the
+    /// batch's events get sequence numbers after `seq_base` (the last event of the
+    /// batch before it); `locked` fires once this transaction holds its revision rows,
+    /// and the transaction commits only if `predecessor` resolves to true (the batch
+    /// before it committed). The checkpoint update checks both the leader epoch and
+    /// that the log ends at `seq_base`, so a batch can never commit out of order or
+    /// after a deposed leader (G2, G8).
+    pub async fn ingest_ordered(
+        &mut self,
+        slot: &str,
+        epoch: i64,
+        seq_base: i64,
+        batch: &IngestBatch,
+        locked: tokio::sync::oneshot::Sender<()>,
+        predecessor: impl std::future::Future<Output = bool>,
+    ) -> Result<IngestOutcome, StoreError> {
+        let s = self.s.clone();
+        let tx = self.client.transaction().await?;
+        tx.batch_execute("SET LOCAL synchronous_commit = on")
+            .await?;
+        let mut seq = seq_base;
+
+        // Revisions: one upsert row per entity in the batch, adding its change count,
+        // in a fixed order so concurrent batches lock rows in the same order.
         let mut counts: HashMap<(&str, &str), i64> = HashMap::new();
         for c in batch.changes.iter().filter(|c| !c.events.is_empty()) {
             *counts.entry((&c.entity, &c.entity_id)).or_default() += 1;
         }
         let mut next_rev: HashMap<(&str, &str), i64> = HashMap::with_capacity(counts.len());
         if !counts.is_empty() {
-            let (mut entities, mut ids, mut ns) = (Vec::new(), Vec::new(), Vec::new());
-            for ((e, i), n) in &counts {
-                entities.push(*e);
-                ids.push(*i);
-                ns.push(*n);
-            }
+            let mut keys: Vec<((&str, &str), i64)> = counts.iter().map(|(k, n)| (*k, *n)).collect();
+            keys.sort_unstable();
+            let entities: Vec<&str> = keys.iter().map(|((e, _), _)| *e).collect();
+            let ids: Vec<&str> = keys.iter().map(|((_, i), _)| *i).collect();
+            let ns: Vec<i64> = keys.iter().map(|(_, n)| *n).collect();
             let rows = tx
                 .query(
                     &format!(
@@ -146,6 +162,7 @@ impl Store {
                 }
             }
         }
+        let _ = locked.send(());
 
         // Events, by binary COPY, in commit order.
         let mut written = 0u64;
@@ -194,15 +211,40 @@ impl Store {
             writer.finish().await?;
         }
 
+        if !predecessor.await {
+            return Err(StoreError::PredecessorFailed);
+        }
         let p = batch.position;
-        tx.execute(
-            &format!(
-                "UPDATE {s}.checkpoints SET commit_lsn = $2::text::pg_lsn, rows_done = $3, complete = $4, last_seq = $5, updated_at = now()
-                 WHERE slot = $1"
-            ),
-            &[&slot, &p.commit_lsn.to_string(), &(p.rows_done as i64), &p.complete, &seq],
-        )
-        .await?;
+        let updated = tx
+            .execute(
+                &format!(
+                    "UPDATE {s}.checkpoints SET commit_lsn = $2::text::pg_lsn, rows_done = $3, complete = $4, last_seq = $5, updated_at = now()
+                     WHERE slot = $1 AND leader_epoch = $6 AND last_seq = $7"
+                ),
+                &[&slot, &p.commit_lsn.to_string(), &(p.rows_done as i64), &p.complete, &seq, &epoch, &seq_base],
+            )
+            .await?;
+        if updated == 0 {
+            let row = tx
+                .query_opt(
+                    &format!("SELECT leader_epoch, last_seq FROM {s}.checkpoints WHERE slot = $1"),
+                    &[&slot],
+                )
+                .await?
+                .ok_or_else(|| StoreError::NoCheckpoint(slot.to_owned()))?;
+            let (current, last_seq): (i64, i64) = (row.get(0), row.get(1));
+            if current != epoch {
+                return Err(StoreError::Deposed {
+                    slot: slot.to_owned(),
+                    ours: epoch,
+                    current,
+                });
+            }
+            return Err(StoreError::OutOfOrder {
+                expected: seq_base,
+                found: last_seq,
+            });
+        }
         tx.commit().await?;
         Ok(IngestOutcome {
             events: written,

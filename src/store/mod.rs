@@ -41,6 +41,12 @@ pub enum StoreError {
     },
     #[error("the store has no checkpoint row for slot `{0}`")]
     NoCheckpoint(String),
+    #[error("the batch before this one did not commit; this one is rolled back to keep order")]
+    PredecessorFailed,
+    #[error(
+        "the event log ends at {found}, not at {expected} as this batch expected; retrying in order"
+    )]
+    OutOfOrder { expected: i64, found: i64 },
 }
 
 impl StoreError {
@@ -61,6 +67,7 @@ impl StoreError {
                             || c == "53300"
                     })
             }
+            StoreError::PredecessorFailed | StoreError::OutOfOrder { .. } => true,
             _ => false,
         }
     }
