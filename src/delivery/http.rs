@@ -297,31 +297,28 @@ fn classify(err: &reqwest::Error, timeout: Duration) -> (ErrorKind, String) {
         return (ErrorKind::Timeout, format!("timeout after {timeout:?}"));
     }
     let mut innermost: Option<String> = None;
-    let mut source = err.source();
-    while let Some(e) = source {
+    for e in chain(err) {
         if let Some(tls) = e.downcast_ref::<rustls::Error>() {
             return (ErrorKind::Tls, short(format!("tls: {tls}")));
         }
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            // io::Error::source skips the wrapped error itself: look at it directly.
-            if let Some(tls) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-                return (ErrorKind::Tls, short(format!("tls: {tls}")));
-            }
-            use std::io::ErrorKind as Io;
-            let known = match io.kind() {
-                Io::ConnectionRefused => Some((ErrorKind::Connect, "connection refused")),
-                Io::ConnectionReset => Some((kind_of(err), "connection reset")),
-                Io::ConnectionAborted => Some((kind_of(err), "connection aborted")),
-                Io::TimedOut => Some((ErrorKind::Timeout, "timed out")),
-                Io::UnexpectedEof => Some((kind_of(err), "connection closed early")),
-                _ => None,
-            };
-            if let Some((kind, text)) = known {
-                return (kind, text.to_string());
-            }
-        }
         innermost = Some(e.to_string());
-        source = e.source();
+    }
+    for e in chain(err) {
+        let Some(io) = e.downcast_ref::<std::io::Error>() else {
+            continue;
+        };
+        use std::io::ErrorKind as Io;
+        let known = match io.kind() {
+            Io::ConnectionRefused => Some((ErrorKind::Connect, "connection refused")),
+            Io::ConnectionReset => Some((kind_of(err), "connection reset")),
+            Io::ConnectionAborted => Some((kind_of(err), "connection aborted")),
+            Io::TimedOut => Some((ErrorKind::Timeout, "timed out")),
+            Io::UnexpectedEof => Some((kind_of(err), "connection closed early")),
+            _ => None,
+        };
+        if let Some((kind, text)) = known {
+            return (kind, text.to_string());
+        }
     }
     let kind = kind_of(err);
     let text = match innermost {
@@ -329,6 +326,27 @@ fn classify(err: &reqwest::Error, timeout: Duration) -> (ErrorKind, String) {
         None => without_url(err),
     };
     (kind, short(text))
+}
+
+/// The causes of `err`, outermost first. `io::Error::source` skips the error an
+/// `io::Error` wraps, so that one is visited explicitly.
+fn chain(err: &reqwest::Error) -> Vec<&(dyn std::error::Error + 'static)> {
+    let mut out = Vec::new();
+    let mut next = err.source();
+    while let Some(e) = next {
+        out.push(e);
+        next = match e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
+        if out.len() > 16 {
+            break;
+        }
+    }
+    out
 }
 
 fn kind_of(err: &reqwest::Error) -> ErrorKind {

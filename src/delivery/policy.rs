@@ -90,7 +90,7 @@ const JITTER: f64 = 0.2;
 /// with a parseable `Retry-After` (delta-seconds or HTTP-date) retry at that time,
 /// clamped to `[now + 1s, end of life]`; every other status (3xx included), and every
 /// error, retries after `backoff[attempt - 1]` (the last step repeats) scaled by a
-/// jitter factor in `[0.8, 1.2)`. A retry that would fall beyond the end of life is dead.
+/// jitter factor in `[0.8, 1.2]`. A retry that would fall beyond the end of life is dead.
 pub fn decide(
     outcome: Outcome<'_>,
     attempt: u32,
