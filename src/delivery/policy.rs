@@ -386,9 +386,7 @@ mod tests {
 
     #[test]
     fn reasons_are_short() {
-        let e = |kind| {
-            decide_at(Outcome::Error { kind }, 1, S)
-        };
+        let e = |kind| decide_at(Outcome::Error { kind }, 1, S);
         for (kind, want) in [
             (ErrorKind::Timeout, "timeout"),
             (ErrorKind::Connect, "connect"),

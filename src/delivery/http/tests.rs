@@ -87,7 +87,8 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             let _ = s.write_all(text.as_bytes()).await;
         }
         Reply::Big(len) => {
-            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\nconnection: close\r\n\r\n");
+            let head =
+                format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\nconnection: close\r\n\r\n");
             if s.write_all(head.as_bytes()).await.is_err() {
                 return;
             }
@@ -180,7 +181,11 @@ fn code(a: &Attempt) -> u16 {
 
 #[tokio::test]
 async fn redirects_are_not_followed() {
-    let (target, mut target_rx) = serve(Reply::Raw("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".into()), None).await;
+    let (target, mut target_rx) = serve(
+        Reply::Raw("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".into()),
+        None,
+    )
+    .await;
     let location = format!("http://{target}/elsewhere");
     let reply = format!(
         "HTTP/1.1 302 Found\r\nlocation: {location}\r\ncontent-length: 5\r\nconnection: close\r\n\r\nmoved"
@@ -192,7 +197,10 @@ async fn redirects_are_not_followed() {
     assert_eq!(a.response_head, "moved");
     assert!(rx.recv().await.is_some(), "the receiver got the POST");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(target_rx.try_recv().is_err(), "the redirect target got nothing");
+    assert!(
+        target_rx.try_recv().is_err(),
+        "the redirect target got nothing"
+    );
 }
 
 #[tokio::test]
@@ -262,7 +270,10 @@ async fn errors_never_show_the_url() {
     let a = post(&client(), &url, Duration::from_secs(5)).await;
     assert!(matches!(a.outcome, AttemptOutcome::Error { .. }), "{a:?}");
     let error = a.error.unwrap();
-    assert!(!error.contains("s3cret") && !error.contains("no-such-host"), "{error}");
+    assert!(
+        !error.contains("s3cret") && !error.contains("no-such-host"),
+        "{error}"
+    );
 }
 
 #[tokio::test]
@@ -278,7 +289,10 @@ async fn headers_arrive_and_the_signature_verifies() {
     ));
     let sub = &c.subscriptions[0];
     let body = Bytes::from_static(br#"{"id":"evt_1","type":"user.created"}"#);
-    let ts = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
+    let ts = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
     let headers = request_headers(sub, "evt_1", ts, &body);
     // Secret values are marked sensitive (hidden by `Debug`).
     for (name, value) in &headers {
@@ -291,18 +305,27 @@ async fn headers_arrive_and_the_signature_verifies() {
         .post(sub.url.expose(), &headers, body.clone(), sub.timeout)
         .await;
     assert_eq!(code(&a), 204);
-    let got = tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap();
+    let got = tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(got.request_line, "POST /hook HTTP/1.1");
     assert_eq!(got.body, &body[..]);
     assert_eq!(got.header("content-type"), Some("application/json"));
     assert_eq!(got.header("user-agent"), Some(USER_AGENT));
     assert!(USER_AGENT.starts_with("walhook/0."));
     assert_eq!(got.header("webhook-id"), Some("evt_1"));
-    assert_eq!(got.header("webhook-timestamp"), Some(ts.to_string().as_str()));
+    assert_eq!(
+        got.header("webhook-timestamp"),
+        Some(ts.to_string().as_str())
+    );
     assert_eq!(got.header("authorization"), Some("Bearer t0k"));
     assert_eq!(got.header("x-tenant"), Some("acme"));
     assert_eq!(
-        got.headers.iter().filter(|(n, _)| n == "user-agent").count(),
+        got.headers
+            .iter()
+            .filter(|(n, _)| n == "user-agent")
+            .count(),
         1
     );
     let mut map = HeaderMap::new();
@@ -346,8 +369,8 @@ fn head_does_not_cut_a_character() {
 
 fn self_signed() -> tokio_rustls::TlsAcceptor {
     use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
-        .unwrap();
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.key_pair.serialize_der()));
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
