@@ -1,0 +1,13 @@
+//! [`DeliveryError`]: what can fail in the delivery stage itself (not a receiver's
+//! answer: that is an [`super::Attempt`] judged by [`super::decide`]).
+
+/// Errors of the delivery stage.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    /// The outbound HTTP client could not be built (TLS backend, root certificates).
+    #[error("cannot build the outbound HTTP client")]
+    HttpClient(#[source] reqwest::Error),
+    /// An event could not be turned into a request body.
+    #[error("cannot serialize the event body")]
+    Body(#[source] serde_json::Error),
+}

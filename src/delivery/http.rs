@@ -1,0 +1,383 @@
+//! The outbound HTTP client (STYLE rule 11): built once, pooled keep-alive, rustls,
+//! no redirects, a `walhook/<version>` User-Agent, a timeout per request; and the
+//! headers every attempt carries.
+
+use std::error::Error as _;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use reqwest::header::{self, HeaderMap, HeaderName, HeaderValue};
+use url::Url;
+
+use super::error::DeliveryError;
+use super::policy::{ErrorKind, Outcome};
+use super::signing::sign;
+use crate::config::SubscriptionConfig;
+
+/// `walhook/<version>`, the User-Agent of every request.
+pub const USER_AGENT: &str = concat!("walhook/", env!("CARGO_PKG_VERSION"));
+/// At most this many response body bytes are read; the rest is never received.
+pub const MAX_BODY_READ: usize = 64 * 1024;
+/// At most this many bytes of the response body are kept in [`Attempt::response_head`].
+pub const HEAD_KEPT: usize = 1024;
+
+/// Longest `Location` or `Retry-After` value kept.
+const MAX_HEADER_KEPT: usize = 2048;
+/// Longest error text kept.
+const MAX_ERROR_KEPT: usize = 300;
+
+const WEBHOOK_ID: HeaderName = HeaderName::from_static("webhook-id");
+const WEBHOOK_TIMESTAMP: HeaderName = HeaderName::from_static("webhook-timestamp");
+const WEBHOOK_SIGNATURE: HeaderName = HeaderName::from_static("webhook-signature");
+
+/// All headers of one attempt: `content-type: application/json`, `user-agent`,
+/// `webhook-id` (`msg_id`, the event id), `webhook-timestamp` (`timestamp`, unix
+/// seconds of this attempt), `webhook-signature` (when the subscription has keys),
+/// then the subscription's own headers.
+///
+/// Values of the signature and the subscription's headers are marked sensitive. A
+/// subscription header that is not a valid header (config validation prevents it) is
+/// left out with a warning naming only the header.
+pub fn request_headers(
+    sub: &SubscriptionConfig,
+    msg_id: &str,
+    timestamp: i64,
+    body: &[u8],
+) -> Vec<(HeaderName, HeaderValue)> {
+    let mut out = Vec::with_capacity(5 + sub.headers.len());
+    out.push((
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    ));
+    out.push((header::USER_AGENT, HeaderValue::from_static(USER_AGENT)));
+    match HeaderValue::from_str(msg_id) {
+        Ok(v) => out.push((WEBHOOK_ID, v)),
+        Err(_) => tracing::warn!(subscription = %sub.name, "event id is not a valid header value"),
+    }
+    out.push((WEBHOOK_TIMESTAMP, HeaderValue::from(timestamp)));
+    if let Some(signature) = sign(&sub.secrets, msg_id, timestamp, body) {
+        if let Ok(mut v) = HeaderValue::from_str(&signature) {
+            v.set_sensitive(true);
+            out.push((WEBHOOK_SIGNATURE, v));
+        }
+    }
+    for (name, value) in &sub.headers {
+        let parsed = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_bytes(value.expose().as_bytes()),
+        );
+        match parsed {
+            (Ok(name), Ok(mut value)) => {
+                value.set_sensitive(true);
+                out.push((name, value));
+            }
+            _ => tracing::warn!(
+                subscription = %sub.name,
+                header = %name,
+                "invalid subscription header left out"
+            ),
+        }
+    }
+    out
+}
+
+/// What an attempt got, owned; [`AttemptOutcome::as_outcome`] borrows it for
+/// [`super::decide`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    /// The receiver answered.
+    Status {
+        /// HTTP status code.
+        code: u16,
+        /// `Retry-After`, if present and printable (at most 2 KiB).
+        retry_after: Option<String>,
+    },
+    /// No answer.
+    Error {
+        /// What went wrong.
+        kind: ErrorKind,
+    },
+}
+
+impl AttemptOutcome {
+    /// The borrowed form the retry policy takes.
+    pub fn as_outcome(&self) -> Outcome<'_> {
+        match self {
+            AttemptOutcome::Status { code, retry_after } => Outcome::Status {
+                code: *code,
+                retry_after: retry_after.as_deref(),
+            },
+            AttemptOutcome::Error { kind } => Outcome::Error { kind: *kind },
+        }
+    }
+}
+
+/// The result of one POST. Holds no request data; `response_head` is the receiver's
+/// text and is for the store only, never for logs or metric labels.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    /// Status (and `Retry-After`), or the kind of failure.
+    pub outcome: AttemptOutcome,
+    /// The first [`HEAD_KEPT`] bytes of the response body, lossily UTF-8 (an incomplete
+    /// character at the cut is dropped). Empty on errors.
+    pub response_head: String,
+    /// Bytes of the response body read, at most [`MAX_BODY_READ`].
+    pub body_read: usize,
+    /// The `Location` header of a 3xx answer (never followed).
+    pub location: Option<String>,
+    /// A short description of a failure, e.g. `timeout after 10s`, `connection
+    /// refused`, `tls: invalid peer certificate: UnknownIssuer`. Never holds the URL.
+    /// With a status it describes a failure reading the body (the status still counts).
+    pub error: Option<String>,
+    /// From sending the request to the end of reading the body.
+    pub elapsed: Duration,
+}
+
+impl Attempt {
+    /// The borrowed outcome for [`super::decide`].
+    pub fn outcome(&self) -> Outcome<'_> {
+        self.outcome.as_outcome()
+    }
+}
+
+/// The client pair a dispatcher shares: one that checks receiver certificates and one
+/// for subscriptions with `tls_insecure = true`. Build once; cloning is cheap.
+#[derive(Debug, Clone)]
+pub struct HttpClients {
+    verified: HttpClient,
+    insecure: HttpClient,
+}
+
+impl HttpClients {
+    /// Builds both clients.
+    pub fn new() -> Result<HttpClients, DeliveryError> {
+        Ok(HttpClients {
+            verified: HttpClient::new(false)?,
+            insecure: HttpClient::new(true)?,
+        })
+    }
+
+    /// The client for `sub` (its `tls_insecure`).
+    pub fn for_subscription(&self, sub: &SubscriptionConfig) -> &HttpClient {
+        if sub.tls_insecure {
+            &self.insecure
+        } else {
+            &self.verified
+        }
+    }
+}
+
+/// A pooled outbound client. Cloning shares the pool.
+#[derive(Debug, Clone)]
+pub struct HttpClient {
+    client: reqwest::Client,
+}
+
+impl HttpClient {
+    /// Builds a client: rustls with the system's and the webpki root certificates,
+    /// HTTP/1.1 and HTTP/2 (ALPN), keep-alive pool, no redirects. With
+    /// `tls_insecure`, receiver certificates and host names are not checked.
+    /// Proxies from `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` are honoured.
+    pub fn new(tls_insecure: bool) -> Result<HttpClient, DeliveryError> {
+        let client = reqwest::Client::builder()
+            .use_rustls_tls()
+            .user_agent(USER_AGENT)
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_keepalive(Duration::from_secs(60))
+            .tcp_nodelay(true)
+            .danger_accept_invalid_certs(tls_insecure)
+            .build()
+            .map_err(DeliveryError::HttpClient)?;
+        Ok(HttpClient { client })
+    }
+
+    /// POSTs `body` with `headers` (see [`request_headers`]) to `url`. `timeout` bounds
+    /// the whole attempt: connecting, the answer and reading the body. Redirects are
+    /// returned, not followed. At most [`MAX_BODY_READ`] bytes of the body are read;
+    /// a longer body is cut off (its connection is then closed, not pooled).
+    ///
+    /// Never fails: every failure is an [`Attempt`] with [`AttemptOutcome::Error`].
+    /// Logs nothing.
+    pub async fn post(
+        &self,
+        url: &Url,
+        headers: &[(HeaderName, HeaderValue)],
+        body: Bytes,
+        timeout: Duration,
+    ) -> Attempt {
+        let start = Instant::now();
+        let mut map = HeaderMap::with_capacity(headers.len());
+        for (name, value) in headers {
+            map.append(name.clone(), value.clone());
+        }
+        let sent = self
+            .client
+            .post(url.clone())
+            .headers(map)
+            .timeout(timeout)
+            .body(body)
+            .send()
+            .await;
+        let mut response = match sent {
+            Ok(response) => response,
+            Err(err) => {
+                let (kind, error) = classify(&err, timeout);
+                return Attempt {
+                    outcome: AttemptOutcome::Error { kind },
+                    response_head: String::new(),
+                    body_read: 0,
+                    location: None,
+                    error: Some(error),
+                    elapsed: start.elapsed(),
+                };
+            }
+        };
+        let status = response.status();
+        let text = |name: HeaderName| {
+            response.headers().get(name).map(|v| {
+                let s = String::from_utf8_lossy(v.as_bytes());
+                s.chars().take(MAX_HEADER_KEPT).collect::<String>()
+            })
+        };
+        let retry_after = text(header::RETRY_AFTER);
+        let location = if status.is_redirection() {
+            text(header::LOCATION)
+        } else {
+            None
+        };
+        let mut buf = Vec::new();
+        let mut error = None;
+        while buf.len() < MAX_BODY_READ {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    let take = chunk.len().min(MAX_BODY_READ - buf.len());
+                    buf.extend_from_slice(&chunk[..take]);
+                }
+                Ok(None) => break,
+                Err(err) => {
+                    let (_, e) = classify(&err, timeout);
+                    error = Some(format!("reading body: {e}"));
+                    break;
+                }
+            }
+        }
+        drop(response);
+        Attempt {
+            outcome: AttemptOutcome::Status {
+                code: status.as_u16(),
+                retry_after,
+            },
+            response_head: head(&buf),
+            body_read: buf.len(),
+            location,
+            error,
+            elapsed: start.elapsed(),
+        }
+    }
+}
+
+/// The first [`HEAD_KEPT`] bytes as text, without a character cut in half.
+fn head(body: &[u8]) -> String {
+    let mut bytes = &body[..body.len().min(HEAD_KEPT)];
+    if bytes.len() < body.len() {
+        if let Err(e) = std::str::from_utf8(bytes) {
+            // Only an incomplete sequence at the very end: the cut split a character.
+            if e.error_len().is_none() {
+                bytes = &bytes[..e.valid_up_to()];
+            }
+        }
+    }
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The kind and a short description of a failed request. Never prints the URL.
+fn classify(err: &reqwest::Error, timeout: Duration) -> (ErrorKind, String) {
+    if err.is_timeout() {
+        return (ErrorKind::Timeout, format!("timeout after {timeout:?}"));
+    }
+    let mut innermost: Option<String> = None;
+    for e in chain(err) {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return (ErrorKind::Tls, short(format!("tls: {tls}")));
+        }
+        innermost = Some(e.to_string());
+    }
+    for e in chain(err) {
+        let Some(io) = e.downcast_ref::<std::io::Error>() else {
+            continue;
+        };
+        use std::io::ErrorKind as Io;
+        let known = match io.kind() {
+            Io::ConnectionRefused => Some((ErrorKind::Connect, "connection refused")),
+            Io::ConnectionReset => Some((kind_of(err), "connection reset")),
+            Io::ConnectionAborted => Some((kind_of(err), "connection aborted")),
+            Io::TimedOut => Some((ErrorKind::Timeout, "timed out")),
+            Io::UnexpectedEof => Some((kind_of(err), "connection closed early")),
+            _ => None,
+        };
+        if let Some((kind, text)) = known {
+            return (kind, text.to_string());
+        }
+    }
+    let kind = kind_of(err);
+    let text = match innermost {
+        Some(inner) => format!("{}: {inner}", kind.as_str()),
+        None => without_url(err),
+    };
+    (kind, short(text))
+}
+
+/// The causes of `err`, outermost first. `io::Error::source` skips the error an
+/// `io::Error` wraps, so that one is visited explicitly.
+fn chain(err: &reqwest::Error) -> Vec<&(dyn std::error::Error + 'static)> {
+    let mut out = Vec::new();
+    let mut next = err.source();
+    while let Some(e) = next {
+        out.push(e);
+        next = match e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
+        if out.len() > 16 {
+            break;
+        }
+    }
+    out
+}
+
+fn kind_of(err: &reqwest::Error) -> ErrorKind {
+    if err.is_connect() {
+        ErrorKind::Connect
+    } else if err.is_body() || err.is_decode() {
+        ErrorKind::Body
+    } else {
+        ErrorKind::Other
+    }
+}
+
+/// The error's own text with the URL removed (receiver URLs may embed tokens).
+fn without_url(err: &reqwest::Error) -> String {
+    let mut text = err.to_string();
+    if let Some(url) = err.url() {
+        text = text.replace(url.as_str(), "[url]");
+    }
+    text
+}
+
+fn short(mut text: String) -> String {
+    if text.len() > MAX_ERROR_KEPT {
+        let mut end = MAX_ERROR_KEPT;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests;

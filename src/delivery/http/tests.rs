@@ -1,0 +1,408 @@
+//! Tests of the outbound client against real servers on `127.0.0.1:0`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use super::*;
+use crate::mapping::test_support::config;
+
+const WAIT: Duration = Duration::from_secs(10);
+const KEY: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// A request as the server saw it.
+#[derive(Debug)]
+struct Received {
+    request_line: String,
+    /// Lowercased names.
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Received {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// How the server answers every request.
+#[derive(Clone)]
+enum Reply {
+    /// These bytes, then close.
+    Raw(String),
+    /// `200` with a body of this many bytes (`x`), then close.
+    Big(usize),
+    /// Never answer (keep the connection open).
+    Never,
+}
+
+/// Serves `reply` on `127.0.0.1:0` over plain TCP, or TLS with `tls`; each request
+/// is forwarded to the returned channel.
+async fn serve(
+    reply: Reply,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> (SocketAddr, mpsc::UnboundedReceiver<Received>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((sock, _)) = listener.accept().await else {
+                return;
+            };
+            let (reply, tx, tls) = (reply.clone(), tx.clone(), tls.clone());
+            tokio::spawn(async move {
+                match tls {
+                    Some(acceptor) => {
+                        if let Ok(s) = acceptor.accept(sock).await {
+                            handle(s, reply, tx).await;
+                        }
+                    }
+                    None => handle(sock, reply, tx).await,
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    reply: Reply,
+    tx: mpsc::UnboundedSender<Received>,
+) {
+    let Some(request) = read_request(&mut s).await else {
+        return;
+    };
+    let _ = tx.send(request);
+    match reply {
+        Reply::Raw(text) => {
+            let _ = s.write_all(text.as_bytes()).await;
+        }
+        Reply::Big(len) => {
+            let head =
+                format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\nconnection: close\r\n\r\n");
+            if s.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            let chunk = vec![b'x'; 64 * 1024];
+            let mut left = len;
+            while left > 0 {
+                let n = left.min(chunk.len());
+                if s.write_all(&chunk[..n]).await.is_err() {
+                    return;
+                }
+                left -= n;
+            }
+        }
+        Reply::Never => {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        }
+    }
+    let _ = s.shutdown().await;
+}
+
+async fn read_request<S: AsyncRead + Unpin>(s: &mut S) -> Option<Received> {
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 8192];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = s.read(&mut tmp).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let request_line = lines.next()?.to_string();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let len: usize = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    while buf.len() < head_end + len {
+        let n = s.read(&mut tmp).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    }
+    Some(Received {
+        request_line,
+        headers,
+        body: buf[head_end..head_end + len].to_vec(),
+    })
+}
+
+fn url(scheme: &str, addr: SocketAddr) -> Url {
+    Url::parse(&format!("{scheme}://{addr}/hook?token=s3cret")).unwrap()
+}
+
+fn client() -> HttpClient {
+    HttpClient::new(false).unwrap()
+}
+
+fn json_headers() -> Vec<(HeaderName, HeaderValue)> {
+    vec![(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    )]
+}
+
+async fn post(client: &HttpClient, url: &Url, timeout: Duration) -> Attempt {
+    tokio::time::timeout(
+        WAIT,
+        client.post(url, &json_headers(), Bytes::from_static(b"{}"), timeout),
+    )
+    .await
+    .expect("post returned within 10s")
+}
+
+fn code(a: &Attempt) -> u16 {
+    match &a.outcome {
+        AttemptOutcome::Status { code, .. } => *code,
+        other => panic!("expected a status, got {other:?} ({:?})", a.error),
+    }
+}
+
+#[tokio::test]
+async fn redirects_are_not_followed() {
+    let (target, mut target_rx) = serve(
+        Reply::Raw("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".into()),
+        None,
+    )
+    .await;
+    let location = format!("http://{target}/elsewhere");
+    let reply = format!(
+        "HTTP/1.1 302 Found\r\nlocation: {location}\r\ncontent-length: 5\r\nconnection: close\r\n\r\nmoved"
+    );
+    let (addr, mut rx) = serve(Reply::Raw(reply), None).await;
+    let a = post(&client(), &url("http", addr), WAIT).await;
+    assert_eq!(code(&a), 302);
+    assert_eq!(a.location.as_deref(), Some(location.as_str()));
+    assert_eq!(a.response_head, "moved");
+    assert!(rx.recv().await.is_some(), "the receiver got the POST");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        target_rx.try_recv().is_err(),
+        "the redirect target got nothing"
+    );
+}
+
+#[tokio::test]
+async fn retry_after_is_returned() {
+    let (addr, _rx) = serve(
+        Reply::Raw("HTTP/1.1 503 Service Unavailable\r\nretry-after: 120\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".into()),
+        None,
+    )
+    .await;
+    let a = post(&client(), &url("http", addr), WAIT).await;
+    assert_eq!(
+        a.outcome(),
+        Outcome::Status {
+            code: 503,
+            retry_after: Some("120")
+        }
+    );
+    assert_eq!(a.location, None);
+    assert_eq!(a.error, None);
+}
+
+#[tokio::test]
+async fn silent_server_times_out() {
+    let (addr, _rx) = serve(Reply::Never, None).await;
+    let a = post(&client(), &url("http", addr), Duration::from_millis(300)).await;
+    assert_eq!(
+        a.outcome,
+        AttemptOutcome::Error {
+            kind: ErrorKind::Timeout
+        }
+    );
+    assert_eq!(a.error.as_deref(), Some("timeout after 300ms"));
+    assert!(a.elapsed >= Duration::from_millis(300) && a.elapsed < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn huge_body_is_cut_off() {
+    let (addr, _rx) = serve(Reply::Big(10 * 1024 * 1024), None).await;
+    let a = post(&client(), &url("http", addr), WAIT).await;
+    assert_eq!(code(&a), 200);
+    assert_eq!(a.body_read, MAX_BODY_READ);
+    assert_eq!(a.response_head.len(), HEAD_KEPT);
+    assert!(a.response_head.bytes().all(|b| b == b'x'));
+}
+
+#[tokio::test]
+async fn closed_port_is_a_connect_error() {
+    let addr = {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    };
+    let a = post(&client(), &url("http", addr), WAIT).await;
+    assert_eq!(
+        a.outcome,
+        AttemptOutcome::Error {
+            kind: ErrorKind::Connect
+        }
+    );
+    let error = a.error.unwrap();
+    assert_eq!(error, "connection refused");
+}
+
+#[tokio::test]
+async fn errors_never_show_the_url() {
+    // An unresolvable host: whatever the resolver says, the URL's token stays out.
+    let url = Url::parse("http://walhook-no-such-host.invalid/hook?token=s3cret").unwrap();
+    let a = post(&client(), &url, Duration::from_secs(5)).await;
+    assert!(matches!(a.outcome, AttemptOutcome::Error { .. }), "{a:?}");
+    let error = a.error.unwrap();
+    assert!(
+        !error.contains("s3cret") && !error.contains("no-such-host"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn headers_arrive_and_the_signature_verifies() {
+    let (addr, mut rx) = serve(
+        Reply::Raw("HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n".into()),
+        None,
+    )
+    .await;
+    let c = config(&format!(
+        "[[subscriptions]]\nname = \"crm\"\nurl = \"http://{addr}/hook\"\nevents = [\"*\"]\n\
+         secret = \"{KEY}\"\nheaders = {{ Authorization = \"Bearer t0k\", X-Tenant = \"acme\" }}\n"
+    ));
+    let sub = &c.subscriptions[0];
+    let body = Bytes::from_static(br#"{"id":"evt_1","type":"user.created"}"#);
+    let ts = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let headers = request_headers(sub, "evt_1", ts, &body);
+    // Secret values are marked sensitive (hidden by `Debug`).
+    for (name, value) in &headers {
+        let secret = ["authorization", "x-tenant", "webhook-signature"].contains(&name.as_str());
+        assert_eq!(value.is_sensitive(), secret, "{name}");
+    }
+    let clients = HttpClients::new().unwrap();
+    let a = clients
+        .for_subscription(sub)
+        .post(sub.url.expose(), &headers, body.clone(), sub.timeout)
+        .await;
+    assert_eq!(code(&a), 204);
+    let got = tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.request_line, "POST /hook HTTP/1.1");
+    assert_eq!(got.body, &body[..]);
+    assert_eq!(got.header("content-type"), Some("application/json"));
+    assert_eq!(got.header("user-agent"), Some(USER_AGENT));
+    assert!(USER_AGENT.starts_with("walhook/0."));
+    assert_eq!(got.header("webhook-id"), Some("evt_1"));
+    assert_eq!(
+        got.header("webhook-timestamp"),
+        Some(ts.to_string().as_str())
+    );
+    assert_eq!(got.header("authorization"), Some("Bearer t0k"));
+    assert_eq!(got.header("x-tenant"), Some("acme"));
+    assert_eq!(
+        got.headers
+            .iter()
+            .filter(|(n, _)| n == "user-agent")
+            .count(),
+        1
+    );
+    let mut map = HeaderMap::new();
+    for (n, v) in &got.headers {
+        map.append(
+            HeaderName::from_bytes(n.as_bytes()).unwrap(),
+            HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    let wh = standardwebhooks::Webhook::new(KEY).unwrap();
+    wh.verify(&got.body, &map).expect("signature verifies");
+}
+
+#[test]
+fn unsigned_subscription_sends_no_signature() {
+    let c = config(
+        "[[subscriptions]]\nname = \"s\"\nurl = \"http://127.0.0.1:1/\"\nevents = [\"*\"]\n",
+    );
+    let headers = request_headers(&c.subscriptions[0], "evt_1", 1, b"{}");
+    let names: Vec<&str> = headers.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "content-type",
+            "user-agent",
+            "webhook-id",
+            "webhook-timestamp"
+        ]
+    );
+}
+
+#[test]
+fn head_does_not_cut_a_character() {
+    let mut body = vec![b'a'; HEAD_KEPT - 1];
+    body.extend_from_slice("é and more".as_bytes());
+    let h = head(&body);
+    assert_eq!(h.len(), HEAD_KEPT - 1);
+    assert!(h.bytes().all(|b| b == b'a'));
+    assert_eq!(head(b"short \xff"), "short \u{fffd}");
+}
+
+fn self_signed() -> tokio_rustls::TlsAcceptor {
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.key_pair.serialize_der()));
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![ck.cert.der().clone()], key)
+    .unwrap();
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+#[tokio::test]
+async fn untrusted_certificate_is_a_tls_error_unless_insecure() {
+    let (addr, _rx) = serve(
+        Reply::Raw("HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok".into()),
+        Some(self_signed()),
+    )
+    .await;
+    let a = post(&client(), &url("https", addr), WAIT).await;
+    assert_eq!(
+        a.outcome,
+        AttemptOutcome::Error {
+            kind: ErrorKind::Tls
+        },
+        "{:?}",
+        a.error
+    );
+    let error = a.error.unwrap();
+    assert!(error.starts_with("tls: "), "{error}");
+    let insecure = HttpClient::new(true).unwrap();
+    let a = post(&insecure, &url("https", addr), WAIT).await;
+    assert_eq!(code(&a), 200);
+    assert_eq!(a.response_head, "ok");
+}

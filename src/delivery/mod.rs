@@ -1,0 +1,22 @@
+//! The delivery stage: request bodies, Standard Webhooks signatures, the shared
+//! outbound HTTP client and the retry decision.
+//!
+//! One attempt, as a dispatcher runs it:
+//! 1. [`body::render`] the envelope for the subscription (same bytes on every retry);
+//! 2. [`request_headers`] for this attempt (signs with the current unix time);
+//! 3. [`HttpClients::for_subscription`] then [`HttpClient::post`] gives an [`Attempt`];
+//! 4. [`decide`] on [`Attempt::outcome`] says delivered, retry at, dead, or disable.
+
+pub mod body;
+mod error;
+mod http;
+mod policy;
+mod signing;
+
+pub use error::DeliveryError;
+pub use http::{
+    Attempt, AttemptOutcome, HEAD_KEPT, HttpClient, HttpClients, MAX_BODY_READ, USER_AGENT,
+    request_headers,
+};
+pub use policy::{Decision, ErrorKind, Outcome, decide};
+pub use signing::sign;
