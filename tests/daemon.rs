@@ -385,12 +385,7 @@ async fn postgres_restarts_lose_and_repeat_nothing() {
     let writer = db.client().await;
     log.extend(write_random(&writer, &mut rng, &mut live, 100).await);
     let total = log.len() as i64;
-    wait_for(
-        &format!("{total} events after two restarts"),
-        WAIT * 2,
-        || async { event_count(&writer).await >= total },
-    )
-    .await;
+    wait_events(&writer, total, &mut daemon, WAIT * 2).await;
     assert!(
         daemon.is_running(),
         "walhook survived the restarts; log:\n{}",
@@ -661,12 +656,7 @@ async fn unreachable_store_makes_ingest_wait_without_confirming() {
         .unwrap();
     let store_client = store_db.client().await;
     let total = log.len() as i64;
-    wait_for(
-        &format!("{total} events once the store is back"),
-        WAIT,
-        || async { event_count(&store_client).await >= total },
-    )
-    .await;
+    wait_events(&store_client, total, &mut daemon, WAIT).await;
     daemon.signal(libc::SIGTERM);
     assert!(daemon.wait_exit(WAIT).success(), "log:\n{}", daemon.log());
     assert_exactly_once(&store_client, &log).await;
@@ -681,4 +671,36 @@ async fn confirmed_flush(client: &Client, slot: &str) -> String {
         .await
         .unwrap()
         .get(0)
+}
+
+/// Waits until the store holds `n` events; on timeout, fails with the daemon's log.
+async fn wait_events(client: &Client, n: i64, daemon: &mut Daemon, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let have = event_count(client).await;
+        if have >= n {
+            return;
+        }
+        if Instant::now() > deadline || !daemon.is_running() {
+            let activity: Vec<String> = client
+                .query(
+                    "SELECT format('%s %s %s/%s xact=%s %s', pid, state, wait_event_type, wait_event, xact_start, left(query, 80)) FROM pg_stat_activity WHERE datname = current_database()",
+                    &[],
+                )
+                .await
+                .map(|rows| rows.iter().map(|r| r.get(0)).collect())
+                .unwrap_or_default();
+            let log: String = daemon
+                .log()
+                .lines()
+                .filter(|l| !l.contains("standby status"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            panic!(
+                "waited {timeout:?} for {n} events, have {have}; activity:\n{}\nwalhook log:\n{log}",
+                activity.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -77,7 +77,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         source_stop.clone(),
     ));
     let mut stores = vec![store];
-    for _ in 1..ingest::PIPELINE_DEPTH {
+    while stores.len() < ingest::PIPELINE_DEPTH {
         stores.push(Store::connect(&prepared.store_params, &config.store.schema).await?);
     }
     let result = ingest::run(

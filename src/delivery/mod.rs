@@ -8,6 +8,7 @@
 //! 4. [`decide`] on [`Attempt::outcome`] says delivered, retry at, dead, or disable.
 
 pub mod body;
+pub mod dispatch;
 mod error;
 mod http;
 mod policy;

@@ -110,6 +110,12 @@ impl ConnectParams {
             SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
             _ => tokio_postgres::config::SslMode::Require,
         });
+        // A server that accepts TCP but never answers must not hang start-up or a
+        // reconnect; dead peers are noticed by TCP keepalives.
+        if pg.get_connect_timeout().is_none() {
+            pg.connect_timeout(std::time::Duration::from_secs(10));
+        }
+        pg.keepalives_idle(std::time::Duration::from_secs(30));
         if pg.get_password().is_none()
             && let Ok(pw) = std::env::var("PGPASSWORD")
         {

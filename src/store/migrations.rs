@@ -15,11 +15,18 @@ pub struct Migration {
 }
 
 /// Every migration, in order.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_init",
-    sql: include_str!("../../sql/0001_init.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_init",
+        sql: include_str!("../../sql/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_deliveries",
+        sql: include_str!("../../sql/0002_deliveries.sql"),
+    },
+];
 
 /// Advisory lock key for migrations ("walhook" in ASCII).
 const MIGRATION_LOCK: i64 = 0x0077_616c_686f_6f6b;

@@ -1,0 +1,313 @@
+//! Store queries of the dispatcher: leases, new events past a subscription's cursor, due
+//! retries, and recording attempts. The happy path (first attempt 2xx) writes one cursor
+//! update per batch, nothing per delivery.
+
+use std::collections::HashSet;
+use std::time::SystemTime;
+
+use serde_json::Value;
+use tokio_postgres::Row;
+
+use super::{Store, StoreError};
+
+/// A stored event due to a subscription, with its retry row when it has one.
+#[derive(Clone, Debug)]
+pub struct DueEvent {
+    pub seq: i64,
+    pub id: String,
+    pub event_type: String,
+    pub entity: String,
+    pub entity_id: String,
+    pub revision: i64,
+    pub occurred_at: SystemTime,
+    pub data: Value,
+    pub previous: Option<Value>,
+    pub changed: Option<Vec<String>>,
+    pub table: String,
+    pub lsn: String,
+    pub xid: i64,
+    /// Attempts made so far (0 for a new event).
+    pub attempts: i32,
+    /// When the delivery first became due (its age counts from here).
+    pub first_due_at: SystemTime,
+}
+
+/// A subscription's state as the lease holder sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct SubscriptionLease {
+    pub cursor: i64,
+    pub enabled: bool,
+    pub paused: bool,
+}
+
+/// What one attempt left on a retry row.
+#[derive(Clone, Debug)]
+pub struct AttemptRecord<'a> {
+    pub status: &'a str,
+    pub attempts: i32,
+    pub next_attempt_at: SystemTime,
+    pub last_status: Option<i32>,
+    pub last_error: Option<&'a str>,
+    pub last_response: Option<&'a str>,
+}
+
+const EVENT_FIELDS: &str = "e.seq, e.id, e.type, e.entity, e.entity_id, e.revision, e.occurred_at, e.data, e.previous, e.changed, e.source_table, e.source_lsn::text, e.source_xid";
+
+fn due_event(r: &Row, attempts: i32, first_due_at: SystemTime) -> DueEvent {
+    DueEvent {
+        seq: r.get(0),
+        id: r.get(1),
+        event_type: r.get(2),
+        entity: r.get(3),
+        entity_id: r.get(4),
+        revision: r.get(5),
+        occurred_at: r.get(6),
+        data: r.get(7),
+        previous: r.get(8),
+        changed: r.get(9),
+        table: r.get(10),
+        lsn: r.get(11),
+        xid: r.get(12),
+        attempts,
+        first_due_at,
+    }
+}
+
+impl Store {
+    /// Takes or renews the dispatch lease of `subscription` for `owner`; `None` when
+    /// another live instance holds it.
+    pub async fn lease_subscription(
+        &self,
+        subscription: &str,
+        owner: &str,
+        ttl_seconds: f64,
+    ) -> Result<Option<SubscriptionLease>, StoreError> {
+        let row = self
+            .client
+            .query_opt(
+                &format!(
+                    "UPDATE {}.subscription_state
+                     SET lease_owner = $2, lease_until = now() + make_interval(secs => $3)
+                     WHERE subscription = $1 AND (lease_owner IS NULL OR lease_owner = $2 OR lease_until < now())
+                     RETURNING cursor, enabled, paused",
+                    self.s
+                ),
+                &[&subscription, &owner, &ttl_seconds],
+            )
+            .await?;
+        Ok(row.map(|r| SubscriptionLease {
+            cursor: r.get(0),
+            enabled: r.get(1),
+            paused: r.get(2),
+        }))
+    }
+
+    /// Gives the lease up (at shutdown), so another instance takes over at once.
+    pub async fn release_subscription(
+        &self,
+        subscription: &str,
+        owner: &str,
+    ) -> Result<(), StoreError> {
+        self.client
+            .execute(
+                &format!(
+                    "UPDATE {}.subscription_state SET lease_owner = NULL, lease_until = NULL WHERE subscription = $1 AND lease_owner = $2",
+                    self.s
+                ),
+                &[&subscription, &owner],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Events after `cursor` that are due to `subscription`, in commit order.
+    pub async fn new_events(
+        &self,
+        subscription: &str,
+        cursor: i64,
+        limit: i64,
+    ) -> Result<Vec<DueEvent>, StoreError> {
+        let rows = self
+            .client
+            .query(
+                &format!(
+                    "SELECT {EVENT_FIELDS} FROM {}.events e
+                     WHERE e.seq > $2 AND $1 = ANY (e.subscriptions) ORDER BY e.seq LIMIT $3",
+                    self.s
+                ),
+                &[&subscription, &cursor, &limit],
+            )
+            .await?;
+        let now = SystemTime::now();
+        Ok(rows.iter().map(|r| due_event(r, 0, now)).collect())
+    }
+
+    /// Retry rows whose time has come. With `ordered`, only the oldest pending row of
+    /// each entity (a later revision waits for the earlier one: G5).
+    pub async fn due_retries(
+        &self,
+        subscription: &str,
+        ordered: bool,
+        limit: i64,
+    ) -> Result<Vec<DueEvent>, StoreError> {
+        let s = &self.s;
+        let order_clause = if ordered {
+            format!(
+                "AND NOT EXISTS (SELECT 1 FROM {s}.delivery_retries b WHERE b.subscription = r.subscription
+                   AND b.entity = r.entity AND b.entity_id = r.entity_id AND b.status = 'pending' AND b.seq < r.seq)"
+            )
+        } else {
+            String::new()
+        };
+        let rows = self
+            .client
+            .query(
+                &format!(
+                    "SELECT {EVENT_FIELDS}, r.attempts, r.first_due_at FROM {s}.delivery_retries r
+                     JOIN {s}.events e ON e.seq = r.seq
+                     WHERE r.subscription = $1 AND r.status = 'pending' AND r.next_attempt_at <= now() {order_clause}
+                     ORDER BY r.seq LIMIT $2"
+                ),
+                &[&subscription, &limit],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| due_event(r, r.get(13), r.get(14)))
+            .collect())
+    }
+
+    /// Which of `entities` have a pending retry row (later events must queue behind it).
+    pub async fn blocked_entities(
+        &self,
+        subscription: &str,
+        entities: &[(String, String)],
+    ) -> Result<HashSet<(String, String)>, StoreError> {
+        if entities.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let (es, ids): (Vec<&str>, Vec<&str>) = entities
+            .iter()
+            .map(|(e, i)| (e.as_str(), i.as_str()))
+            .unzip();
+        let rows = self
+            .client
+            .query(
+                &format!(
+                    "SELECT DISTINCT r.entity, r.entity_id FROM {}.delivery_retries r
+                     JOIN unnest($2::text[], $3::text[]) k(entity, entity_id) ON k.entity = r.entity AND k.entity_id = r.entity_id
+                     WHERE r.subscription = $1 AND r.status = 'pending'",
+                    self.s
+                ),
+                &[&subscription, &es, &ids],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Creates or updates the retry row of (`subscription`, event `seq`).
+    pub async fn record_attempt(
+        &self,
+        subscription: &str,
+        event: &DueEvent,
+        rec: &AttemptRecord<'_>,
+    ) -> Result<(), StoreError> {
+        let delivered_at = (rec.status == "delivered").then(SystemTime::now);
+        self.client
+            .execute(
+                &format!(
+                    "INSERT INTO {}.delivery_retries AS r (subscription, seq, entity, entity_id, status, attempts, next_attempt_at,
+                        first_due_at, last_status, last_error, last_response, delivered_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                     ON CONFLICT (subscription, seq) DO UPDATE SET status = excluded.status, attempts = excluded.attempts,
+                        next_attempt_at = excluded.next_attempt_at, last_status = excluded.last_status,
+                        last_error = excluded.last_error, last_response = excluded.last_response,
+                        delivered_at = excluded.delivered_at, updated_at = now()",
+                    self.s
+                ),
+                &[
+                    &subscription,
+                    &event.seq,
+                    &event.entity,
+                    &event.entity_id,
+                    &rec.status,
+                    &rec.attempts,
+                    &rec.next_attempt_at,
+                    &event.first_due_at,
+                    &rec.last_status,
+                    &rec.last_error,
+                    &rec.last_response,
+                    &delivered_at,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Queues events behind an entity's pending delivery, without attempting them.
+    pub async fn queue_behind(
+        &self,
+        subscription: &str,
+        events: &[&DueEvent],
+    ) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+        let entities: Vec<&str> = events.iter().map(|e| e.entity.as_str()).collect();
+        let ids: Vec<&str> = events.iter().map(|e| e.entity_id.as_str()).collect();
+        self.client
+            .execute(
+                &format!(
+                    "INSERT INTO {}.delivery_retries (subscription, seq, entity, entity_id)
+                     SELECT $1, * FROM unnest($2::int8[], $3::text[], $4::text[])
+                     ON CONFLICT (subscription, seq) DO NOTHING",
+                    self.s
+                ),
+                &[&subscription, &seqs, &entities, &ids],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Moves the cursor of `subscription` forward to `seq` (never back), as lease holder.
+    pub async fn advance_cursor(
+        &self,
+        subscription: &str,
+        owner: &str,
+        seq: i64,
+        success: bool,
+    ) -> Result<bool, StoreError> {
+        let n = self
+            .client
+            .execute(
+                &format!(
+                    "UPDATE {}.subscription_state SET cursor = greatest(cursor, $3), updated_at = now(),
+                        last_success_at = CASE WHEN $4 THEN now() ELSE last_success_at END
+                     WHERE subscription = $1 AND lease_owner = $2",
+                    self.s
+                ),
+                &[&subscription, &owner, &seq, &success],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Disables a subscription (410 Gone) until an operator resumes it.
+    pub async fn disable_subscription(
+        &self,
+        subscription: &str,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        self.client
+            .execute(
+                &format!(
+                    "UPDATE {}.subscription_state SET enabled = false, disabled_reason = $2, updated_at = now() WHERE subscription = $1",
+                    self.s
+                ),
+                &[&subscription, &reason],
+            )
+            .await?;
+        Ok(())
+    }
+}
