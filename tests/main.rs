@@ -6,5 +6,6 @@ mod support;
 mod cli_check;
 mod cli_tail;
 mod daemon;
+mod delivery;
 mod harness_smoke;
 mod source;

@@ -8,9 +8,10 @@
 //! retried in order, one batch at a time.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -52,8 +53,10 @@ struct InFlight {
 
 /// Runs until the source closes the channel or `shutdown` is cancelled; every batch in
 /// hand is committed (or the error returned) before returning.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     mut stores: Vec<Store>,
+    wake: Arc<Notify>,
     slot: &str,
     epoch: i64,
     mut last_seq: i64,
@@ -73,6 +76,7 @@ pub async fn run(
                 epoch,
                 &mut last_seq,
                 &confirm,
+                &wake,
             )
             .await?;
         }
@@ -89,6 +93,7 @@ pub async fn run(
                     epoch,
                     &mut last_seq,
                     &confirm,
+                    &wake,
                 )
                 .await?;
             }
@@ -137,6 +142,7 @@ async fn finish_oldest(
     epoch: i64,
     last_seq: &mut i64,
     confirm: &watch::Sender<Lsn>,
+    wake: &Notify,
 ) -> Result<(), DaemonError> {
     let Some(oldest) = in_flight.pop_front() else {
         return Ok(());
@@ -153,6 +159,8 @@ async fn finish_oldest(
                 confirm.send_replace(end);
             }
             debug!(events = pending.events, "batch ingested");
+            // Dispatchers in this process learn of new events at once.
+            wake.notify_waiters();
             Ok(())
         }
         Err(err) => {
@@ -177,6 +185,7 @@ async fn finish_oldest(
                     confirm.send_replace(end);
                 }
             }
+            wake.notify_waiters();
             Ok(())
         }
     }

@@ -5,13 +5,17 @@ pub mod ingest;
 pub mod prepare;
 pub mod source_task;
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::delivery::HttpClients;
+use crate::delivery::dispatch;
 use crate::source::Lsn;
 use crate::source::stream::{ConfirmMode, ReplicationStream, StreamOptions};
 use crate::store::Store;
@@ -36,10 +40,68 @@ pub enum DaemonError {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
     let prepared = prepare::prepare(&config).await?;
     let store = prepared.store;
+    let owner = format!("{}:{}", hostname(), std::process::id());
+
+    // Delivery runs whether or not this instance holds the slot (G8): each subscription
+    // is dispatched by whichever instance holds its lease in the store.
+    let wake = Arc::new(Notify::new());
+    let dispatch_stop = CancellationToken::new();
+    let mut dispatchers = JoinSet::new();
+    let clients = Arc::new(HttpClients::new().map_err(|e| DaemonError::SourceTask(e.to_string()))?);
+    for sub in &config.subscriptions {
+        let store = Store::connect(&prepared.store_params, &config.store.schema).await?;
+        dispatchers.spawn(dispatch::run(
+            sub.clone(),
+            store,
+            clients.clone(),
+            owner.clone(),
+            wake.clone(),
+            dispatch_stop.clone(),
+        ));
+    }
+    let result = ingest_until_shutdown(
+        &config,
+        prepared.source_params,
+        prepared.store_params,
+        store,
+        prepared.mapper,
+        prepared.routes,
+        &owner,
+        wake,
+        shutdown,
+    )
+    .await;
+    // SIGTERM: in-flight deliveries get `shutdown_grace` to finish.
+    dispatch_stop.cancel();
+    if tokio::time::timeout(config.daemon.shutdown_grace, async {
+        while dispatchers.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        warn!(grace = ?config.daemon.shutdown_grace, "deliveries still in flight after the shutdown grace; stopping them");
+        dispatchers.abort_all();
+    }
+    result
+}
+
+/// Holds the slot and ingests until `shutdown`.
+#[allow(clippy::too_many_arguments)]
+async fn ingest_until_shutdown(
+    config: &Config,
+    source_params: crate::source::connect::ConnectParams,
+    store_params: crate::source::connect::ConnectParams,
+    store: Store,
+    mapper: crate::mapping::Mapper,
+    routes: Arc<prepare::Routes>,
+    owner: &str,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) -> Result<(), DaemonError> {
     let slot = config.source.slot.clone();
 
     let mut stream = ReplicationStream::new(
-        prepared.source_params,
+        source_params,
         StreamOptions {
             slot: slot.clone(),
             publication: config.source.publication.clone(),
@@ -56,8 +118,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         _ = shutdown.cancelled() => return Ok(()),
         held = stream.connect_waiting() => held?,
     }
-    let leader = format!("{}:{}", hostname(), std::process::id());
-    let epoch = store.take_leadership(&slot, &leader).await?;
+    let epoch = store.take_leadership(&slot, owner).await?;
     let checkpoint = store
         .checkpoint(&slot)
         .await?
@@ -70,18 +131,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     let source_stop = CancellationToken::new();
     let source = tokio::spawn(source_task::run(
         stream,
-        prepared.mapper,
-        prepared.routes,
+        mapper,
+        routes,
         tx,
         confirm_rx,
         source_stop.clone(),
     ));
     let mut stores = vec![store];
     while stores.len() < ingest::PIPELINE_DEPTH {
-        stores.push(Store::connect(&prepared.store_params, &config.store.schema).await?);
+        stores.push(Store::connect(&store_params, &config.store.schema).await?);
     }
     let result = ingest::run(
         stores,
+        wake,
         &slot,
         epoch,
         checkpoint.last_seq,

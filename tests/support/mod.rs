@@ -9,6 +9,7 @@
 pub mod cli;
 pub mod daemon;
 pub mod pg;
+pub mod receiver;
 
 use std::future::Future;
 use std::path::PathBuf;

@@ -1,0 +1,262 @@
+//! Delivery end to end: the real `walhook run`, a real receiver on 127.0.0.1, signatures
+//! checked with the independent `standardwebhooks` crate, per-entity order under random
+//! failures (G4, G5), and 410 Gone disabling one subscription while others flow.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::support::daemon::Workdir;
+use crate::support::pg::{TestDb, create_db};
+use crate::support::receiver::{Received, Receiver};
+use crate::support::wait_for;
+
+const WAIT: Duration = Duration::from_secs(60);
+/// `whsec_` + base64 of 32 bytes.
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+fn config(db: &TestDb, subscriptions: &str) -> String {
+    format!(
+        r#"
+[source]
+url = "postgres://postgres@127.0.0.1:{port}/{name}?sslmode=disable"
+slot = "{name}"
+
+[server]
+listen = "127.0.0.1:0"
+
+[[tables]]
+table = "public.users"
+entity = "user"
+
+{subscriptions}
+"#,
+        port = db.port,
+        name = db.name
+    )
+}
+
+/// Waits until walhook holds the slot (changes before that are not captured).
+async fn wait_streaming(db: &TestDb, daemon: &mut crate::support::daemon::Daemon) {
+    let client = db.client().await;
+    for _ in 0..600 {
+        assert!(daemon.is_running(), "walhook exited: {}", daemon.log());
+        let active = client
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                &[&db.name],
+            )
+            .await
+            .unwrap();
+        if active.is_some() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "walhook did not take the slot within 60 s: {}",
+        daemon.log()
+    );
+}
+
+async fn users_db() -> TestDb {
+    let db = create_db().await;
+    db.batch("CREATE TABLE users (id int PRIMARY KEY, email text, n int)")
+        .await;
+    db
+}
+
+/// For each entity, the revisions answered 2xx, in arrival order; panics if a revision
+/// was attempted before the previous one was answered 2xx (G5).
+fn delivered_in_order(received: &[Received]) -> HashMap<String, Vec<i64>> {
+    let mut delivered: HashMap<String, Vec<i64>> = HashMap::new();
+    for r in received {
+        let body = r.json();
+        let id = body["entity_id"].as_str().unwrap().to_owned();
+        let rev = body["revision"].as_i64().unwrap();
+        let done = delivered.entry(id.clone()).or_default();
+        let last = done.last().copied().unwrap_or(0);
+        assert!(
+            rev <= last + 1,
+            "entity {id}: revision {rev} attempted before {} was delivered",
+            last + 1
+        );
+        if (200..300).contains(&r.status) && rev == last + 1 {
+            done.push(rev);
+        }
+    }
+    delivered
+}
+
+#[tokio::test]
+async fn deliveries_are_signed_and_verify_with_standardwebhooks() {
+    let db = users_db().await;
+    let receiver = Receiver::start(|_| 200).await;
+    let work = Workdir::new(&config(
+        &db,
+        &format!(
+            r#"
+[[subscriptions]]
+name = "crm"
+url = "{}"
+events = ["user.*"]
+secret = "{SECRET}"
+headers = {{ Authorization = "Bearer t0ken" }}
+"#,
+            receiver.url
+        ),
+    ));
+    let mut daemon = work.spawn_run(0);
+    wait_streaming(&db, &mut daemon).await;
+    for i in 0..5 {
+        db.batch(&format!("INSERT INTO users VALUES ({i}, 'u{i}@x', 0)"))
+            .await;
+        db.batch(&format!("UPDATE users SET n = 1 WHERE id = {i}"))
+            .await;
+    }
+    wait_for("10 deliveries", WAIT, || async {
+        receiver.received().len() >= 10
+    })
+    .await;
+    assert!(daemon.is_running(), "{}", daemon.log());
+    let got = receiver.received();
+    assert_eq!(got.len(), 10, "each event once");
+    let wh = standardwebhooks::Webhook::new(SECRET).unwrap();
+    for r in &got {
+        let mut headers = reqwest::header::HeaderMap::new();
+        for (k, v) in &r.headers {
+            headers.insert(
+                reqwest::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        wh.verify(&r.body, &headers).expect("signature verifies");
+        let body = r.json();
+        assert_eq!(r.headers["webhook-id"], body["id"].as_str().unwrap());
+        assert!(r.headers["user-agent"].starts_with("walhook/"));
+        assert_eq!(r.headers["authorization"], "Bearer t0ken");
+        assert_eq!(r.headers["content-type"], "application/json");
+        assert_eq!(body["entity"], "user");
+        assert!(body["source"]["table"] == "public.users");
+    }
+    let delivered = delivered_in_order(&got);
+    for i in 0..5 {
+        assert_eq!(delivered[&i.to_string()], [1, 2]);
+    }
+    assert!(
+        !daemon.log().contains("t0ken"),
+        "an auth header reached the log"
+    );
+    daemon.signal(libc::SIGTERM);
+    assert!(daemon.wait_exit(WAIT).success(), "{}", daemon.log());
+}
+
+#[tokio::test]
+async fn random_failures_keep_per_entity_order_and_lose_nothing() {
+    let db = users_db().await;
+    let receiver = Receiver::start(|_| if fastrand::bool() { 200 } else { 500 }).await;
+    let work = Workdir::new(&config(
+        &db,
+        &format!(
+            r#"
+[[subscriptions]]
+name = "flaky"
+url = "{}"
+events = ["user.*"]
+
+[subscriptions.retry]
+backoff = ["50ms", "100ms", "200ms"]
+max_age = "1h"
+"#,
+            receiver.url
+        ),
+    ));
+    let mut daemon = work.spawn_run(0);
+    wait_streaming(&db, &mut daemon).await;
+    let entities = 20;
+    let updates = 5;
+    for i in 0..entities {
+        db.batch(&format!("INSERT INTO users VALUES ({i}, 'u{i}@x', 0)"))
+            .await;
+    }
+    for n in 1..=updates {
+        db.batch(&format!("UPDATE users SET n = {n}")).await;
+    }
+    let want = (updates + 1) as usize;
+    wait_for(
+        "every revision of every entity answered 2xx",
+        WAIT * 2,
+        || async {
+            let delivered = delivered_in_order(&receiver.received());
+            delivered.len() == entities as usize
+                && delivered.values().all(|revs| revs.len() == want)
+        },
+    )
+    .await;
+    let delivered = delivered_in_order(&receiver.received());
+    let expected: Vec<i64> = (1..=want as i64).collect();
+    for revs in delivered.values() {
+        assert_eq!(revs, &expected);
+    }
+    assert!(
+        receiver.received().iter().any(|r| r.status == 500),
+        "the receiver failed some requests"
+    );
+    assert!(daemon.is_running(), "{}", daemon.log());
+}
+
+#[tokio::test]
+async fn gone_disables_one_subscription_while_others_flow() {
+    let db = users_db().await;
+    let gone = Receiver::start(|_| 410).await;
+    let fine = Receiver::start(|_| 200).await;
+    let work = Workdir::new(&config(
+        &db,
+        &format!(
+            r#"
+[[subscriptions]]
+name = "gone"
+url = "{}"
+events = ["user.*"]
+
+[[subscriptions]]
+name = "fine"
+url = "{}"
+events = ["user.*"]
+"#,
+            gone.url, fine.url
+        ),
+    ));
+    let mut daemon = work.spawn_run(0);
+    wait_streaming(&db, &mut daemon).await;
+    db.batch("INSERT INTO users VALUES (1, 'a', 0)").await;
+    wait_for("the 410", WAIT, || async { !gone.received().is_empty() }).await;
+    let client = db.client().await;
+    wait_for("subscription `gone` disabled", WAIT, || async {
+        client
+            .query_opt("SELECT 1 FROM walhook.subscription_state WHERE subscription = 'gone' AND NOT enabled", &[])
+            .await
+            .map(|r| r.is_some())
+            .unwrap_or(false)
+    })
+    .await;
+    for i in 2..6 {
+        db.batch(&format!("INSERT INTO users VALUES ({i}, 'a', 0)"))
+            .await;
+    }
+    wait_for("5 deliveries to `fine`", WAIT, || async {
+        fine.received().len() >= 5
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        gone.received().len(),
+        1,
+        "a disabled subscription gets nothing more"
+    );
+    let dead: i64 = client
+        .query_one("SELECT count(*) FROM walhook.deliveries WHERE subscription = 'gone' AND status = 'dead'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(dead, 1);
+}
