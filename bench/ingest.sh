@@ -55,11 +55,6 @@ listen = "127.0.0.1:0"
 [[tables]]
 table = "public.users"
 entity = "user"
-
-[[subscriptions]]
-name = "sink"
-url = "http://127.0.0.1:9/hook"
-events = ["user.*"]
 TOML
 WALHOOK_LOG=warn "$WALHOOK" setup -c "$DIR/walhook.toml" >/dev/null
 sql "SELECT pg_create_logical_replication_slot('recvlogical_bench', 'pgoutput')" >/dev/null
