@@ -118,6 +118,16 @@ impl ReplicationStream {
         let mut client = ReplicationClient::connect(&self.params, &self.opts.application_name)
             .await
             .map_err(SetupError::Replication)?;
+        // IDENTIFY_SYSTEM: which cluster and timeline this is (logged; a failover
+        // shows up as a new timeline).
+        let ident = client
+            .simple_query("IDENTIFY_SYSTEM")
+            .await
+            .map_err(SetupError::Replication)?;
+        if let Some(row) = ident.first() {
+            let field = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+            tracing::debug!(systemid = %field(0), timeline = %field(1), xlogpos = %field(2), "identified the server");
+        }
         if self.opts.temporary {
             create_slot(&mut client, &self.opts.slot, true).await?;
         }
