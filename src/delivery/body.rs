@@ -70,40 +70,9 @@ fn lookup<'a>(mut value: &'a Value, path: &[String]) -> Option<&'a Value> {
 mod tests {
     use super::*;
     use crate::mapping::test_support::config;
-    use crate::routing::EventSource;
-    use crate::source::decoder::TableName;
-    use chrono::{TimeZone, Utc};
     use serde_json::json;
-    use std::sync::Arc;
 
-    /// The payload example of DESIGN.md.
-    fn example() -> Envelope {
-        let row = |v: Value| match v {
-            Value::Object(m) => m,
-            _ => unreachable!(),
-        };
-        Envelope {
-            id: "evt_01JDX5".into(),
-            event_type: "user.updated".into(),
-            entity: Arc::from("user"),
-            entity_id: "42".into(),
-            revision: 7,
-            occurred_at: Utc.timestamp_opt(1_795_634_130, 123_456_000).unwrap(),
-            data: row(json!({"id": 42, "email": "a@example.com", "status": "active"})),
-            previous: Some(row(
-                json!({"id": 42, "email": "old@example.com", "status": "active"}),
-            )),
-            changed: Some(vec!["email".into()]),
-            source: EventSource {
-                table: Arc::new(TableName {
-                    schema: "public".into(),
-                    name: "users".into(),
-                }),
-                lsn: "0/16B3748".parse().unwrap(),
-                xid: 7345,
-            },
-        }
-    }
+    use crate::routing::envelope::tests::example;
 
     /// The body `subscription` (TOML lines after `events`) gives for the example.
     fn body(subscription: &str) -> Value {

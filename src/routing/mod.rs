@@ -1,7 +1,7 @@
 //! The routing stage: which subscriptions an entity event is due to, and the
 //! [`Envelope`] it is delivered as.
 
-mod envelope;
+pub(crate) mod envelope;
 mod router;
 
 pub use envelope::{Envelope, EventSource};
