@@ -260,3 +260,62 @@ events = ["user.*"]
         .get(0);
     assert_eq!(dead, 1);
 }
+
+#[tokio::test]
+async fn two_processes_on_one_store_send_each_delivery_once() {
+    let db = users_db().await;
+    let receiver = Receiver::start(|_| 200).await;
+    let work = Workdir::new(&config(
+        &db,
+        &format!(
+            r#"
+[[subscriptions]]
+name = "a"
+url = "{url}"
+events = ["user.*"]
+
+[[subscriptions]]
+name = "b"
+url = "{url}"
+events = ["user.created"]
+"#,
+            url = receiver.url
+        ),
+    ));
+    let mut first = work.spawn_run(0);
+    wait_streaming(&db, &mut first).await;
+    let mut second = work.spawn_run(1);
+    for i in 0..100 {
+        db.batch(&format!("INSERT INTO users VALUES ({i}, 'u{i}@x', 0)"))
+            .await;
+        db.batch(&format!("UPDATE users SET n = 1 WHERE id = {i}"))
+            .await;
+    }
+    // Subscription a gets 200 events, b the 100 creations.
+    wait_for("300 deliveries", WAIT, || async {
+        receiver.received().len() >= 300
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        first.is_running() && second.is_running(),
+        "{}\n{}",
+        first.log(),
+        second.log()
+    );
+    // Per event id: creations go to both subscriptions, updates only to `a`; any
+    // other count is a duplicate (or a loss).
+    let mut seen: HashMap<String, (String, usize)> = HashMap::new();
+    for r in receiver.received() {
+        let body = r.json();
+        let entry = seen
+            .entry(r.headers["webhook-id"].clone())
+            .or_insert_with(|| (body["type"].as_str().unwrap().to_owned(), 0));
+        entry.1 += 1;
+    }
+    assert_eq!(seen.len(), 200);
+    for (id, (kind, n)) in &seen {
+        let expected = if kind == "user.created" { 2 } else { 1 };
+        assert_eq!(*n, expected, "event {id} ({kind}) delivered {n} times");
+    }
+}
