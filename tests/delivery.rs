@@ -319,3 +319,94 @@ events = ["user.created"]
         assert_eq!(*n, expected, "event {id} ({kind}) delivered {n} times");
     }
 }
+
+#[tokio::test]
+async fn thin_and_fields_bodies_have_exactly_the_configured_shape() {
+    let db = create_db().await;
+    db.batch("CREATE TABLE users (id int PRIMARY KEY, email text, password_hash text)")
+        .await;
+    let thin = Receiver::start(|_| 200).await;
+    let shaped = Receiver::start(|_| 200).await;
+    let toml = config(
+        &db,
+        &format!(
+            r#"
+[[subscriptions]]
+name = "thin"
+url = "{}"
+events = ["user.*"]
+payload = "thin"
+
+[[subscriptions]]
+name = "shaped"
+url = "{}"
+events = ["user.*"]
+fields = {{ ApiResource = "entity_id", UpdateTimestamp = "occurred_at", ResourcePayload = "data", Revision = "revision" }}
+"#,
+            thin.url, shaped.url
+        ),
+    )
+    .replace("entity = \"user\"", "entity = \"user\"\nexclude_columns = [\"password_hash\"]");
+    let work = Workdir::new(&toml);
+    let mut daemon = work.spawn_run(0);
+    wait_streaming(&db, &mut daemon).await;
+    db.batch("INSERT INTO users VALUES (7, 'a@x', 'hash-secret')")
+        .await;
+    wait_for("both bodies", WAIT, || async {
+        !thin.received().is_empty() && !shaped.received().is_empty()
+    })
+    .await;
+
+    let body = thin.received()[0].json();
+    let keys: Vec<&str> = body
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "id",
+            "type",
+            "entity",
+            "entity_id",
+            "revision",
+            "occurred_at",
+            "source"
+        ]
+    );
+    assert_eq!(body["type"], "user.created");
+
+    let body = shaped.received()[0].json();
+    // JSON objects are unordered; figment hands `fields` over sorted by key.
+    let mut keys: Vec<&str> = body
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "ApiResource",
+            "ResourcePayload",
+            "Revision",
+            "UpdateTimestamp"
+        ]
+    );
+    assert_eq!(body["ApiResource"], "7");
+    assert_eq!(body["Revision"], 1, "a number stays a number");
+    assert_eq!(
+        body["ResourcePayload"],
+        serde_json::json!({"id": 7, "email": "a@x"})
+    );
+    assert!(body["UpdateTimestamp"].as_str().unwrap().ends_with('Z'));
+    for r in thin.received().iter().chain(shaped.received().iter()) {
+        assert!(
+            !String::from_utf8_lossy(&r.body).contains("hash-secret"),
+            "a redacted column was sent"
+        );
+    }
+}
