@@ -410,3 +410,74 @@ fields = {{ ApiResource = "entity_id", UpdateTimestamp = "occurred_at", Resource
         );
     }
 }
+
+/// A receiver that takes 200 ms per request and records the most requests it had in
+/// flight at once.
+async fn slow_receiver() -> (Receiver, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let now = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let (n, p) = (now.clone(), peak.clone());
+    let receiver = Receiver::start(move |_| {
+        let inflight = n.fetch_add(1, Ordering::SeqCst) + 1;
+        p.fetch_max(inflight, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(200));
+        n.fetch_sub(1, Ordering::SeqCst);
+        200
+    })
+    .await;
+    (receiver, peak)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 12)]
+async fn ordering_none_sends_one_entity_in_parallel_and_entity_ordering_does_not() {
+    let db = users_db().await;
+    let (parallel, parallel_peak) = slow_receiver().await;
+    let (serial, serial_peak) = slow_receiver().await;
+    let work = Workdir::new(&config(
+        &db,
+        &format!(
+            r#"
+[[subscriptions]]
+name = "parallel"
+url = "{}"
+events = ["user.*"]
+ordering = "none"
+
+[[subscriptions]]
+name = "serial"
+url = "{}"
+events = ["user.*"]
+"#,
+            parallel.url, serial.url
+        ),
+    ));
+    let mut daemon = work.spawn_run(0);
+    wait_streaming(&db, &mut daemon).await;
+    // One transaction, so all eight events reach the dispatcher in one round.
+    let mut sql = String::from("INSERT INTO users VALUES (1, 'a', 0);");
+    for n in 1..8 {
+        sql.push_str(&format!("UPDATE users SET n = {n} WHERE id = 1;"));
+    }
+    db.batch(&sql).await;
+    wait_for("8 deliveries to each", WAIT, || async {
+        parallel.received().len() >= 8 && serial.received().len() >= 8
+    })
+    .await;
+    let (p, s) = (
+        parallel_peak.load(std::sync::atomic::Ordering::SeqCst),
+        serial_peak.load(std::sync::atomic::Ordering::SeqCst),
+    );
+    assert!(
+        p > 1,
+        "ordering = none: one entity's events went one at a time"
+    );
+    assert_eq!(s, 1, "ordering = entity: one entity's events overlapped");
+    let revisions: Vec<i64> = serial
+        .received()
+        .iter()
+        .map(|r| r.json()["revision"].as_i64().unwrap())
+        .collect();
+    assert_eq!(revisions, (1..=8).collect::<Vec<_>>());
+}
