@@ -481,3 +481,68 @@ events = ["user.*"]
         .collect();
     assert_eq!(revisions, (1..=8).collect::<Vec<_>>());
 }
+
+#[tokio::test]
+async fn delivered_events_are_purged_after_retention_and_pending_ones_kept() {
+    let db = users_db().await;
+    let ok = Receiver::start(|_| 200).await;
+    let toml = config(
+        &db,
+        &format!(
+            r#"
+[[subscriptions]]
+name = "ok"
+url = "{}"
+events = ["user.created"]
+
+[[subscriptions]]
+name = "down"
+url = "http://127.0.0.1:9/hook"
+events = ["user.updated"]
+
+[subscriptions.retry]
+backoff = ["1h"]
+"#,
+            ok.url
+        ),
+    )
+    .replace("[server]", "[store]\nretention = \"1s\"\n\n[server]");
+    let work = Workdir::new(&toml);
+    let mut daemon = work.spawn_run(0);
+    wait_streaming(&db, &mut daemon).await;
+    for i in 0..10 {
+        db.batch(&format!("INSERT INTO users VALUES ({i}, 'a', 0)"))
+            .await;
+    }
+    db.batch("UPDATE users SET n = 1 WHERE id = 0").await;
+    wait_for("10 deliveries", WAIT, || async {
+        ok.received().len() >= 10
+    })
+    .await;
+    let client = db.client().await;
+    // The ten delivered creations go; the update, pending for `down`, stays.
+    wait_for("the delivered events purged", WAIT, || async {
+        client
+            .query_one("SELECT count(*) FROM walhook.events", &[])
+            .await
+            .map(|r| r.get::<_, i64>(0) == 1)
+            .unwrap_or(false)
+    })
+    .await;
+    let left: String = client
+        .query_one("SELECT type FROM walhook.events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, "user.updated");
+    let status: String = client
+        .query_one(
+            "SELECT status FROM walhook.deliveries WHERE subscription = 'down'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "pending");
+    assert!(daemon.is_running(), "{}", daemon.log());
+}

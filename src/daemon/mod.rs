@@ -59,6 +59,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
             dispatch_stop.clone(),
         ));
     }
+    let purge_store = Store::connect(&prepared.store_params, &config.store.schema).await?;
+    dispatchers.spawn(purge_loop(
+        purge_store,
+        config
+            .subscriptions
+            .iter()
+            .map(|s| s.name.as_str().to_owned())
+            .collect(),
+        config.store.retention,
+        config.store.dead_retention,
+        dispatch_stop.clone(),
+    ));
     let result = ingest_until_shutdown(
         &config,
         prepared.source_params,
@@ -165,6 +177,47 @@ async fn ingest_until_shutdown(
         Err(_) => warn!("source task did not stop within 10 s"),
     }
     result
+}
+
+/// Deletes what retention allows, in small batches, about once a minute (more often
+/// with a short retention).
+async fn purge_loop(
+    mut store: Store,
+    subscriptions: Vec<String>,
+    retention: Duration,
+    dead_retention: Duration,
+    stop: CancellationToken,
+) {
+    let period = retention
+        .min(Duration::from_secs(60))
+        .max(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+        loop {
+            match store
+                .purge_once(&subscriptions, retention, dead_retention)
+                .await
+            {
+                Ok(n) if n == crate::store::purge::PURGE_BATCH as u64 => continue,
+                Ok(n) => {
+                    if n > 0 {
+                        tracing::debug!(events = n, "purged");
+                    }
+                    break;
+                }
+                Err(e) => {
+                    warn!(error = %e, "purge failed; trying again later");
+                    if store.is_closed() {
+                        let _ = store.reconnect().await;
+                    }
+                    break;
+                }
+            }
+        }
+    }
 }
 
 fn hostname() -> String {
