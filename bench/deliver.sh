@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# deliver.sh — delivery figures on a throwaway cluster, receiver on loopback
+# (examples/sink.rs, answers 200 at once):
+#   1. commit-to-receiver latency p50/p99 at a steady 1,000 single-row changes/s (20 s);
+#   2. the highest sustained delivered events/s for a burst of ROWS changes (100-row txns).
+# Usage: bench/deliver.sh [ROWS] (default 100000)
+# Env:   PGBIN, BENCH_DIR, BENCH_PORT (default 55497), SINK_PORT (default 18080)
+set -euo pipefail
+
+ROWS="${1:-100000}"
+PORT="${BENCH_PORT:-55497}"
+SINK_PORT="${SINK_PORT:-18080}"
+PGBIN="${PGBIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)}"
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+DIR="${BENCH_DIR:-$(mktemp -d /tmp/walhook-bench.XXXXXX)}"
+(cd "$ROOT" && cargo build --release --quiet --bin walhook --example sink)
+WALHOOK="$ROOT/target/release/walhook"
+SINK="$ROOT/target/release/examples/sink"
+
+as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+sql() { "$PGBIN/psql" -X -q -A -t -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PORT" -U postgres -d bench -c "$1"; }
+
+chmod 0755 "$DIR"; [ "$(id -u)" -eq 0 ] && chown postgres: "$DIR"
+cleanup() { [ -n "${WPID:-}" ] && kill "$WPID" 2>/dev/null; as_pg "$PGBIN/pg_ctl" -D "$DIR/data" -m immediate stop >/dev/null 2>&1 || true; rm -rf "$DIR"; }
+trap cleanup EXIT
+
+as_pg "$PGBIN/initdb" -D "$DIR/data" -U postgres --auth=trust -E UTF8 >/dev/null
+cat >>"$DIR/data/postgresql.conf" <<CONF
+wal_level = logical
+listen_addresses = '127.0.0.1'
+port = $PORT
+unix_socket_directories = '$DIR'
+CONF
+as_pg "$PGBIN/pg_ctl" -D "$DIR/data" -l "$DIR/pg.log" -w start >/dev/null
+"$PGBIN/psql" -X -q -h 127.0.0.1 -p "$PORT" -U postgres -c "CREATE DATABASE bench" postgres
+sql "CREATE TABLE users (id bigserial PRIMARY KEY, org_id int NOT NULL, email text NOT NULL, status text NOT NULL DEFAULT 'active')"
+cat >"$DIR/walhook.toml" <<TOML
+[source]
+url = "postgres://postgres@127.0.0.1:$PORT/bench?sslmode=disable"
+
+[server]
+listen = "127.0.0.1:0"
+
+[[tables]]
+table = "public.users"
+entity = "user"
+
+[[subscriptions]]
+name = "sink"
+url = "http://127.0.0.1:$SINK_PORT/hook"
+events = ["user.*"]
+secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+max_in_flight = 64
+TOML
+WALHOOK_LOG=warn "$WALHOOK" run -c "$DIR/walhook.toml" 2>"$DIR/walhook.log" &
+WPID=$!
+sleep 2
+
+log "1. latency at 1,000 changes/s for 20 s"
+echo "INSERT INTO users (org_id, email) VALUES (1, 'u' || random() || '@example.com');" >"$DIR/one.sql"
+"$SINK" "$SINK_PORT" 20000 >"$DIR/sink1.txt" &
+SPID=$!
+sleep 0.5
+"$PGBIN/pgbench" -n -h 127.0.0.1 -p "$PORT" -U postgres -c 4 -j 2 -R 1000 -T 20 -f "$DIR/one.sql" bench >/dev/null
+wait "$SPID"
+echo "steady 1,000/s: $(cat "$DIR/sink1.txt")"
+
+log "2. burst of $ROWS changes in 100-row transactions"
+"$SINK" "$SINK_PORT" "$ROWS" >"$DIR/sink2.txt" &
+SPID=$!
+sleep 0.5
+echo "INSERT INTO users (org_id, email) SELECT 1, 'u' || g || '@example.com' FROM generate_series(1, 100) g;" >"$DIR/batch.sql"
+"$PGBIN/pgbench" -n -h 127.0.0.1 -p "$PORT" -U postgres -c 4 -j 2 -t $((ROWS / 400)) -f "$DIR/batch.sql" bench >/dev/null
+wait "$SPID"
+echo "burst: $(cat "$DIR/sink2.txt")"
