@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use super::ConfigArg;
-use crate::source::connect::{ConnectParams, SqlConnectError};
+use crate::source::connect::ConnectParams;
 use crate::source::setup::{self, SetupError};
 
 #[derive(Debug, clap::Args)]
@@ -84,11 +84,7 @@ async fn check(args: &CheckArgs, report: &mut Report) -> bool {
             c
         }
         Err(e) => {
-            report.add(
-                Level::Error,
-                "connection",
-                describe_connect_error(&params, e),
-            );
+            report.add(Level::Error, "connection", params.describe_sql_error(e));
             return false;
         }
     };
@@ -190,33 +186,4 @@ async fn check(args: &CheckArgs, report: &mut Report) -> bool {
         Err(e) => report.add(Level::Error, "slot", e),
     }
     true
-}
-
-/// A one-paragraph explanation of why an ordinary SQL connection failed.
-pub fn describe_connect_error(params: &ConnectParams, err: SqlConnectError) -> anyhow::Error {
-    let target = params.redacted();
-    let SqlConnectError::Postgres(pg) = err else {
-        return anyhow::anyhow!("{err}");
-    };
-    if let Some(db) = pg.as_db_error() {
-        let fix = match db.code().code() {
-            "28P01" => "Fix: check the user and password in [source] url (or PGPASSWORD)",
-            "28000" => {
-                "Fix: allow this user, database and host in pg_hba.conf, or use another role"
-            }
-            "3D000" => "Fix: correct the database name in [source] url",
-            "53300" => "Fix: free connections or raise max_connections",
-            _ => "",
-        };
-        return anyhow::anyhow!(
-            "PostgreSQL at {target} refused the connection: {}. {fix}",
-            db.message()
-        );
-    }
-    let cause = std::error::Error::source(&pg)
-        .map(|c| c.to_string())
-        .unwrap_or_else(|| pg.to_string());
-    anyhow::anyhow!(
-        "cannot reach PostgreSQL at {target}: {cause}. Fix: check the host and port in [source] url, and that the server is running and accepts TCP connections from here"
-    )
 }

@@ -152,7 +152,7 @@ async fn connect(args: &TailArgs) -> anyhow::Result<ReplicationStream> {
     let sql = params
         .connect_sql()
         .await
-        .map_err(|e| super::check::describe_connect_error(&params, e))?;
+        .map_err(|e| anyhow::anyhow!(params.describe_sql_error(e)))?;
     setup::check_wal_level(&sql).await?;
     setup::check_replication_role(&sql).await?;
     setup::inspect_tables(&sql, &tables).await?;

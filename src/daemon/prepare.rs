@@ -71,11 +71,10 @@ impl Routes {
 /// Checks the source, migrates the store, makes the publication and the slot.
 pub async fn prepare(config: &Config) -> Result<Prepared, PrepareError> {
     let source_params = ConnectParams::parse(config.source.url.expose().as_str())?;
-    let sql = source_params.connect_sql().await.map_err(|e| {
-        PrepareError::Connect(
-            crate::cli::check::describe_connect_error(&source_params, e).to_string(),
-        )
-    })?;
+    let sql = source_params
+        .connect_sql()
+        .await
+        .map_err(|e| PrepareError::Connect(source_params.describe_sql_error(e)))?;
     setup::check_wal_level(&sql).await?;
     setup::check_replication_role(&sql).await?;
     let names: Vec<QualifiedName> = config

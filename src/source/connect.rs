@@ -234,6 +234,38 @@ impl ConnectParams {
     }
 }
 
+impl ConnectParams {
+    /// A one-paragraph explanation of why an ordinary SQL connection failed, naming
+    /// the fix (never the password).
+    pub fn describe_sql_error(&self, err: SqlConnectError) -> String {
+        let target = self.redacted();
+        let SqlConnectError::Postgres(pg) = err else {
+            return err.to_string();
+        };
+        if let Some(db) = pg.as_db_error() {
+            let fix = match db.code().code() {
+                "28P01" => "Fix: check the user and password in [source] url (or PGPASSWORD)",
+                "28000" => {
+                    "Fix: allow this user, database and host in pg_hba.conf, or use another role"
+                }
+                "3D000" => "Fix: correct the database name in [source] url",
+                "53300" => "Fix: free connections or raise max_connections",
+                _ => "",
+            };
+            return format!(
+                "PostgreSQL at {target} refused the connection: {}. {fix}",
+                db.message()
+            );
+        }
+        let cause = std::error::Error::source(&pg)
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| pg.to_string());
+        format!(
+            "cannot reach PostgreSQL at {target}: {cause}. Fix: check the host and port in [source] url, and that the server is running and accepts TCP connections from here"
+        )
+    }
+}
+
 /// An ordinary SQL connection could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum SqlConnectError {
