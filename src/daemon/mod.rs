@@ -32,6 +32,8 @@ pub enum DaemonError {
     Stream(#[from] crate::source::stream::StreamError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Delivery(#[from] crate::delivery::DeliveryError),
     #[error("the source task stopped unexpectedly: {0}")]
     SourceTask(String),
 }
@@ -47,7 +49,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     let wake = Arc::new(Notify::new());
     let dispatch_stop = CancellationToken::new();
     let mut dispatchers = JoinSet::new();
-    let clients = Arc::new(HttpClients::new().map_err(|e| DaemonError::SourceTask(e.to_string()))?);
+    let clients = Arc::new(HttpClients::new()?);
     for sub in &config.subscriptions {
         let store = Store::connect(&prepared.store_params, &config.store.schema).await?;
         dispatchers.spawn(dispatch::run(
