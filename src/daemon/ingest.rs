@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 
 use super::DaemonError;
 use super::source_task::SourceMsg;
+use crate::delivery::wake::Wake;
 use crate::source::Lsn;
 use crate::store::{IngestBatch, Store, StoreError};
 
@@ -56,7 +57,7 @@ struct InFlight {
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     mut stores: Vec<Store>,
-    wake: Arc<Notify>,
+    wake: Arc<Wake>,
     slot: &str,
     epoch: i64,
     mut last_seq: i64,
@@ -142,7 +143,7 @@ async fn finish_oldest(
     epoch: i64,
     last_seq: &mut i64,
     confirm: &watch::Sender<Lsn>,
-    wake: &Notify,
+    wake: &Wake,
 ) -> Result<(), DaemonError> {
     let Some(oldest) = in_flight.pop_front() else {
         return Ok(());
@@ -160,7 +161,7 @@ async fn finish_oldest(
             }
             debug!(events = pending.events, "batch ingested");
             // Dispatchers in this process learn of new events at once.
-            wake.notify_waiters();
+            wake.notify();
             Ok(())
         }
         Err(err) => {
@@ -185,7 +186,7 @@ async fn finish_oldest(
                     confirm.send_replace(end);
                 }
             }
-            wake.notify_waiters();
+            wake.notify();
             Ok(())
         }
     }

@@ -8,7 +8,7 @@ pub mod source_task;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -16,6 +16,7 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::delivery::HttpClients;
 use crate::delivery::dispatch;
+use crate::delivery::wake::{self, Wake};
 use crate::source::Lsn;
 use crate::source::stream::{ConfirmMode, ReplicationStream, StreamOptions};
 use crate::store::Store;
@@ -46,9 +47,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
 
     // Delivery runs whether or not this instance holds the slot (G8): each subscription
     // is dispatched by whichever instance holds its lease in the store.
-    let wake = Arc::new(Notify::new());
+    let wake = Arc::new(Wake::new());
     let dispatch_stop = CancellationToken::new();
     let mut dispatchers = JoinSet::new();
+    if !config.subscriptions.is_empty() {
+        dispatchers.spawn(wake::listen(
+            prepared.store_params.clone(),
+            config.store.schema.clone(),
+            wake.clone(),
+            dispatch_stop.clone(),
+        ));
+    }
     let clients = Arc::new(HttpClients::new()?);
     for sub in &config.subscriptions {
         let store = Store::connect(&prepared.store_params, &config.store.schema).await?;
@@ -109,7 +118,7 @@ async fn ingest_until_shutdown(
     mapper: crate::mapping::Mapper,
     routes: Arc<prepare::Routes>,
     owner: &str,
-    wake: Arc<Notify>,
+    wake: Arc<Wake>,
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
     let slot = config.source.slot.clone();

@@ -1,221 +1,591 @@
 //! The dispatcher of one subscription: holds the subscription's lease in the store (one
 //! instance at a time sends its deliveries), sends due retries and new events past its
 //! cursor, keeps per-entity order (G5) and records what needs another attempt (G4).
+//!
+//! It is a pipeline, not a series of rounds: one coordinator task fetches events from
+//! the log (while earlier ones are still in flight), starts attempts as tasks (at most
+//! `max_in_flight` at once), records their results in batches, and moves the cursor up
+//! to the oldest event not yet settled. An event is settled once it is delivered at its
+//! first attempt, filtered out, or has a retry row (retry, dead, or queued behind an
+//! earlier delivery of its entity); only settled events are ever behind the cursor, so
+//! a crash re-sends at most what was in flight, never skips anything.
+//!
+//! With `ordering = "entity"`, an entity's fetched events form a chain in memory: the
+//! next one starts when the one before it is answered, and when that answer asks for a
+//! retry, the rest of the chain is queued behind it as retry rows. An entity that has a
+//! pending retry row when its new events are fetched gets them queued behind that row.
+//! Retry rows are taken oldest first per entity.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Attempt, Decision, HttpClients, body, decide, request_headers};
+use super::wake::Wake;
+use super::{Attempt, AttemptOutcome, Decision, HttpClients, body, decide, request_headers};
 use crate::config::{Ordering, SubscriptionConfig};
 use crate::routing::{Envelope, EventSource, Router};
 use crate::source::decoder::TableName;
-use crate::store::deliveries::{AttemptRecord, DueEvent};
+use crate::store::deliveries::{AttemptRecord, DueEvent, SubscriptionLease};
 use crate::store::{Store, StoreError};
 
 /// How long a lease lasts without renewal; another instance takes over after it.
 const LEASE_SECONDS: f64 = 15.0;
-/// Events fetched per round.
+/// How often the lease is renewed (and pause or disable by an operator noticed).
+const RENEW: Duration = Duration::from_secs(1);
+/// Events fetched from the log, or retry rows taken, per query.
 const BATCH: i64 = 500;
-/// How often an idle dispatcher looks for work written by other processes.
+/// Fetched events waiting in memory at most (their number, not the backlog's, bounds
+/// the memory a dispatcher uses: G6).
+const WAITING_MAX: usize = 2_000;
+/// How often a dispatcher looks for work without being woken (retries coming due,
+/// events written by a process whose notification was lost).
 const POLL: Duration = Duration::from_millis(250);
-
-/// What happened to one event in a round.
-pub enum Handled {
-    /// Delivered, filtered out, or recorded for a later attempt or as dead.
-    Done,
-    /// A retry is pending: later events of the entity must queue behind it.
-    Pending,
-    /// 410 Gone: the subscription is now disabled.
-    Disabled,
-}
+/// How often the cursor is written while events keep being settled.
+const CURSOR_EVERY: Duration = Duration::from_millis(50);
 
 /// Runs the dispatcher of `sub` until `shutdown`.
 pub async fn run(
     sub: SubscriptionConfig,
-    mut store: Store,
+    store: Store,
     clients: Arc<HttpClients>,
     owner: String,
-    wake: Arc<Notify>,
+    wake: Arc<Wake>,
     shutdown: CancellationToken,
 ) {
-    let name = sub.name.as_str().to_owned();
     let sub = Arc::new(sub);
-    let router = Arc::new(Router::new(std::slice::from_ref(&*sub)));
-    let mut leased = false;
-    loop {
-        if shutdown.is_cancelled() {
-            break;
-        }
-        match round(&sub, &store, &clients, &router, &owner, &mut leased).await {
-            Ok(true) => continue,
-            Ok(false) => {}
-            Err(e) => {
-                warn!(subscription = %name, error = %e, "dispatch round failed; retrying");
-                if store.is_closed() {
-                    let _ = store.reconnect().await;
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut d = Dispatcher {
+        router: Arc::new(Router::new(std::slice::from_ref(&*sub))),
+        ordered: sub.ordering == Ordering::Entity,
+        sub,
+        clients,
+        store,
+        owner,
+        leased: false,
+    };
+    let mut woken = wake.subscribe();
+    while !shutdown.is_cancelled() {
+        if let Err(e) = d.session(&mut woken, &shutdown).await {
+            warn!(subscription = %d.sub.name, error = %e, "dispatching failed; retrying");
+            if d.store.is_closed() {
+                let _ = d.store.reconnect().await;
             }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            continue;
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = wake.notified() => {}
+            _ = woken.changed() => {}
             _ = tokio::time::sleep(POLL) => {}
         }
     }
-    if leased {
-        let _ = store.release_subscription(&name, &owner).await;
+    if d.leased {
+        let _ = d
+            .store
+            .release_subscription(d.sub.name.as_str(), &d.owner)
+            .await;
     }
 }
 
-/// One round: due retries, then new events. Returns whether there may be more work now.
-async fn round(
-    sub: &Arc<SubscriptionConfig>,
-    store: &Store,
-    clients: &Arc<HttpClients>,
-    router: &Arc<Router>,
-    owner: &str,
-    leased: &mut bool,
-) -> Result<bool, StoreError> {
-    let name = sub.name.as_str();
-    let Some(lease) = store.lease_subscription(name, owner, LEASE_SECONDS).await? else {
-        *leased = false;
-        return Ok(false);
-    };
-    if !*leased {
-        info!(subscription = %name, "dispatching this subscription");
-        *leased = true;
-    }
-    if !lease.enabled || lease.paused {
-        return Ok(false);
-    }
-    let ordered = sub.ordering == Ordering::Entity;
-
-    // Due retries: with ordering, at most the oldest pending row per entity.
-    let retries = store.due_retries(name, ordered, BATCH).await?;
-    let retried = retries.len();
-    let groups: Vec<Vec<DueEvent>> = retries.into_iter().map(|e| vec![e]).collect();
-    if send_groups(sub, store, clients, router, groups, ordered).await? {
-        return Ok(false);
-    }
-
-    // New events past the cursor.
-    let events = store.new_events(name, lease.cursor, BATCH).await?;
-    let Some(last) = events.last().map(|e| e.seq) else {
-        return Ok(retried as i64 == BATCH);
-    };
-    let fetched = events.len();
-    let groups = if ordered {
-        let mut by_entity: HashMap<(String, String), Vec<DueEvent>> = HashMap::new();
-        let mut order = Vec::new();
-        for e in events {
-            let key = (e.entity.clone(), e.entity_id.clone());
-            if !by_entity.contains_key(&key) {
-                order.push(key.clone());
-            }
-            by_entity.entry(key).or_default().push(e);
-        }
-        let blocked = store.blocked_entities(name, &order).await?;
-        let mut groups = Vec::with_capacity(order.len());
-        for key in order {
-            let group = by_entity.remove(&key).expect("grouped above");
-            if blocked.contains(&key) {
-                store
-                    .queue_behind(name, &group.iter().collect::<Vec<_>>())
-                    .await?;
-            } else {
-                groups.push(group);
-            }
-        }
-        groups
-    } else {
-        events.into_iter().map(|e| vec![e]).collect()
-    };
-    let disabled = send_groups(sub, store, clients, router, groups, ordered).await?;
-    store.advance_cursor(name, owner, last, true).await?;
-    Ok(!disabled && fetched as i64 == BATCH)
+/// Why a dispatching session ended.
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    /// Shutdown was asked for.
+    Shutdown,
+    /// Another instance holds the lease, or an operator paused the subscription, or it
+    /// got disabled (410 or an operator).
+    Stopped,
 }
 
-/// Sends each group's events in order (groups in parallel, at most `max_in_flight`
-/// requests at once); when an event needs a retry and order matters, the rest of its
-/// group queues behind it. Returns whether the subscription got disabled (410).
-async fn send_groups(
-    sub: &Arc<SubscriptionConfig>,
-    store: &Store,
-    clients: &Arc<HttpClients>,
-    router: &Arc<Router>,
-    groups: Vec<Vec<DueEvent>>,
+/// What an attempt task was sent.
+enum Kind {
+    /// An event past the cursor, at its first attempt.
+    New,
+    /// A retry row (retry, replay, or queued behind an earlier delivery).
+    Retry,
+}
+
+/// A finished attempt task.
+struct Done {
+    event: DueEvent,
+    kind: Kind,
+    result: Sent,
+}
+
+/// What became of an event handed to an attempt task.
+enum Sent {
+    /// The subscription's filter rejects it: nothing to send.
+    Filtered,
+    /// No request could be made of it (its body does not render).
+    Unsendable(String),
+    /// A request was made.
+    Attempted(Attempt, Decision),
+}
+
+/// What is in flight and waiting, and what the cursor may pass.
+struct Pipeline {
+    /// The last event fetched from the log.
+    fetched_upto: i64,
+    /// The cursor as stored.
+    cursor: i64,
+    /// Fetched events not settled yet.
+    unsettled: BTreeSet<i64>,
+    /// Events ready to be attempted, in order.
+    ready: VecDeque<(DueEvent, Kind)>,
+    /// With ordering: entities with an event in flight or ready, and the events queued
+    /// behind it in memory.
+    chains: HashMap<(String, String), VecDeque<DueEvent>>,
+    /// Events waiting in chains.
+    chained: usize,
+    in_flight: JoinSet<Done>,
+    retries_in_flight: usize,
+    /// The last retry query filled its batch: look again once those are done.
+    more_retries: bool,
+    /// No new attempts start (disabled, paused, lease lost, shutdown).
+    stopping: bool,
+    cursor_written_at: Instant,
+}
+
+impl Pipeline {
+    fn new(cursor: i64) -> Pipeline {
+        Pipeline {
+            fetched_upto: cursor,
+            cursor,
+            unsettled: BTreeSet::new(),
+            ready: VecDeque::new(),
+            chains: HashMap::new(),
+            chained: 0,
+            in_flight: JoinSet::new(),
+            retries_in_flight: 0,
+            more_retries: false,
+            stopping: false,
+            cursor_written_at: Instant::now(),
+        }
+    }
+
+    /// Events fetched and not yet started.
+    fn waiting(&self) -> usize {
+        self.ready.len() + self.chained
+    }
+
+    /// Where the cursor may go: just before the oldest unsettled event.
+    fn settled_upto(&self) -> i64 {
+        self.unsettled
+            .first()
+            .map_or(self.fetched_upto, |oldest| oldest - 1)
+    }
+
+    /// Stops starting attempts; what was waiting stays past the cursor.
+    fn stop(&mut self) {
+        self.stopping = true;
+        let retries = self.ready.iter().filter(|(_, k)| matches!(k, Kind::Retry));
+        self.retries_in_flight -= retries.count();
+        self.ready.clear();
+        self.chains.clear();
+        self.chained = 0;
+    }
+}
+
+struct Dispatcher {
+    sub: Arc<SubscriptionConfig>,
+    router: Arc<Router>,
+    clients: Arc<HttpClients>,
+    store: Store,
+    owner: String,
     ordered: bool,
-) -> Result<bool, StoreError> {
-    type Sent = Vec<(DueEvent, Option<(Attempt, Decision)>)>;
-    if groups.is_empty() {
-        return Ok(false);
+    leased: bool,
+}
+
+impl Dispatcher {
+    fn name(&self) -> &str {
+        self.sub.name.as_str()
     }
-    let limit = Arc::new(Semaphore::new(sub.max_in_flight.max(1) as usize));
-    let mut tasks: JoinSet<(Sent, Vec<DueEvent>)> = JoinSet::new();
-    for group in groups {
-        let (sub, clients, router, limit) =
-            (sub.clone(), clients.clone(), router.clone(), limit.clone());
-        tasks.spawn(async move {
-            let mut sent = Vec::new();
-            let mut rest = group.into_iter();
-            for event in rest.by_ref() {
-                let result = {
-                    let _permit = limit.acquire().await.expect("semaphore never closed");
-                    attempt(&sub, &clients, &router, &event).await
-                };
-                let blocks = ordered && matches!(result, Some((_, Decision::Retry { .. })));
-                sent.push((event, result));
-                if blocks {
-                    break;
+
+    /// Takes the lease and dispatches until it is lost, the subscription stops, or
+    /// shutdown; then lets what is in flight finish and records it.
+    async fn session(
+        &mut self,
+        woken: &mut watch::Receiver<u64>,
+        shutdown: &CancellationToken,
+    ) -> Result<End, StoreError> {
+        let Some(lease) = self.lease().await? else {
+            return Ok(End::Stopped);
+        };
+        let mut p = Pipeline::new(lease.cursor);
+        let end = self.pump(&mut p, woken, shutdown).await?;
+        p.stop();
+        while let Some(joined) = p.in_flight.join_next().await {
+            let done = joined.expect("delivery task panicked");
+            self.settle(&mut p, vec![done]).await?;
+        }
+        self.write_cursor(&mut p).await?;
+        Ok(end)
+    }
+
+    /// Takes or renews the lease; `None` when this instance is not to dispatch now.
+    async fn lease(&mut self) -> Result<Option<SubscriptionLease>, StoreError> {
+        let name = self.sub.name.as_str();
+        let Some(lease) = self
+            .store
+            .lease_subscription(name, &self.owner, LEASE_SECONDS)
+            .await?
+        else {
+            if self.leased {
+                info!(subscription = %name, "another instance dispatches this subscription now");
+            }
+            self.leased = false;
+            return Ok(None);
+        };
+        if !self.leased {
+            info!(subscription = %name, "dispatching this subscription");
+            self.leased = true;
+        }
+        Ok((lease.enabled && !lease.paused).then_some(lease))
+    }
+
+    /// The coordinator loop.
+    async fn pump(
+        &mut self,
+        p: &mut Pipeline,
+        woken: &mut watch::Receiver<u64>,
+        shutdown: &CancellationToken,
+    ) -> Result<End, StoreError> {
+        let limit = self.sub.max_in_flight.max(1) as usize;
+        let (mut want_new, mut want_retries) = (true, true);
+        let mut renew_at = Instant::now() + RENEW;
+        let mut poll_at = Instant::now() + POLL;
+        loop {
+            if !p.stopping {
+                if (want_retries || p.more_retries) && p.retries_in_flight == 0 {
+                    want_retries = false;
+                    self.fetch_retries(p).await?;
+                }
+                if want_new && p.waiting() < WAITING_MAX {
+                    want_new = self.fetch_new(p).await?;
+                }
+                while p.in_flight.len() < limit {
+                    let Some((event, kind)) = p.ready.pop_front() else {
+                        break;
+                    };
+                    self.start(p, event, kind);
                 }
             }
-            (sent, rest.collect())
-        });
-    }
-    let mut disabled = false;
-    while let Some(joined) = tasks.join_next().await {
-        let (sent, queued) = joined.expect("delivery task panicked");
-        for (event, result) in &sent {
-            if let Some((attempt, decision)) = result {
-                disabled |= matches!(
-                    record(store, sub, event, attempt, decision).await?,
-                    Handled::Disabled
-                );
+            if p.settled_upto() > p.cursor
+                && (p.in_flight.is_empty() || p.cursor_written_at.elapsed() >= CURSOR_EVERY)
+                && !self.write_cursor(p).await?
+            {
+                info!(subscription = %self.name(), "lost the lease to another instance");
+                self.leased = false;
+                return Ok(End::Stopped);
+            }
+            if p.stopping {
+                return Ok(End::Stopped);
+            }
+            if Instant::now() >= renew_at {
+                renew_at = Instant::now() + RENEW;
+                if self.lease().await?.is_none() {
+                    return Ok(End::Stopped);
+                }
+            }
+
+            let flush_at =
+                (p.settled_upto() > p.cursor).then(|| p.cursor_written_at + CURSOR_EVERY);
+            let tick = [Some(renew_at), Some(poll_at), flush_at]
+                .into_iter()
+                .flatten()
+                .min()
+                .expect("at least one deadline");
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Ok(End::Shutdown),
+                Some(joined) = p.in_flight.join_next(), if !p.in_flight.is_empty() => {
+                    let mut done = vec![joined.expect("delivery task panicked")];
+                    while let Some(joined) = p.in_flight.try_join_next() {
+                        done.push(joined.expect("delivery task panicked"));
+                    }
+                    self.settle(p, done).await?;
+                }
+                Ok(()) = woken.changed() => want_new = true,
+                _ = tokio::time::sleep_until(tick) => {
+                    if Instant::now() >= poll_at {
+                        poll_at = Instant::now() + POLL;
+                        want_new = true;
+                        want_retries = true;
+                    }
+                }
             }
         }
-        store
-            .queue_behind(sub.name.as_str(), &queued.iter().collect::<Vec<_>>())
-            .await?;
     }
-    Ok(disabled)
+
+    /// Takes due retry rows (with ordering, the oldest pending one of each entity whose
+    /// chain is not in memory).
+    async fn fetch_retries(&mut self, p: &mut Pipeline) -> Result<(), StoreError> {
+        let retries = self
+            .store
+            .due_retries(self.name(), self.ordered, BATCH)
+            .await?;
+        p.more_retries = retries.len() as i64 == BATCH;
+        // Retries go first, oldest first.
+        for event in retries.into_iter().rev() {
+            if self.ordered && p.chains.contains_key(&key(&event)) {
+                continue;
+            }
+            p.retries_in_flight += 1;
+            p.ready.push_front((event, Kind::Retry));
+        }
+        Ok(())
+    }
+
+    /// Fetches events past the last fetched one; returns whether there may be more.
+    async fn fetch_new(&mut self, p: &mut Pipeline) -> Result<bool, StoreError> {
+        let events = self
+            .store
+            .new_events(self.name(), p.fetched_upto, BATCH)
+            .await?;
+        let Some(last) = events.last().map(|e| e.seq) else {
+            return Ok(false);
+        };
+        let more = events.len() as i64 == BATCH;
+        p.fetched_upto = last;
+        p.unsettled.extend(events.iter().map(|e| e.seq));
+        if !self.ordered {
+            p.ready.extend(events.into_iter().map(|e| (e, Kind::New)));
+            return Ok(more);
+        }
+
+        // Entities with a chain in memory get these events appended to it; the others
+        // start a chain unless a retry row of theirs is pending in the store.
+        let mut order: Vec<(String, String)> = Vec::new();
+        let mut groups: HashMap<(String, String), Vec<DueEvent>> = HashMap::new();
+        for event in events {
+            let k = key(&event);
+            if let Some(chain) = p.chains.get_mut(&k) {
+                chain.push_back(event);
+                p.chained += 1;
+                continue;
+            }
+            let group = groups.entry(k.clone()).or_default();
+            if group.is_empty() {
+                order.push(k);
+            }
+            group.push(event);
+        }
+        let blocked = self.store.blocked_entities(self.name(), &order).await?;
+        let mut queued = Vec::new();
+        for k in order {
+            let group = groups.remove(&k).expect("grouped above");
+            if blocked.contains(&k) {
+                queued.extend(group);
+                continue;
+            }
+            let mut group = group.into_iter();
+            let first = group.next().expect("groups are not empty");
+            let rest: VecDeque<DueEvent> = group.collect();
+            p.chained += rest.len();
+            p.ready.push_back((first, Kind::New));
+            p.chains.insert(k, rest);
+        }
+        self.queue_behind(p, queued).await?;
+        Ok(more)
+    }
+
+    /// Starts the attempt of `event`.
+    fn start(&self, p: &mut Pipeline, event: DueEvent, kind: Kind) {
+        let (sub, clients, router) = (self.sub.clone(), self.clients.clone(), self.router.clone());
+        p.in_flight.spawn(async move {
+            let (event, result) = attempt(&sub, &clients, &router, event).await;
+            Done {
+                event,
+                kind,
+                result,
+            }
+        });
+    }
+
+    /// Records finished attempts (one statement for those that need a row), moves
+    /// chains on, and marks events settled.
+    async fn settle(&mut self, p: &mut Pipeline, done: Vec<Done>) -> Result<(), StoreError> {
+        let name = self.sub.name.as_str();
+        let now = SystemTime::now();
+        let mut rows = Vec::new();
+        let mut queued = Vec::new();
+        let mut disabled = None;
+        for d in &done {
+            let (attempt, decision) = match &d.result {
+                Sent::Attempted(attempt, decision) => (attempt, decision),
+                // A retry row the filter no longer lets through is settled as dead (an
+                // operator may replay it); a new event it rejects needs no row.
+                Sent::Filtered if matches!(d.kind, Kind::Retry) => {
+                    rows.push((
+                        &d.event,
+                        dead_row(&d.event, now, "filtered out by the subscription's filter"),
+                    ));
+                    continue;
+                }
+                Sent::Filtered => continue,
+                Sent::Unsendable(error) => {
+                    warn!(subscription = %name, event = %d.event.id, error = %error, "cannot build the request; the delivery is dead");
+                    rows.push((&d.event, dead_row(&d.event, now, error)));
+                    continue;
+                }
+            };
+            if let Some(location) = &attempt.location {
+                warn!(subscription = %name, event = %d.event.id, location = %location, "receiver redirected; redirects are not followed");
+            }
+            let (status, next, reason) = match decision {
+                Decision::Delivered if d.event.attempts == 0 => continue,
+                Decision::Delivered => ("delivered", now, None),
+                Decision::Retry { at, reason } => ("pending", *at, Some(reason.as_str())),
+                Decision::Dead { reason } => ("dead", now, Some(reason.as_str())),
+                Decision::DeadAndDisable { reason } => {
+                    disabled = Some(reason.as_str());
+                    ("dead", now, Some(reason.as_str()))
+                }
+            };
+            if status == "dead" {
+                warn!(subscription = %name, event = %d.event.id, attempts = d.event.attempts + 1, "delivery is dead");
+            }
+            rows.push((
+                &d.event,
+                AttemptRecord {
+                    status,
+                    attempts: d.event.attempts + 1,
+                    next_attempt_at: next,
+                    last_status: match &attempt.outcome {
+                        AttemptOutcome::Status { code, .. } => Some(i32::from(*code)),
+                        _ => None,
+                    },
+                    last_error: attempt.error.as_deref().or(reason),
+                    last_response: Some(attempt.response_head.as_str()).filter(|s| !s.is_empty()),
+                },
+            ));
+        }
+        if let Some(reason) = disabled {
+            self.store.disable_subscription(name, reason).await?;
+            warn!(subscription = %name, "receiver answered 410 Gone: subscription disabled until resumed");
+        }
+        self.store.record_attempts(name, &rows).await?;
+        drop(rows);
+        let disabled = disabled.is_some();
+
+        for d in done {
+            match d.kind {
+                Kind::Retry => p.retries_in_flight -= 1,
+                Kind::New => {
+                    p.unsettled.remove(&d.event.seq);
+                }
+            }
+            if !self.ordered || !matches!(d.kind, Kind::New) {
+                continue;
+            }
+            // The entity's chain: the next event starts, or all of it queues behind a
+            // retry.
+            let k = key(&d.event);
+            let retry = matches!(d.result, Sent::Attempted(_, Decision::Retry { .. }));
+            let Some(chain) = p.chains.get_mut(&k) else {
+                continue;
+            };
+            if retry {
+                let rest = p.chains.remove(&k).expect("looked up above");
+                p.chained -= rest.len();
+                queued.extend(rest);
+            } else if let Some(next) = chain.pop_front() {
+                p.chained -= 1;
+                p.ready.push_back((next, Kind::New));
+            } else {
+                p.chains.remove(&k);
+            }
+        }
+        self.queue_behind(p, queued).await?;
+        if disabled {
+            p.stop();
+        }
+        Ok(())
+    }
+
+    /// Queues `events` behind their entity's pending delivery and marks them settled.
+    async fn queue_behind(
+        &mut self,
+        p: &mut Pipeline,
+        events: Vec<DueEvent>,
+    ) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        self.store
+            .queue_behind(self.name(), &events.iter().collect::<Vec<_>>())
+            .await?;
+        for e in &events {
+            p.unsettled.remove(&e.seq);
+        }
+        Ok(())
+    }
+
+    /// Moves the stored cursor up to the settled events; false when the lease is lost.
+    async fn write_cursor(&mut self, p: &mut Pipeline) -> Result<bool, StoreError> {
+        let upto = p.settled_upto();
+        if upto <= p.cursor {
+            return Ok(true);
+        }
+        let held = self
+            .store
+            .advance_cursor(self.name(), &self.owner, upto, true)
+            .await?;
+        if held {
+            p.cursor = upto;
+            p.cursor_written_at = Instant::now();
+        }
+        Ok(held)
+    }
 }
 
-/// One HTTP attempt of `event`; `None` when the subscription's filter rejects it.
+/// The row of a delivery that is dead without an attempt.
+fn dead_row<'a>(event: &DueEvent, now: SystemTime, error: &'a str) -> AttemptRecord<'a> {
+    AttemptRecord {
+        status: "dead",
+        attempts: event.attempts,
+        next_attempt_at: now,
+        last_status: None,
+        last_error: Some(error),
+        last_response: None,
+    }
+}
+
+/// The (entity, id) an event belongs to.
+fn key(e: &DueEvent) -> (String, String) {
+    (e.entity.clone(), e.entity_id.clone())
+}
+
+/// One HTTP attempt of `event`, unless the subscription's filter rejects it.
 async fn attempt(
     sub: &SubscriptionConfig,
     clients: &HttpClients,
     router: &Router,
-    event: &DueEvent,
-) -> Option<(Attempt, Decision)> {
-    let envelope = envelope(event);
+    mut event: DueEvent,
+) -> (DueEvent, Sent) {
+    let envelope = envelope(&mut event);
     if sub.filter.is_some() && router.route(&envelope).subscriptions.is_empty() {
-        return None;
+        return (event, Sent::Filtered);
     }
     let body = match body::render(&envelope, sub) {
         Ok(b) => b,
         Err(e) => {
-            warn!(subscription = %sub.name, event = %event.id, error = %e, "cannot render the body");
-            return None;
+            return (
+                event,
+                Sent::Unsendable(format!("cannot render the body: {e}")),
+            );
         }
     };
+    drop(envelope);
     let now = SystemTime::now();
     let timestamp = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
     let headers = request_headers(sub, &event.id, timestamp, &body);
@@ -233,14 +603,15 @@ async fn attempt(
         fastrand::f64(),
     );
     debug!(subscription = %sub.name, event = %event.id, attempt = event.attempts + 1, elapsed_ms = result.elapsed.as_millis() as u64, "attempt");
-    Some((result, decision))
+    (event, Sent::Attempted(result, decision))
 }
 
-/// The envelope of a stored event.
-fn envelope(e: &DueEvent) -> Envelope {
+/// The envelope of a stored event; takes the event's row values (it needs only its
+/// metadata afterwards).
+fn envelope(e: &mut DueEvent) -> Envelope {
     let (schema, name) = e.table.split_once('.').unwrap_or(("", &e.table));
-    let as_row = |v: &serde_json::Value| match v {
-        serde_json::Value::Object(m) => m.clone(),
+    let as_row = |v: serde_json::Value| match v {
+        serde_json::Value::Object(m) => m,
         _ => serde_json::Map::new(),
     };
     Envelope {
@@ -250,8 +621,8 @@ fn envelope(e: &DueEvent) -> Envelope {
         entity_id: e.entity_id.clone(),
         revision: e.revision,
         occurred_at: DateTime::<Utc>::from(e.occurred_at),
-        data: as_row(&e.data),
-        previous: e.previous.as_ref().map(as_row),
+        data: as_row(std::mem::take(&mut e.data)),
+        previous: e.previous.take().map(as_row),
         changed: e.changed.clone(),
         source: EventSource {
             table: Arc::new(TableName {
@@ -262,54 +633,4 @@ fn envelope(e: &DueEvent) -> Envelope {
             xid: e.xid as u32,
         },
     }
-}
-
-/// Records an attempt's result; returns how it was handled.
-pub async fn record(
-    store: &Store,
-    sub: &SubscriptionConfig,
-    event: &DueEvent,
-    attempt: &Attempt,
-    decision: &Decision,
-) -> Result<Handled, StoreError> {
-    let name = sub.name.as_str();
-    let status = match &attempt.outcome {
-        super::AttemptOutcome::Status { code, .. } => Some(i32::from(*code)),
-        _ => None,
-    };
-    let now = SystemTime::now();
-    let (state, next, error, handled) = match decision {
-        Decision::Delivered => {
-            if event.attempts == 0 {
-                return Ok(Handled::Done);
-            }
-            ("delivered", now, None, Handled::Done)
-        }
-        Decision::Retry { at, reason } => ("pending", *at, Some(reason.as_str()), Handled::Pending),
-        Decision::Dead { reason } => ("dead", now, Some(reason.as_str()), Handled::Done),
-        Decision::DeadAndDisable { reason } => {
-            store.disable_subscription(name, reason).await?;
-            warn!(subscription = %name, "receiver answered 410 Gone: subscription disabled until resumed");
-            ("dead", now, Some(reason.as_str()), Handled::Disabled)
-        }
-    };
-    let last_error = attempt.error.as_deref().or(error);
-    if let Some(location) = &attempt.location {
-        warn!(subscription = %name, event = %event.id, location = %location, "receiver redirected; redirects are not followed");
-    }
-    store
-        .record_attempt(
-            name,
-            event,
-            &AttemptRecord {
-                status: state,
-                attempts: event.attempts + 1,
-                next_attempt_at: next,
-                last_status: status,
-                last_error,
-                last_response: Some(attempt.response_head.as_str()).filter(|s| !s.is_empty()),
-            },
-        )
-        .await?;
-    Ok(handled)
 }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio::sync::mpsc;
 
 /// Session settings sent at start-up on every connection, so that values do not depend
 /// on the server's defaults.
@@ -231,6 +232,45 @@ impl ConnectParams {
             }
         };
         Ok(client)
+    }
+
+    /// Like [`ConnectParams::connect_sql`], for a connection that `LISTEN`s: every
+    /// notification it receives sends `()` on the returned channel, which closes when
+    /// the connection does.
+    pub async fn connect_listen(
+        &self,
+    ) -> Result<(tokio_postgres::Client, mpsc::UnboundedReceiver<()>), SqlConnectError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let client = match self.tls_config()? {
+            None => {
+                let (client, conn) = self.pg.connect(tokio_postgres::NoTls).await?;
+                tokio::spawn(forward_notifications(conn, tx));
+                client
+            }
+            Some(tls) => {
+                let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
+                let (client, conn) = self.pg.connect(tls).await?;
+                tokio::spawn(forward_notifications(conn, tx));
+                client
+            }
+        };
+        Ok((client, rx))
+    }
+}
+
+/// Drives `conn`, sending `()` on `tx` for each notification.
+async fn forward_notifications<S, T>(
+    mut conn: tokio_postgres::Connection<S, T>,
+    tx: mpsc::UnboundedSender<()>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    while let Some(Ok(message)) = std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+        if matches!(message, tokio_postgres::AsyncMessage::Notification(_)) && tx.send(()).is_err()
+        {
+            return;
+        }
     }
 }
 

@@ -205,20 +205,55 @@ impl Store {
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
-    /// Creates or updates the retry row of (`subscription`, event `seq`).
-    pub async fn record_attempt(
+    /// Creates or updates the retry rows of `subscription` for attempts that need one
+    /// (a retry, a dead delivery, or a retried delivery that finally arrived), in one
+    /// statement. Each event may appear once.
+    pub async fn record_attempts(
         &self,
         subscription: &str,
-        event: &DueEvent,
-        rec: &AttemptRecord<'_>,
+        attempts: &[(&DueEvent, AttemptRecord<'_>)],
     ) -> Result<(), StoreError> {
-        let delivered_at = (rec.status == "delivered").then(SystemTime::now);
+        if attempts.is_empty() {
+            return Ok(());
+        }
+        let now = SystemTime::now();
+        let n = attempts.len();
+        let (mut seqs, mut entities, mut ids) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut states, mut counts, mut nexts) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut firsts, mut codes, mut errors) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut heads, mut delivered) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for (event, rec) in attempts {
+            seqs.push(event.seq);
+            entities.push(event.entity.as_str());
+            ids.push(event.entity_id.as_str());
+            states.push(rec.status);
+            counts.push(rec.attempts);
+            nexts.push(rec.next_attempt_at);
+            firsts.push(event.first_due_at);
+            codes.push(rec.last_status);
+            errors.push(rec.last_error);
+            heads.push(rec.last_response);
+            delivered.push((rec.status == "delivered").then_some(now));
+        }
         self.client
             .execute(
                 &format!(
                     "INSERT INTO {}.delivery_retries AS r (subscription, seq, entity, entity_id, status, attempts, next_attempt_at,
                         first_due_at, last_status, last_error, last_response, delivered_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                     SELECT $1, * FROM unnest($2::int8[], $3::text[], $4::text[], $5::text[], $6::int4[], $7::timestamptz[],
+                        $8::timestamptz[], $9::int4[], $10::text[], $11::text[], $12::timestamptz[])
                      ON CONFLICT (subscription, seq) DO UPDATE SET status = excluded.status, attempts = excluded.attempts,
                         next_attempt_at = excluded.next_attempt_at, last_status = excluded.last_status,
                         last_error = excluded.last_error, last_response = excluded.last_response,
@@ -226,18 +261,8 @@ impl Store {
                     self.s
                 ),
                 &[
-                    &subscription,
-                    &event.seq,
-                    &event.entity,
-                    &event.entity_id,
-                    &rec.status,
-                    &rec.attempts,
-                    &rec.next_attempt_at,
-                    &event.first_due_at,
-                    &rec.last_status,
-                    &rec.last_error,
-                    &rec.last_response,
-                    &delivered_at,
+                    &subscription, &seqs, &entities, &ids, &states, &counts, &nexts, &firsts, &codes, &errors, &heads,
+                    &delivered,
                 ],
             )
             .await?;

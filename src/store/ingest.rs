@@ -123,8 +123,12 @@ impl Store {
     ) -> Result<IngestOutcome, StoreError> {
         let s = self.s.clone();
         let tx = self.client.transaction().await?;
-        tx.batch_execute("SET LOCAL synchronous_commit = on")
-            .await?;
+        // The notification goes out at commit: dispatchers of other processes wake.
+        tx.batch_execute(&format!(
+            "SET LOCAL synchronous_commit = on; NOTIFY {}",
+            crate::delivery::wake::channel(&self.schema)
+        ))
+        .await?;
         let mut seq = seq_base;
 
         // Revisions: one upsert row per entity in the batch, adding its change count,

@@ -1,0 +1,97 @@
+//! How dispatchers learn that new events are in the log: ingest in this process bumps a
+//! [`Wake`] at once; events ingested by another process (the slot holder, when this
+//! instance only dispatches) arrive as a PostgreSQL `NOTIFY` that [`listen`] turns into
+//! the same bump. A dispatcher never misses a bump that happened while it was busy, and
+//! still polls the store every few hundred milliseconds in case a notification is lost.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::source::client::quote_ident;
+use crate::source::connect::ConnectParams;
+
+/// A generation counter: every bump wakes every dispatcher's receiver once.
+pub struct Wake {
+    tx: watch::Sender<u64>,
+}
+
+impl Default for Wake {
+    fn default() -> Self {
+        Wake::new()
+    }
+}
+
+impl Wake {
+    /// A counter at zero.
+    pub fn new() -> Wake {
+        Wake {
+            tx: watch::Sender::new(0),
+        }
+    }
+
+    /// New events are in the log.
+    pub fn notify(&self) {
+        self.tx.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    /// A receiver whose `changed()` resolves after the next bump (or at once when one
+    /// happened since it last looked).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.tx.subscribe()
+    }
+}
+
+/// The `NOTIFY` channel of the store in `schema` (ingest notifies it in the transaction
+/// that writes events, so the notification arrives only once they are committed).
+pub fn channel(schema: &str) -> String {
+    quote_ident(&format!("walhook_events.{schema}"))
+}
+
+/// Listens on the store's channel until `shutdown`, bumping `wake` on every
+/// notification; reconnects after a lost connection.
+pub async fn listen(
+    params: ConnectParams,
+    schema: String,
+    wake: std::sync::Arc<Wake>,
+    shutdown: CancellationToken,
+) {
+    let channel = channel(&schema);
+    let mut failures = 0u32;
+    while !shutdown.is_cancelled() {
+        match params.connect_listen().await {
+            Ok((client, mut notes)) => {
+                if let Err(e) = client.batch_execute(&format!("LISTEN {channel}")).await {
+                    warn!(error = %e, "cannot listen for new events; polling only");
+                } else {
+                    debug!("listening for new events");
+                    failures = 0;
+                    // Events may have arrived while the connection was down.
+                    wake.notify();
+                    loop {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            note = notes.recv() => match note {
+                                Some(()) => wake.notify(),
+                                None => break,
+                            },
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                if failures == 0 {
+                    warn!(error = %e, "cannot connect to listen for new events; polling until it works");
+                }
+            }
+        }
+        failures = failures.saturating_add(1);
+        let pause = Duration::from_millis(500 * u64::from(failures.min(10)));
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
