@@ -14,8 +14,8 @@ PGBIN="${PGBIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 DIR="${BENCH_DIR:-$(mktemp -d /tmp/walhook-bench.XXXXXX)}"
 (cd "$ROOT" && cargo build --release --quiet --bin walhook --example sink)
-WALHOOK="$ROOT/target/release/walhook"
-SINK="$ROOT/target/release/examples/sink"
+WALHOOK="${WALHOOK:-${CARGO_TARGET_DIR:-$ROOT/target}/release/walhook}"
+SINK="${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/sink"
 
 as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }

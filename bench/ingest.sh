@@ -12,7 +12,7 @@ ROWS="${1:-1000000}"
 PORT="${BENCH_PORT:-55498}"
 PGBIN="${PGBIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)}"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-WALHOOK="${WALHOOK:-$ROOT/target/release/walhook}"
+WALHOOK="${WALHOOK:-${CARGO_TARGET_DIR:-$ROOT/target}/release/walhook}"
 DIR="${BENCH_DIR:-$(mktemp -d /tmp/walhook-bench.XXXXXX)}"
 [ -x "$PGBIN/postgres" ] || { echo "no PostgreSQL server binaries (install postgresql-15 or set PGBIN)" >&2; exit 2; }
 [ -x "$WALHOOK" ] || (cd "$ROOT" && cargo build --release --quiet)

@@ -3,7 +3,8 @@
 //! (`occurred_at` in the body) to its arrival. Prints a summary line every second and
 //! the final figures after N requests.
 //!
-//! Usage: cargo run --release --example sink -- PORT N
+//! Usage: cargo run --release --example sink -- PORT N (stops after N requests, or 5 s
+//! after the last one)
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -18,8 +19,9 @@ async fn main() {
     let total: usize = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(10_000);
     let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind");
     let latencies: Arc<Mutex<Vec<f64>>> = Arc::new(Mutex::new(Vec::with_capacity(total)));
-    let first: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
-    let (l, f) = (latencies.clone(), first.clone());
+    // First and last arrival.
+    let span: Arc<Mutex<Option<(Instant, Instant)>>> = Arc::new(Mutex::new(None));
+    let (l, f) = (latencies.clone(), span.clone());
     tokio::spawn(async move {
         while let Ok((socket, _)) = listener.accept().await {
             let (l, f) = (l.clone(), f.clone());
@@ -70,7 +72,8 @@ async fn main() {
                             .unwrap_or_default()
                             .as_secs_f64()
                             * 1000.0;
-                        f.lock().unwrap().get_or_insert_with(Instant::now);
+                        let now = Instant::now();
+                        f.lock().unwrap().get_or_insert((now, now)).1 = now;
                         l.lock().unwrap().push(ms);
                     }
                 }
@@ -81,14 +84,19 @@ async fn main() {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let n = latencies.lock().unwrap().len();
         eprintln!("sink: {n} received");
-        if n >= total {
+        // Done at N, or when nothing arrived for 5 s (the load made fewer changes).
+        let idle = span
+            .lock()
+            .unwrap()
+            .is_some_and(|(_, last)| last.elapsed() > Duration::from_secs(5));
+        if n >= total || idle {
             break;
         }
     }
-    let elapsed = first
+    let elapsed = span
         .lock()
         .unwrap()
-        .map(|t| t.elapsed().as_secs_f64())
+        .map(|(first, last)| (last - first).as_secs_f64().max(0.001))
         .unwrap_or(1.0);
     let mut l = latencies.lock().unwrap().clone();
     l.sort_by(|a, b| a.partial_cmp(b).unwrap());

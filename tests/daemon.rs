@@ -16,7 +16,7 @@ use crate::support::{wait_for, wait_for_some};
 const WAIT: Duration = Duration::from_secs(60);
 
 /// A config for `db` watching `tables_toml`, with the slot named after the database.
-fn config(db: &TestDb, tables_toml: &str) -> String {
+pub(crate) fn config(db: &TestDb, tables_toml: &str) -> String {
     config_with_store(db, None, tables_toml)
 }
 
@@ -48,7 +48,7 @@ listen = "127.0.0.1:0"
     )
 }
 
-async fn event_count(client: &Client) -> i64 {
+pub(crate) async fn event_count(client: &Client) -> i64 {
     client
         .query_one("SELECT count(*) FROM walhook.events", &[])
         .await
@@ -225,10 +225,10 @@ events = ["user.*"]
 }
 
 /// A deterministic pseudo-random sequence (xorshift), seeded per run and printed.
-struct Rng(u64);
+pub(crate) struct Rng(u64);
 
 impl Rng {
-    fn new() -> Rng {
+    pub(crate) fn new() -> Rng {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
@@ -247,7 +247,7 @@ impl Rng {
 
 /// Commits random small transactions of inserts/updates/deletes on `entities` ids and
 /// returns the committed log: (id, event type) in commit order.
-async fn write_random(
+pub(crate) async fn write_random(
     client: &Client,
     rng: &mut Rng,
     live: &mut [bool],
@@ -285,7 +285,7 @@ async fn write_random(
 
 /// Every committed change has exactly one event, and revisions per entity are 1..n in
 /// commit order.
-async fn assert_exactly_once(client: &Client, log: &[(i32, &'static str)]) {
+pub(crate) async fn assert_exactly_once(client: &Client, log: &[(i32, &'static str)]) {
     let rows = client
         .query(
             "SELECT entity_id, type, revision FROM walhook.events ORDER BY seq",
@@ -317,7 +317,7 @@ async fn assert_exactly_once(client: &Client, log: &[(i32, &'static str)]) {
     }
 }
 
-const USERS_TABLE: &str = r#"
+pub(crate) const USERS_TABLE: &str = r#"
 [[tables]]
 table = "public.users"
 entity = "user"

@@ -36,7 +36,7 @@ use crate::store::deliveries::{AttemptRecord, DueEvent, SubscriptionLease};
 use crate::store::{Store, StoreError};
 
 /// How long a lease lasts without renewal; another instance takes over after it.
-const LEASE_SECONDS: f64 = 15.0;
+const LEASE_SECONDS: f64 = 10.0;
 /// How often the lease is renewed (and pause or disable by an operator noticed).
 const RENEW: Duration = Duration::from_secs(1);
 /// Events fetched from the log, or retry rows taken, per query.
@@ -442,7 +442,9 @@ impl Dispatcher {
                 warn!(subscription = %name, event = %d.event.id, location = %location, "receiver redirected; redirects are not followed");
             }
             let (status, next, reason) = match decision {
-                Decision::Delivered if d.event.attempts == 0 => continue,
+                // A new event delivered at once needs no row (the cursor says it); a
+                // retry row (even one queued with 0 attempts) must leave `pending`.
+                Decision::Delivered if matches!(d.kind, Kind::New) => continue,
                 Decision::Delivered => ("delivered", now, None),
                 Decision::Retry { at, reason } => ("pending", *at, Some(reason.as_str())),
                 Decision::Dead { reason } => ("dead", now, Some(reason.as_str())),
@@ -593,13 +595,18 @@ async fn attempt(
         .for_subscription(sub)
         .post(sub.url.expose(), &headers, body, sub.timeout)
         .await;
-    let age = now.duration_since(event.first_due_at).unwrap_or_default();
+    // Retry-After and the backoff count from the answer, not from the request: a slow
+    // answer must not bring the next attempt forward.
+    let answered = SystemTime::now();
+    let age = answered
+        .duration_since(event.first_due_at)
+        .unwrap_or_default();
     let decision = decide(
         result.outcome(),
         event.attempts as u32 + 1,
         age,
         &sub.retry,
-        now,
+        answered,
         fastrand::f64(),
     );
     debug!(subscription = %sub.name, event = %event.id, attempt = event.attempts + 1, elapsed_ms = result.elapsed.as_millis() as u64, "attempt");

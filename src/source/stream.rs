@@ -154,14 +154,21 @@ impl ReplicationStream {
     /// Connects, waiting (with backoff) while the slot is active in another process or
     /// the server is unreachable: a standby instance sits here until the holder goes (G8).
     pub async fn connect_waiting(&mut self) -> Result<(), StreamError> {
+        let mut standing_by = false;
         loop {
             match self.connect().await {
                 Ok(()) => {
                     self.backoff = Duration::from_millis(100);
+                    if standing_by {
+                        tracing::info!(slot = %self.opts.slot, "the slot is free; taking over");
+                    }
                     return Ok(());
                 }
                 Err(StreamError::Setup(SetupError::SlotActive { pid, .. })) => {
-                    tracing::debug!(slot = %self.opts.slot, holder_pid = pid, "slot held by another process; standing by");
+                    if !standing_by {
+                        tracing::info!(slot = %self.opts.slot, holder_pid = pid, "slot held by another process; standing by");
+                        standing_by = true;
+                    }
                 }
                 Err(StreamError::Setup(SetupError::Replication(e))) if e.is_transient() => {
                     warn!(slot = %self.opts.slot, error = %e, "cannot start replication yet; retrying");
