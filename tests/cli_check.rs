@@ -88,15 +88,84 @@ async fn check_on_a_good_setup_prints_ok_for_every_check() {
         [
             "config",
             "connection",
+            "tls",
             "wal_level",
             "replication privilege",
+            "replication slots",
+            "wal senders",
             "table public.accounts",
             "table public.roles",
             "publication",
             "slot",
+            "slot WAL",
+            "store",
         ]
     );
     assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+}
+
+#[tokio::test]
+async fn no_free_slot_few_wal_senders_and_retained_wal_are_reported() {
+    let cluster = tokio::task::spawn_blocking(|| {
+        Cluster::start_with(&[
+            ("max_replication_slots", "1"),
+            ("max_wal_senders", "1"),
+            ("max_slot_wal_keep_size", "64MB"),
+        ])
+    })
+    .await
+    .expect("start a cluster with one slot and one WAL sender");
+    let db = cluster.create_db().await;
+    db.batch("CREATE TABLE t (id int PRIMARY KEY, v int)").await;
+    db.create_slot("other").await;
+    let config = ConfigFile::source("walhook_slot", "walhook", &["public.t"]);
+    let out = run(&["check"], &config, &db.url()).await;
+    assert_eq!(out.code, Some(1), "{}", out.stdout);
+    let line = |prefix: &str| {
+        out.stdout
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no `{prefix}` line in:\n{}", out.stdout))
+            .to_owned()
+    };
+    let slots = line("error replication slots:");
+    assert!(
+        slots.contains("1 of max_replication_slots = 1") && slots.contains("Fix:"),
+        "{slots}"
+    );
+    let senders = line("warn  wal senders:");
+    assert!(
+        senders.contains("max_wal_senders = 1") && senders.contains("Fix:"),
+        "{senders}"
+    );
+
+    // The slot that walhook would use exists: no new slot is needed, and its retained
+    // WAL is compared with max_slot_wal_keep_size.
+    let config = ConfigFile::source("other", "walhook", &["public.t"]);
+    let out = run(&["check"], &config, &db.url()).await;
+    assert!(
+        out.stdout.contains("ok    replication slots:"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("ok    slot WAL: `other` retains"),
+        "{}",
+        out.stdout
+    );
+    // Over half of the 64 MB cap: a warning with the fix.
+    db.batch("INSERT INTO t SELECT g, g FROM generate_series(1, 300000) g")
+        .await;
+    let out = run(&["check"], &config, &db.url()).await;
+    let wal = out
+        .stdout
+        .lines()
+        .find(|l| l.contains("slot WAL:"))
+        .unwrap_or_else(|| panic!("no slot WAL line in:\n{}", out.stdout));
+    assert!(
+        wal.starts_with("warn ") && wal.contains("max_slot_wal_keep_size") && wal.contains("Fix:"),
+        "{wal}"
+    );
 }
 
 #[tokio::test]

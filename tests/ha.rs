@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::daemon::{Rng, USERS_TABLE, assert_exactly_once, config, event_count, write_random};
+use crate::support::daemon::Daemon;
 use crate::support::pg::create_db;
 use crate::support::receiver::Receiver;
 use crate::support::wait_for;
@@ -30,31 +31,21 @@ async fn standby_takes_over_slot_and_deliveries_after_sigkill_under_load() {
     );
     let work = crate::support::daemon::Workdir::new(&toml);
     let client = db.client().await;
-    let slot_active = || async {
-        client
-            .query_opt(
-                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
-                &[&db.name],
-            )
-            .await
-            .unwrap()
-            .is_some()
-    };
 
     let mut first = work.spawn_run(0);
-    wait_for("the first instance to hold the slot", WAIT, || async {
-        assert!(first.is_running(), "first instance exited: {}", first.log());
-        slot_active().await
-    })
+    wait_slot(
+        &client,
+        &db.name,
+        &mut first,
+        "the first instance to hold the slot",
+    )
     .await;
-    let mut second = work.spawn_run(1);
+    let second = work.spawn_run(1);
     wait_for("the second instance to stand by", WAIT, || async {
-        assert!(second.is_running(), "second instance exited: {}", second.log());
-        second.log().contains("dispatch")
-            || second.log().contains("standing by")
-            || second.log().contains("held by another")
+        second.log().contains("standing by")
     })
     .await;
+    let mut second = second;
 
     // Load: a writer commits small random transactions until told to stop.
     let stop = Arc::new(AtomicBool::new(false));
@@ -78,10 +69,12 @@ async fn standby_takes_over_slot_and_deliveries_after_sigkill_under_load() {
 
     first.kill9();
     let killed = Instant::now();
-    wait_for("the second instance to take the slot", WAIT, || async {
-        assert!(second.is_running(), "second instance exited: {}", second.log());
-        slot_active().await
-    })
+    wait_slot(
+        &client,
+        &db.name,
+        &mut second,
+        "the second instance to take the slot",
+    )
     .await;
     let slot_taken = killed.elapsed();
     let before = receiver.received().len();
@@ -112,7 +105,11 @@ async fn standby_takes_over_slot_and_deliveries_after_sigkill_under_load() {
             let id = body["entity_id"].as_str().unwrap().to_owned();
             let rev = body["revision"].as_i64().unwrap();
             let seen = top.entry(id.clone()).or_default();
-            assert!(rev <= *seen + 1, "entity {id}: revision {rev} arrived before {}", *seen + 1);
+            assert!(
+                rev <= *seen + 1,
+                "entity {id}: revision {rev} arrived before {}",
+                *seen + 1
+            );
             *seen = (*seen).max(rev);
         }
         top == expected
@@ -128,4 +125,32 @@ async fn standby_takes_over_slot_and_deliveries_after_sigkill_under_load() {
     );
     assert!(second.is_running(), "{}", second.log());
     eprintln!("takeover: slot after {slot_taken:?}, deliveries after {delivering:?}");
+}
+
+/// Waits until slot `slot` is active while `daemon` runs.
+async fn wait_slot(client: &tokio_postgres::Client, slot: &str, daemon: &mut Daemon, what: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        assert!(
+            daemon.is_running(),
+            "{what}: walhook exited: {}",
+            daemon.log()
+        );
+        let active = client
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                &[&slot],
+            )
+            .await
+            .unwrap()
+            .is_some();
+        if active {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {WAIT:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

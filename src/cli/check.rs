@@ -4,7 +4,8 @@
 use std::fmt::Write as _;
 
 use super::ConfigArg;
-use crate::source::connect::ConnectParams;
+use crate::mapping::Mapper;
+use crate::source::connect::{ConnectParams, SslMode};
 use crate::source::setup::{self, SetupError};
 
 #[derive(Debug, clap::Args)]
@@ -81,6 +82,7 @@ async fn check(args: &CheckArgs, report: &mut Report) -> bool {
     let client = match params.connect_sql().await {
         Ok(c) => {
             report.add(Level::Ok, "connection", params.redacted());
+            tls_line(&params, report);
             c
         }
         Err(e) => {
@@ -95,6 +97,14 @@ async fn check(args: &CheckArgs, report: &mut Report) -> bool {
     match setup::check_replication_role(&client).await {
         Ok(()) => report.add(Level::Ok, "replication privilege", "granted"),
         Err(e) => report.add(Level::Error, "replication privilege", e),
+    }
+    let own_slot = matches!(
+        setup::slot_info(&client, &config.source.slot).await,
+        Ok(Some(_))
+    );
+    match setup::headroom(&client).await {
+        Ok(h) => headroom_lines(h, own_slot, report),
+        Err(e) => report.add(Level::Warn, "replication headroom", e),
     }
     let tables = super::tail::watched_tables(&config);
     for (table, cfg) in tables.iter().zip(&config.tables) {
@@ -122,11 +132,15 @@ async fn check(args: &CheckArgs, report: &mut Report) -> bool {
                             table.quoted()
                         ),
                     );
+                } else if let Err(e) =
+                    Mapper::new(std::slice::from_ref(cfg), std::slice::from_ref(info))
+                {
+                    report.add(Level::Error, &format!("table {table}"), e);
                 } else {
                     report.add(
                         Level::Ok,
                         &format!("table {table}"),
-                        "exists, has an identity",
+                        "exists, id columns and configured columns present, has an identity",
                     );
                 }
             }
@@ -185,5 +199,156 @@ async fn check(args: &CheckArgs, report: &mut Report) -> bool {
         ),
         Err(e) => report.add(Level::Error, "slot", e),
     }
+    match setup::retained_wal(&client, &config.source.slot).await {
+        Ok(Some(wal)) => retained_wal_line(&config.source.slot, &wal, report),
+        Ok(None) => {}
+        Err(e) => report.add(Level::Warn, "slot WAL", e),
+    }
+    store_line(&config, report).await;
     true
+}
+
+/// Whether the source connection is encrypted and verified.
+fn tls_line(params: &ConnectParams, report: &mut Report) {
+    let local = params.pg.get_hosts().iter().all(|h| match h {
+        tokio_postgres::config::Host::Tcp(name) => {
+            name == "localhost"
+                || name
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        #[cfg(unix)]
+        tokio_postgres::config::Host::Unix(_) => true,
+    });
+    let (level, detail) = match params.ssl_mode {
+        SslMode::VerifyFull => (
+            Level::Ok,
+            "sslmode=verify-full: encrypted, certificate and host name verified",
+        ),
+        SslMode::VerifyCa => (
+            Level::Ok,
+            "sslmode=verify-ca: encrypted, certificate verified (host name not checked)",
+        ),
+        _ if local => (Level::Ok, "local connection; TLS not needed"),
+        SslMode::Disable => (
+            Level::Warn,
+            "sslmode=disable: credentials and changes cross the network unencrypted. Fix: `sslmode=verify-full` with `sslrootcert=` in [source] url",
+        ),
+        SslMode::Prefer | SslMode::Require => (
+            Level::Warn,
+            "the server certificate is not verified (sslmode prefer/require). Fix: `sslmode=verify-full` with `sslrootcert=` in [source] url",
+        ),
+    };
+    report.add(level, "tls", detail);
+}
+
+/// Free replication slots and WAL senders.
+fn headroom_lines(h: setup::Headroom, own_slot: bool, report: &mut Report) {
+    let slots = format!(
+        "{} of max_replication_slots = {} in use",
+        h.slots_used, h.slots_max
+    );
+    if h.slots_used >= h.slots_max && !own_slot {
+        report.add(
+            Level::Error,
+            "replication slots",
+            format!("{slots}; none is free for a new slot. Fix: drop an unused slot (`SELECT pg_drop_replication_slot('name');`) or raise max_replication_slots (restart)"),
+        );
+    } else {
+        report.add(Level::Ok, "replication slots", slots);
+    }
+    let senders = format!(
+        "{} of max_wal_senders = {} in use",
+        h.senders_used, h.senders_max
+    );
+    if h.senders_used >= h.senders_max {
+        report.add(
+            Level::Error,
+            "wal senders",
+            format!("{senders}; walhook needs one (a standby instance needs one while it takes over). Fix: raise max_wal_senders (restart)"),
+        );
+    } else if h.senders_max - h.senders_used < 2 {
+        report.add(
+            Level::Warn,
+            "wal senders",
+            format!("{senders}; a standby walhook instance could not take over while the holder reconnects. Fix: raise max_wal_senders (restart)"),
+        );
+    } else {
+        report.add(Level::Ok, "wal senders", senders);
+    }
+}
+
+/// WAL kept for the slot against `max_slot_wal_keep_size`.
+fn retained_wal_line(slot: &str, wal: &setup::RetainedWal, report: &mut Report) {
+    let mib = |b: i64| b as f64 / (1024.0 * 1024.0);
+    let retained = wal.retained_bytes.unwrap_or(0);
+    match (wal.wal_status.as_deref(), wal.keep_limit_bytes) {
+        (Some("lost"), _) => {} // the slot line above says it
+        (Some("unreserved"), _) => report.add(
+            Level::Error,
+            "slot WAL",
+            format!("`{slot}` retains {:.1} MiB and is past max_slot_wal_keep_size: the server is about to remove WAL it still needs. Fix: start walhook now, or raise max_slot_wal_keep_size", mib(retained)),
+        ),
+        (_, Some(limit)) if retained * 2 > limit => report.add(
+            Level::Warn,
+            "slot WAL",
+            format!("`{slot}` retains {:.1} MiB, over half of max_slot_wal_keep_size ({:.0} MiB); if walhook stays behind, the slot will be lost. Fix: make sure walhook runs and keeps up, or raise max_slot_wal_keep_size", mib(retained), mib(limit)),
+        ),
+        (_, Some(limit)) => report.add(
+            Level::Ok,
+            "slot WAL",
+            format!("`{slot}` retains {:.1} MiB of max_slot_wal_keep_size {:.0} MiB", mib(retained), mib(limit)),
+        ),
+        (_, None) => report.add(
+            Level::Ok,
+            "slot WAL",
+            format!("`{slot}` retains {:.1} MiB (max_slot_wal_keep_size is unlimited: a stopped walhook makes the server keep WAL until the disk fills; consider a cap)", mib(retained)),
+        ),
+    }
+}
+
+/// Whether the store is reachable and migrated.
+async fn store_line(config: &crate::config::Config, report: &mut Report) {
+    let params = match ConnectParams::parse(config.store.url.expose().as_str()) {
+        Ok(p) => p,
+        Err(e) => return report.add(Level::Error, "store", e),
+    };
+    let client = match params.connect_sql().await {
+        Ok(c) => c,
+        Err(e) => return report.add(Level::Error, "store", params.describe_sql_error(e)),
+    };
+    let known = crate::store::migrations::MIGRATIONS.len() as i64;
+    let applied = client
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM {}.schema_migrations",
+                crate::source::client::quote_ident(&config.store.schema)
+            ),
+            &[],
+        )
+        .await;
+    match applied {
+        Ok(row) if row.get::<_, i64>(0) >= known => report.add(
+            Level::Ok,
+            "store",
+            format!("schema `{}` at version {known}", config.store.schema),
+        ),
+        Ok(row) => report.add(
+            Level::Ok,
+            "store",
+            format!(
+                "schema `{}` at version {} of {known}; `walhook setup` or `walhook run` migrates it",
+                config.store.schema,
+                row.get::<_, i64>(0)
+            ),
+        ),
+        Err(_) => report.add(
+            Level::Ok,
+            "store",
+            format!(
+                "schema `{}` not created yet; `walhook setup` or `walhook run` creates it",
+                config.store.schema
+            ),
+        ),
+    }
 }

@@ -306,6 +306,64 @@ pub async fn slot_info(client: &Client, name: &str) -> Result<Option<SlotInfo>, 
     }))
 }
 
+/// Replication slots and WAL senders in use against their limits.
+#[derive(Clone, Copy, Debug)]
+pub struct Headroom {
+    pub slots_used: i64,
+    pub slots_max: i64,
+    pub senders_used: i64,
+    pub senders_max: i64,
+}
+
+/// How many replication slots and WAL senders the server has left.
+pub async fn headroom(client: &Client) -> Result<Headroom, SetupError> {
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_replication_slots),
+                    current_setting('max_replication_slots')::int8,
+                    (SELECT count(*) FROM pg_stat_replication),
+                    current_setting('max_wal_senders')::int8",
+            &[],
+        )
+        .await?;
+    Ok(Headroom {
+        slots_used: row.get(0),
+        slots_max: row.get(1),
+        senders_used: row.get(2),
+        senders_max: row.get(3),
+    })
+}
+
+/// The WAL a slot keeps on the server, and the server's cap on it.
+#[derive(Clone, Debug)]
+pub struct RetainedWal {
+    /// Bytes from the slot's restart position to the current WAL position.
+    pub retained_bytes: Option<i64>,
+    /// `max_slot_wal_keep_size` in bytes; `None` when unlimited (-1).
+    pub keep_limit_bytes: Option<i64>,
+    /// `reserved`, `extended`, `unreserved` or `lost`.
+    pub wal_status: Option<String>,
+}
+
+/// How much WAL slot `name` retains; `None` when there is no such slot.
+pub async fn retained_wal(client: &Client, name: &str) -> Result<Option<RetainedWal>, SetupError> {
+    let row = client
+        .query_opt(
+            "SELECT (pg_current_wal_lsn() - restart_lsn)::int8,
+                    CASE WHEN current_setting('max_slot_wal_keep_size') = '-1' THEN NULL
+                         ELSE pg_size_bytes(current_setting('max_slot_wal_keep_size')) END,
+                    wal_status
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&name],
+        )
+        .await?;
+    Ok(row.map(|r| RetainedWal {
+        retained_bytes: r.get(0),
+        keep_limit_bytes: r.get(1),
+        wal_status: r.get(2),
+    }))
+}
+
 /// Slot `name` must exist, use pgoutput and not be active in another process.
 pub async fn check_slot_usable(client: &Client, name: &str) -> Result<SlotInfo, SetupError> {
     let info = slot_info(client, name)
