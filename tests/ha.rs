@@ -40,6 +40,15 @@ async fn standby_takes_over_slot_and_deliveries_after_sigkill_under_load() {
         "the first instance to hold the slot",
     )
     .await;
+    // Holding the slot is not enough (a slot being created is active before its
+    // consistent point): wait until the first instance leads ingest.
+    wait_for("the first instance to lead ingest", WAIT, || async {
+        client
+            .query_opt("SELECT 1 FROM walhook.checkpoints WHERE leader IS NOT NULL", &[])
+            .await
+            .is_ok_and(|r| r.is_some())
+    })
+    .await;
     let second = work.spawn_run(1);
     wait_for("the second instance to stand by", WAIT, || async {
         second.log().contains("standing by")
