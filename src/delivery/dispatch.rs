@@ -199,6 +199,7 @@ async fn send_groups(
 }
 
 /// One HTTP attempt of `event`; `None` when the subscription's filter rejects it.
+#[tracing::instrument(name = "delivery", skip_all, fields(event = %event.id, attempt = event.attempts + 1, status = tracing::field::Empty))]
 async fn attempt(
     sub: &SubscriptionConfig,
     clients: &HttpClients,
@@ -231,6 +232,13 @@ async fn attempt(
         &sub.retry,
         now,
         fastrand::f64(),
+    );
+    tracing::Span::current().record("status", result.outcome.label().as_ref());
+    crate::server::metrics::metrics().delivery_attempt(
+        sub.name.as_str(),
+        &result,
+        &decision,
+        event.occurred_at,
     );
     debug!(subscription = %sub.name, event = %event.id, attempt = event.attempts + 1, elapsed_ms = result.elapsed.as_millis() as u64, "attempt");
     Some((result, decision))
