@@ -253,10 +253,14 @@ async fn readiness_follows_the_store_and_healthz_stays_ok() {
     tokio::task::spawn_blocking(move || c.stop(StopMode::Fast))
         .await
         .unwrap();
-    let body = wait_for_some("/readyz to answer 503 with the store down", WAIT, || async {
-        let (status, body) = get(&readyz).await;
-        (status == 503).then_some(body)
-    })
+    let body = wait_for_some(
+        "/readyz to answer 503 with the store down",
+        WAIT,
+        || async {
+            let (status, body) = get(&readyz).await;
+            (status == 503).then_some(body)
+        },
+    )
     .await;
     let json: serde_json::Value = serde_json::from_str(&body).expect("/readyz JSON");
     assert_eq!(json["status"], "not ready", "{body}");
@@ -272,9 +276,11 @@ async fn readiness_follows_the_store_and_healthz_stays_ok() {
     tokio::task::spawn_blocking(move || c.start_again())
         .await
         .unwrap();
-    wait_for("/readyz to answer 200 once the store is back", WAIT, || async {
-        get(&readyz).await.0 == 200
-    })
+    wait_for(
+        "/readyz to answer 200 once the store is back",
+        WAIT,
+        || async { get(&readyz).await.0 == 200 },
+    )
     .await;
     assert_eq!(get(&healthz).await.0, 200);
     assert!(daemon.is_running(), "{}", daemon.log());
@@ -353,13 +359,16 @@ backoff = ["100ms"]
         // A body, raw or escaped inside a JSON string.
         ("a body", "\"occurred_at"),
     ] {
-        assert!(!log.contains(needle), "the log holds {what} ({needle}):\n{log}");
+        assert!(
+            !log.contains(needle),
+            "the log holds {what} ({needle}):\n{log}"
+        );
     }
     // Every line is a JSON object; attempts are logged in a delivery span with status.
     let mut delivery_statuses = Vec::new();
     for line in log.lines().filter(|l| !l.trim().is_empty()) {
-        let v: serde_json::Value = serde_json::from_str(line)
-            .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
         assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
         if let Some(spans) = v["spans"].as_array() {
             for span in spans {
@@ -372,7 +381,8 @@ backoff = ["100ms"]
         }
     }
     assert!(
-        delivery_statuses.iter().any(|s| s == "500") && delivery_statuses.iter().any(|s| s == "200"),
+        delivery_statuses.iter().any(|s| s == "500")
+            && delivery_statuses.iter().any(|s| s == "200"),
         "attempt logs carry their status in a delivery span: {delivery_statuses:?}\n{log}"
     );
     assert!(
