@@ -107,27 +107,23 @@ fn value(s: &HashMap<String, f64>, series: &str) -> f64 {
     s.get(series).copied().unwrap_or(0.0)
 }
 
-/// Waits until the slot is active (walhook streams).
-async fn wait_streaming(db: &TestDb, daemon: &mut Daemon) {
-    let client = db.client().await;
-    wait_for("walhook to stream from the slot", WAIT, || {
+/// Waits until walhook streams: `/readyz` answers 200, which needs START_REPLICATION to
+/// have succeeded. (The slot shows `active` already while it is being created, before its
+/// consistent point: a change written then is not streamed.)
+async fn wait_streaming(daemon: &mut Daemon) -> String {
+    let base = server_url(daemon).await;
+    let readyz = format!("{base}/readyz");
+    wait_for("walhook to stream (/readyz 200)", WAIT, || {
         let running = daemon.is_running();
         let log = daemon.log();
-        let client = &client;
-        let slot = db.name.clone();
+        let readyz = &readyz;
         async move {
             assert!(running, "walhook exited:\n{log}");
-            client
-                .query_opt(
-                    "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
-                    &[&slot],
-                )
-                .await
-                .unwrap()
-                .is_some()
+            get(readyz).await.0 == 200
         }
     })
     .await;
+    base
 }
 
 #[tokio::test]
@@ -143,8 +139,7 @@ async fn metrics_are_present_and_move_after_a_workload() {
         ),
     ));
     let mut daemon = work.spawn_run(0);
-    let base = server_url(&mut daemon).await;
-    wait_streaming(&db, &mut daemon).await;
+    let base = wait_streaming(&mut daemon).await;
     let (status, body) = get(&format!("{base}/healthz")).await;
     assert_eq!((status, body.as_str()), (200, r#"{"status":"ok"}"#));
     let before = scrape(&base).await;
@@ -325,20 +320,44 @@ backoff = ["100ms"]
         ),
     ));
     // No WALHOOK_LOG: the config's level and format apply.
-    let mut daemon = work.spawn_run_logging(0, None);
-    wait_streaming(&db, &mut daemon).await;
+    let mut daemon = work.spawn_run_env(0, &[("WALHOOK_LOG", None)]);
+    wait_streaming(&mut daemon).await;
     db.batch(&format!("INSERT INTO users VALUES (1, '{ROW_VALUE}', 7)"))
         .await;
     db.batch("UPDATE users SET n = 8 WHERE id = 1").await;
-    wait_for("both events delivered after three 500s", WAIT, || async {
-        receiver
-            .received()
-            .iter()
-            .filter(|r| r.status == 200)
-            .count()
-            >= 2
-    })
-    .await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while receiver
+        .received()
+        .iter()
+        .filter(|r| r.status == 200)
+        .count()
+        < 2
+    {
+        if std::time::Instant::now() > deadline {
+            let diag = db
+                .query(
+                    "SELECT format('%s %s', (SELECT string_agg(tablename, ',') FROM pg_publication_tables), (SELECT string_agg(slot_name || ':' || active || ':' || confirmed_flush_lsn, ',') FROM pg_replication_slots))",
+                    &[],
+                )
+                .await;
+            panic!(
+                "timed out after {WAIT:?} waiting for both events delivered after three 500s; got {:?}; {:?} log:\n{}",
+                receiver
+                    .received()
+                    .iter()
+                    .map(|r| r.status)
+                    .collect::<Vec<_>>(),
+                diag.first().map(|r| r.get::<_, String>(0)),
+                daemon
+                    .log()
+                    .lines()
+                    .filter(|l| !l.contains("standby status"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let got = receiver.received();
     assert!(got.len() >= 5, "{} requests", got.len());
     assert_eq!(
@@ -389,4 +408,60 @@ backoff = ["100ms"]
         log.contains("\"name\":\"dispatcher\"") && log.contains("\"subscription\":\"crm\""),
         "dispatcher span with its subscription:\n{log}"
     );
+}
+
+#[tokio::test]
+async fn a_taken_listen_address_fails_start_up_naming_it() {
+    let db = users_db().await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
+    let addr = taken.local_addr().unwrap().to_string();
+    let toml = config(&db, None, "").replace("127.0.0.1:0", &addr);
+    let work = Workdir::new(&toml);
+    let (status, _, stderr) = work.run_to_end(&["run"], WAIT);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("server.listen"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[tokio::test]
+async fn systemd_gets_ready_watchdog_and_stopping() {
+    let db = users_db().await;
+    let work = Workdir::new(&config(&db, None, ""));
+    let socket_path = work.dir.path().join("notify.sock");
+    let socket = tokio::net::UnixDatagram::bind(&socket_path).expect("bind the notify socket");
+    let socket_env = socket_path.to_str().unwrap().to_owned();
+    let mut daemon = work.spawn_run_env(
+        0,
+        &[
+            ("NOTIFY_SOCKET", Some(&socket_env)),
+            ("WATCHDOG_USEC", Some("400000")),
+        ],
+    );
+    recv_until(&socket, "READY=1").await;
+    recv_until(&socket, "WATCHDOG=1").await;
+    recv_until(&socket, "WATCHDOG=1").await;
+    daemon.signal(libc::SIGTERM);
+    recv_until(&socket, "STOPPING=1").await;
+    assert!(daemon.wait_exit(WAIT).success(), "{}", daemon.log());
+}
+
+/// Reads notifications from `socket` until one has the line `want`.
+async fn recv_until(socket: &tokio::net::UnixDatagram, want: &str) {
+    let mut buf = vec![0; 4096];
+    crate::support::within(&format!("systemd notification {want}"), WAIT, async {
+        loop {
+            let n = socket.recv(&mut buf).await.expect("recv notification");
+            if String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .any(|l| l == want)
+            {
+                return;
+            }
+        }
+    })
+    .await
 }

@@ -16,7 +16,7 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::config::Config;
 use crate::delivery::HttpClients;
 use crate::delivery::dispatch;
-use crate::server::{Health, Server, refresh};
+use crate::server::{Health, Server, refresh, systemd};
 use crate::source::Lsn;
 use crate::source::stream::{ConfirmMode, ReplicationStream, StreamOptions};
 use crate::store::Store;
@@ -50,6 +50,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     let server_stop = CancellationToken::new();
     let _stop_server = server_stop.clone().drop_guard();
     tokio::spawn(server.serve(health.clone(), server_stop.clone()));
+    systemd::spawn_watchdog(server_stop.clone());
 
     let prepared = prepare::prepare(&config).await?;
     let store = prepared.store;
@@ -105,6 +106,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         config.store.dead_retention,
         dispatch_stop.clone(),
     ));
+    systemd::ready();
     let result = ingest_until_shutdown(
         &config,
         prepared.source_params,
@@ -119,6 +121,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     )
     .await;
     // SIGTERM: in-flight deliveries get `shutdown_grace` to finish.
+    systemd::stopping();
     dispatch_stop.cancel();
     if tokio::time::timeout(config.daemon.shutdown_grace, async {
         while dispatchers.join_next().await.is_some() {}

@@ -6,6 +6,7 @@
 pub mod health;
 pub mod metrics;
 pub mod refresh;
+pub mod systemd;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -65,19 +65,22 @@ impl Workdir {
 
     /// Starts `walhook run`; its stdout and stderr go to `run-N.log` in the dir.
     pub fn spawn_run(&self, n: usize) -> Daemon {
-        self.spawn_run_logging(n, Some("info,walhook=debug"))
+        self.spawn_run_env(n, &[("WALHOOK_LOG", Some("info,walhook=debug"))])
     }
 
-    /// Like [`spawn_run`](Self::spawn_run) with `WALHOOK_LOG` set to `walhook_log`, or
-    /// unset (the config's `[log]` applies) when `None`.
-    pub fn spawn_run_logging(&self, n: usize, walhook_log: Option<&str>) -> Daemon {
+    /// Like [`spawn_run`](Self::spawn_run) with only these environment changes: each
+    /// variable set, or removed when `None` (without `WALHOOK_LOG` the config's `[log]`
+    /// applies).
+    pub fn spawn_run_env(&self, n: usize, env: &[(&str, Option<&str>)]) -> Daemon {
         let log_path = self.dir.path().join(format!("run-{n}.log"));
         let log = std::fs::File::create(&log_path).expect("daemon log");
         let mut command = Command::new(walhook_bin());
-        match walhook_log {
-            Some(filter) => command.env("WALHOOK_LOG", filter),
-            None => command.env_remove("WALHOOK_LOG"),
-        };
+        for (name, value) in env {
+            match value {
+                Some(v) => command.env(name, v),
+                None => command.env_remove(name),
+            };
+        }
         let child = command
             .args(["run", "-c"])
             .arg(self.config())
