@@ -7,5 +7,6 @@ pub mod daemon;
 pub mod delivery;
 pub mod mapping;
 pub mod routing;
+pub mod server;
 pub mod source;
 pub mod store;

@@ -57,10 +57,18 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs go to stderr; `WALHOOK_LOG` (an EnvFilter) overrides the level.
+/// Logs go to stderr; `WALHOOK_LOG` (an EnvFilter) overrides the level. tokio-postgres
+/// stays at `info` unless named: its debug lines carry statement parameters (row data).
 fn init_logging(level: &str, json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WALHOOK_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let directives = std::env::var("WALHOOK_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| level.to_owned());
+    let filter = if directives.contains("tokio_postgres") {
+        tracing_subscriber::EnvFilter::new(directives)
+    } else {
+        tracing_subscriber::EnvFilter::new(format!("{directives},tokio_postgres=info"))
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -44,7 +44,10 @@ async fn standby_takes_over_slot_and_deliveries_after_sigkill_under_load() {
     // consistent point): wait until the first instance leads ingest.
     wait_for("the first instance to lead ingest", WAIT, || async {
         client
-            .query_opt("SELECT 1 FROM walhook.checkpoints WHERE leader IS NOT NULL", &[])
+            .query_opt(
+                "SELECT 1 FROM walhook.checkpoints WHERE leader IS NOT NULL",
+                &[],
+            )
             .await
             .is_ok_and(|r| r.is_some())
     })

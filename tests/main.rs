@@ -9,4 +9,5 @@ mod daemon;
 mod delivery;
 mod ha;
 mod harness_smoke;
+mod server;
 mod source;

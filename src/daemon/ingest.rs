@@ -20,7 +20,9 @@ use tracing::{debug, info, warn};
 use super::DaemonError;
 use super::source_task::SourceMsg;
 use crate::delivery::wake::Wake;
+use crate::server::metrics::metrics;
 use crate::source::Lsn;
+use crate::source::client::PG_EPOCH_OFFSET_MICROS;
 use crate::store::{IngestBatch, Store, StoreError};
 
 /// Store connections ingest writes over at once. Two overlap the writing of one batch
@@ -41,10 +43,29 @@ const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(10);
 struct Pending {
     batch: IngestBatch,
     last_commit: Option<Lsn>,
+    /// Commit time of that transaction, microseconds since 2000-01-01 UTC.
+    last_commit_time: Option<i64>,
     events: usize,
 }
 
-type Written = (Store, Pending, Result<i64, StoreError>);
+impl Pending {
+    /// Metrics of a committed batch: its duration, event counts and lag reference.
+    fn committed(&self, took: Duration) {
+        let m = metrics();
+        m.events_committed(
+            self.batch
+                .changes
+                .iter()
+                .flat_map(|c| c.events.iter().map(|e| e.event_type.as_str())),
+        );
+        m.ingest_committed(
+            took.as_secs_f64(),
+            self.last_commit_time.map(|t| t + PG_EPOCH_OFFSET_MICROS),
+        );
+    }
+}
+
+type Written = (Store, Pending, Result<i64, StoreError>, Duration);
 
 struct InFlight {
     task: JoinHandle<Written>,
@@ -84,8 +105,14 @@ pub async fn run(
         if in_flight.is_empty() {
             // Nothing in flight: the next batch follows what is committed.
             previous = None;
+            if rx.is_empty() {
+                // Caught up with the stream: replication lag (seconds) is 0.
+                metrics().ingest_idle(true);
+            }
         }
-        let Some(pending) = collect(&mut rx, &shutdown).await else {
+        let collected = collect(&mut rx, &shutdown).await;
+        metrics().ingest_idle(false);
+        let Some(pending) = collected else {
             while !in_flight.is_empty() {
                 finish_oldest(
                     &mut in_flight,
@@ -108,6 +135,7 @@ pub async fn run(
         let events = pending.events as i64;
         let slot_owned = slot.to_owned();
         let task = tokio::spawn(async move {
+            let started = Instant::now();
             let prior = async move {
                 match predecessor {
                     None => true,
@@ -126,7 +154,7 @@ pub async fn run(
                 .await
                 .map(|o| o.last_seq);
             let _ = done_tx.send(result.is_ok());
-            (store, pending, result)
+            (store, pending, result, started.elapsed())
         });
         in_flight.push_back(InFlight { task, events });
         // The next batch may start once this one holds its revision rows.
@@ -148,7 +176,7 @@ async fn finish_oldest(
     let Some(oldest) = in_flight.pop_front() else {
         return Ok(());
     };
-    let (store, pending, result) = oldest
+    let (store, pending, result, took) = oldest
         .task
         .await
         .map_err(|e| DaemonError::SourceTask(e.to_string()))?;
@@ -159,6 +187,7 @@ async fn finish_oldest(
             if let Some(end) = pending.last_commit {
                 confirm.send_replace(end);
             }
+            pending.committed(took);
             debug!(events = pending.events, "batch ingested");
             // Dispatchers in this process learn of new events at once.
             wake.notify();
@@ -168,7 +197,7 @@ async fn finish_oldest(
             warn!(error = %err, "ingest failed; retrying the batches in flight in order");
             let mut retry = vec![pending];
             while let Some(next) = in_flight.pop_front() {
-                let (store, pending, _) = next
+                let (store, pending, _, _) = next
                     .task
                     .await
                     .map_err(|e| DaemonError::SourceTask(e.to_string()))?;
@@ -181,7 +210,9 @@ async fn finish_oldest(
                 }
             }
             for pending in retry {
+                let started = Instant::now();
                 *last_seq = commit_with_retry(stores, slot, epoch, &pending.batch).await?;
+                pending.committed(started.elapsed());
                 if let Some(end) = pending.last_commit {
                     confirm.send_replace(end);
                 }
@@ -205,6 +236,7 @@ async fn collect(
     let mut pending = Pending {
         batch: IngestBatch::default(),
         last_commit: None,
+        last_commit_time: None,
         events: 0,
     };
     let mut messages = 1;
@@ -236,8 +268,13 @@ fn add(pending: &mut Pending, msg: SourceMsg) {
                 pending.batch.changes.push(events);
             }
         }
-        SourceMsg::Commit { end_lsn, position } => {
+        SourceMsg::Commit {
+            end_lsn,
+            commit_time,
+            position,
+        } => {
             pending.last_commit = Some(end_lsn);
+            pending.last_commit_time = Some(commit_time);
             pending.batch.position = position;
         }
     }

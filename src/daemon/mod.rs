@@ -11,12 +11,13 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 use crate::config::Config;
 use crate::delivery::HttpClients;
 use crate::delivery::dispatch;
 use crate::delivery::wake::{self, Wake};
+use crate::server::{Health, Server, refresh, systemd};
 use crate::source::Lsn;
 use crate::source::stream::{ConfirmMode, ReplicationStream, StreamOptions};
 use crate::store::Store;
@@ -35,15 +36,43 @@ pub enum DaemonError {
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
     Delivery(#[from] crate::delivery::DeliveryError),
+    #[error(transparent)]
+    Server(#[from] crate::server::ServerError),
     #[error("the source task stopped unexpectedly: {0}")]
     SourceTask(String),
 }
 
 /// Runs the daemon until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    // The ops server comes first: a taken address fails start-up at once, and /healthz
+    // answers while the daemon prepares.
+    let server = Server::bind(config.server.listen).await?;
+    let health = Arc::new(Health::default());
+    let server_stop = CancellationToken::new();
+    let _stop_server = server_stop.clone().drop_guard();
+    tokio::spawn(server.serve(health.clone(), server_stop.clone()));
+    systemd::spawn_watchdog(server_stop.clone());
+
     let prepared = prepare::prepare(&config).await?;
     let store = prepared.store;
     let owner = format!("{}:{}", hostname(), std::process::id());
+    let subscription_names: Vec<String> = config
+        .subscriptions
+        .iter()
+        .map(|s| s.name.as_str().to_owned())
+        .collect();
+    tokio::spawn(refresh::store_loop(
+        prepared.store_params.clone(),
+        config.store.schema.clone(),
+        subscription_names,
+        health.clone(),
+        server_stop.clone(),
+    ));
+    tokio::spawn(refresh::lag_loop(
+        prepared.source_params.clone(),
+        config.source.slot.clone(),
+        server_stop.clone(),
+    ));
 
     // Delivery runs whether or not this instance holds the slot (G8): each subscription
     // is dispatched by whichever instance holds its lease in the store.
@@ -61,14 +90,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     let clients = Arc::new(HttpClients::new()?);
     for sub in &config.subscriptions {
         let store = Store::connect(&prepared.store_params, &config.store.schema).await?;
-        dispatchers.spawn(dispatch::run(
-            sub.clone(),
-            store,
-            clients.clone(),
-            owner.clone(),
-            wake.clone(),
-            dispatch_stop.clone(),
-        ));
+        let span = info_span!("dispatcher", subscription = %sub.name);
+        dispatchers.spawn(
+            dispatch::run(
+                sub.clone(),
+                store,
+                clients.clone(),
+                owner.clone(),
+                wake.clone(),
+                dispatch_stop.clone(),
+            )
+            .instrument(span),
+        );
     }
     let purge_store = Store::connect(&prepared.store_params, &config.store.schema).await?;
     dispatchers.spawn(purge_loop(
@@ -82,6 +115,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         config.store.dead_retention,
         dispatch_stop.clone(),
     ));
+    systemd::ready();
     let result = ingest_until_shutdown(
         &config,
         prepared.source_params,
@@ -91,10 +125,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         prepared.routes,
         &owner,
         wake,
+        &health,
         shutdown,
     )
     .await;
     // SIGTERM: in-flight deliveries get `shutdown_grace` to finish.
+    systemd::stopping();
     dispatch_stop.cancel();
     if tokio::time::timeout(config.daemon.shutdown_grace, async {
         while dispatchers.join_next().await.is_some() {}
@@ -119,6 +155,7 @@ async fn ingest_until_shutdown(
     routes: Arc<prepare::Routes>,
     owner: &str,
     wake: Arc<Wake>,
+    health: &Health,
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
     let slot = config.source.slot.clone();
@@ -134,6 +171,7 @@ async fn ingest_until_shutdown(
             resume: Default::default(),
         },
     );
+    health.watch_source(stream.link());
     // G8: wait until this instance holds the slot; another holder makes us a standby.
     info!(slot = %slot, "waiting to hold the replication slot");
     tokio::select! {
@@ -152,14 +190,10 @@ async fn ingest_until_shutdown(
     let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
     let (confirm_tx, confirm_rx) = watch::channel(Lsn::INVALID);
     let source_stop = CancellationToken::new();
-    let source = tokio::spawn(source_task::run(
-        stream,
-        mapper,
-        routes,
-        tx,
-        confirm_rx,
-        source_stop.clone(),
-    ));
+    let source = tokio::spawn(
+        source_task::run(stream, mapper, routes, tx, confirm_rx, source_stop.clone())
+            .instrument(info_span!("source", slot = %slot)),
+    );
     let mut stores = vec![store];
     while stores.len() < ingest::PIPELINE_DEPTH {
         stores.push(Store::connect(&store_params, &config.store.schema).await?);
@@ -174,6 +208,7 @@ async fn ingest_until_shutdown(
         confirm_tx,
         shutdown.clone(),
     )
+    .instrument(info_span!("ingest", slot = %slot))
     .await;
     source_stop.cancel();
     match tokio::time::timeout(Duration::from_secs(10), source).await {

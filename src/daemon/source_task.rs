@@ -6,13 +6,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::prepare::Routes;
 use crate::mapping::{EventDraft, Mapper};
+use crate::server::metrics::metrics;
 use crate::source::Lsn;
-use crate::source::decoder::{Decoded, TableName};
+use crate::source::decoder::{Decoded, Op, TableName};
 use crate::source::stream::{Position, ReplicationStream, StreamError};
 use crate::store::{ChangeEvents, PendingEvent};
 
@@ -28,7 +30,12 @@ pub enum SourceMsg {
         position: Position,
     },
     /// A transaction committed; `end_lsn` may be confirmed once it is stored.
-    Commit { end_lsn: Lsn, position: Position },
+    /// `commit_time` is in microseconds since 2000-01-01 UTC.
+    Commit {
+        end_lsn: Lsn,
+        commit_time: i64,
+        position: Position,
+    },
 }
 
 /// The current transaction's context, from its Begin message.
@@ -73,6 +80,7 @@ pub async fn run(
                 continue;
             }
             Decoded::Change(change) => {
+                names.count_change(&change.table, change.op);
                 drafts.clear();
                 mapper.map(&change, &mut drafts);
                 let events = match (&txn, drafts.is_empty()) {
@@ -84,10 +92,15 @@ pub async fn run(
                     position: stream.position(),
                 }
             }
-            Decoded::Commit { end_lsn, .. } => {
+            Decoded::Commit {
+                end_lsn,
+                commit_time,
+                ..
+            } => {
                 txn = None;
                 SourceMsg::Commit {
                     end_lsn,
+                    commit_time,
                     position: stream.position(),
                 }
             }
@@ -145,15 +158,35 @@ pub async fn run(
     Ok(())
 }
 
-/// Per-row strings that are the same for many rows: table names and the subscriptions
-/// each event type routes to.
+/// Per-row strings that are the same for many rows: table names, the subscriptions
+/// each event type routes to, and the change counters of each table (insert, update,
+/// delete), so that counting a row is a map lookup and an atomic add.
 #[derive(Default)]
 struct NameCache {
     tables: HashMap<TableName, Arc<str>>,
     routes: HashMap<String, Arc<[String]>>,
+    changes: HashMap<TableName, [Counter; 3]>,
 }
 
 impl NameCache {
+    fn count_change(&mut self, table: &TableName, op: Op) {
+        let i = match op {
+            Op::Insert => 0,
+            Op::Update => 1,
+            Op::Delete => 2,
+        };
+        if let Some(counters) = self.changes.get(table) {
+            counters[i].inc();
+            return;
+        }
+        let name = table.to_string();
+        let m = metrics();
+        let counters = [Op::Insert, Op::Update, Op::Delete]
+            .map(|op| m.source_change_counter(&name, op.as_str()));
+        counters[i].inc();
+        self.changes.insert(table.clone(), counters);
+    }
+
     fn table(&mut self, table: &TableName) -> Arc<str> {
         if let Some(name) = self.tables.get(table) {
             return name.clone();

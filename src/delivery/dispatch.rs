@@ -568,6 +568,7 @@ fn key(e: &DueEvent) -> (String, String) {
 }
 
 /// One HTTP attempt of `event`, unless the subscription's filter rejects it.
+#[tracing::instrument(name = "delivery", skip_all, fields(event = %event.id, attempt = event.attempts + 1, status = tracing::field::Empty))]
 async fn attempt(
     sub: &SubscriptionConfig,
     clients: &HttpClients,
@@ -608,6 +609,13 @@ async fn attempt(
         &sub.retry,
         answered,
         fastrand::f64(),
+    );
+    tracing::Span::current().record("status", result.outcome.label().as_ref());
+    crate::server::metrics::metrics().delivery_attempt(
+        sub.name.as_str(),
+        &result,
+        &decision,
+        event.occurred_at,
     );
     debug!(subscription = %sub.name, event = %event.id, attempt = event.attempts + 1, elapsed_ms = result.elapsed.as_millis() as u64, "attempt");
     (event, Sent::Attempted(result, decision))

@@ -100,6 +100,15 @@ pub enum AttemptOutcome {
 }
 
 impl AttemptOutcome {
+    /// A bounded label for logs and metrics: the status code, or the failure kind
+    /// (`timeout`, `connect`, `tls`, `body`, `other`).
+    pub fn label(&self) -> std::borrow::Cow<'static, str> {
+        match self {
+            AttemptOutcome::Status { code, .. } => code.to_string().into(),
+            AttemptOutcome::Error { kind } => kind.as_str().into(),
+        }
+    }
+
     /// The borrowed form the retry policy takes.
     pub fn as_outcome(&self) -> Outcome<'_> {
         match self {

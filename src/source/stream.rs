@@ -19,6 +19,17 @@ use super::setup::{SetupError, create_slot, slot_error};
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
+/// The replication connection's state, for readiness (see [`ReplicationStream::link`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Link {
+    /// Not connected: connecting for the first time, or reconnecting after a loss.
+    Connecting,
+    /// Waiting because another process holds the slot (G8).
+    StandingBy,
+    /// Streaming from the slot.
+    Streaming,
+}
+
 /// How the stream reports progress to the slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConfirmMode {
@@ -86,6 +97,7 @@ pub struct ReplicationStream {
     last_status: Instant,
     status_dirty: bool,
     backoff: Duration,
+    link: tokio::sync::watch::Sender<Link>,
 }
 
 impl ReplicationStream {
@@ -107,6 +119,7 @@ impl ReplicationStream {
             last_status: Instant::now(),
             status_dirty: false,
             backoff: Duration::from_millis(100),
+            link: tokio::sync::watch::Sender::new(Link::Connecting),
         }
     }
 
@@ -148,6 +161,7 @@ impl ReplicationStream {
         self.rows_in_txn = 0;
         self.client = Some(client);
         self.last_status = Instant::now();
+        self.link.send_replace(Link::Streaming);
         Ok(())
     }
 
@@ -165,12 +179,14 @@ impl ReplicationStream {
                     return Ok(());
                 }
                 Err(StreamError::Setup(SetupError::SlotActive { pid, .. })) => {
+                    self.link.send_replace(Link::StandingBy);
                     if !standing_by {
                         tracing::info!(slot = %self.opts.slot, holder_pid = pid, "slot held by another process; standing by");
                         standing_by = true;
                     }
                 }
                 Err(StreamError::Setup(SetupError::Replication(e))) if e.is_transient() => {
+                    self.link.send_replace(Link::Connecting);
                     warn!(slot = %self.opts.slot, error = %e, "cannot start replication yet; retrying");
                 }
                 Err(e) => return Err(e),
@@ -200,6 +216,11 @@ impl ReplicationStream {
         }
     }
 
+    /// Follows the connection's state: connecting, standing by or streaming.
+    pub fn link(&self) -> tokio::sync::watch::Receiver<Link> {
+        self.link.subscribe()
+    }
+
     /// The position after the last item handed on.
     pub fn position(&self) -> Position {
         self.handed
@@ -223,6 +244,7 @@ impl ReplicationStream {
                 }
                 Err(StreamError::Setup(SetupError::SlotActive { .. })) if !self.opts.temporary => {
                     self.client = None;
+                    self.link.send_replace(Link::StandingBy);
                     tokio::time::sleep(self.backoff).await;
                     self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
                 }
@@ -236,6 +258,7 @@ impl ReplicationStream {
         if let Some(client) = self.client.take() {
             drop(client);
         }
+        self.link.send_replace(Link::Connecting);
         if self.opts.temporary {
             warn!(slot = %self.opts.slot, "the temporary slot went with the connection; changes made while disconnected are not shown");
         }

@@ -10,6 +10,7 @@ pub mod deliveries;
 pub mod ingest;
 pub mod migrations;
 pub mod purge;
+pub mod stats;
 
 use tokio_postgres::Client;
 

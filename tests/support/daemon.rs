@@ -65,12 +65,25 @@ impl Workdir {
 
     /// Starts `walhook run`; its stdout and stderr go to `run-N.log` in the dir.
     pub fn spawn_run(&self, n: usize) -> Daemon {
+        self.spawn_run_env(n, &[("WALHOOK_LOG", Some("info,walhook=debug"))])
+    }
+
+    /// Like [`spawn_run`](Self::spawn_run) with only these environment changes: each
+    /// variable set, or removed when `None` (without `WALHOOK_LOG` the config's `[log]`
+    /// applies).
+    pub fn spawn_run_env(&self, n: usize, env: &[(&str, Option<&str>)]) -> Daemon {
         let log_path = self.dir.path().join(format!("run-{n}.log"));
         let log = std::fs::File::create(&log_path).expect("daemon log");
-        let child = Command::new(walhook_bin())
+        let mut command = Command::new(walhook_bin());
+        for (name, value) in env {
+            match value {
+                Some(v) => command.env(name, v),
+                None => command.env_remove(name),
+            };
+        }
+        let child = command
             .args(["run", "-c"])
             .arg(self.config())
-            .env("WALHOOK_LOG", "info,walhook=debug")
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)
             .spawn()

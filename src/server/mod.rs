@@ -1,0 +1,102 @@
+//! The operations HTTP server on `[server] listen`: `/metrics` (Prometheus text),
+//! `/healthz` (200 while the process runs) and `/readyz` (200 when the source streams or
+//! stands by and the store answers; 503 with a JSON body saying which part is not and
+//! why).
+
+pub mod health;
+pub mod metrics;
+pub mod refresh;
+pub mod systemd;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub use health::Health;
+
+/// Content type of the OpenMetrics text `/metrics` answers with.
+const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Failures of the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(
+        "cannot listen on {addr} (server.listen, env WALHOOK_SERVER__LISTEN): {source}; choose a free address, e.g. listen = \"127.0.0.1:9188\""
+    )]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A bound, not yet serving, server.
+pub struct Server {
+    listener: TcpListener,
+    addr: SocketAddr,
+}
+
+impl Server {
+    /// Binds `addr` (`server.listen`); a failure names the address and the key.
+    pub async fn bind(addr: SocketAddr) -> Result<Server, ServerError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind { addr, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| ServerError::Bind { addr, source })?;
+        Ok(Server { listener, addr })
+    }
+
+    /// The address actually bound (port 0 picks one).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves until `stop`.
+    pub async fn serve(self, health: Arc<Health>, stop: CancellationToken) {
+        info!(addr = %self.addr, "serving /metrics, /healthz and /readyz");
+        let app = Router::new()
+            .route("/metrics", get(metrics_handler))
+            .route("/healthz", get(healthz))
+            .route("/readyz", get(readyz))
+            .with_state(health);
+        if let Err(e) = axum::serve(self.listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+        {
+            warn!(error = %e, "the metrics server stopped");
+        }
+    }
+}
+
+async fn metrics_handler() -> Response {
+    (
+        [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
+        metrics::metrics().encode(),
+    )
+        .into_response()
+}
+
+async fn healthz() -> Response {
+    axum::Json(json!({"status": "ok"})).into_response()
+}
+
+async fn readyz(State(health): State<Arc<Health>>) -> Response {
+    let (ready, body) = health.readiness();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
+}
