@@ -10,6 +10,9 @@ use crate::support::pg::{TestDb, create_db};
 use crate::support::receiver::{Received, Receiver};
 use crate::support::wait_for;
 
+mod backlog;
+mod faults;
+
 const WAIT: Duration = Duration::from_secs(60);
 /// `whsec_` + base64 of 32 bytes.
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";

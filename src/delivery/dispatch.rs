@@ -181,20 +181,27 @@ async fn send_groups(
         });
     }
     let mut disabled = false;
+    // Events not sent (the filter rejected them): a pending row of one (queued behind a
+    // retry) must go, or it would stay pending and block its entity for ever.
+    let mut skipped = Vec::new();
     while let Some(joined) = tasks.join_next().await {
         let (sent, queued) = joined.expect("delivery task panicked");
         for (event, result) in &sent {
-            if let Some((attempt, decision)) = result {
-                disabled |= matches!(
-                    record(store, sub, event, attempt, decision).await?,
-                    Handled::Disabled
-                );
+            match result {
+                Some((attempt, decision)) => {
+                    disabled |= matches!(
+                        record(store, sub, event, attempt, decision).await?,
+                        Handled::Disabled
+                    );
+                }
+                None => skipped.push(event.seq),
             }
         }
         store
             .queue_behind(sub.name.as_str(), &queued.iter().collect::<Vec<_>>())
             .await?;
     }
+    store.forget_pending(sub.name.as_str(), &skipped).await?;
     Ok(disabled)
 }
 
@@ -223,13 +230,18 @@ async fn attempt(
         .for_subscription(sub)
         .post(sub.url.expose(), &headers, body, sub.timeout)
         .await;
-    let age = now.duration_since(event.first_due_at).unwrap_or_default();
+    // Retry-After and the backoff count from the answer, not from the request: a slow
+    // answer must not bring the next attempt forward.
+    let answered = SystemTime::now();
+    let age = answered
+        .duration_since(event.first_due_at)
+        .unwrap_or_default();
     let decision = decide(
         result.outcome(),
         event.attempts as u32 + 1,
         age,
         &sub.retry,
-        now,
+        answered,
         fastrand::f64(),
     );
     debug!(subscription = %sub.name, event = %event.id, attempt = event.attempts + 1, elapsed_ms = result.elapsed.as_millis() as u64, "attempt");

@@ -270,6 +270,25 @@ impl Store {
         Ok(())
     }
 
+    /// Deletes the pending rows of events `seqs` that will never be sent (the
+    /// subscription's filter rejects them); the cursor then counts them as done. No
+    /// statement when `seqs` is empty.
+    pub async fn forget_pending(&self, subscription: &str, seqs: &[i64]) -> Result<(), StoreError> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        self.client
+            .execute(
+                &format!(
+                    "DELETE FROM {}.delivery_retries WHERE subscription = $1 AND seq = ANY ($2) AND status = 'pending'",
+                    self.s
+                ),
+                &[&subscription, &seqs],
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Moves the cursor of `subscription` forward to `seq` (never back), as lease holder.
     pub async fn advance_cursor(
         &self,
