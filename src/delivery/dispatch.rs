@@ -292,7 +292,10 @@ pub async fn record(
     let now = SystemTime::now();
     let (state, next, error, handled) = match decision {
         Decision::Delivered => {
-            if event.attempts == 0 {
+            // A new event delivered at once needs no row (the cursor says it). One
+            // queued behind a retry has a row with 0 attempts, which must not stay
+            // pending: it would be sent again every round.
+            if !event.has_row {
                 return Ok(Handled::Done);
             }
             ("delivered", now, None, Handled::Done)
