@@ -156,9 +156,14 @@ impl Store {
     ) -> Result<Vec<DueEvent>, StoreError> {
         let s = &self.s;
         let order_clause = if ordered {
+            // A scalar subquery, not NOT EXISTS: it is always one probe of the entity
+            // index per row. As an anti join, with the stale statistics of a table that
+            // just grew (a backlog), the planner chose a nested loop filtering every
+            // pending row against every other: seconds per round at 20,000 rows.
             format!(
-                "AND NOT EXISTS (SELECT 1 FROM {s}.delivery_retries b WHERE b.subscription = r.subscription
-                   AND b.entity = r.entity AND b.entity_id = r.entity_id AND b.status = 'pending' AND b.seq < r.seq)"
+                "AND r.seq = (SELECT b.seq FROM {s}.delivery_retries b WHERE b.subscription = r.subscription
+                   AND b.entity = r.entity AND b.entity_id = r.entity_id AND b.status = 'pending'
+                   ORDER BY b.seq LIMIT 1)"
             )
         } else {
             String::new()
