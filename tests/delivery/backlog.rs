@@ -28,12 +28,12 @@ async fn count(client: &tokio_postgres::Client, subscription: &str, status: &str
 }
 
 /// Writes `revisions` revisions of each of `entities` new users (ids from `first`),
-/// each event carrying a 2 KiB column: one INSERT transaction, then one UPDATE
+/// each event carrying an 8 KiB column: one INSERT transaction, then one UPDATE
 /// transaction per further revision.
 async fn write_backlog(db: &crate::support::pg::TestDb, first: i32, entities: i32, revisions: i32) {
     let last = first + entities - 1;
     db.batch(&format!(
-        "INSERT INTO users SELECT i, repeat('x', 2048), 1 FROM generate_series({first}, {last}) i"
+        "INSERT INTO users SELECT i, repeat('x', 8192), 1 FROM generate_series({first}, {last}) i"
     ))
     .await;
     for n in 2..=revisions {
@@ -102,8 +102,8 @@ async fn all_delivered_once(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn receiver_outage_backlog_is_delivered_once_in_order_in_bounded_memory() {
     // A cluster of its own without fsync: every delivery of a backlog writes its retry
-    // row in a transaction of its own, and 22,000 fsyncs would make this test minutes
-    // long. Durability across crashes is not what this test is about.
+    // row in a transaction of its own, and 5,000 fsyncs would make this test much
+    // longer. Durability across crashes is not what this test is about.
     let cluster = Cluster::start_with(&[("fsync", "off"), ("synchronous_commit", "off")]);
     let db = cluster.create_db().await;
     db.batch("CREATE TABLE users (id int PRIMARY KEY, email text, n int)")
@@ -131,23 +131,23 @@ max_age = "1h"
     let entities = 500;
     let t0 = Instant::now();
 
-    // A small outage: 2,000 events.
+    // A short outage: 1,000 events.
     receiver.stop();
-    write_backlog(&db, 0, entities, 4).await;
-    wait_for("2,000 events pending", WAIT, || async {
-        count(&client, "down", "pending").await == 2_000
+    write_backlog(&db, 0, entities, 2).await;
+    wait_for("1,000 events pending", WAIT, || async {
+        count(&client, "down", "pending").await == 1_000
     })
     .await;
     eprintln!("{:?} small backlog written", t0.elapsed());
     receiver.restart().await;
-    all_delivered_once(&daemon, &receiver, 0..entities, 4, 2_000).await;
+    all_delivered_once(&daemon, &receiver, 0..entities, 2, 1_000).await;
     eprintln!("{:?} small backlog delivered", t0.elapsed());
     let small = daemon.peak_rss_kib().expect("VmHWM");
 
-    // A long one: 20,000 more events, the receiver's port closed for 15 s.
+    // A longer one: 4,000 more events, the receiver's port closed for 12 s.
     receiver.stop();
     let down_since = Instant::now();
-    write_backlog(&db, entities, entities, 40).await;
+    write_backlog(&db, entities, entities, 8).await;
     // Only the first event of each new entity is attempted; the rest queue behind it.
     let attempted = || async {
         client
@@ -160,22 +160,21 @@ max_age = "1h"
             .get::<_, i64>(0)
     };
     wait_for(
-        "20,000 events pending, the first of each entity attempted",
+        "4,000 events pending, the first of each entity attempted",
         WAIT,
         || async {
-            count(&client, "down", "pending").await == 20_000
-                && attempted().await == entities as i64
+            count(&client, "down", "pending").await == 4_000 && attempted().await == entities as i64
         },
     )
     .await;
-    // Ingesting 40 MiB of events has a peak of its own; what the outage and the
+    // Ingesting 32 MiB of events has a peak of its own; what the outage and the
     // delivery of its backlog add on top is what G6 bounds here.
     let ingested = daemon.peak_rss_kib().expect("VmHWM");
     eprintln!(
         "{:?} large backlog written, peak RSS {ingested} KiB",
         t0.elapsed()
     );
-    tokio::time::sleep(Duration::from_secs(15).saturating_sub(down_since.elapsed())).await;
+    tokio::time::sleep(Duration::from_secs(12).saturating_sub(down_since.elapsed())).await;
     assert_eq!(
         attempted().await,
         entities as i64,
@@ -183,19 +182,22 @@ max_age = "1h"
     );
     assert!(daemon.is_running(), "{}", daemon.log());
     receiver.restart().await;
-    all_delivered_once(&daemon, &receiver, entities..2 * entities, 40, 22_000).await;
+    all_delivered_once(&daemon, &receiver, entities..2 * entities, 8, 5_000).await;
     eprintln!("{:?} large backlog delivered", t0.elapsed());
-    assert_eq!(receiver.received().len(), 2_000 + 20_000);
+    assert_eq!(receiver.received().len(), 1_000 + 4_000);
     let large = daemon.peak_rss_kib().expect("VmHWM");
     eprintln!(
-        "walhook peak RSS: {small} KiB after delivering a 2,000-event backlog; {ingested} KiB after ingesting 20,000 more, {large} KiB after delivering them"
+        "walhook peak RSS: {small} KiB after delivering a 1,000-event backlog; {ingested} KiB after ingesting 4,000 more, {large} KiB after delivering them"
     );
-    // 20,000 events of 2 KiB are 40 MiB of data: held in memory they would show.
+    // 4,000 events of 8 KiB are 32 MiB of data: held in memory they would show.
     assert!(
         large <= ingested + 16 * 1024 && large <= small + 64 * 1024,
-        "peak RSS grew to {large} KiB delivering a 20,000-event backlog ({small} KiB after 2,000, {ingested} KiB after ingesting) (G6)"
+        "peak RSS grew to {large} KiB delivering a 4,000-event backlog ({small} KiB after 1,000, {ingested} KiB after ingesting) (G6)"
     );
-    assert_eq!(count(&client, "down", "pending").await, 0);
+    wait_for("no pending delivery left", WAIT, || async {
+        count(&client, "down", "pending").await == 0
+    })
+    .await;
 }
 
 #[tokio::test]
