@@ -271,7 +271,7 @@ async fn bad_answers_are_retried_as_the_receiver_asks_then_delivered() {
     let peak = daemon.peak_rss_kib().expect("daemon VmHWM");
     eprintln!("walhook peak RSS after 10 MiB error bodies: {peak} KiB");
     assert!(
-        peak < 150 * 1024,
+        peak < 64 * 1024,
         "walhook peak RSS {peak} KiB after 10 MiB error bodies"
     );
 
