@@ -10,6 +10,9 @@ use crate::support::pg::{TestDb, create_db};
 use crate::support::receiver::{Received, Receiver};
 use crate::support::wait_for;
 
+mod backlog;
+mod faults;
+
 const WAIT: Duration = Duration::from_secs(60);
 /// `whsec_` + base64 of 32 bytes.
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -35,19 +38,22 @@ entity = "user"
     )
 }
 
-/// Waits until walhook holds the slot (changes before that are not captured).
+/// Waits until walhook holds the slot and leads ingest. A slot being created is
+/// already `active` before its consistent point, and changes committed before that
+/// point are not captured: holding the slot alone is not enough.
 async fn wait_streaming(db: &TestDb, daemon: &mut crate::support::daemon::Daemon) {
     let client = db.client().await;
     for _ in 0..600 {
         assert!(daemon.is_running(), "walhook exited: {}", daemon.log());
-        let active = client
+        let leading = client
             .query_opt(
-                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                "SELECT 1 FROM pg_replication_slots s JOIN walhook.checkpoints c ON c.slot = s.slot_name
+                 WHERE s.slot_name = $1 AND s.active AND c.leader IS NOT NULL",
                 &[&db.name],
             )
             .await
-            .unwrap();
-        if active.is_some() {
+            .is_ok_and(|r| r.is_some());
+        if leading {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

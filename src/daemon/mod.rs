@@ -113,6 +113,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
             .collect(),
         config.store.retention,
         config.store.dead_retention,
+        config.store.paused_retention,
         dispatch_stop.clone(),
     ));
     systemd::ready();
@@ -225,22 +226,45 @@ async fn ingest_until_shutdown(
     result
 }
 
-/// Deletes what retention allows, in small batches, about once a minute (more often
-/// with a short retention).
+/// Deletes what retention allows and makes the old backlog of paused or disabled
+/// subscriptions dead, in small batches, about once a minute (more often with a short
+/// retention).
 async fn purge_loop(
     mut store: Store,
     subscriptions: Vec<String>,
     retention: Duration,
     dead_retention: Duration,
+    paused_retention: Duration,
     stop: CancellationToken,
 ) {
     let period = retention
+        .min(paused_retention)
         .min(Duration::from_secs(60))
         .max(Duration::from_millis(500));
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(period) => {}
+        }
+        'subscriptions: for name in &subscriptions {
+            loop {
+                match store.expire_paused_once(name, paused_retention).await {
+                    Ok(n) if n > 0 => {
+                        warn!(subscription = %name, deliveries = n, "paused or disabled subscription: backlog older than store.paused_retention is now dead");
+                        if n < crate::store::purge::PURGE_BATCH as u64 {
+                            break;
+                        }
+                    }
+                    Ok(_) => break,
+                    Err(e) => {
+                        warn!(subscription = %name, error = %e, "expiring a paused backlog failed; trying again later");
+                        if store.is_closed() {
+                            let _ = store.reconnect().await;
+                        }
+                        break 'subscriptions;
+                    }
+                }
+            }
         }
         loop {
             match store

@@ -418,17 +418,16 @@ impl Dispatcher {
         let now = SystemTime::now();
         let mut rows = Vec::new();
         let mut queued = Vec::new();
+        let mut forget = Vec::new();
         let mut disabled = None;
         for d in &done {
             let (attempt, decision) = match &d.result {
                 Sent::Attempted(attempt, decision) => (attempt, decision),
-                // A retry row the filter no longer lets through is settled as dead (an
-                // operator may replay it); a new event it rejects needs no row.
+                // A pending row the filter rejects (queued behind a retry, or after a
+                // reload changed the filter) is not due: it goes, or it would block its
+                // entity for ever. A new event it rejects needs no row.
                 Sent::Filtered if matches!(d.kind, Kind::Retry) => {
-                    rows.push((
-                        &d.event,
-                        dead_row(&d.event, now, "filtered out by the subscription's filter"),
-                    ));
+                    forget.push(d.event.seq);
                     continue;
                 }
                 Sent::Filtered => continue,
@@ -476,6 +475,7 @@ impl Dispatcher {
             warn!(subscription = %name, "receiver answered 410 Gone: subscription disabled until resumed");
         }
         self.store.record_attempts(name, &rows).await?;
+        self.store.forget_pending(name, &forget).await?;
         drop(rows);
         let disabled = disabled.is_some();
 

@@ -286,7 +286,8 @@ impl HttpClient {
     }
 }
 
-/// The first [`HEAD_KEPT`] bytes as text, without a character cut in half.
+/// The first [`HEAD_KEPT`] bytes as text, without a character cut in half; invalid
+/// UTF-8 and NUL become U+FFFD.
 fn head(body: &[u8]) -> String {
     let mut bytes = &body[..body.len().min(HEAD_KEPT)];
     if bytes.len() < body.len() {
@@ -297,7 +298,8 @@ fn head(body: &[u8]) -> String {
             }
         }
     }
-    String::from_utf8_lossy(bytes).into_owned()
+    // PostgreSQL text cannot hold NUL: it would make recording the attempt fail.
+    String::from_utf8_lossy(bytes).replace('\0', "\u{fffd}")
 }
 
 /// The kind and a short description of a failed request. Never prints the URL.

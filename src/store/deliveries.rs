@@ -30,6 +30,9 @@ pub struct DueEvent {
     pub attempts: i32,
     /// When the delivery first became due (its age counts from here).
     pub first_due_at: SystemTime,
+    /// Whether a `delivery_retries` row holds this delivery (a retry, or an event queued
+    /// behind one with `attempts` 0): its outcome must be written there.
+    pub has_row: bool,
 }
 
 /// A subscription's state as the lease holder sees it.
@@ -53,7 +56,7 @@ pub struct AttemptRecord<'a> {
 
 const EVENT_FIELDS: &str = "e.seq, e.id, e.type, e.entity, e.entity_id, e.revision, e.occurred_at, e.data, e.previous, e.changed, e.source_table, e.source_lsn::text, e.source_xid";
 
-fn due_event(r: &Row, attempts: i32, first_due_at: SystemTime) -> DueEvent {
+fn due_event(r: &Row, attempts: i32, first_due_at: SystemTime, has_row: bool) -> DueEvent {
     DueEvent {
         seq: r.get(0),
         id: r.get(1),
@@ -70,6 +73,7 @@ fn due_event(r: &Row, attempts: i32, first_due_at: SystemTime) -> DueEvent {
         xid: r.get(12),
         attempts,
         first_due_at,
+        has_row,
     }
 }
 
@@ -139,7 +143,7 @@ impl Store {
             )
             .await?;
         let now = SystemTime::now();
-        Ok(rows.iter().map(|r| due_event(r, 0, now)).collect())
+        Ok(rows.iter().map(|r| due_event(r, 0, now, false)).collect())
     }
 
     /// Retry rows whose time has come. With `ordered`, only the oldest pending row of
@@ -152,9 +156,14 @@ impl Store {
     ) -> Result<Vec<DueEvent>, StoreError> {
         let s = &self.s;
         let order_clause = if ordered {
+            // A scalar subquery, not NOT EXISTS: it is always one probe of the entity
+            // index per row. As an anti join, with the stale statistics of a table that
+            // just grew (a backlog), the planner chose a nested loop filtering every
+            // pending row against every other: seconds per round at 20,000 rows.
             format!(
-                "AND NOT EXISTS (SELECT 1 FROM {s}.delivery_retries b WHERE b.subscription = r.subscription
-                   AND b.entity = r.entity AND b.entity_id = r.entity_id AND b.status = 'pending' AND b.seq < r.seq)"
+                "AND r.seq = (SELECT b.seq FROM {s}.delivery_retries b WHERE b.subscription = r.subscription
+                   AND b.entity = r.entity AND b.entity_id = r.entity_id AND b.status = 'pending'
+                   ORDER BY b.seq LIMIT 1)"
             )
         } else {
             String::new()
@@ -173,7 +182,7 @@ impl Store {
             .await?;
         Ok(rows
             .iter()
-            .map(|r| due_event(r, r.get(13), r.get(14)))
+            .map(|r| due_event(r, r.get(13), r.get(14), true))
             .collect())
     }
 
@@ -290,6 +299,25 @@ impl Store {
                     self.s
                 ),
                 &[&subscription, &seqs, &entities, &ids],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes the pending rows of events `seqs` that will never be sent (the
+    /// subscription's filter rejects them); the cursor then counts them as done. No
+    /// statement when `seqs` is empty.
+    pub async fn forget_pending(&self, subscription: &str, seqs: &[i64]) -> Result<(), StoreError> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        self.client
+            .execute(
+                &format!(
+                    "DELETE FROM {}.delivery_retries WHERE subscription = $1 AND seq = ANY ($2) AND status = 'pending'",
+                    self.s
+                ),
+                &[&subscription, &seqs],
             )
             .await?;
         Ok(())

@@ -365,6 +365,7 @@ fn head_does_not_cut_a_character() {
     assert_eq!(h.len(), HEAD_KEPT - 1);
     assert!(h.bytes().all(|b| b == b'a'));
     assert_eq!(head(b"short \xff"), "short \u{fffd}");
+    assert_eq!(head(b"nul\0here"), "nul\u{fffd}here");
 }
 
 fn self_signed() -> tokio_rustls::TlsAcceptor {
