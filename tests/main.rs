@@ -8,4 +8,5 @@ mod cli_tail;
 mod daemon;
 mod delivery;
 mod harness_smoke;
+mod operator;
 mod source;

@@ -173,7 +173,7 @@ async fn list(args: ListArgs) -> anyhow::Result<()> {
             when(d),
             d.last_error
                 .as_deref()
-                .map_or("-".into(), |e| truncate(e, 40)),
+                .map_or("-".into(), |e| truncate(e, 60)),
         ]);
     }
     print!("{}", table.render());
