@@ -47,7 +47,8 @@ async fn users_db() -> TestDb {
     db
 }
 
-/// Waits until walhook holds the slot (changes before that are not captured).
+/// Waits until walhook holds the slot and says it ingests (changes before that are not
+/// captured).
 async fn wait_streaming(db: &TestDb, daemon: &mut Daemon) {
     let client = db.client().await;
     wait_for("walhook to take the replication slot", WAIT, || {
@@ -55,14 +56,19 @@ async fn wait_streaming(db: &TestDb, daemon: &mut Daemon) {
         let client = &client;
         async move {
             client
-            .query_opt(
-                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
-                &[&db.name],
-            )
-            .await
-            .unwrap()
-            .is_some()
+                .query_opt(
+                    "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                    &[&db.name],
+                )
+                .await
+                .unwrap()
+                .is_some()
         }
+    })
+    .await;
+    wait_for("walhook to log that it ingests", WAIT, || {
+        let log = daemon.log();
+        async move { log.contains("holding the slot; ingesting") }
     })
     .await;
 }
@@ -180,7 +186,10 @@ where
     let deadline = std::time::Instant::now() + WAIT;
     while !condition().await {
         if std::time::Instant::now() > deadline {
-            panic!("timed out after {WAIT:?} waiting for {what}\n{}", dump(db, daemon).await);
+            panic!(
+                "timed out after {WAIT:?} waiting for {what}\n{}",
+                dump(db, daemon).await
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -244,7 +253,16 @@ events = ["user.created"]
         if std::time::Instant::now() > deadline {
             let rows: Vec<String> = rows
                 .iter()
-                .map(|r| format!("{} {} {} {:?} {:?}", r.get::<_, i64>(0), r.get::<_, &str>(1), r.get::<_, i32>(2), r.get::<_, Option<String>>(3), r.get::<_, Option<String>>(4)))
+                .map(|r| {
+                    format!(
+                        "{} {} {} {:?} {:?}",
+                        r.get::<_, i64>(0),
+                        r.get::<_, &str>(1),
+                        r.get::<_, i32>(2),
+                        r.get::<_, Option<String>>(3),
+                        r.get::<_, Option<String>>(4)
+                    )
+                })
                 .collect();
             panic!(
                 "timed out after {WAIT:?} waiting for 4 dead deliveries for crm; retry rows: {rows:#?}\nlog:\n{}",
@@ -258,15 +276,15 @@ events = ["user.created"]
     })
     .await;
 
-    let dead = walhook(
-        &work,
-        &["deliveries", "list", "--status", "dead", "--json"],
-    )
-    .await
-    .json_lines("list dead");
+    let dead = walhook(&work, &["deliveries", "list", "--status", "dead", "--json"])
+        .await
+        .json_lines("list dead");
     assert_eq!(dead.len(), 4, "{dead:?}");
     let seqs: Vec<i64> = dead.iter().map(|d| d["seq"].as_i64().unwrap()).collect();
-    assert!(seqs.windows(2).all(|w| w[0] > w[1]), "newest first: {seqs:?}");
+    assert!(
+        seqs.windows(2).all(|w| w[0] > w[1]),
+        "newest first: {seqs:?}"
+    );
     for d in &dead {
         assert_eq!(d["status"], "dead");
         assert_eq!(d["subscription"], "crm");
@@ -291,17 +309,36 @@ events = ["user.created"]
     let audit_list = walhook(
         &work,
         &[
-            "deliveries", "list", "--subscription", "audit", "--status", "delivered", "--since",
-            "10m", "--limit", "2", "--json",
+            "deliveries",
+            "list",
+            "--subscription",
+            "audit",
+            "--status",
+            "delivered",
+            "--since",
+            "10m",
+            "--limit",
+            "2",
+            "--json",
         ],
     )
     .await
     .json_lines("list audit");
     assert_eq!(audit_list.len(), 2, "--limit 2: {audit_list:?}");
-    assert!(audit_list.iter().all(|d| d["attempts"] == 1 && d["status"] == "delivered"));
+    assert!(
+        audit_list
+            .iter()
+            .all(|d| d["attempts"] == 1 && d["status"] == "delivered")
+    );
     let future = walhook(
         &work,
-        &["deliveries", "list", "--since", "2100-01-01T00:00:00Z", "--json"],
+        &[
+            "deliveries",
+            "list",
+            "--since",
+            "2100-01-01T00:00:00Z",
+            "--json",
+        ],
     )
     .await;
     assert_eq!(future.ok("list since the future"), "");
@@ -320,7 +357,10 @@ events = ["user.created"]
     assert!(text.contains("status:       dead"), "{text}");
     assert!(text.contains("last status:  500"), "{text}");
     assert!(text.contains("response head (first 1 KiB"), "{text}");
-    assert!(text.contains("\n  ok\n"), "the receiver's body `ok`: {text}");
+    assert!(
+        text.contains("\n  ok\n"),
+        "the receiver's body `ok`: {text}"
+    );
     let shown = walhook(&work, &["deliveries", "show", id, "--json"])
         .await
         .json_lines("show json");
@@ -352,13 +392,26 @@ events = ["user.created"]
     crm_answer.store(200, Ordering::SeqCst);
     let replayed = walhook(
         &work,
-        &["deliveries", "replay", "--subscription", "crm", "--status", "dead"],
+        &[
+            "deliveries",
+            "replay",
+            "--subscription",
+            "crm",
+            "--status",
+            "dead",
+        ],
     )
     .await;
-    assert_eq!(replayed.ok("replay dead").trim(), "queued 4 deliveries for replay");
-    wait_until("the 4 replayed deliveries to arrive", &db, &daemon, || async {
-        delivered_ids(&crm.received()).len() >= 4
-    })
+    assert_eq!(
+        replayed.ok("replay dead").trim(),
+        "queued 4 deliveries for replay"
+    );
+    wait_until(
+        "the 4 replayed deliveries to arrive",
+        &db,
+        &daemon,
+        || async { delivered_ids(&crm.received()).len() >= 4 },
+    )
     .await;
     let got = crm.received();
     let mut ids = delivered_ids(&got);
@@ -384,7 +437,15 @@ events = ["user.created"]
     .await;
     let delivered = walhook(
         &work,
-        &["deliveries", "list", "--subscription", "crm", "--status", "delivered", "--json"],
+        &[
+            "deliveries",
+            "list",
+            "--subscription",
+            "crm",
+            "--status",
+            "delivered",
+            "--json",
+        ],
     )
     .await
     .json_lines("list crm delivered");
@@ -398,13 +459,18 @@ events = ["user.created"]
         .json_lines("replay by id");
     assert_eq!(again[0]["queued"], 1);
     let audit_event = audit_list[0]["event_id"].as_str().unwrap().to_owned();
-    wait_until("the replayed audit delivery to arrive again", &db, &daemon, || async {
-        delivered_ids(&audit.received())
-            .iter()
-            .filter(|id| **id == audit_event)
-            .count()
-            == 2
-    })
+    wait_until(
+        "the replayed audit delivery to arrive again",
+        &db,
+        &daemon,
+        || async {
+            delivered_ids(&audit.received())
+                .iter()
+                .filter(|id| **id == audit_event)
+                .count()
+                == 2
+        },
+    )
     .await;
 
     // Bad input: exit 1, a message naming the thing, the known subscriptions.
@@ -412,20 +478,29 @@ events = ["user.created"]
         .await
         .failed_with(
             "list unknown subscription",
-            &["unknown subscription `nope`", "configured subscriptions: crm, audit"],
+            &[
+                "unknown subscription `nope`",
+                "configured subscriptions: crm, audit",
+            ],
         );
-    walhook(&work, &["deliveries", "show", "evt_01JDX5ZQ3J8K2M4N6P8R0T2V4X:crm"])
-        .await
-        .failed_with(
-            "show unknown id",
-            &["unknown delivery `evt_01JDX5ZQ3J8K2M4N6P8R0T2V4X:crm`"],
-        );
+    walhook(
+        &work,
+        &["deliveries", "show", "evt_01JDX5ZQ3J8K2M4N6P8R0T2V4X:crm"],
+    )
+    .await
+    .failed_with(
+        "show unknown id",
+        &["unknown delivery `evt_01JDX5ZQ3J8K2M4N6P8R0T2V4X:crm`"],
+    );
     walhook(&work, &["deliveries", "replay", "evt_nope"])
         .await
         .failed_with("replay unknown id", &["unknown delivery `evt_nope`"]);
     walhook(&work, &["deliveries", "show", &format!("{event_id}:nope")])
         .await
-        .failed_with("show unknown subscription", &["unknown subscription `nope`"]);
+        .failed_with(
+            "show unknown subscription",
+            &["unknown subscription `nope`"],
+        );
     walhook(&work, &["subscriptions", "pause", "nope"])
         .await
         .failed_with(
@@ -434,10 +509,16 @@ events = ["user.created"]
         );
     walhook(&work, &["deliveries", "replay", "--subscription", "crm"])
         .await
-        .failed_with("replay without status", &["needs --status", "--status dead"]);
+        .failed_with(
+            "replay without status",
+            &["needs --status", "--status dead"],
+        );
     let bad = walhook(&work, &["deliveries", "list", "--status", "lost"]).await;
     assert_eq!(bad.code, Some(2), "{}", bad.stderr);
-    assert!(bad.stderr.contains("possible values: pending, delivered, dead"));
+    assert!(
+        bad.stderr
+            .contains("possible values: pending, delivered, dead")
+    );
     let bad = walhook(&work, &["deliveries", "list", "--since", "yesterday"]).await;
     assert_eq!(bad.code, Some(2), "{}", bad.stderr);
     assert!(bad.stderr.contains("RFC 3339"), "{}", bad.stderr);
@@ -510,17 +591,23 @@ async fn pause_holds_deliveries_and_resume_sends_them() {
     assert_eq!(subs[0]["cursor_lag"], 2);
     assert_eq!(subs[0]["dead"], 0);
     assert!(subs[0]["oldest_pending_seconds"].as_f64().unwrap() >= 1.0);
-    let pending = walhook(&work, &["deliveries", "list", "--status", "pending", "--json"])
-        .await
-        .json_lines("list pending");
+    let pending = walhook(
+        &work,
+        &["deliveries", "list", "--status", "pending", "--json"],
+    )
+    .await
+    .json_lines("list pending");
     assert_eq!(pending.len(), 2);
     assert!(pending.iter().all(|d| d["attempts"] == 0));
 
     let out = walhook(&work, &["subscriptions", "resume", "crm"]).await;
     assert!(out.ok("resume").contains("resumed"));
-    wait_until("the 2 held deliveries after resume", &db, &daemon, || async {
-        receiver.received().len() == 3
-    })
+    wait_until(
+        "the 2 held deliveries after resume",
+        &db,
+        &daemon,
+        || async { receiver.received().len() == 3 },
+    )
     .await;
 
     // resume also re-enables a subscription disabled by 410 Gone.
@@ -532,7 +619,9 @@ async fn pause_holds_deliveries_and_resume_sends_them() {
         .unwrap();
     let table = walhook(&work, &["subscriptions", "list"]).await;
     assert!(
-        table.ok("list disabled").contains("disabled (http 410 gone"),
+        table
+            .ok("list disabled")
+            .contains("disabled (http 410 gone"),
         "{}",
         table.stdout
     );
@@ -581,15 +670,34 @@ async fn replay_of_thousands_of_rows_goes_in_batches_and_reports_the_count() {
     .await;
     let nothing = walhook(
         &work,
-        &["deliveries", "replay", "--subscription", "crm", "--status", "dead", "--until", "1h"],
+        &[
+            "deliveries",
+            "replay",
+            "--subscription",
+            "crm",
+            "--status",
+            "dead",
+            "--until",
+            "1h",
+        ],
     )
     .await;
-    assert_eq!(nothing.ok("replay before").trim(), "queued 0 deliveries for replay");
+    assert_eq!(
+        nothing.ok("replay before").trim(),
+        "queued 0 deliveries for replay"
+    );
 
     let out = walhook(
         &work,
         &[
-            "deliveries", "replay", "--subscription", "crm", "--status", "dead", "--since", "1h",
+            "deliveries",
+            "replay",
+            "--subscription",
+            "crm",
+            "--status",
+            "dead",
+            "--since",
+            "1h",
             "--json",
         ],
     )
@@ -607,16 +715,30 @@ async fn replay_of_thousands_of_rows_goes_in_batches_and_reports_the_count() {
         )
         .await
         .unwrap();
-    assert_eq!(row.get::<_, i64>(0), 5000, "all due now, fresh max_age, attempts kept");
+    assert_eq!(
+        row.get::<_, i64>(0),
+        5000,
+        "all due now, fresh max_age, attempts kept"
+    );
     assert_eq!(row.get::<_, i64>(1), 5000);
 
     // Delivered ones have no row: replay gives them one, due now.
     let out = walhook(
         &work,
-        &["deliveries", "replay", "--subscription", "crm", "--status", "delivered"],
+        &[
+            "deliveries",
+            "replay",
+            "--subscription",
+            "crm",
+            "--status",
+            "delivered",
+        ],
     )
     .await;
-    assert_eq!(out.ok("replay delivered").trim(), "queued 500 deliveries for replay");
+    assert_eq!(
+        out.ok("replay delivered").trim(),
+        "queued 500 deliveries for replay"
+    );
     let subs = walhook(&work, &["subscriptions", "list", "--json"])
         .await
         .json_lines("subscriptions list");

@@ -132,7 +132,11 @@ async fn list(args: ListArgs) -> anyhow::Result<()> {
     let config = args.config.load()?;
     let store = open_store(&config).await?;
     if let Some(name) = &args.subscription {
-        check_subscription(name, &configured(&config), &store.stored_subscriptions().await?)?;
+        check_subscription(
+            name,
+            &configured(&config),
+            &store.stored_subscriptions().await?,
+        )?;
     }
     let sel = Selection {
         subscriptions: args.subscription.map(|s| vec![s]),
@@ -270,8 +274,14 @@ async fn show(args: ShowArgs) -> anyhow::Result<()> {
             ("attempts", d.attempts.to_string()),
             ("next attempt", opt(d.next_attempt_at)),
             ("delivered at", when_delivered(d)),
-            ("last status", d.last_status.map_or("-".into(), |s| s.to_string())),
-            ("last error", d.last_error.clone().unwrap_or_else(|| "-".into())),
+            (
+                "last status",
+                d.last_status.map_or("-".into(), |s| s.to_string()),
+            ),
+            (
+                "last error",
+                d.last_error.clone().unwrap_or_else(|| "-".into()),
+            ),
             ("occurred at", human_time(d.occurred_at)),
             ("ingested at", human_time(d.ingested_at)),
             ("log position", d.seq.to_string()),
@@ -331,7 +341,11 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
         }
     } else {
         if let Some(name) = &args.subscription {
-            check_subscription(name, &configured(&config), &store.stored_subscriptions().await?)?;
+            check_subscription(
+                name,
+                &configured(&config),
+                &store.stored_subscriptions().await?,
+            )?;
         }
         let statuses: Vec<DeliveryStatus> = if args.status.is_empty() {
             if args.entity.is_none() {
@@ -364,7 +378,10 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
         }
     }
     if args.json {
-        println!("{}", json!({ "queued": queued, "already_pending": skipped }));
+        println!(
+            "{}",
+            json!({ "queued": queued, "already_pending": skipped })
+        );
     } else {
         println!(
             "queued {queued} deliver{} for replay",

@@ -38,7 +38,11 @@ pub fn configured(config: &Config) -> Vec<String> {
 
 /// Checks that `name` is a subscription of the config or of the store; the error names
 /// it and lists the configured ones.
-pub fn check_subscription(name: &str, configured: &[String], stored: &[String]) -> anyhow::Result<()> {
+pub fn check_subscription(
+    name: &str,
+    configured: &[String],
+    stored: &[String],
+) -> anyhow::Result<()> {
     if configured.iter().chain(stored).any(|n| n == name) {
         return Ok(());
     }
@@ -61,7 +65,9 @@ pub fn parse_time(text: &str) -> Result<SystemTime, String> {
         return Ok(SystemTime::from(t));
     }
     match parse_duration(text) {
-        Ok(d) => Ok(SystemTime::now().checked_sub(d).unwrap_or(SystemTime::UNIX_EPOCH)),
+        Ok(d) => Ok(SystemTime::now()
+            .checked_sub(d)
+            .unwrap_or(SystemTime::UNIX_EPOCH)),
         Err(_) => Err(format!(
             "expected a duration back from now (e.g. 30m, 2d) or an RFC 3339 time (e.g. 2026-11-25T10:00:00Z), got `{text}`"
         )),

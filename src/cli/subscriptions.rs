@@ -8,7 +8,9 @@ use clap::Subcommand;
 use serde_json::json;
 
 use super::ConfigArg;
-use super::operator::{Table, configured, human_age, human_time, json_time, known_list, open_store};
+use super::operator::{
+    Table, configured, human_age, human_time, json_time, known_list, open_store,
+};
 
 #[derive(Debug, clap::Args)]
 pub struct SubscriptionsArgs {
@@ -138,12 +140,18 @@ async fn set_paused(args: NameArgs, paused: bool) -> anyhow::Result<()> {
     let config = args.config.load()?;
     let names = configured(&config);
     if !names.contains(&args.name) {
-        anyhow::bail!("unknown subscription `{}`; {}", args.name, known_list(&names));
+        anyhow::bail!(
+            "unknown subscription `{}`; {}",
+            args.name,
+            known_list(&names)
+        );
     }
     let store = open_store(&config).await?;
     // A subscription the daemon has not started yet gets its state row now, as the
     // daemon would make it.
-    store.ensure_subscriptions(std::slice::from_ref(&args.name)).await?;
+    store
+        .ensure_subscriptions(std::slice::from_ref(&args.name))
+        .await?;
     store.set_paused(&args.name, paused).await?;
     if paused {
         println!(

@@ -193,9 +193,15 @@ fn narrowing(sub: &str) -> String {
 /// without a row whose state the cursor gives. `ascending` orders by log position (and
 /// pages after $11/$12); otherwise newest first (before $11/$12).
 fn candidates_sql(s: &str, ascending: bool) -> String {
-    let (dir, cmp) = if ascending { ("ASC", ">") } else { ("DESC", "<") };
-    let keyset_a = format!("AND ($11::int8 IS NULL OR (r.seq, r.subscription) {cmp} ($11, $12::text))");
-    let keyset_b = format!("AND ($11::int8 IS NULL OR (e.seq, st.subscription) {cmp} ($11, $12::text))");
+    let (dir, cmp) = if ascending {
+        ("ASC", ">")
+    } else {
+        ("DESC", "<")
+    };
+    let keyset_a =
+        format!("AND ($11::int8 IS NULL OR (r.seq, r.subscription) {cmp} ($11, $12::text))");
+    let keyset_b =
+        format!("AND ($11::int8 IS NULL OR (e.seq, st.subscription) {cmp} ($11, $12::text))");
     let (na, nb) = (narrowing("r.subscription"), narrowing("st.subscription"));
     format!(
         "SELECT * FROM (
