@@ -650,7 +650,9 @@ async fn replay_of_thousands_of_rows_goes_in_batches_and_reports_the_count() {
     let db = users_db().await;
     let work = Workdir::new(&config(
         &db,
-        "[[subscriptions]]\nname = \"crm\"\nurl = \"http://127.0.0.1:9/hook\"\nevents = [\"user.*\"]\n",
+        "[[subscriptions]]\nname = \"crm\"\nurl = \"http://127.0.0.1:9/hook\"\nevents = [\"user.*\"]\n\n\
+         [[subscriptions]]\nname = \"vip\"\nurl = \"http://127.0.0.1:9/hook\"\nevents = [\"user.*\"]\n\
+         filter = \"event.entity_id == '1'\"\n",
     ));
     walhook(&work, &["setup"]).await.ok("setup");
     // 5,500 events: the first 5,000 dead for crm, the rest delivered (behind the cursor).
@@ -745,4 +747,44 @@ async fn replay_of_thousands_of_rows_goes_in_batches_and_reports_the_count() {
     assert_eq!(subs[0]["pending"], 5500);
     assert_eq!(subs[0]["dead"], 0);
     assert_eq!(subs[0]["cursor_lag"], 0);
+
+    // A subscription with a filter: of its delivered events, only those the filter
+    // passes were sent, so only those are queued again.
+    db.batch(
+        "INSERT INTO walhook.subscription_state (subscription, cursor) VALUES ('vip', 5510)
+             ON CONFLICT (subscription) DO UPDATE SET cursor = 5510;
+         INSERT INTO walhook.events (seq, id, type, entity, entity_id, revision, occurred_at, data,
+                                     source_table, source_lsn, source_xid, subscriptions)
+         SELECT n, 'evt_' || n, 'user.updated', 'user', (n % 3)::text, n, now(), '{}',
+                'public.users', '0/0', 1, '{vip}'
+         FROM generate_series(5501, 5510) n;",
+    )
+    .await;
+    let out = walhook(
+        &work,
+        &[
+            "deliveries",
+            "replay",
+            "--subscription",
+            "vip",
+            "--status",
+            "delivered",
+        ],
+    )
+    .await;
+    assert_eq!(
+        out.ok("replay filtered").trim(),
+        "queued 3 deliveries for replay"
+    );
+    let seqs: Vec<i64> = client
+        .query(
+            "SELECT seq FROM walhook.delivery_retries WHERE subscription = 'vip' ORDER BY seq",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(seqs, vec![5503, 5506, 5509]);
 }

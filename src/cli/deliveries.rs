@@ -15,7 +15,13 @@ use super::operator::{
     Table, check_subscription, configured, human_time, json_time, open_store, parse_entity,
     parse_time, truncate,
 };
-use crate::store::operator::{Delivery, DeliveryId, DeliveryStatus, Selection};
+use std::collections::HashSet;
+
+use crate::config::{Config, SubscriptionConfig};
+use crate::delivery::dispatch;
+use crate::routing::Router;
+use crate::store::Store;
+use crate::store::operator::{Delivery, DeliveryId, DeliveryStatus, REPLAY_BATCH, Selection};
 
 #[derive(Debug, clap::Args)]
 pub struct DeliveriesArgs {
@@ -224,8 +230,8 @@ fn delivery_json(d: &Delivery, with_response: bool) -> serde_json::Value {
 
 /// Looks every id up; fails naming the first unknown one before anything is done.
 async fn lookup(
-    store: &crate::store::Store,
-    config: &crate::config::Config,
+    store: &Store,
+    config: &Config,
     ids: &[DeliveryId],
 ) -> anyhow::Result<Vec<Delivery>> {
     let configured = configured(config);
@@ -332,7 +338,7 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
                 seq: Some(d.seq),
                 ..Selection::default()
             };
-            let n = store.replay(&sel, |_| {}).await?;
+            let n = replay_selection(&store, &config, &sel, &mut |_| {}).await?;
             if n == 0 {
                 // Pending past the cursor: the dispatcher sends it without help.
                 skipped += 1;
@@ -366,13 +372,12 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
             ..Selection::default()
         };
         let interactive = !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
-        queued = store
-            .replay(&sel, |n| {
-                if interactive {
-                    eprint!("\rqueued {n} ...");
-                }
-            })
-            .await?;
+        queued = replay_selection(&store, &config, &sel, &mut |n| {
+            if interactive {
+                eprint!("\rqueued {n} ...");
+            }
+        })
+        .await?;
         if interactive && queued > 0 {
             eprintln!();
         }
@@ -392,4 +397,79 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Re-queues what `sel` selects. Subscriptions without a CEL filter are re-queued in
+/// SQL alone ([`Store::replay`]); for one with a filter, events delivered without a
+/// retry row may have been filtered out rather than sent, so each is checked against
+/// the filter first (a filtered-out event must not be queued: the dispatcher would
+/// never resolve it, and it would hold back its entity).
+async fn replay_selection(
+    store: &Store,
+    config: &Config,
+    sel: &Selection,
+    progress: &mut dyn FnMut(u64),
+) -> anyhow::Result<u64> {
+    let scope = match &sel.subscriptions {
+        Some(names) => names.clone(),
+        None => store.stored_subscriptions().await?,
+    };
+    let filtered: Vec<&SubscriptionConfig> = config
+        .subscriptions
+        .iter()
+        .filter(|s| s.filter.is_some() && scope.iter().any(|n| n == s.name.as_str()))
+        .collect();
+    let plain: Vec<String> = scope
+        .into_iter()
+        .filter(|n| !filtered.iter().any(|s| s.name.as_str() == n))
+        .collect();
+    let mut total = 0;
+    if !plain.is_empty() {
+        let sel = Selection {
+            subscriptions: Some(plain),
+            ..sel.clone()
+        };
+        total += store.replay(&sel, &mut *progress).await?;
+    }
+    for sub in filtered {
+        let router = Router::new(std::slice::from_ref(sub));
+        let sel = Selection {
+            subscriptions: Some(vec![sub.name.as_str().to_owned()]),
+            ..sel.clone()
+        };
+        let mut after = None;
+        loop {
+            let page = store.replay_page(&sel, after.clone()).await?;
+            let Some((last_sub, last_seq, _)) = page.last() else {
+                break;
+            };
+            after = Some((*last_seq, last_sub.clone()));
+            let unrowed: Vec<i64> = page.iter().filter(|d| !d.2).map(|d| d.1).collect();
+            let passing: HashSet<i64> = store
+                .events_at(&unrowed)
+                .await?
+                .iter()
+                .filter(|e| {
+                    !router
+                        .route(&dispatch::envelope(e))
+                        .subscriptions
+                        .is_empty()
+                })
+                .map(|e| e.seq)
+                .collect();
+            let keep: Vec<(String, i64)> = page
+                .iter()
+                .filter(|d| d.2 || passing.contains(&d.1))
+                .map(|d| (d.0.clone(), d.1))
+                .collect();
+            if !keep.is_empty() {
+                total += store.requeue(&keep).await?;
+                progress(total);
+            }
+            if (page.len() as i64) < REPLAY_BATCH {
+                break;
+            }
+        }
+    }
+    Ok(total)
 }

@@ -237,7 +237,7 @@ async fn attempt(
 }
 
 /// The envelope of a stored event.
-fn envelope(e: &DueEvent) -> Envelope {
+pub(crate) fn envelope(e: &DueEvent) -> Envelope {
     let (schema, name) = e.table.split_once('.').unwrap_or(("", &e.table));
     let as_row = |v: &serde_json::Value| match v {
         serde_json::Value::Object(m) => m.clone(),

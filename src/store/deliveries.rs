@@ -51,9 +51,9 @@ pub struct AttemptRecord<'a> {
     pub last_response: Option<&'a str>,
 }
 
-const EVENT_FIELDS: &str = "e.seq, e.id, e.type, e.entity, e.entity_id, e.revision, e.occurred_at, e.data, e.previous, e.changed, e.source_table, e.source_lsn::text, e.source_xid";
+pub(super) const EVENT_FIELDS: &str = "e.seq, e.id, e.type, e.entity, e.entity_id, e.revision, e.occurred_at, e.data, e.previous, e.changed, e.source_table, e.source_lsn::text, e.source_xid";
 
-fn due_event(r: &Row, attempts: i32, first_due_at: SystemTime) -> DueEvent {
+pub(super) fn due_event(r: &Row, attempts: i32, first_due_at: SystemTime) -> DueEvent {
     DueEvent {
         seq: r.get(0),
         id: r.get(1),

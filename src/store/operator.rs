@@ -19,6 +19,7 @@
 
 use std::time::{Duration, SystemTime};
 
+use super::deliveries::{DueEvent, EVENT_FIELDS, due_event};
 use super::{Store, StoreError};
 
 /// Rows re-queued per statement by [`Store::replay`].
@@ -207,7 +208,7 @@ fn candidates_sql(s: &str, ascending: bool) -> String {
         "SELECT * FROM (
            (SELECT r.subscription, r.seq, r.status, r.attempts,
                    CASE WHEN r.status = 'pending' THEN r.next_attempt_at END AS next_attempt_at,
-                   r.last_status, r.last_error, r.last_response, r.delivered_at
+                   r.last_status, r.last_error, r.last_response, r.delivered_at, true AS from_row
             FROM {s}.delivery_retries r JOIN {s}.events e ON e.seq = r.seq
             WHERE r.status = ANY ($8) AND {na} {keyset_a}
             ORDER BY r.seq {dir}, r.subscription {dir} LIMIT $13)
@@ -216,7 +217,7 @@ fn candidates_sql(s: &str, ascending: bool) -> String {
                    CASE WHEN e.seq <= st.cursor THEN 'delivered' ELSE 'pending' END,
                    CASE WHEN e.seq <= st.cursor THEN 1 ELSE 0 END,
                    CASE WHEN e.seq > st.cursor THEN e.ingested_at END,
-                   NULL::int4, NULL::text, NULL::text, NULL::timestamptz
+                   NULL::int4, NULL::text, NULL::text, NULL::timestamptz, false
             FROM {s}.subscription_state st JOIN {s}.events e ON st.subscription = ANY (e.subscriptions)
             WHERE ($9 OR $10) AND {nb} {keyset_b}
               AND ((e.seq <= st.cursor AND $9) OR (e.seq > st.cursor AND $10))
@@ -442,6 +443,89 @@ impl Store {
             after_seq = row.get(1);
             after_sub = row.get(2);
         }
+    }
+
+    /// One page of what [`Store::replay`] would re-queue, in ascending log order after
+    /// `after`: (subscription, seq, whether it has a retry row). For callers that must
+    /// look at the events first (a subscription's CEL filter) before [`Store::requeue`].
+    pub async fn replay_page(
+        &self,
+        sel: &Selection,
+        after: Option<(i64, String)>,
+    ) -> Result<Vec<(String, i64, bool)>, StoreError> {
+        let p = Params::new(sel, false);
+        let (after_seq, after_sub) = match after {
+            Some((seq, sub)) => (Some(seq), Some(sub)),
+            None => (None, None),
+        };
+        let sql = format!(
+            "SELECT d.subscription, d.seq, d.from_row FROM ({}) d ORDER BY d.seq, d.subscription",
+            candidates_sql(&self.s, true)
+        );
+        let rows = self
+            .client
+            .query(
+                &sql,
+                &[
+                    &p.subscriptions,
+                    &p.entity,
+                    &p.entity_id,
+                    &p.since,
+                    &p.until,
+                    &p.event_id,
+                    &p.seq,
+                    &p.retry_statuses,
+                    &p.cursor_delivered,
+                    &p.cursor_pending,
+                    &after_seq,
+                    &after_sub,
+                    &REPLAY_BATCH,
+                ],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
+    }
+
+    /// The stored events at `seqs`, for evaluating a filter on them.
+    pub async fn events_at(&self, seqs: &[i64]) -> Result<Vec<DueEvent>, StoreError> {
+        let rows = self
+            .client
+            .query(
+                &format!(
+                    "SELECT {EVENT_FIELDS} FROM {}.events e WHERE e.seq = ANY ($1) ORDER BY e.seq",
+                    self.s
+                ),
+                &[&seqs],
+            )
+            .await?;
+        let now = SystemTime::now();
+        Ok(rows.iter().map(|r| due_event(r, 0, now)).collect())
+    }
+
+    /// Re-queues the deliveries (subscription, seq) in one statement, as [`Store::replay`]
+    /// does; returns how many.
+    pub async fn requeue(&self, deliveries: &[(String, i64)]) -> Result<u64, StoreError> {
+        let (subs, seqs): (Vec<&str>, Vec<i64>) =
+            deliveries.iter().map(|(s, q)| (s.as_str(), *q)).unzip();
+        let n = self
+            .client
+            .execute(
+                &format!(
+                    "INSERT INTO {s}.delivery_retries AS r (subscription, seq, entity, entity_id, status, attempts, next_attempt_at, first_due_at)
+                     SELECT k.subscription, e.seq, e.entity, e.entity_id, 'pending', 1, now(), now()
+                     FROM unnest($1::text[], $2::int8[]) k(subscription, seq) JOIN {s}.events e ON e.seq = k.seq
+                     ORDER BY e.seq
+                     ON CONFLICT (subscription, seq) DO UPDATE SET status = 'pending', next_attempt_at = now(),
+                         first_due_at = now(), delivered_at = NULL, updated_at = now()",
+                    s = self.s
+                ),
+                &[&subs, &seqs],
+            )
+            .await?;
+        Ok(n)
     }
 
     /// State and queue of each of `names` that has a state row, in the order of `names`.
