@@ -199,10 +199,14 @@ fn candidates_sql(s: &str, ascending: bool) -> String {
     } else {
         ("DESC", "<")
     };
-    let keyset_a =
-        format!("AND ($11::int8 IS NULL OR (r.seq, r.subscription) {cmp} ($11, $12::text))");
-    let keyset_b =
-        format!("AND ($11::int8 IS NULL OR (e.seq, st.subscription) {cmp} ($11, $12::text))");
+    // The plain `seq >=` (or `<=`) lets each page start in the index instead of
+    // rescanning from the beginning of the log.
+    let keyset_a = format!(
+        "AND ($11::int8 IS NULL OR (r.seq {cmp}= $11 AND (r.seq, r.subscription) {cmp} ($11, $12::text)))"
+    );
+    let keyset_b = format!(
+        "AND ($11::int8 IS NULL OR (e.seq {cmp}= $11 AND (e.seq, st.subscription) {cmp} ($11, $12::text)))"
+    );
     let (na, nb) = (narrowing("r.subscription"), narrowing("st.subscription"));
     format!(
         "SELECT * FROM (
@@ -406,7 +410,8 @@ impl Store {
                     (SELECT subscription FROM picked ORDER BY seq DESC, subscription DESC LIMIT 1)",
             candidates_sql(s, true)
         );
-        let statement = self.client.prepare(&sql).await?;
+        // Planned afresh for each page (not a reused prepared statement): a custom plan
+        // sees the page's start and begins its index scan there.
         let mut after_seq: Option<i64> = None;
         let mut after_sub: Option<String> = None;
         let mut total = 0u64;
@@ -414,7 +419,7 @@ impl Store {
             let row = self
                 .client
                 .query_one(
-                    &statement,
+                    &sql,
                     &[
                         &p.subscriptions,
                         &p.entity,
