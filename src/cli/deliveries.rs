@@ -424,12 +424,15 @@ async fn replay_selection(
         .filter(|n| !filtered.iter().any(|s| s.name.as_str() == n))
         .collect();
     let mut total = 0;
-    if !plain.is_empty() {
+    // One subscription at a time: order matters only within one (G5), and a query for
+    // one subscription pages through its (subscription, seq) key.
+    for name in plain {
         let sel = Selection {
-            subscriptions: Some(plain),
+            subscriptions: Some(vec![name]),
             ..sel.clone()
         };
-        total += store.replay(&sel, &mut *progress).await?;
+        let before = total;
+        total += store.replay(&sel, |n| progress(before + n)).await?;
     }
     for sub in filtered {
         let router = Router::new(std::slice::from_ref(sub));

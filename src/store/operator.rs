@@ -179,9 +179,15 @@ const DELIVERY_COLUMNS: &str = "d.subscription, d.seq, e.id, e.type, e.entity, e
 /// $1 subscriptions text[], $2 entity text, $3 entity_id text, $4 since, $5 until,
 /// $6 event id, $7 seq, $8 retry statuses text[], $9 cursor-delivered wanted,
 /// $10 cursor-pending wanted, $11 after seq, $12 after subscription, $13 limit.
-fn narrowing(sub: &str) -> String {
+fn narrowing(sub: &str, single: bool) -> String {
+    // One subscription: an equality, so that the (subscription, seq) key orders a scan.
+    let subs = if single {
+        format!("{sub} = ($1::text[])[1]")
+    } else {
+        format!("($1::text[] IS NULL OR {sub} = ANY ($1))")
+    };
     format!(
-        "($1::text[] IS NULL OR {sub} = ANY ($1)) \
+        "{subs} \
          AND ($2::text IS NULL OR (e.entity = $2 AND e.entity_id = $3::text)) \
          AND ($4::timestamptz IS NULL OR e.ingested_at >= $4) \
          AND ($5::timestamptz IS NULL OR e.ingested_at < $5) \
@@ -193,7 +199,7 @@ fn narrowing(sub: &str) -> String {
 /// The candidate deliveries of a selection: retry rows in the wanted states, and events
 /// without a row whose state the cursor gives. `ascending` orders by log position (and
 /// pages after $11/$12); otherwise newest first (before $11/$12).
-fn candidates_sql(s: &str, ascending: bool) -> String {
+fn candidates_sql(s: &str, ascending: bool, single: bool) -> String {
     let (dir, cmp) = if ascending {
         ("ASC", ">")
     } else {
@@ -207,7 +213,10 @@ fn candidates_sql(s: &str, ascending: bool) -> String {
     let keyset_b = format!(
         "AND ($11::int8 IS NULL OR (e.seq {cmp}= $11 AND (e.seq, st.subscription) {cmp} ($11, $12::text)))"
     );
-    let (na, nb) = (narrowing("r.subscription"), narrowing("st.subscription"));
+    let (na, nb) = (
+        narrowing("r.subscription", single),
+        narrowing("st.subscription", single),
+    );
     format!(
         "SELECT * FROM (
            (SELECT r.subscription, r.seq, r.status, r.attempts,
@@ -271,6 +280,11 @@ impl Params {
     }
 }
 
+/// Whether `sel` names exactly one subscription.
+fn is_single(sel: &Selection) -> bool {
+    sel.subscriptions.as_ref().is_some_and(|s| s.len() == 1)
+}
+
 fn delivery(r: &tokio_postgres::Row) -> Delivery {
     Delivery {
         subscription: r.get(0),
@@ -329,7 +343,7 @@ impl Store {
         let p = Params::new(sel, true);
         let sql = format!(
             "SELECT {DELIVERY_COLUMNS} FROM ({}) d JOIN {s}.events e ON e.seq = d.seq ORDER BY d.seq DESC, d.subscription DESC",
-            candidates_sql(&self.s, false),
+            candidates_sql(&self.s, false, is_single(sel)),
             s = self.s
         );
         let none_seq: Option<i64> = None;
@@ -408,7 +422,7 @@ impl Store {
              SELECT (SELECT count(*) FROM queued),
                     (SELECT seq FROM picked ORDER BY seq DESC, subscription DESC LIMIT 1),
                     (SELECT subscription FROM picked ORDER BY seq DESC, subscription DESC LIMIT 1)",
-            candidates_sql(s, true)
+            candidates_sql(s, true, is_single(sel))
         );
         // Planned afresh for each page (not a reused prepared statement): a custom plan
         // sees the page's start and begins its index scan there.
@@ -465,7 +479,7 @@ impl Store {
         };
         let sql = format!(
             "SELECT d.subscription, d.seq, d.from_row FROM ({}) d ORDER BY d.seq, d.subscription",
-            candidates_sql(&self.s, true)
+            candidates_sql(&self.s, true, is_single(sel))
         );
         let rows = self
             .client
