@@ -45,6 +45,10 @@ fn main() -> ExitCode {
             Command::Setup(args) => walhook::cli::setup::run(args).await.map(|()| true),
             Command::Tail(args) => tail::run(args).await.map(|()| true),
             Command::Check(args) => check::run(args).await,
+            Command::Deliveries(args) => walhook::cli::deliveries::run(args).await.map(|()| true),
+            Command::Subscriptions(args) => {
+                walhook::cli::subscriptions::run(args).await.map(|()| true)
+            }
         }
     });
     match result {

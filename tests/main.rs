@@ -9,5 +9,6 @@ mod daemon;
 mod delivery;
 mod ha;
 mod harness_smoke;
+mod operator;
 mod server;
 mod source;

@@ -1,8 +1,11 @@
 //! The `walhook` command line: argument parsing and one module per subcommand.
 
 pub mod check;
+pub mod deliveries;
+pub mod operator;
 pub mod run;
 pub mod setup;
+pub mod subscriptions;
 pub mod tail;
 
 use std::path::PathBuf;
@@ -50,6 +53,10 @@ pub enum Command {
     /// Check the config, the connection, the database settings, the tables,
     /// the publication and the slot; exit 1 on any error.
     Check(check::CheckArgs),
+    /// List, show and replay deliveries (works while the daemon runs).
+    Deliveries(deliveries::DeliveriesArgs),
+    /// List subscriptions with their queues; pause or resume one.
+    Subscriptions(subscriptions::SubscriptionsArgs),
 }
 
 /// An error and its causes on one line, without repeating a cause that the message

@@ -623,7 +623,7 @@ async fn attempt(
 
 /// The envelope of a stored event; takes the event's row values (it needs only its
 /// metadata afterwards).
-fn envelope(e: &mut DueEvent) -> Envelope {
+pub(crate) fn envelope(e: &mut DueEvent) -> Envelope {
     let (schema, name) = e.table.split_once('.').unwrap_or(("", &e.table));
     let as_row = |v: serde_json::Value| match v {
         serde_json::Value::Object(m) => m,

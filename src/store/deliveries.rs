@@ -54,9 +54,14 @@ pub struct AttemptRecord<'a> {
     pub last_response: Option<&'a str>,
 }
 
-const EVENT_FIELDS: &str = "e.seq, e.id, e.type, e.entity, e.entity_id, e.revision, e.occurred_at, e.data, e.previous, e.changed, e.source_table, e.source_lsn::text, e.source_xid";
+pub(super) const EVENT_FIELDS: &str = "e.seq, e.id, e.type, e.entity, e.entity_id, e.revision, e.occurred_at, e.data, e.previous, e.changed, e.source_table, e.source_lsn::text, e.source_xid";
 
-fn due_event(r: &Row, attempts: i32, first_due_at: SystemTime, has_row: bool) -> DueEvent {
+pub(super) fn due_event(
+    r: &Row,
+    attempts: i32,
+    first_due_at: SystemTime,
+    has_row: bool,
+) -> DueEvent {
     DueEvent {
         seq: r.get(0),
         id: r.get(1),
@@ -324,6 +329,9 @@ impl Store {
     }
 
     /// Moves the cursor of `subscription` forward to `seq` (never back), as lease holder.
+    /// `last_success_at` moves to now when `success` and some event it passes has no
+    /// retry row (was delivered at its first attempt); retried deliveries carry their
+    /// own `delivered_at`.
     pub async fn advance_cursor(
         &self,
         subscription: &str,
@@ -335,10 +343,13 @@ impl Store {
             .client
             .execute(
                 &format!(
-                    "UPDATE {}.subscription_state SET cursor = greatest(cursor, $3), updated_at = now(),
-                        last_success_at = CASE WHEN $4 THEN now() ELSE last_success_at END
+                    "UPDATE {s}.subscription_state SET cursor = greatest(cursor, $3), updated_at = now(),
+                        last_success_at = CASE WHEN $4 AND EXISTS (
+                            SELECT 1 FROM {s}.events e WHERE e.seq > cursor AND e.seq <= $3 AND $1 = ANY (e.subscriptions)
+                              AND NOT EXISTS (SELECT 1 FROM {s}.delivery_retries r WHERE r.subscription = $1 AND r.seq = e.seq))
+                          THEN now() ELSE last_success_at END
                      WHERE subscription = $1 AND lease_owner = $2",
-                    self.s
+                    s = self.s
                 ),
                 &[&subscription, &owner, &seq, &success],
             )

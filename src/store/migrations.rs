@@ -26,6 +26,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0002_deliveries",
         sql: include_str!("../../sql/0002_deliveries.sql"),
     },
+    Migration {
+        version: 3,
+        name: "0003_operator",
+        sql: include_str!("../../sql/0003_operator.sql"),
+    },
 ];
 
 /// Advisory lock key for migrations ("walhook" in ASCII).

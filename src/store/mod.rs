@@ -9,6 +9,7 @@
 pub mod deliveries;
 pub mod ingest;
 pub mod migrations;
+pub mod operator;
 pub mod purge;
 pub mod stats;
 
