@@ -23,6 +23,9 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         }
+    } else if let Command::Demo(_) = &cli.command {
+        // The demo prints what happens itself; only problems are logged.
+        init_logging("warn", false);
     } else {
         init_logging("info", false);
     }
@@ -45,6 +48,7 @@ fn main() -> ExitCode {
             Command::Setup(args) => walhook::cli::setup::run(args).await.map(|()| true),
             Command::Tail(args) => tail::run(args).await.map(|()| true),
             Command::Check(args) => check::run(args).await,
+            Command::Demo(args) => walhook::cli::demo::run(args).await,
         }
     });
     match result {

@@ -7,5 +7,6 @@ mod cli_check;
 mod cli_tail;
 mod daemon;
 mod delivery;
+mod demo;
 mod harness_smoke;
 mod source;

@@ -1,6 +1,7 @@
 //! The `walhook` command line: argument parsing and one module per subcommand.
 
 pub mod check;
+pub mod demo;
 pub mod run;
 pub mod setup;
 pub mod tail;
@@ -50,6 +51,8 @@ pub enum Command {
     /// Check the config, the connection, the database settings, the tables,
     /// the publication and the slot; exit 1 on any error.
     Check(check::CheckArgs),
+    /// Show walhook working end to end on a throwaway local PostgreSQL (no config needed).
+    Demo(demo::DemoArgs),
 }
 
 /// An error and its causes on one line, without repeating a cause that the message
