@@ -9,4 +9,5 @@ mod daemon;
 mod delivery;
 mod demo;
 mod harness_smoke;
+mod least_privilege;
 mod source;
