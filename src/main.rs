@@ -49,6 +49,7 @@ fn main() -> ExitCode {
             Command::Tail(args) => tail::run(args).await.map(|()| true),
             Command::Check(args) => check::run(args).await,
             Command::Demo(args) => walhook::cli::demo::run(args).await,
+            Command::Config(args) => walhook::cli::config_schema::run(args).map(|()| true),
         }
     });
     match result {

@@ -5,9 +5,11 @@ mod support;
 
 mod cli_check;
 mod cli_tail;
+mod config_docs;
 mod daemon;
 mod delivery;
 mod demo;
 mod harness_smoke;
 mod least_privilege;
+mod payload_schema;
 mod source;

@@ -1,6 +1,7 @@
 //! The `walhook` command line: argument parsing and one module per subcommand.
 
 pub mod check;
+pub mod config_schema;
 pub mod demo;
 pub mod run;
 pub mod setup;
@@ -53,6 +54,8 @@ pub enum Command {
     Check(check::CheckArgs),
     /// Show walhook working end to end on a throwaway local PostgreSQL (no config needed).
     Demo(demo::DemoArgs),
+    /// Config tools: `walhook config schema` prints the JSON Schema of walhook.toml.
+    Config(config_schema::ConfigArgs),
 }
 
 /// An error and its causes on one line, without repeating a cause that the message
