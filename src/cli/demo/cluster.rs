@@ -378,7 +378,7 @@ fn find_bin_dir() -> Result<PathBuf, ClusterError> {
             }
         }
     }
-    candidates.sort_by(|a, b| b.0.cmp(&a.0));
+    candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
     let fixed = ["/usr/local/pgsql/bin", "/opt/local/lib/postgresql/bin"]
         .into_iter()
         .map(PathBuf::from)
