@@ -23,6 +23,9 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         }
+    } else if let Command::Demo(_) = &cli.command {
+        // The demo prints what happens itself; only problems are logged.
+        init_logging("warn", false);
     } else {
         init_logging("info", false);
     }
@@ -49,6 +52,8 @@ fn main() -> ExitCode {
             Command::Subscriptions(args) => {
                 walhook::cli::subscriptions::run(args).await.map(|()| true)
             }
+            Command::Demo(args) => walhook::cli::demo::run(args).await,
+            Command::Config(args) => walhook::cli::config_schema::run(args).map(|()| true),
         }
     });
     match result {

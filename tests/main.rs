@@ -5,10 +5,14 @@ mod support;
 
 mod cli_check;
 mod cli_tail;
+mod config_docs;
 mod daemon;
 mod delivery;
+mod demo;
 mod ha;
 mod harness_smoke;
+mod least_privilege;
 mod operator;
+mod payload_schema;
 mod server;
 mod source;

@@ -1,7 +1,9 @@
 //! The `walhook` command line: argument parsing and one module per subcommand.
 
 pub mod check;
+pub mod config_schema;
 pub mod deliveries;
+pub mod demo;
 pub mod operator;
 pub mod run;
 pub mod setup;
@@ -57,6 +59,10 @@ pub enum Command {
     Deliveries(deliveries::DeliveriesArgs),
     /// List subscriptions with their queues; pause or resume one.
     Subscriptions(subscriptions::SubscriptionsArgs),
+    /// Show walhook working end to end on a throwaway local PostgreSQL (no config needed).
+    Demo(demo::DemoArgs),
+    /// Config tools: `walhook config schema` prints the JSON Schema of walhook.toml.
+    Config(config_schema::ConfigArgs),
 }
 
 /// An error and its causes on one line, without repeating a cause that the message

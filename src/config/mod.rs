@@ -11,6 +11,7 @@ mod error;
 mod expand;
 mod locate;
 mod raw;
+mod schema;
 mod secret;
 mod types;
 mod validate;
@@ -23,6 +24,7 @@ use figment::value::{Dict, Value};
 
 pub use duration::parse_duration;
 pub use error::{ConfigError, ConfigErrors, Origin};
+pub use schema::{json_schema, keys as schema_keys};
 pub use secret::{DatabaseUrl, Secret};
 pub use types::*;
 pub use validate::DEFAULT_BACKOFF;

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 
@@ -30,7 +31,7 @@ pub(crate) const OVERRIDABLE: &[(&str, &[&str])] = &[
     ("daemon", &["shutdown_grace"]),
 ];
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawConfig {
     #[serde(default)]
@@ -49,7 +50,7 @@ pub(crate) struct RawConfig {
     pub subscriptions: Vec<RawSubscription>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawSource {
     pub url: Option<String>,
@@ -57,7 +58,7 @@ pub(crate) struct RawSource {
     pub publication: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawStore {
     pub url: Option<String>,
@@ -67,26 +68,26 @@ pub(crate) struct RawStore {
     pub paused_retention: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawServer {
     pub listen: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawLog {
     pub format: Option<LogFormat>,
     pub level: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawDaemon {
     pub shutdown_grace: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawTable {
     pub table: Option<String>,
@@ -105,7 +106,7 @@ pub(crate) struct RawTable {
     pub aggregate: Vec<RawAggregate>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawEvents {
     pub insert: Option<EventSuffix>,
@@ -113,14 +114,14 @@ pub(crate) struct RawEvents {
     pub delete: Option<EventSuffix>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawRule {
     pub event: Option<String>,
     pub when: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawContext {
     pub name: Option<String>,
@@ -129,7 +130,7 @@ pub(crate) struct RawContext {
     pub columns: Option<Vec<String>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawAggregate {
     pub event: Option<String>,
@@ -139,7 +140,7 @@ pub(crate) struct RawAggregate {
     pub replace: Option<bool>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawSubscription {
     pub name: Option<String>,
@@ -163,14 +164,14 @@ pub(crate) struct RawSubscription {
     pub retry: Option<RawRetry>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawRetry {
     pub backoff: Option<Vec<String>>,
     pub max_age: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawSet {
     pub issuer: Option<String>,
@@ -178,7 +179,7 @@ pub(crate) struct RawSet {
     pub event_uri_prefix: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawSlack {
     pub text: Option<String>,
@@ -241,5 +242,33 @@ impl<'de> Deserialize<'de> for EventSuffix {
             }
         }
         d.deserialize_any(V)
+    }
+}
+
+impl JsonSchema for OneOrMany {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "StringOrList".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "anyOf": [
+                { "type": "string" },
+                { "type": "array", "items": { "type": "string" } }
+            ]
+        })
+    }
+}
+
+impl JsonSchema for EventSuffix {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "EventSuffix".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "a suffix appended to \"{entity}.\" (e.g. \"role.assigned\"), false to disable the event, true for the default name",
+            "anyOf": [{ "type": "string" }, { "type": "boolean" }]
+        })
     }
 }

@@ -72,7 +72,7 @@ pub struct LogConfig {
 }
 
 /// `log.format`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines.
@@ -243,7 +243,7 @@ pub struct AggregateConfig {
 }
 
 /// `aggregate.op`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum AggregateOp {
     /// Inserted rows.
@@ -309,7 +309,7 @@ pub struct Filter {
 }
 
 /// `payload`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Payload {
     /// The whole envelope.
@@ -320,7 +320,7 @@ pub enum Payload {
 }
 
 /// `ordering`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Ordering {
     /// Revision n+1 of an entity waits for revision n (default).
@@ -331,7 +331,7 @@ pub enum Ordering {
 }
 
 /// `signature` (only `v1` is active yet).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Signature {
     /// Standard Webhooks HMAC-SHA256.
@@ -342,7 +342,7 @@ pub enum Signature {
 }
 
 /// `format` (only `json` is active yet).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     /// The JSON envelope (or `fields`).

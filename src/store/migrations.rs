@@ -69,9 +69,18 @@ pub async fn migrate(client: &mut Client, schema: &str) -> Result<usize, StoreEr
         .await?;
     tx.batch_execute("SET LOCAL client_min_messages = warning")
         .await?;
+    // CREATE SCHEMA needs CREATE on the database even when the schema exists; a
+    // least-privilege role owns its schema but has no such right (sql/least-privilege.sql).
+    let schema_exists = tx
+        .query_opt("SELECT 1 FROM pg_namespace WHERE nspname = $1", &[&schema])
+        .await?
+        .is_some();
+    if !schema_exists {
+        tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {s}"))
+            .await?;
+    }
     tx.batch_execute(&format!(
-        "CREATE SCHEMA IF NOT EXISTS {s};
-         CREATE TABLE IF NOT EXISTS {s}.schema_migrations (version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now());"
+        "CREATE TABLE IF NOT EXISTS {s}.schema_migrations (version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now());"
     ))
     .await?;
     let applied: Vec<i32> = tx
