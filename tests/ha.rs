@@ -42,17 +42,24 @@ async fn standby_takes_over_slot_and_deliveries_after_sigkill_under_load() {
     };
 
     let mut first = work.spawn_run(0);
-    wait_for("the first instance to hold the slot", WAIT, || async {
+    wait_for("the first instance to hold the slot", WAIT, || {
         assert!(first.is_running(), "first instance exited: {}", first.log());
-        slot_active().await
+        slot_active()
     })
     .await;
     let mut second = work.spawn_run(1);
-    wait_for("the second instance to stand by", WAIT, || async {
-        assert!(second.is_running(), "second instance exited: {}", second.log());
-        second.log().contains("dispatch")
-            || second.log().contains("standing by")
-            || second.log().contains("held by another")
+    wait_for("the second instance to stand by", WAIT, || {
+        assert!(
+            second.is_running(),
+            "second instance exited: {}",
+            second.log()
+        );
+        let log = second.log();
+        async move {
+            log.contains("dispatch")
+                || log.contains("standing by")
+                || log.contains("held by another")
+        }
     })
     .await;
 
@@ -78,9 +85,13 @@ async fn standby_takes_over_slot_and_deliveries_after_sigkill_under_load() {
 
     first.kill9();
     let killed = Instant::now();
-    wait_for("the second instance to take the slot", WAIT, || async {
-        assert!(second.is_running(), "second instance exited: {}", second.log());
-        slot_active().await
+    wait_for("the second instance to take the slot", WAIT, || {
+        assert!(
+            second.is_running(),
+            "second instance exited: {}",
+            second.log()
+        );
+        slot_active()
     })
     .await;
     let slot_taken = killed.elapsed();
@@ -112,7 +123,11 @@ async fn standby_takes_over_slot_and_deliveries_after_sigkill_under_load() {
             let id = body["entity_id"].as_str().unwrap().to_owned();
             let rev = body["revision"].as_i64().unwrap();
             let seen = top.entry(id.clone()).or_default();
-            assert!(rev <= *seen + 1, "entity {id}: revision {rev} arrived before {}", *seen + 1);
+            assert!(
+                rev <= *seen + 1,
+                "entity {id}: revision {rev} arrived before {}",
+                *seen + 1
+            );
             *seen = (*seen).max(rev);
         }
         top == expected
