@@ -9,4 +9,5 @@ mod daemon;
 mod delivery;
 mod ha;
 mod harness_smoke;
+mod reload;
 mod source;
