@@ -69,11 +69,15 @@ async fn wait_streaming(db: &TestDb, daemon: &mut Daemon) {
 async fn sighup(daemon: &mut Daemon, outcome: &str) -> String {
     let before = daemon.log().matches(outcome).count();
     daemon.signal(libc::SIGHUP);
-    wait_for(&format!("the log line `{outcome}` after SIGHUP"), WAIT, || {
-        assert!(daemon.is_running(), "walhook exited: {}", daemon.log());
-        let n = daemon.log().matches(outcome).count();
-        async move { n > before }
-    })
+    wait_for(
+        &format!("the log line `{outcome}` after SIGHUP"),
+        WAIT,
+        || {
+            assert!(daemon.is_running(), "walhook exited: {}", daemon.log());
+            let n = daemon.log().matches(outcome).count();
+            async move { n > before }
+        },
+    )
     .await;
     let log = daemon.log();
     let line = log
@@ -341,7 +345,13 @@ async fn invalid_config_on_sighup_is_refused_and_the_old_one_keeps_running() {
         let id = n + 2;
         db.batch(&format!("INSERT INTO users VALUES ({id}, 'u@x', 0)"))
             .await;
-        wait_received(&a, &format!("event {id} at a after {what}"), id, &mut daemon).await;
+        wait_received(
+            &a,
+            &format!("event {id} at a after {what}"),
+            id,
+            &mut daemon,
+        )
+        .await;
         assert!(b.received().is_empty(), "b got events after {what}");
     }
     assert!(
