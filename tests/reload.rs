@@ -360,10 +360,19 @@ async fn invalid_config_on_sighup_is_refused_and_the_old_one_keeps_running() {
         .collect();
     assert_eq!(published, ["users"], "the publication was left alone");
 
-    // A valid config after that applies; a key that needs a restart is only warned about.
-    let moved = good.replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:1\"");
+    // A valid config after that applies: b is added, a moves to another receiver (its
+    // dispatcher restarts with the new url); a key that needs a restart is only warned
+    // about.
+    let c = Receiver::start(|_| 200).await;
+    let moved = good
+        .replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:1\"")
+        .replace(&a.url, &c.url);
     work.rewrite(&format!("{moved}\n{sub_b}"));
-    sighup(&mut daemon, "config reloaded").await;
+    let line = sighup(&mut daemon, "config reloaded").await;
+    assert!(
+        line.contains("subscriptions_added=b") && line.contains("subscriptions_changed=a"),
+        "summary names what changed: {line}"
+    );
     assert!(
         daemon
             .log()
@@ -374,6 +383,8 @@ async fn invalid_config_on_sighup_is_refused_and_the_old_one_keeps_running() {
     );
     db.batch("INSERT INTO users VALUES (10, 'u@x', 0)").await;
     wait_received(&b, "the first event at b", 1, &mut daemon).await;
+    wait_received(&c, "a's event at its new url", 1, &mut daemon).await;
+    assert_eq!(a.received().len(), cases.len() + 1, "a's old url got more");
     assert!(!daemon.log().contains("s3cr3t"), "a secret reached the log");
     daemon.signal(libc::SIGTERM);
     assert!(daemon.wait_exit(WAIT).success(), "{}", daemon.log());
