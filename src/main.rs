@@ -41,9 +41,11 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Run(_) => {
+            Command::Run(args) => {
                 let config = run_config.expect("loaded above");
-                walhook::cli::run::run(config).await.map(|()| true)
+                walhook::cli::run::run(config, args.config.path)
+                    .await
+                    .map(|()| true)
             }
             Command::Setup(args) => walhook::cli::setup::run(args).await.map(|()| true),
             Command::Tail(args) => tail::run(args).await.map(|()| true),

@@ -14,5 +14,6 @@ mod harness_smoke;
 mod least_privilege;
 mod operator;
 mod payload_schema;
+mod reload;
 mod server;
 mod source;

@@ -1,8 +1,10 @@
 //! `walhook run`: prepares the source and the store, waits to hold the slot, then runs
-//! source -> mapping -> group-committed ingest until SIGTERM.
+//! source -> mapping -> group-committed ingest until SIGTERM; SIGHUP reloads the config
+//! (see [`reload`]).
 
 pub mod ingest;
 pub mod prepare;
+pub mod reload;
 pub mod source_task;
 
 use std::sync::Arc;
@@ -15,8 +17,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::config::Config;
 use crate::delivery::HttpClients;
-use crate::delivery::dispatch;
-use crate::delivery::wake::{self, Wake};
+use crate::delivery::wake::Wake;
 use crate::server::{Health, Server, refresh, systemd};
 use crate::source::Lsn;
 use crate::source::stream::{ConfirmMode, ReplicationStream, StreamOptions};
@@ -42,8 +43,13 @@ pub enum DaemonError {
     SourceTask(String),
 }
 
-/// Runs the daemon until `shutdown` is cancelled.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
+/// Runs the daemon until `shutdown` is cancelled, reloading the config on each of
+/// `reloads`.
+pub async fn run(
+    config: Config,
+    reloads: reload::Requests,
+    shutdown: CancellationToken,
+) -> Result<(), DaemonError> {
     // The ops server comes first: a taken address fails start-up at once, and /healthz
     // answers while the daemon prepares.
     let server = Server::bind(config.server.listen).await?;
@@ -73,47 +79,45 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         config.source.slot.clone(),
         server_stop.clone(),
     ));
+    let config = Arc::new(config);
+    // The live config (subscriptions, retention) and table rules; a reload replaces them.
+    let (config_tx, config_rx) = watch::channel(config.clone());
+    let (rules_tx, rules_rx) = watch::channel(Arc::new(reload::Rules {
+        mapper: prepared.mapper,
+        routes: prepared.routes,
+    }));
 
     // Delivery runs whether or not this instance holds the slot (G8): each subscription
     // is dispatched by whichever instance holds its lease in the store.
     let wake = Arc::new(Wake::new());
     let dispatch_stop = CancellationToken::new();
     let mut dispatchers = JoinSet::new();
-    if !config.subscriptions.is_empty() {
-        dispatchers.spawn(wake::listen(
-            prepared.store_params.clone(),
-            config.store.schema.clone(),
-            wake.clone(),
-            dispatch_stop.clone(),
-        ));
-    }
-    let clients = Arc::new(HttpClients::new()?);
-    for sub in &config.subscriptions {
-        let store = Store::connect(&prepared.store_params, &config.store.schema).await?;
-        let span = info_span!("dispatcher", subscription = %sub.name);
-        dispatchers.spawn(
-            dispatch::run(
-                sub.clone(),
-                store,
-                clients.clone(),
-                owner.clone(),
-                wake.clone(),
-                dispatch_stop.clone(),
-            )
-            .instrument(span),
-        );
-    }
+    dispatchers.spawn(reload::supervise(
+        config_rx.clone(),
+        reload::DispatchContext {
+            store_params: prepared.store_params.clone(),
+            schema: config.store.schema.clone(),
+            clients: Arc::new(HttpClients::new()?),
+            owner: owner.clone(),
+            wake: wake.clone(),
+        },
+        dispatch_stop.clone(),
+    ));
     let purge_store = Store::connect(&prepared.store_params, &config.store.schema).await?;
     dispatchers.spawn(purge_loop(
         purge_store,
-        config
-            .subscriptions
-            .iter()
-            .map(|s| s.name.as_str().to_owned())
-            .collect(),
-        config.store.retention,
-        config.store.dead_retention,
-        config.store.paused_retention,
+        config_rx.clone(),
+        dispatch_stop.clone(),
+    ));
+    dispatchers.spawn(reload::run(
+        reloads,
+        config.clone(),
+        reload::Connections {
+            source: prepared.source_params.clone(),
+            store: prepared.store_params.clone(),
+        },
+        rules_tx,
+        config_tx,
         dispatch_stop.clone(),
     ));
     systemd::ready();
@@ -122,8 +126,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         prepared.source_params,
         prepared.store_params,
         store,
-        prepared.mapper,
-        prepared.routes,
+        rules_rx,
         &owner,
         wake,
         &health,
@@ -133,13 +136,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     // SIGTERM: in-flight deliveries get `shutdown_grace` to finish.
     systemd::stopping();
     dispatch_stop.cancel();
-    if tokio::time::timeout(config.daemon.shutdown_grace, async {
+    let grace = config_rx.borrow().daemon.shutdown_grace;
+    if tokio::time::timeout(grace, async {
         while dispatchers.join_next().await.is_some() {}
     })
     .await
     .is_err()
     {
-        warn!(grace = ?config.daemon.shutdown_grace, "deliveries still in flight after the shutdown grace; stopping them");
+        warn!(grace = ?grace, "deliveries still in flight after the shutdown grace; stopping them");
         dispatchers.abort_all();
     }
     result
@@ -152,8 +156,7 @@ async fn ingest_until_shutdown(
     source_params: crate::source::connect::ConnectParams,
     store_params: crate::source::connect::ConnectParams,
     store: Store,
-    mapper: crate::mapping::Mapper,
-    routes: Arc<prepare::Routes>,
+    rules: watch::Receiver<Arc<reload::Rules>>,
     owner: &str,
     wake: Arc<Wake>,
     health: &Health,
@@ -192,7 +195,7 @@ async fn ingest_until_shutdown(
     let (confirm_tx, confirm_rx) = watch::channel(Lsn::INVALID);
     let source_stop = CancellationToken::new();
     let source = tokio::spawn(
-        source_task::run(stream, mapper, routes, tx, confirm_rx, source_stop.clone())
+        source_task::run(stream, rules, tx, confirm_rx, source_stop.clone())
             .instrument(info_span!("source", slot = %slot)),
     );
     let mut stores = vec![store];
@@ -228,24 +231,37 @@ async fn ingest_until_shutdown(
 
 /// Deletes what retention allows and makes the old backlog of paused or disabled
 /// subscriptions dead, in small batches, about once a minute (more often with a short
-/// retention).
+/// retention). Subscriptions and retention are the live config's.
 async fn purge_loop(
     mut store: Store,
-    subscriptions: Vec<String>,
-    retention: Duration,
-    dead_retention: Duration,
-    paused_retention: Duration,
+    config: watch::Receiver<Arc<Config>>,
     stop: CancellationToken,
 ) {
-    let period = retention
-        .min(paused_retention)
+    loop {
+        let period = {
+            let c = config.borrow();
+            c.store.retention.min(c.store.paused_retention)
+        }
         .min(Duration::from_secs(60))
         .max(Duration::from_millis(500));
-    loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(period) => {}
         }
+        let (subscriptions, retention, dead_retention, paused_retention) = {
+            let c = config.borrow();
+            let names: Vec<String> = c
+                .subscriptions
+                .iter()
+                .map(|s| s.name.as_str().to_owned())
+                .collect();
+            (
+                names,
+                c.store.retention,
+                c.store.dead_retention,
+                c.store.paused_retention,
+            )
+        };
         'subscriptions: for name in &subscriptions {
             loop {
                 match store.expire_paused_once(name, paused_retention).await {

@@ -58,6 +58,17 @@ pub struct Routes {
 }
 
 impl Routes {
+    /// The routes of `config`'s subscriptions.
+    pub fn new(config: &Config) -> Routes {
+        Routes {
+            subscriptions: config
+                .subscriptions
+                .iter()
+                .map(|s| (s.name.as_str().to_owned(), s.events.clone()))
+                .collect(),
+        }
+    }
+
     /// Names of the subscriptions whose `events` patterns match `event_type`.
     pub fn matching(&self, event_type: &str) -> Arc<[String]> {
         self.subscriptions
@@ -68,24 +79,27 @@ impl Routes {
     }
 }
 
-/// Checks the source, migrates the store, makes the publication and the slot.
-pub async fn prepare(config: &Config) -> Result<Prepared, PrepareError> {
-    let source_params = ConnectParams::parse(config.source.url.expose().as_str())?;
-    let sql = source_params
-        .connect_sql()
-        .await
-        .map_err(|e| PrepareError::Connect(source_params.describe_sql_error(e)))?;
-    setup::check_wal_level(&sql).await?;
-    setup::check_replication_role(&sql).await?;
-    let names: Vec<QualifiedName> = config
+/// The watched tables of `config`, in file order.
+pub fn table_names(config: &Config) -> Vec<QualifiedName> {
+    config
         .tables
         .iter()
         .map(|t| QualifiedName {
             schema: t.schema.clone(),
             name: t.name.clone(),
         })
-        .collect();
-    let infos = setup::inspect_tables(&sql, &names).await?;
+        .collect()
+}
+
+/// Checks the config's tables against the catalog (they exist, have an identity, and
+/// REPLICA IDENTITY FULL where the config needs old rows) and builds their mapper.
+/// Used at start-up and on reload.
+pub async fn table_rules(
+    sql: &tokio_postgres::Client,
+    config: &Config,
+) -> Result<(Mapper, Vec<TableInfo>), PrepareError> {
+    let names = table_names(config);
+    let infos = setup::inspect_tables(sql, &names).await?;
     for (cfg, info) in config.tables.iter().zip(&infos) {
         let needs = cfg.needs_full_identity();
         if !needs.is_empty() && info.replica_identity != 'f' {
@@ -97,6 +111,20 @@ pub async fn prepare(config: &Config) -> Result<Prepared, PrepareError> {
         }
     }
     let mapper = Mapper::new(&config.tables, &infos)?;
+    Ok((mapper, infos))
+}
+
+/// Checks the source, migrates the store, makes the publication and the slot.
+pub async fn prepare(config: &Config) -> Result<Prepared, PrepareError> {
+    let source_params = ConnectParams::parse(config.source.url.expose().as_str())?;
+    let sql = source_params
+        .connect_sql()
+        .await
+        .map_err(|e| PrepareError::Connect(source_params.describe_sql_error(e)))?;
+    setup::check_wal_level(&sql).await?;
+    setup::check_replication_role(&sql).await?;
+    let names = table_names(config);
+    let (mapper, infos) = table_rules(&sql, config).await?;
 
     let store_params = ConnectParams::parse(config.store.url.expose().as_str())?;
     let mut store = Store::connect(&store_params, &config.store.schema).await?;
@@ -164,13 +192,7 @@ pub async fn prepare(config: &Config) -> Result<Prepared, PrepareError> {
         }
     }
     drop(sql);
-    let routes = Arc::new(Routes {
-        subscriptions: config
-            .subscriptions
-            .iter()
-            .map(|s| (s.name.as_str().to_owned(), s.events.clone()))
-            .collect(),
-    });
+    let routes = Arc::new(Routes::new(config));
     Ok(Prepared {
         source_params,
         store_params,

@@ -1,6 +1,11 @@
 //! The source task: reads the replication stream, maps each row change to entity events,
 //! routes them to subscriptions, and hands them to ingest over a bounded channel. It
 //! confirms to the slot only what ingest reports as committed.
+//!
+//! Table rules and routes may be replaced by a config reload; the task takes the new
+//! ones between source transactions (at a Begin), so a transaction is mapped by one set
+//! of rules only. Changes of a table the rules no longer watch (pgoutput may still send
+//! a few already in flight after the publication dropped it) produce no events.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,7 +16,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::prepare::Routes;
-use crate::mapping::{EventDraft, Mapper};
+use super::reload::Rules;
+use crate::mapping::EventDraft;
 use crate::server::metrics::metrics;
 use crate::source::Lsn;
 use crate::source::decoder::{Decoded, Op, TableName};
@@ -48,8 +54,7 @@ struct Txn {
 /// Runs until `stop` is cancelled or the stream fails.
 pub async fn run(
     mut stream: ReplicationStream,
-    mapper: Mapper,
-    routes: Arc<Routes>,
+    mut rules: watch::Receiver<Arc<Rules>>,
     tx: mpsc::Sender<SourceMsg>,
     mut confirmed: watch::Receiver<Lsn>,
     stop: CancellationToken,
@@ -57,6 +62,7 @@ pub async fn run(
     let mut txn: Option<Txn> = None;
     let mut drafts: Vec<EventDraft> = Vec::new();
     let mut names = NameCache::default();
+    let mut current = rules.borrow_and_update().clone();
     loop {
         if confirmed.has_changed().unwrap_or(false) {
             stream.confirm(*confirmed.borrow_and_update());
@@ -72,6 +78,15 @@ pub async fn run(
                 final_lsn,
                 commit_time,
             } => {
+                // Between transactions: a reload's rules take effect here.
+                if rules.has_changed().unwrap_or(false) {
+                    current = rules.borrow_and_update().clone();
+                    names.routes.clear();
+                    tracing::info!(
+                        xid,
+                        "reloaded table rules and routes in effect from this transaction"
+                    );
+                }
                 txn = Some(Txn {
                     xid,
                     commit_lsn: final_lsn,
@@ -82,9 +97,14 @@ pub async fn run(
             Decoded::Change(change) => {
                 names.count_change(&change.table, change.op);
                 drafts.clear();
-                mapper.map(&change, &mut drafts);
+                current.mapper.map(&change, &mut drafts);
                 let events = match (&txn, drafts.is_empty()) {
-                    (Some(t), false) => Some(to_change_events(t, &mut drafts, &routes, &mut names)),
+                    (Some(t), false) => Some(to_change_events(
+                        t,
+                        &mut drafts,
+                        &current.routes,
+                        &mut names,
+                    )),
                     _ => None,
                 };
                 SourceMsg::Change {

@@ -104,7 +104,13 @@ async fn run_with_cluster(
     );
 
     let daemon_stop = CancellationToken::new();
-    let mut daemon = tokio::spawn(crate::daemon::run(config, daemon_stop.clone()));
+    // The demo's config lives in memory: nothing to reload.
+    let (_, no_reloads) = tokio::sync::mpsc::channel(1);
+    let reloads = crate::daemon::reload::Requests {
+        path: std::path::PathBuf::new(),
+        rx: no_reloads,
+    };
+    let mut daemon = tokio::spawn(crate::daemon::run(config, reloads, daemon_stop.clone()));
     let result = async {
         wait_streaming(&db, &mut daemon).await?;
         let pipeline_ready = started.elapsed();

@@ -1,0 +1,599 @@
+//! Live reload: on SIGHUP `walhook run` reads its config file again (same path, env
+//! overrides applied again) and applies what may change without a restart.
+//!
+//! A reload is all or nothing. The new config must load and validate, its tables must
+//! pass the start-up checks (they exist, have an identity, REPLICA IDENTITY FULL where
+//! rules need old rows), the store must record its subscriptions and the publication
+//! must be altered to match; if any step fails the reload is refused with an error log
+//! naming the reason, and the running config keeps going untouched.
+//!
+//! State flows one way, over `watch` channels, from [`run`] (which owns the config):
+//!
+//! - [`Rules`] (mapper and routes) to the source task, which takes them between source
+//!   transactions. They are sent inside the transaction that alters the publication,
+//!   before it commits, so every source transaction committed after the publication
+//!   change is mapped by the new rules (no change of an added table is lost), while
+//!   changes of a removed table that pgoutput still sends are dropped.
+//! - the [`Config`] to [`supervise`], which starts a dispatcher for each added
+//!   subscription, stops removed ones (lease released), and restarts changed ones, and
+//!   to the purge loop (retention, subscriptions).
+//!
+//! An added subscription's cursor starts at the end of the event log when the store
+//! first records it (before any event is routed to it): it gets events of source
+//! transactions mapped after the reload, not the backlog. A subscription removed and
+//! added back keeps its stored cursor and state. Keys that need a restart
+//! ([`RESTART_KEYS`]) are logged and otherwise ignored. Each instance reloads only its
+//! own config: with several instances (G8), send SIGHUP to each.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::prepare::{self, PrepareError, Routes};
+use crate::config::{self, Config, ConfigErrors, SubscriptionConfig, TableConfig};
+use crate::delivery::HttpClients;
+use crate::delivery::dispatch;
+use crate::delivery::wake::{self, Wake};
+use crate::mapping::Mapper;
+use crate::source::connect::ConnectParams;
+use crate::source::setup::{self, QualifiedName, SetupError};
+use crate::store::{Store, StoreError};
+
+/// Keys that take effect only at start-up; a reload that changes them logs a warning.
+pub const RESTART_KEYS: [&str; 8] = [
+    "source.url",
+    "source.slot",
+    "source.publication",
+    "store.url",
+    "store.schema",
+    "server.listen",
+    "log.format",
+    "log.level",
+];
+
+/// What the source task maps and routes with.
+pub struct Rules {
+    /// The table rules.
+    pub mapper: Mapper,
+    /// Which subscriptions each event type is due to.
+    pub routes: Arc<Routes>,
+}
+
+/// Reload requests (one per SIGHUP; several pending ones are one reload) and the path
+/// of the config file to read again.
+pub struct Requests {
+    pub path: PathBuf,
+    pub rx: mpsc::Receiver<()>,
+}
+
+/// Why a reload was refused. Messages name the problem, never a secret or a row value.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{0}")]
+    Config(#[from] ConfigErrors),
+    #[error("{0}")]
+    Connect(String),
+    #[error(transparent)]
+    Check(#[from] PrepareError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Publication(#[from] SetupError),
+}
+
+impl From<tokio_postgres::Error> for ReloadError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        ReloadError::Publication(SetupError::Sql(e))
+    }
+}
+
+/// What a reload changed, by name.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub subscriptions_added: Vec<String>,
+    pub subscriptions_removed: Vec<String>,
+    pub subscriptions_changed: Vec<String>,
+    pub tables_added: Vec<String>,
+    pub tables_removed: Vec<String>,
+    pub tables_changed: Vec<String>,
+}
+
+impl Changes {
+    /// Compares the subscriptions and tables of two configs.
+    pub fn between(old: &Config, new: &Config) -> Changes {
+        let subs = |c: &Config| -> BTreeMap<String, String> {
+            c.subscriptions
+                .iter()
+                .map(|s| (s.name.as_str().to_owned(), subscription_fingerprint(s)))
+                .collect()
+        };
+        let tables = |c: &Config| -> BTreeMap<String, String> {
+            c.tables
+                .iter()
+                .map(|t| (t.qualified_name(), table_fingerprint(t)))
+                .collect()
+        };
+        let (s_added, s_removed, s_changed) = diff(&subs(old), &subs(new));
+        let (t_added, t_removed, t_changed) = diff(&tables(old), &tables(new));
+        Changes {
+            subscriptions_added: s_added,
+            subscriptions_removed: s_removed,
+            subscriptions_changed: s_changed,
+            tables_added: t_added,
+            tables_removed: t_removed,
+            tables_changed: t_changed,
+        }
+    }
+
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        *self == Changes::default()
+    }
+}
+
+/// Added, removed and changed keys.
+fn diff(
+    old: &BTreeMap<String, String>,
+    new: &BTreeMap<String, String>,
+) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let added = new.keys().filter(|k| !old.contains_key(*k)).cloned();
+    let removed = old.keys().filter(|k| !new.contains_key(*k)).cloned();
+    let changed = new
+        .iter()
+        .filter(|(k, v)| old.get(*k).is_some_and(|o| o != *v))
+        .map(|(k, _)| k.clone());
+    (added.collect(), removed.collect(), changed.collect())
+}
+
+/// Every setting of a subscription, secrets included, to tell whether it changed. Held
+/// in memory only; never logged.
+fn subscription_fingerprint(s: &SubscriptionConfig) -> String {
+    // `Debug` shows every setting (new fields too) but redacts secrets: add them.
+    let headers: Vec<(&String, &String)> = s.headers.iter().map(|(k, v)| (k, v.expose())).collect();
+    let secrets: Vec<&Vec<u8>> = s.secrets.iter().map(|k| k.expose()).collect();
+    format!(
+        "{s:?}\n{}\n{headers:?}\n{secrets:?}",
+        s.url.expose().as_str()
+    )
+}
+
+/// Every setting of a table, to tell whether it changed.
+fn table_fingerprint(t: &TableConfig) -> String {
+    format!("{t:?}")
+}
+
+/// The connection parameters the running daemon uses.
+pub struct Connections {
+    pub source: ConnectParams,
+    pub store: ConnectParams,
+}
+
+/// Applies reload requests until `stop`. `current` is the running config; new rules go
+/// to `rules`, the new config to `configs`.
+pub async fn run(
+    mut requests: Requests,
+    mut current: Arc<Config>,
+    connections: Connections,
+    rules: watch::Sender<Arc<Rules>>,
+    configs: watch::Sender<Arc<Config>>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            got = requests.rx.recv() => if got.is_none() {
+                return;
+            },
+        }
+        // Signals that came meanwhile are served by this reload.
+        while requests.rx.try_recv().is_ok() {}
+        info!(file = %requests.path.display(), "SIGHUP: reloading the config");
+        match reload(&requests.path, &current, &connections, &rules).await {
+            Ok((next, changes)) => {
+                let next = Arc::new(next);
+                configs.send_replace(next.clone());
+                current = next;
+                log_changes(&changes);
+            }
+            Err(err) => {
+                error!(file = %requests.path.display(), error = %err, "config reload refused; the running config stays in effect");
+            }
+        }
+    }
+}
+
+/// Loads, checks and applies the config at `path`; returns the new running config.
+async fn reload(
+    path: &std::path::Path,
+    current: &Config,
+    connections: &Connections,
+    rules: &watch::Sender<Arc<Rules>>,
+) -> Result<(Config, Changes), ReloadError> {
+    let loaded = config::load(path)?;
+    let next = keep_restart_keys(current, loaded);
+    let changes = Changes::between(current, &next);
+
+    // Checks first: nothing is applied unless the tables pass.
+    let sql = connections
+        .source
+        .connect_sql()
+        .await
+        .map_err(|e| ReloadError::Connect(connections.source.describe_sql_error(e)))?;
+    let (mapper, _) = prepare::table_rules(&sql, &next).await?;
+
+    // Added subscriptions get their state row (cursor at the log's end) before any
+    // event is routed to them.
+    let store = Store::connect(&connections.store, &next.store.schema).await?;
+    let names: Vec<String> = next
+        .subscriptions
+        .iter()
+        .map(|s| s.name.as_str().to_owned())
+        .collect();
+    store.ensure_subscriptions(&names).await?;
+    drop(store);
+
+    let new_rules = Arc::new(Rules {
+        mapper,
+        routes: Arc::new(Routes::new(&next)),
+    });
+    publish(
+        &sql,
+        &next.source.publication,
+        &prepare::table_names(&next),
+        rules,
+        new_rules,
+    )
+    .await?;
+    Ok((next, changes))
+}
+
+/// Makes the publication publish exactly `tables` and hands `new_rules` to the source
+/// task before that change commits (see the module docs). On failure the publication
+/// and the rules stay as they were.
+async fn publish(
+    sql: &tokio_postgres::Client,
+    publication: &str,
+    tables: &[QualifiedName],
+    rules: &watch::Sender<Arc<Rules>>,
+    new_rules: Arc<Rules>,
+) -> Result<(), ReloadError> {
+    let mut wanted = tables.to_vec();
+    wanted.sort();
+    wanted.dedup();
+    let published = setup::published_tables(sql, publication).await?;
+    if published.as_ref() == Some(&wanted) {
+        rules.send_replace(new_rules);
+        return Ok(());
+    }
+    let statement = setup::publication_sql(publication, &wanted, published.is_some());
+    sql.batch_execute("BEGIN").await?;
+    if let Err(e) = sql.batch_execute(&statement).await {
+        let _ = sql.batch_execute("ROLLBACK").await;
+        return Err(publication_error(sql, publication, statement, e).await);
+    }
+    let old = rules.send_replace(new_rules);
+    if let Err(e) = sql.batch_execute("COMMIT").await {
+        rules.send_replace(old);
+        return Err(e.into());
+    }
+    info!(publication = %publication, "publication now matches the config");
+    Ok(())
+}
+
+/// The error of a failed publication change; a missing privilege names the SQL a DBA
+/// must run, as at start-up.
+async fn publication_error(
+    sql: &tokio_postgres::Client,
+    publication: &str,
+    statement: String,
+    e: tokio_postgres::Error,
+) -> ReloadError {
+    let denied = e
+        .code()
+        .is_some_and(|c| c.code() == "42501" || c.code() == "42710");
+    if !denied {
+        return e.into();
+    }
+    let role = match sql.query_one("SELECT current_user::text", &[]).await {
+        Ok(row) => row.get(0),
+        Err(_) => "?".to_owned(),
+    };
+    SetupError::PublicationNeedsDba {
+        name: publication.to_owned(),
+        role,
+        reason: e
+            .as_db_error()
+            .map(|d| d.message().to_owned())
+            .unwrap_or_default(),
+        sql: statement,
+    }
+    .into()
+}
+
+/// `loaded`, with the keys that need a restart set back to the running values (each
+/// change logged).
+fn keep_restart_keys(current: &Config, mut loaded: Config) -> Config {
+    let changed = [
+        current.source.url != loaded.source.url,
+        current.source.slot != loaded.source.slot,
+        current.source.publication != loaded.source.publication,
+        current.store.url != loaded.store.url,
+        current.store.schema != loaded.store.schema,
+        current.server.listen != loaded.server.listen,
+        current.log.format != loaded.log.format,
+        current.log.level != loaded.log.level,
+    ];
+    for (key, _) in RESTART_KEYS.iter().zip(changed).filter(|(_, c)| *c) {
+        warn!(key = %key, "changed in the config file, but needs a restart to take effect; the running value stays");
+    }
+    loaded.source = current.source.clone();
+    loaded.store.url = current.store.url.clone();
+    loaded.store.schema = current.store.schema.clone();
+    loaded.server = current.server.clone();
+    loaded.log = current.log.clone();
+    loaded
+}
+
+/// The one info line of a reload that was applied.
+fn log_changes(c: &Changes) {
+    if c.is_empty() {
+        info!("config reloaded: no subscription or table changed");
+        return;
+    }
+    let list = |v: &[String]| v.join(",");
+    info!(
+        subscriptions_added = %list(&c.subscriptions_added),
+        subscriptions_removed = %list(&c.subscriptions_removed),
+        subscriptions_changed = %list(&c.subscriptions_changed),
+        tables_added = %list(&c.tables_added),
+        tables_removed = %list(&c.tables_removed),
+        tables_changed = %list(&c.tables_changed),
+        "config reloaded"
+    );
+}
+
+/// A task that is aborted when its handle is dropped (the supervisor itself aborted).
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A running dispatcher.
+struct Running {
+    fingerprint: String,
+    stop: CancellationToken,
+    task: AbortOnDrop,
+}
+
+/// What every dispatcher shares.
+pub struct DispatchContext {
+    pub store_params: ConnectParams,
+    pub schema: String,
+    pub clients: Arc<HttpClients>,
+    pub owner: String,
+    pub wake: Arc<Wake>,
+}
+
+/// Runs one dispatcher per subscription of the current config until `stop`, following
+/// reloads: added subscriptions get a dispatcher, removed ones have theirs stopped
+/// (in-flight attempts get `daemon.shutdown_grace` to finish; the lease is released),
+/// changed ones are stopped and started again with the new settings. At `stop`, every
+/// dispatcher is stopped the same way (the caller bounds the wait).
+pub async fn supervise(
+    mut configs: watch::Receiver<Arc<Config>>,
+    cx: DispatchContext,
+    stop: CancellationToken,
+) {
+    let cx = Arc::new(cx);
+    let mut running: BTreeMap<String, Running> = BTreeMap::new();
+    let listen_stop = stop.child_token();
+    let mut listener: Option<AbortOnDrop> = None;
+    loop {
+        let config = configs.borrow_and_update().clone();
+        // Dispatchers of other processes' events learn of them by NOTIFY.
+        if listener.is_none() && !config.subscriptions.is_empty() {
+            listener = Some(AbortOnDrop(tokio::spawn(wake::listen(
+                cx.store_params.clone(),
+                cx.schema.clone(),
+                cx.wake.clone(),
+                listen_stop.clone(),
+            ))));
+        }
+        let wanted: BTreeMap<String, &SubscriptionConfig> = config
+            .subscriptions
+            .iter()
+            .map(|s| (s.name.as_str().to_owned(), s))
+            .collect();
+        let outdated: BTreeSet<String> = running
+            .iter()
+            .filter(|(name, r)| {
+                wanted
+                    .get(*name)
+                    .is_none_or(|s| subscription_fingerprint(s) != r.fingerprint)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        let stopping: Vec<(String, Running)> = outdated
+            .into_iter()
+            .filter_map(|name| running.remove_entry(&name))
+            .collect();
+        stop_all(stopping, config.daemon.shutdown_grace).await;
+        for (name, sub) in wanted {
+            if running.contains_key(&name) {
+                continue;
+            }
+            let token = stop.child_token();
+            let task = tokio::spawn(dispatcher(sub.clone(), cx.clone(), token.clone()));
+            running.insert(
+                name,
+                Running {
+                    fingerprint: subscription_fingerprint(sub),
+                    stop: token,
+                    task: AbortOnDrop(task),
+                },
+            );
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            changed = configs.changed() => {
+                if changed.is_err() {
+                    // No more reloads: run as configured until stopped.
+                    stop.cancelled().await;
+                    break;
+                }
+            }
+        }
+    }
+    let grace = configs.borrow().daemon.shutdown_grace;
+    stop_all(running.into_iter().collect(), grace).await;
+    listen_stop.cancel();
+    if let Some(mut listener) = listener.take() {
+        let _ = (&mut listener.0).await;
+    }
+}
+
+/// Stops dispatchers together; one still busy after `grace` is aborted (its lease
+/// stays with this process, so its successor here takes it over at once).
+async fn stop_all(stopping: Vec<(String, Running)>, grace: Duration) {
+    for (_, r) in &stopping {
+        r.stop.cancel();
+    }
+    for (name, mut r) in stopping {
+        if tokio::time::timeout(grace, &mut r.task.0).await.is_err() {
+            warn!(subscription = %name, grace = ?grace, "dispatcher still busy after the shutdown grace; stopping it");
+        } else {
+            info!(subscription = %name, "dispatcher stopped");
+        }
+    }
+}
+
+/// Connects the dispatcher's store connection (retrying while the store is down) and
+/// runs the dispatcher until `stop`.
+async fn dispatcher(sub: SubscriptionConfig, cx: Arc<DispatchContext>, stop: CancellationToken) {
+    let mut backoff = Duration::from_millis(200);
+    let store = loop {
+        match Store::connect(&cx.store_params, &cx.schema).await {
+            Ok(store) => break store,
+            Err(e) => {
+                warn!(subscription = %sub.name, error = %e, "dispatcher cannot reach the store; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    };
+    let span = tracing::info_span!("dispatcher", subscription = %sub.name);
+    tracing::Instrument::instrument(
+        dispatch::run(
+            sub,
+            store,
+            cx.clients.clone(),
+            cx.owner.clone(),
+            cx.wake.clone(),
+            stop,
+        ),
+        span,
+    )
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mapping::test_support::config;
+
+    const BASE: &str = r#"
+[[tables]]
+table = "public.users"
+
+[[subscriptions]]
+name = "a"
+url = "http://127.0.0.1:1/a"
+events = ["*"]
+"#;
+
+    #[test]
+    fn no_change_is_empty() {
+        assert!(Changes::between(&config(BASE), &config(BASE)).is_empty());
+    }
+
+    #[test]
+    fn names_added_removed_and_changed() {
+        let next = config(
+            r#"
+[[tables]]
+table = "public.users"
+exclude_columns = ["password"]
+
+[[tables]]
+table = "public.orgs"
+
+[[subscriptions]]
+name = "b"
+url = "http://127.0.0.1:1/b"
+events = ["*"]
+"#,
+        );
+        let c = Changes::between(&config(BASE), &next);
+        assert_eq!(c.subscriptions_added, ["b"]);
+        assert_eq!(c.subscriptions_removed, ["a"]);
+        assert!(c.subscriptions_changed.is_empty());
+        assert_eq!(c.tables_added, ["public.orgs"]);
+        assert_eq!(c.tables_changed, ["public.users"]);
+        assert!(c.tables_removed.is_empty());
+    }
+
+    #[test]
+    fn a_new_secret_or_header_is_a_change() {
+        let with = |extra: &str| {
+            config(&format!(
+                r#"
+[[tables]]
+table = "public.users"
+
+[[subscriptions]]
+name = "a"
+url = "http://127.0.0.1:1/a"
+events = ["*"]
+{extra}
+"#
+            ))
+        };
+        let secret1 = with(r#"secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw""#);
+        let secret2 = with(r#"secret = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD""#);
+        let header1 = with(r#"headers = { Authorization = "Bearer one" }"#);
+        let header2 = with(r#"headers = { Authorization = "Bearer two" }"#);
+        let url2 = config(&BASE.replace("/a\"", "/other\""));
+        for (a, b) in [(&secret1, &secret2), (&header1, &header2)] {
+            assert_eq!(Changes::between(a, b).subscriptions_changed, ["a"]);
+        }
+        assert_eq!(
+            Changes::between(&config(BASE), &url2).subscriptions_changed,
+            ["a"]
+        );
+        assert!(Changes::between(&secret1, &secret1).is_empty());
+    }
+
+    #[test]
+    fn restart_keys_keep_their_running_values() {
+        let current = config(BASE);
+        let moved = config(&format!(
+            "{BASE}\n[server]\nlisten = \"127.0.0.1:1\"\n[store]\nschema = \"other\"\nretention = \"1h\"\n"
+        ));
+        let next = keep_restart_keys(&current, moved);
+        assert_eq!(next.server.listen, current.server.listen);
+        assert_eq!(next.store.schema, current.store.schema);
+        assert_eq!(next.store.retention, Duration::from_secs(3600));
+    }
+}
