@@ -82,6 +82,15 @@ pub(super) fn due_event(
     }
 }
 
+/// True while subscription `$1` is enabled and not paused: the dispatcher's queries
+/// return nothing the moment an operator pauses it or a receiver disables it, not only
+/// at its next lease renewal.
+fn active_clause(s: &str) -> String {
+    format!(
+        "EXISTS (SELECT 1 FROM {s}.subscription_state st WHERE st.subscription = $1 AND st.enabled AND NOT st.paused)"
+    )
+}
+
 impl Store {
     /// Takes or renews the dispatch lease of `subscription` for `owner`; `None` when
     /// another live instance holds it.
@@ -140,9 +149,11 @@ impl Store {
             .client
             .query(
                 &format!(
-                    "SELECT {EVENT_FIELDS} FROM {}.events e
-                     WHERE e.seq > $2 AND $1 = ANY (e.subscriptions) ORDER BY e.seq LIMIT $3",
-                    self.s
+                    "SELECT {EVENT_FIELDS} FROM {s}.events e
+                     WHERE e.seq > $2 AND $1 = ANY (e.subscriptions) AND {active}
+                     ORDER BY e.seq LIMIT $3",
+                    s = self.s,
+                    active = active_clause(&self.s)
                 ),
                 &[&subscription, &cursor, &limit],
             )
@@ -180,7 +191,9 @@ impl Store {
                     "SELECT {EVENT_FIELDS}, r.attempts, r.first_due_at FROM {s}.delivery_retries r
                      JOIN {s}.events e ON e.seq = r.seq
                      WHERE r.subscription = $1 AND r.status = 'pending' AND r.next_attempt_at <= now() {order_clause}
-                     ORDER BY r.seq LIMIT $2"
+                       AND {active}
+                     ORDER BY r.seq LIMIT $2",
+                    active = active_clause(s)
                 ),
                 &[&subscription, &limit],
             )
