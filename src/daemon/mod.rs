@@ -62,18 +62,6 @@ pub async fn run(
     let prepared = prepare::prepare(&config).await?;
     let store = prepared.store;
     let owner = format!("{}:{}", hostname(), std::process::id());
-    let subscription_names: Vec<String> = config
-        .subscriptions
-        .iter()
-        .map(|s| s.name.as_str().to_owned())
-        .collect();
-    tokio::spawn(refresh::store_loop(
-        prepared.store_params.clone(),
-        config.store.schema.clone(),
-        subscription_names,
-        health.clone(),
-        server_stop.clone(),
-    ));
     tokio::spawn(refresh::lag_loop(
         prepared.source_params.clone(),
         config.source.slot.clone(),
@@ -82,6 +70,13 @@ pub async fn run(
     let config = Arc::new(config);
     // The live config (subscriptions, retention) and table rules; a reload replaces them.
     let (config_tx, config_rx) = watch::channel(config.clone());
+    tokio::spawn(refresh::store_loop(
+        prepared.store_params.clone(),
+        config.store.schema.clone(),
+        config_rx.clone(),
+        health.clone(),
+        server_stop.clone(),
+    ));
     let (rules_tx, rules_rx) = watch::channel(Arc::new(reload::Rules {
         mapper: prepared.mapper,
         routes: prepared.routes,

@@ -28,13 +28,15 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 pub async fn store_loop(
     params: ConnectParams,
     schema: String,
-    subscriptions: Vec<String>,
+    config: tokio::sync::watch::Receiver<Arc<crate::config::Config>>,
     health: Arc<Health>,
     stop: CancellationToken,
 ) {
     let mut store: Option<Store> = None;
     let mut last_stats: Option<Instant> = None;
     let mut failing = false;
+    // The subscriptions whose gauges are set; one removed by a reload loses them.
+    let mut shown: Vec<String> = Vec::new();
     loop {
         let probe = async {
             if store.as_ref().is_none_or(|s| s.is_closed()) {
@@ -72,9 +74,25 @@ pub async fn store_loop(
         if let Some(s) = store.as_ref() {
             if last_stats.is_none_or(|t| t.elapsed() >= STATS_INTERVAL) {
                 last_stats = Some(Instant::now());
+                let subscriptions: Vec<String> = config
+                    .borrow()
+                    .subscriptions
+                    .iter()
+                    .map(|s| s.name.as_str().to_owned())
+                    .collect();
+                let m = metrics();
+                for gone in shown.iter().filter(|n| !subscriptions.contains(n)) {
+                    let sub = Sub {
+                        subscription: gone.clone(),
+                    };
+                    m.subscription_enabled.remove(&sub);
+                    m.queue_pending.remove(&sub);
+                    m.queue_dead.remove(&sub);
+                    m.queue_oldest_pending.remove(&sub);
+                }
+                shown.clone_from(&subscriptions);
                 match tokio::time::timeout(QUERY_TIMEOUT, s.queue_stats(&subscriptions)).await {
                     Ok(Ok(stats)) => {
-                        let m = metrics();
                         for q in stats {
                             let sub = Sub {
                                 subscription: q.subscription,
