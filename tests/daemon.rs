@@ -57,7 +57,7 @@ pub(crate) async fn event_count(client: &Client) -> i64 {
 }
 
 /// Waits until walhook holds the slot and has taken leadership.
-async fn wait_leading(db: &TestDb, daemon: &mut Daemon) {
+pub(crate) async fn wait_leading(db: &TestDb, daemon: &mut Daemon) {
     let client = db.client().await;
     let slot = db.name.clone();
     let start = Instant::now();

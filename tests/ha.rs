@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::daemon::{Rng, USERS_TABLE, assert_exactly_once, config, event_count, write_random};
+use crate::daemon::{
+    Rng, USERS_TABLE, assert_exactly_once, config, event_count, wait_leading, write_random,
+};
 use crate::support::daemon::Daemon;
 use crate::support::pg::create_db;
 use crate::support::receiver::Receiver;
@@ -33,25 +35,9 @@ async fn standby_takes_over_slot_and_deliveries_after_sigkill_under_load() {
     let client = db.client().await;
 
     let mut first = work.spawn_run(0);
-    wait_slot(
-        &client,
-        &db.name,
-        &mut first,
-        "the first instance to hold the slot",
-    )
-    .await;
     // Holding the slot is not enough (a slot being created is active before its
     // consistent point): wait until the first instance leads ingest.
-    wait_for("the first instance to lead ingest", WAIT, || async {
-        client
-            .query_opt(
-                "SELECT 1 FROM walhook.checkpoints WHERE leader IS NOT NULL",
-                &[],
-            )
-            .await
-            .is_ok_and(|r| r.is_some())
-    })
-    .await;
+    wait_leading(&db, &mut first).await;
     let second = work.spawn_run(1);
     wait_for("the second instance to stand by", WAIT, || async {
         second.log().contains("standing by")

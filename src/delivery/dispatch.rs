@@ -96,16 +96,6 @@ pub async fn run(
     }
 }
 
-/// Why a dispatching session ended.
-#[derive(Debug, PartialEq, Eq)]
-enum End {
-    /// Shutdown was asked for.
-    Shutdown,
-    /// Another instance holds the lease, or an operator paused the subscription, or it
-    /// got disabled (410 or an operator).
-    Stopped,
-}
-
 /// What an attempt task was sent.
 enum Kind {
     /// An event past the cursor, at its first attempt.
@@ -216,19 +206,19 @@ impl Dispatcher {
         &mut self,
         woken: &mut watch::Receiver<u64>,
         shutdown: &CancellationToken,
-    ) -> Result<End, StoreError> {
+    ) -> Result<(), StoreError> {
         let Some(lease) = self.lease().await? else {
-            return Ok(End::Stopped);
+            return Ok(());
         };
         let mut p = Pipeline::new(lease.cursor);
-        let end = self.pump(&mut p, woken, shutdown).await?;
+        self.pump(&mut p, woken, shutdown).await?;
         p.stop();
         while let Some(joined) = p.in_flight.join_next().await {
             let done = joined.expect("delivery task panicked");
             self.settle(&mut p, vec![done]).await?;
         }
         self.write_cursor(&mut p).await?;
-        Ok(end)
+        Ok(())
     }
 
     /// Takes or renews the lease; `None` when this instance is not to dispatch now.
@@ -258,7 +248,7 @@ impl Dispatcher {
         p: &mut Pipeline,
         woken: &mut watch::Receiver<u64>,
         shutdown: &CancellationToken,
-    ) -> Result<End, StoreError> {
+    ) -> Result<(), StoreError> {
         let limit = self.sub.max_in_flight.max(1) as usize;
         let (mut want_new, mut want_retries) = (true, true);
         let mut renew_at = Instant::now() + RENEW;
@@ -285,15 +275,15 @@ impl Dispatcher {
             {
                 info!(subscription = %self.name(), "lost the lease to another instance");
                 self.leased = false;
-                return Ok(End::Stopped);
+                return Ok(());
             }
             if p.stopping {
-                return Ok(End::Stopped);
+                return Ok(());
             }
             if Instant::now() >= renew_at {
                 renew_at = Instant::now() + RENEW;
                 if self.lease().await?.is_none() {
-                    return Ok(End::Stopped);
+                    return Ok(());
                 }
             }
 
@@ -306,7 +296,7 @@ impl Dispatcher {
                 .expect("at least one deadline");
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => return Ok(End::Shutdown),
+                _ = shutdown.cancelled() => return Ok(()),
                 Some(joined) = p.in_flight.join_next(), if !p.in_flight.is_empty() => {
                     let mut done = vec![joined.expect("delivery task panicked")];
                     while let Some(joined) = p.in_flight.try_join_next() {

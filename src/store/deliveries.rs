@@ -30,9 +30,6 @@ pub struct DueEvent {
     pub attempts: i32,
     /// When the delivery first became due (its age counts from here).
     pub first_due_at: SystemTime,
-    /// Whether a `delivery_retries` row holds this delivery (a retry, or an event queued
-    /// behind one with `attempts` 0): its outcome must be written there.
-    pub has_row: bool,
 }
 
 /// A subscription's state as the lease holder sees it.
@@ -56,12 +53,7 @@ pub struct AttemptRecord<'a> {
 
 pub(super) const EVENT_FIELDS: &str = "e.seq, e.id, e.type, e.entity, e.entity_id, e.revision, e.occurred_at, e.data, e.previous, e.changed, e.source_table, e.source_lsn::text, e.source_xid";
 
-pub(super) fn due_event(
-    r: &Row,
-    attempts: i32,
-    first_due_at: SystemTime,
-    has_row: bool,
-) -> DueEvent {
+pub(super) fn due_event(r: &Row, attempts: i32, first_due_at: SystemTime) -> DueEvent {
     DueEvent {
         seq: r.get(0),
         id: r.get(1),
@@ -78,7 +70,6 @@ pub(super) fn due_event(
         xid: r.get(12),
         attempts,
         first_due_at,
-        has_row,
     }
 }
 
@@ -159,7 +150,7 @@ impl Store {
             )
             .await?;
         let now = SystemTime::now();
-        Ok(rows.iter().map(|r| due_event(r, 0, now, false)).collect())
+        Ok(rows.iter().map(|r| due_event(r, 0, now)).collect())
     }
 
     /// Retry rows whose time has come. With `ordered`, only the oldest pending row of
@@ -200,7 +191,7 @@ impl Store {
             .await?;
         Ok(rows
             .iter()
-            .map(|r| due_event(r, r.get(13), r.get(14), true))
+            .map(|r| due_event(r, r.get(13), r.get(14)))
             .collect())
     }
 

@@ -255,6 +255,31 @@ struct Params {
 }
 
 impl Params {
+    /// The query parameters of [`candidates_sql`], in its order: the selection, then
+    /// the page start (`after_seq`, `after_sub`) and the page size.
+    fn args<'a>(
+        &'a self,
+        after_seq: &'a Option<i64>,
+        after_sub: &'a Option<String>,
+        limit: &'a i64,
+    ) -> [&'a (dyn tokio_postgres::types::ToSql + Sync); 13] {
+        [
+            &self.subscriptions,
+            &self.entity,
+            &self.entity_id,
+            &self.since,
+            &self.until,
+            &self.event_id,
+            &self.seq,
+            &self.retry_statuses,
+            &self.cursor_delivered,
+            &self.cursor_pending,
+            after_seq,
+            after_sub,
+            limit,
+        ]
+    }
+
     fn new(sel: &Selection, with_cursor_pending: bool) -> Params {
         let retry_statuses = [
             DeliveryStatus::Pending,
@@ -350,24 +375,7 @@ impl Store {
         let none_sub: Option<String> = None;
         let rows = self
             .client
-            .query(
-                &sql,
-                &[
-                    &p.subscriptions,
-                    &p.entity,
-                    &p.entity_id,
-                    &p.since,
-                    &p.until,
-                    &p.event_id,
-                    &p.seq,
-                    &p.retry_statuses,
-                    &p.cursor_delivered,
-                    &p.cursor_pending,
-                    &none_seq,
-                    &none_sub,
-                    &limit,
-                ],
-            )
+            .query(&sql, &p.args(&none_seq, &none_sub, &limit))
             .await?;
         Ok(rows.iter().map(delivery).collect())
     }
@@ -432,24 +440,7 @@ impl Store {
         loop {
             let row = self
                 .client
-                .query_one(
-                    &sql,
-                    &[
-                        &p.subscriptions,
-                        &p.entity,
-                        &p.entity_id,
-                        &p.since,
-                        &p.until,
-                        &p.event_id,
-                        &p.seq,
-                        &p.retry_statuses,
-                        &p.cursor_delivered,
-                        &p.cursor_pending,
-                        &after_seq,
-                        &after_sub,
-                        &REPLAY_BATCH,
-                    ],
-                )
+                .query_one(&sql, &p.args(&after_seq, &after_sub, &REPLAY_BATCH))
                 .await?;
             let n: i64 = row.get(0);
             total += n as u64;
@@ -483,24 +474,7 @@ impl Store {
         );
         let rows = self
             .client
-            .query(
-                &sql,
-                &[
-                    &p.subscriptions,
-                    &p.entity,
-                    &p.entity_id,
-                    &p.since,
-                    &p.until,
-                    &p.event_id,
-                    &p.seq,
-                    &p.retry_statuses,
-                    &p.cursor_delivered,
-                    &p.cursor_pending,
-                    &after_seq,
-                    &after_sub,
-                    &REPLAY_BATCH,
-                ],
-            )
+            .query(&sql, &p.args(&after_seq, &after_sub, &REPLAY_BATCH))
             .await?;
         Ok(rows
             .iter()
@@ -521,7 +495,7 @@ impl Store {
             )
             .await?;
         let now = SystemTime::now();
-        Ok(rows.iter().map(|r| due_event(r, 0, now, false)).collect())
+        Ok(rows.iter().map(|r| due_event(r, 0, now)).collect())
     }
 
     /// Re-queues the deliveries (subscription, seq) in one statement, as [`Store::replay`]
