@@ -59,8 +59,13 @@ WALHOOK_LOG=warn "$WALHOOK" run -c "$DIR/walhook.toml" 2>"$DIR/walhook.log" &
 WPID=$!
 sleep 2
 
-# CPU seconds (user + system) walhook has used so far.
-cpu_secs() { awk '{ print ($14 + $15) / 100 }' "/proc/$WPID/stat"; }
+# CPU seconds (user + system) a process has used so far; `pg_cpu_secs`: the server's
+# processes (postmaster and its children).
+cpu_secs() { awk '{ print ($14 + $15) / 100 }' "/proc/${1:-$WPID}/stat"; }
+PGPID=$(head -n 1 "$DIR/data/postmaster.pid")
+pg_cpu_secs() {
+  cat /proc/[0-9]*/stat 2>/dev/null | awk -v pm="$PGPID" '{ sub(/^.*\) /, ""); if ($2 == pm) t += $12 + $13 } END { printf "%.2f", t / 100 }'
+}
 
 log "1. latency at 1,000 changes/s for 20 s"
 echo "INSERT INTO users (org_id, email) VALUES (1, 'u' || random() || '@example.com');" >"$DIR/one.sql"
@@ -81,9 +86,12 @@ until [ "$(sql "SELECT count(*) FROM walhook.events")" -ge $((before_events + RO
 "$SINK" "$SINK_PORT" "$ROWS" >"$DIR/sink2.txt" &
 SPID=$!
 sleep 0.5
-cpu0=$(cpu_secs)
+cpu0=$(cpu_secs); sink0=$(cpu_secs "$SPID"); pg0=$(pg_cpu_secs)
 sql "UPDATE walhook.subscription_state SET paused = false"
+until [ "$(grep -c received "$DIR/sink2.txt" 2>/dev/null)" -gt 0 ]; do
+  cpu1=$(cpu_secs); sink1=$(cpu_secs "$SPID"); pg1=$(pg_cpu_secs); sleep 0.2
+done
 wait "$SPID"
-cpu1=$(cpu_secs)
+per_event() { awk -v a="$1" -v b="$2" -v n="$ROWS" 'BEGIN { printf "%.1f s = %.0f us per delivered event", b - a, (b - a) * 1e6 / n }'; }
 echo "backlog drain: $(cat "$DIR/sink2.txt")"
-echo "walhook CPU while draining: $(awk -v a="$cpu0" -v b="$cpu1" -v n="$ROWS" 'BEGIN { printf "%.1f s = %.0f us per delivered event", b - a, (b - a) * 1e6 / n }')"
+echo "CPU while draining: walhook $(per_event "$cpu0" "$cpu1"); PostgreSQL $(per_event "$pg0" "$pg1"); sink $(per_event "$sink0" "$sink1")"

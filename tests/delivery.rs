@@ -267,6 +267,67 @@ events = ["user.*"]
     assert_eq!(dead, 1);
 }
 
+/// A subscription reads the log in bounded windows: an event due to it after a long
+/// stretch of events due only to others (more than one window) still arrives, in
+/// order, and its cursor passes the stretch.
+#[tokio::test]
+async fn a_rare_event_after_a_long_stretch_of_others_arrives() {
+    let db = users_db().await;
+    let rare = Receiver::start(|_| 200).await;
+    let all = Receiver::start(|_| 200).await;
+    let work = Workdir::new(&config(
+        &db,
+        &format!(
+            r#"
+[[subscriptions]]
+name = "rare"
+url = "{}"
+events = ["user.deleted"]
+
+[[subscriptions]]
+name = "all"
+url = "{}"
+events = ["user.*"]
+max_in_flight = 64
+"#,
+            rare.url, all.url
+        ),
+    ));
+    let mut daemon = work.spawn_run(0);
+    wait_streaming(&db, &mut daemon).await;
+    db.batch("INSERT INTO users VALUES (0, 'a', 0); DELETE FROM users WHERE id = 0")
+        .await;
+    db.batch("INSERT INTO users SELECT g, 'a', 0 FROM generate_series(1, 12000) g")
+        .await;
+    db.batch("DELETE FROM users WHERE id = 7").await;
+    wait_for("two deletions to `rare`", WAIT, || async {
+        rare.received().len() >= 2
+    })
+    .await;
+    wait_for("12,003 events to `all`", WAIT, || async {
+        all.received().len() >= 12_003
+    })
+    .await;
+    let ids: Vec<String> = rare
+        .received()
+        .iter()
+        .map(|r| r.json()["entity_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, ["0", "7"]);
+    let client = db.client().await;
+    wait_for("the cursor of `rare` at the head of the log", WAIT, || async {
+        client
+            .query_one(
+                "SELECT cursor = (SELECT max(seq) FROM walhook.events) FROM walhook.subscription_state WHERE subscription = 'rare'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, bool>(0)
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn two_processes_on_one_store_send_each_delivery_once() {
     let db = users_db().await;

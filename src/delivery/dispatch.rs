@@ -32,7 +32,7 @@ use super::{Attempt, AttemptOutcome, Decision, HttpClients, body, decide, reques
 use crate::config::{Ordering, SubscriptionConfig};
 use crate::routing::{Envelope, EventSource, Router};
 use crate::source::decoder::TableName;
-use crate::store::deliveries::{AttemptRecord, DueEvent, SubscriptionLease};
+use crate::store::deliveries::{AttemptRecord, DueEvent, NewEvents, SubscriptionLease};
 use crate::store::{Store, StoreError};
 
 /// How long a lease lasts without renewal; another instance takes over after it.
@@ -41,6 +41,9 @@ const LEASE_SECONDS: f64 = 10.0;
 const RENEW: Duration = Duration::from_secs(1);
 /// Events fetched from the log, or retry rows taken, per query.
 const BATCH: i64 = 500;
+/// Positions of the log read per query at most (events due to other subscriptions
+/// included): bounds the cost of one query whatever plan it gets.
+const WINDOW: i64 = 5_000;
 /// Fetched events waiting in memory at most (their number, not the backlog's, bounds
 /// the memory a dispatcher uses: G6).
 const WAITING_MAX: usize = 2_000;
@@ -337,15 +340,15 @@ impl Dispatcher {
 
     /// Fetches events past the last fetched one; returns whether there may be more.
     async fn fetch_new(&mut self, p: &mut Pipeline) -> Result<bool, StoreError> {
-        let events = self
+        let NewEvents {
+            events,
+            read_upto,
+            more,
+        } = self
             .store
-            .new_events(self.name(), p.fetched_upto, BATCH)
+            .new_events(self.name(), p.fetched_upto, BATCH, WINDOW)
             .await?;
-        let Some(last) = events.last().map(|e| e.seq) else {
-            return Ok(false);
-        };
-        let more = events.len() as i64 == BATCH;
-        p.fetched_upto = last;
+        p.fetched_upto = p.fetched_upto.max(read_upto);
         p.unsettled.extend(events.iter().map(|e| e.seq));
         if !self.ordered {
             p.ready.extend(events.into_iter().map(|e| (e, Kind::New)));

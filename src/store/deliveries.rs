@@ -32,6 +32,16 @@ pub struct DueEvent {
     pub first_due_at: SystemTime,
 }
 
+/// Events fetched past a subscription's cursor.
+#[derive(Debug)]
+pub struct NewEvents {
+    pub events: Vec<DueEvent>,
+    /// The log was read up to here: no event up to it is due other than `events`.
+    pub read_upto: i64,
+    /// The log goes on past `read_upto`.
+    pub more: bool,
+}
+
 /// A subscription's state as the lease holder sees it.
 #[derive(Clone, Copy, Debug)]
 pub struct SubscriptionLease {
@@ -129,28 +139,64 @@ impl Store {
         Ok(())
     }
 
-    /// Events after `cursor` that are due to `subscription`, in commit order.
+    /// Events after `after` that are due to `subscription`, in commit order: at most
+    /// `limit` of them, from at most `window` positions of the log (counted from the
+    /// first event after `after`).
+    ///
+    /// The window keeps the query an index range scan of bounded size whatever the
+    /// planner believes: on a log that just grew by a backlog and has no statistics yet,
+    /// an open-ended `seq > $2 AND $1 = ANY (subscriptions) ORDER BY seq LIMIT n` was
+    /// planned as a scan and sort of the whole rest of the log, 50 ms per batch at
+    /// 100,000 events. The head of the log is read in the same statement (so in the same
+    /// snapshot), which tells how far the log was read even when no event in the window
+    /// is due to this subscription. A paused or disabled subscription reads nothing (no
+    /// row at all), so its cursor stays before the events it has not been sent.
     pub async fn new_events(
         &self,
         subscription: &str,
-        cursor: i64,
+        after: i64,
         limit: i64,
-    ) -> Result<Vec<DueEvent>, StoreError> {
+        window: i64,
+    ) -> Result<NewEvents, StoreError> {
+        let s = &self.s;
         let rows = self
             .client
             .query(
                 &format!(
-                    "SELECT {EVENT_FIELDS} FROM {s}.events e
-                     WHERE e.seq > $2 AND $1 = ANY (e.subscriptions) AND {active}
-                     ORDER BY e.seq LIMIT $3",
-                    s = self.s,
-                    active = active_clause(&self.s)
+                    "SELECT {EVENT_FIELDS}, h.head, h.upto
+                     FROM (SELECT (SELECT max(seq) FROM {s}.events) AS head,
+                                  (SELECT min(seq) FROM {s}.events WHERE seq > $2) + $4 AS upto) h
+                     LEFT JOIN LATERAL (
+                         SELECT * FROM {s}.events e
+                         WHERE e.seq > $2 AND e.seq < h.upto AND $1 = ANY (e.subscriptions)
+                         ORDER BY e.seq LIMIT $3) e ON true
+                     WHERE {active}
+                     ORDER BY e.seq",
+                    active = active_clause(s)
                 ),
-                &[&subscription, &cursor, &limit],
+                &[&subscription, &after, &limit, &window],
             )
             .await?;
+        let (head, upto) = rows.first().map_or((None, None), |r| {
+            (r.get::<_, Option<i64>>(13), r.get::<_, Option<i64>>(14))
+        });
         let now = SystemTime::now();
-        Ok(rows.iter().map(|r| due_event(r, 0, now)).collect())
+        let events: Vec<DueEvent> = rows
+            .iter()
+            .filter(|r| r.get::<_, Option<i64>>(0).is_some())
+            .map(|r| due_event(r, 0, now))
+            .collect();
+        let head = head.unwrap_or(after);
+        let (read_upto, more) = match (events.last(), upto) {
+            (Some(last), _) if events.len() as i64 == limit => (last.seq, last.seq < head),
+            (_, Some(upto)) => ((upto - 1).min(head), upto - 1 < head),
+            (_, None) => (after.max(head), false),
+        };
+        Ok(NewEvents {
+            events,
+            read_upto,
+            more,
+        })
     }
 
     /// Retry rows whose time has come. With `ordered`, only the oldest pending row of
