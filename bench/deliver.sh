@@ -88,8 +88,12 @@ SPID=$!
 sleep 0.5
 cpu0=$(cpu_secs); sink0=$(cpu_secs "$SPID"); pg0=$(pg_cpu_secs)
 sql "UPDATE walhook.subscription_state SET paused = false"
-until [ "$(grep -c received "$DIR/sink2.txt" 2>/dev/null)" -gt 0 ]; do
-  cpu1=$(cpu_secs); sink1=$(cpu_secs "$SPID"); pg1=$(pg_cpu_secs); sleep 0.2
+# Sampled until the sink reports (it exits then; walhook goes on idling).
+cpu1=$cpu0; sink1=$sink0; pg1=$pg0
+until grep -q received "$DIR/sink2.txt" 2>/dev/null; do
+  c=$(cpu_secs 2>/dev/null) && cpu1=$c
+  c=$(cpu_secs "$SPID" 2>/dev/null) && sink1=$c
+  pg1=$(pg_cpu_secs); sleep 0.2
 done
 wait "$SPID"
 per_event() { awk -v a="$1" -v b="$2" -v n="$ROWS" 'BEGIN { printf "%.1f s = %.0f us per delivered event", b - a, (b - a) * 1e6 / n }'; }

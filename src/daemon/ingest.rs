@@ -35,7 +35,14 @@ pub const PIPELINE_DEPTH: usize = 1;
 const MAX_BATCH_EVENTS: usize = 5_000;
 /// ...or this many source messages (changes without events count too)...
 const MAX_BATCH_MESSAGES: usize = 20_000;
-/// ...or this long after its first message arrived.
+/// ...or, when no message is waiting and it ends with a source transaction's commit,
+/// at once, but no sooner than [`MIN_BATCH_INTERVAL`] after the batch before closed
+/// (a quiet stream's changes are not held back for company; a busy one's are gathered
+/// into fewer store commits, each a WAL flush on a store that is often the source
+/// database itself)...
+const MIN_BATCH_INTERVAL: Duration = Duration::from_millis(2);
+/// ...or this long after its first message arrived (a transaction's changes arrive
+/// over time).
 const MAX_BATCH_WAIT: Duration = Duration::from_millis(5);
 const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(10);
 
@@ -46,6 +53,8 @@ struct Pending {
     /// Commit time of that transaction, microseconds since 2000-01-01 UTC.
     last_commit_time: Option<i64>,
     events: usize,
+    /// The last message added was a commit.
+    at_commit: bool,
 }
 
 impl Pending {
@@ -89,6 +98,7 @@ pub async fn run(
     let mut in_flight: VecDeque<InFlight> = VecDeque::new();
     // Resolves once the newest batch in flight committed (or failed).
     let mut previous: Option<oneshot::Receiver<bool>> = None;
+    let mut last_closed = Instant::now();
     loop {
         while stores.is_empty() {
             finish_oldest(
@@ -110,7 +120,8 @@ pub async fn run(
                 metrics().ingest_idle(true);
             }
         }
-        let collected = collect(&mut rx, &shutdown).await;
+        let collected = collect(&mut rx, last_closed + MIN_BATCH_INTERVAL, &shutdown).await;
+        last_closed = Instant::now();
         metrics().ingest_idle(false);
         let Some(pending) = collected else {
             while !in_flight.is_empty() {
@@ -226,6 +237,7 @@ async fn finish_oldest(
 /// The next batch, or `None` when the source is done or shutdown was asked for.
 async fn collect(
     rx: &mut mpsc::Receiver<SourceMsg>,
+    not_before: Instant,
     shutdown: &CancellationToken,
 ) -> Option<Pending> {
     let first = tokio::select! {
@@ -238,6 +250,7 @@ async fn collect(
         last_commit: None,
         last_commit_time: None,
         events: 0,
+        at_commit: false,
     };
     let mut messages = 1;
     add(&mut pending, first);
@@ -246,8 +259,18 @@ async fn collect(
         let msg = match rx.try_recv() {
             Ok(msg) => msg,
             Err(mpsc::error::TryRecvError::Disconnected) => break,
+            Err(mpsc::error::TryRecvError::Empty)
+                if pending.at_commit && Instant::now() >= not_before =>
+            {
+                break;
+            }
             Err(mpsc::error::TryRecvError::Empty) => {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                let until = if pending.at_commit {
+                    deadline.min(not_before)
+                } else {
+                    deadline
+                };
+                match tokio::time::timeout_at(until, rx.recv()).await {
                     Ok(Some(msg)) => msg,
                     Ok(None) | Err(_) => break,
                 }
@@ -260,6 +283,7 @@ async fn collect(
 }
 
 fn add(pending: &mut Pending, msg: SourceMsg) {
+    pending.at_commit = matches!(msg, SourceMsg::Commit { .. });
     match msg {
         SourceMsg::Change { events, position } => {
             pending.batch.position = position;

@@ -122,12 +122,13 @@ impl Envelope {
     }
 }
 
+/// RFC 3339 in UTC with microseconds: `2026-11-26T05:00:00.123456Z`.
 fn format_time(t: &DateTime<Utc>) -> String {
-    t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+    t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
 fn timestamp<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(&t.format("%Y-%m-%dT%H:%M:%S%.6fZ"))
+    s.serialize_str(&format_time(t))
 }
 
 fn as_str<S: Serializer>(v: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {
