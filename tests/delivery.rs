@@ -38,6 +38,12 @@ entity = "user"
     )
 }
 
+/// A `[[subscriptions]]` entry sending the events `events` (a TOML array of globs)
+/// matches to `url`; more keys of it may follow.
+fn subscription(name: &str, url: &str, events: &str) -> String {
+    format!("\n[[subscriptions]]\nname = \"{name}\"\nurl = \"{url}\"\nevents = {events}\n")
+}
+
 /// Waits until walhook holds the slot and leads ingest. A slot being created is
 /// already `active` before its consistent point, and changes committed before that
 /// point are not captured: holding the slot alone is not enough.
@@ -217,20 +223,8 @@ async fn gone_disables_one_subscription_while_others_flow() {
     let fine = Receiver::start(|_| 200).await;
     let work = Workdir::new(&config(
         &db,
-        &format!(
-            r#"
-[[subscriptions]]
-name = "gone"
-url = "{}"
-events = ["user.*"]
-
-[[subscriptions]]
-name = "fine"
-url = "{}"
-events = ["user.*"]
-"#,
-            gone.url, fine.url
-        ),
+        &(subscription("gone", &gone.url, r#"["user.*"]"#)
+            + &subscription("fine", &fine.url, r#"["user.*"]"#)),
     ));
     let mut daemon = work.spawn_run(0);
     wait_streaming(&db, &mut daemon).await;
@@ -277,21 +271,9 @@ async fn a_rare_event_after_a_long_stretch_of_others_arrives() {
     let all = Receiver::start(|_| 200).await;
     let work = Workdir::new(&config(
         &db,
-        &format!(
-            r#"
-[[subscriptions]]
-name = "rare"
-url = "{}"
-events = ["user.deleted"]
-
-[[subscriptions]]
-name = "all"
-url = "{}"
-events = ["user.*"]
-max_in_flight = 64
-"#,
-            rare.url, all.url
-        ),
+        &(subscription("rare", &rare.url, r#"["user.deleted"]"#)
+            + &subscription("all", &all.url, r#"["user.*"]"#)
+            + "max_in_flight = 64\n"),
     ));
     let mut daemon = work.spawn_run(0);
     wait_streaming(&db, &mut daemon).await;
