@@ -333,3 +333,90 @@ async fn commit_with_retry(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::stream::Position;
+
+    fn change() -> SourceMsg {
+        SourceMsg::Change {
+            events: None,
+            position: Position::default(),
+        }
+    }
+
+    fn commit(lsn: u64) -> SourceMsg {
+        SourceMsg::Commit {
+            end_lsn: Lsn(lsn),
+            commit_time: 0,
+            position: Position::default(),
+        }
+    }
+
+    /// Sends `msgs`, each after its delay from now (time is paused in these tests), and
+    /// keeps the channel open for a minute (a closed channel ends a batch at once).
+    fn send_later(tx: mpsc::Sender<SourceMsg>, msgs: Vec<(u64, SourceMsg)>) {
+        let start = Instant::now();
+        tokio::spawn(async move {
+            for (ms, msg) in msgs {
+                tokio::time::sleep_until(start + Duration::from_millis(ms)).await;
+                tx.send(msg).await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_ending_at_a_commit_closes_at_once_when_nothing_waits() {
+        let (tx, mut rx) = mpsc::channel(16);
+        tx.send(change()).await.unwrap();
+        tx.send(commit(10)).await.unwrap();
+        let start = Instant::now();
+        let batch = collect(&mut rx, start, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(start.elapsed(), Duration::ZERO, "held back for company");
+        assert_eq!(batch.last_commit, Some(Lsn(10)));
+        drop(tx);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_closes_no_sooner_than_the_interval_and_takes_what_came_meanwhile() {
+        let (tx, mut rx) = mpsc::channel(16);
+        tx.send(commit(10)).await.unwrap();
+        send_later(tx, vec![(1, change()), (1, commit(20))]);
+        let start = Instant::now();
+        let batch = collect(
+            &mut rx,
+            start + MIN_BATCH_INTERVAL,
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(start.elapsed(), MIN_BATCH_INTERVAL);
+        assert_eq!(batch.last_commit, Some(Lsn(20)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_transaction_still_arriving_holds_the_batch_open_up_to_the_wait() {
+        let (tx, mut rx) = mpsc::channel(16);
+        tx.send(change()).await.unwrap();
+        send_later(tx.clone(), vec![(3, change()), (4, commit(30))]);
+        let start = Instant::now();
+        let batch = collect(&mut rx, start, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(start.elapsed(), Duration::from_millis(4));
+        assert_eq!(batch.last_commit, Some(Lsn(30)));
+
+        // A transaction whose commit does not come within the wait is cut there.
+        send_later(tx, vec![(0, change()), (20, commit(40))]);
+        let start = Instant::now();
+        let batch = collect(&mut rx, start, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(start.elapsed(), MAX_BATCH_WAIT);
+        assert_eq!(batch.last_commit, None);
+    }
+}
