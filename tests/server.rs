@@ -229,6 +229,57 @@ async fn metrics_are_present_and_move_after_a_workload() {
     assert!(daemon.wait_exit(WAIT).success(), "{}", daemon.log());
 }
 
+/// The queue gauges follow the live config: a subscription a reload adds gets them, one
+/// it removes loses them (bounded label sets: a removed name must not linger).
+#[tokio::test]
+async fn queue_gauges_follow_subscriptions_added_and_removed_by_a_reload() {
+    let db = users_db().await;
+    let failing = Receiver::start(|_| 500).await;
+    let sub = |name: &str| {
+        format!(
+            "[[subscriptions]]\nname = \"{name}\"\nurl = \"{}\"\nevents = [\"user.*\"]\n\n[subscriptions.retry]\nbackoff = [\"1h\"]\n",
+            failing.url
+        )
+    };
+    let work = Workdir::new(&config(&db, None, &sub("old")));
+    let mut daemon = work.spawn_run(0);
+    let base = wait_streaming(&mut daemon).await;
+    let pending = |name: &str| format!("walhook_queue_pending{{subscription=\"{name}\"}}");
+    wait_for_some("a gauge for `old`", WAIT, || {
+        let base = base.clone();
+        let series = pending("old");
+        async move { scrape(&base).await.contains_key(&series).then_some(()) }
+    })
+    .await;
+
+    work.rewrite(&config(&db, None, &sub("new")));
+    daemon.signal(libc::SIGHUP);
+    wait_for("the reload", WAIT, || {
+        let log = daemon.log();
+        async move { log.contains("config reloaded") }
+    })
+    .await;
+    db.batch("INSERT INTO users VALUES (1, 'a', 0), (2, 'b', 0)")
+        .await;
+    // Both events fail once and wait an hour: 2 pending deliveries of `new`.
+    let after = wait_for_some("2 pending deliveries of `new`", WAIT, || {
+        let base = base.clone();
+        let series = pending("new");
+        async move {
+            let s = scrape(&base).await;
+            (value(&s, &series) == 2.0).then_some(s)
+        }
+    })
+    .await;
+    let old: Vec<&String> = after.keys().filter(|k| k.contains("\"old\"")).collect();
+    assert!(old.is_empty(), "series of a removed subscription: {old:?}");
+    assert_eq!(
+        value(&after, "walhook_subscription_enabled{subscription=\"new\"}"),
+        1.0
+    );
+    assert!(daemon.is_running(), "{}", daemon.log());
+}
+
 #[tokio::test]
 async fn readiness_follows_the_store_and_healthz_stays_ok() {
     let db = users_db().await;
