@@ -442,10 +442,10 @@ backoff = ["100ms"]
         assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
         if let Some(spans) = v["spans"].as_array() {
             for span in spans {
-                if span["name"] == "delivery" {
-                    if let Some(status) = span["status"].as_str() {
-                        delivery_statuses.push(status.to_owned());
-                    }
+                if span["name"] == "delivery"
+                    && let Some(status) = span["status"].as_str()
+                {
+                    delivery_statuses.push(status.to_owned());
                 }
             }
         }

@@ -51,10 +51,9 @@ fn walk(node: &Value, prefix: &str, defs: &Map<String, Value>, out: &mut Vec<Str
         .get("$ref")
         .and_then(Value::as_str)
         .and_then(|r| r.strip_prefix("#/$defs/"))
+        && let Some(target) = defs.get(name)
     {
-        if let Some(target) = defs.get(name) {
-            walk(target, prefix, defs, out, depth + 1);
-        }
+        walk(target, prefix, defs, out, depth + 1);
     }
     for combinator in ["anyOf", "oneOf", "allOf"] {
         for branch in obj

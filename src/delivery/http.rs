@@ -55,11 +55,11 @@ pub fn request_headers(
         Err(_) => tracing::warn!(subscription = %sub.name, "event id is not a valid header value"),
     }
     out.push((WEBHOOK_TIMESTAMP, HeaderValue::from(timestamp)));
-    if let Some(signature) = sign(&sub.secrets, msg_id, timestamp, body) {
-        if let Ok(mut v) = HeaderValue::from_str(&signature) {
-            v.set_sensitive(true);
-            out.push((WEBHOOK_SIGNATURE, v));
-        }
+    if let Some(signature) = sign(&sub.secrets, msg_id, timestamp, body)
+        && let Ok(mut v) = HeaderValue::from_str(&signature)
+    {
+        v.set_sensitive(true);
+        out.push((WEBHOOK_SIGNATURE, v));
     }
     for (name, value) in &sub.headers {
         let parsed = (
@@ -290,12 +290,12 @@ impl HttpClient {
 /// UTF-8 and NUL become U+FFFD.
 fn head(body: &[u8]) -> String {
     let mut bytes = &body[..body.len().min(HEAD_KEPT)];
-    if bytes.len() < body.len() {
-        if let Err(e) = std::str::from_utf8(bytes) {
-            // Only an incomplete sequence at the very end: the cut split a character.
-            if e.error_len().is_none() {
-                bytes = &bytes[..e.valid_up_to()];
-            }
+    if bytes.len() < body.len()
+        && let Err(e) = std::str::from_utf8(bytes)
+    {
+        // Only an incomplete sequence at the very end: the cut split a character.
+        if e.error_len().is_none() {
+            bytes = &bytes[..e.valid_up_to()];
         }
     }
     // PostgreSQL text cannot hold NUL: it would make recording the attempt fail.

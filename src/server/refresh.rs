@@ -71,45 +71,45 @@ pub async fn store_loop(
                 )));
             }
         }
-        if let Some(s) = store.as_ref() {
-            if last_stats.is_none_or(|t| t.elapsed() >= STATS_INTERVAL) {
-                last_stats = Some(Instant::now());
-                let subscriptions: Vec<String> = config
-                    .borrow()
-                    .subscriptions
-                    .iter()
-                    .map(|s| s.name.as_str().to_owned())
-                    .collect();
-                let m = metrics();
-                for gone in shown.iter().filter(|n| !subscriptions.contains(n)) {
-                    let sub = Sub {
-                        subscription: gone.clone(),
-                    };
-                    m.subscription_enabled.remove(&sub);
-                    m.queue_pending.remove(&sub);
-                    m.queue_dead.remove(&sub);
-                    m.queue_oldest_pending.remove(&sub);
-                }
-                shown.clone_from(&subscriptions);
-                match tokio::time::timeout(QUERY_TIMEOUT, s.queue_stats(&subscriptions)).await {
-                    Ok(Ok(stats)) => {
-                        for q in stats {
-                            let sub = Sub {
-                                subscription: q.subscription,
-                            };
-                            m.subscription_enabled
-                                .get_or_create(&sub)
-                                .set(i64::from(q.dispatched));
-                            m.queue_pending.get_or_create(&sub).set(q.pending);
-                            m.queue_dead.get_or_create(&sub).set(q.dead);
-                            m.queue_oldest_pending
-                                .get_or_create(&sub)
-                                .set(q.oldest_pending_seconds);
-                        }
+        if let Some(s) = store.as_ref()
+            && last_stats.is_none_or(|t| t.elapsed() >= STATS_INTERVAL)
+        {
+            last_stats = Some(Instant::now());
+            let subscriptions: Vec<String> = config
+                .borrow()
+                .subscriptions
+                .iter()
+                .map(|s| s.name.as_str().to_owned())
+                .collect();
+            let m = metrics();
+            for gone in shown.iter().filter(|n| !subscriptions.contains(n)) {
+                let sub = Sub {
+                    subscription: gone.clone(),
+                };
+                m.subscription_enabled.remove(&sub);
+                m.queue_pending.remove(&sub);
+                m.queue_dead.remove(&sub);
+                m.queue_oldest_pending.remove(&sub);
+            }
+            shown.clone_from(&subscriptions);
+            match tokio::time::timeout(QUERY_TIMEOUT, s.queue_stats(&subscriptions)).await {
+                Ok(Ok(stats)) => {
+                    for q in stats {
+                        let sub = Sub {
+                            subscription: q.subscription,
+                        };
+                        m.subscription_enabled
+                            .get_or_create(&sub)
+                            .set(i64::from(q.dispatched));
+                        m.queue_pending.get_or_create(&sub).set(q.pending);
+                        m.queue_dead.get_or_create(&sub).set(q.dead);
+                        m.queue_oldest_pending
+                            .get_or_create(&sub)
+                            .set(q.oldest_pending_seconds);
                     }
-                    Ok(Err(e)) => warn!(error = %e, "reading queue figures failed"),
-                    Err(_) => warn!(timeout = ?QUERY_TIMEOUT, "reading queue figures timed out"),
                 }
+                Ok(Err(e)) => warn!(error = %e, "reading queue figures failed"),
+                Err(_) => warn!(timeout = ?QUERY_TIMEOUT, "reading queue figures timed out"),
             }
         }
         tokio::select! {

@@ -244,14 +244,14 @@ impl Cluster {
     fn wait_ready(&mut self) -> Result<(), ClusterError> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    self.child = None;
-                    return Err(ClusterError::Failed {
-                        what: format!("postgres (exited with {status})"),
-                        output: self.log_tail(),
-                    });
-                }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.child = None;
+                return Err(ClusterError::Failed {
+                    what: format!("postgres (exited with {status})"),
+                    output: self.log_tail(),
+                });
             }
             if self.pid_file_says_ready() {
                 return Ok(());
@@ -371,10 +371,10 @@ fn find_bin_dir() -> Result<PathBuf, ClusterError> {
                     .and_then(|v| v.parse().ok())
             };
             let bin = entry.path().join("bin");
-            if let Some(major) = major {
-                if has_server(&bin) {
-                    candidates.push((major, bin));
-                }
+            if let Some(major) = major
+                && has_server(&bin)
+            {
+                candidates.push((major, bin));
             }
         }
     }

@@ -274,13 +274,13 @@ impl Validator<'_> {
             if min_rows == 0 {
                 self.err(&join(&akey, "min_rows"), "min_rows must be at least 1");
             }
-            if let Some(max) = a.max_rows {
-                if max < min_rows.max(1) {
-                    self.err(
-                        &join(&akey, "max_rows"),
-                        format!("max_rows ({max}) must be at least min_rows ({min_rows})"),
-                    );
-                }
+            if let Some(max) = a.max_rows
+                && max < min_rows.max(1)
+            {
+                self.err(
+                    &join(&akey, "max_rows"),
+                    format!("max_rows ({max}) must be at least min_rows ({min_rows})"),
+                );
             }
             if let (Some(event), Some(op)) = (event, op) {
                 out.push(AggregateConfig {
