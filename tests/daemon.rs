@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tokio_postgres::Client;
 
-use crate::support::daemon::{Daemon, Workdir};
+use crate::support::daemon::{Daemon, Workdir, wait_leading};
 use crate::support::pg::{Cluster, StopMode, TestDb, create_db};
 use crate::support::{wait_for, wait_for_some};
 
@@ -54,40 +54,6 @@ pub(crate) async fn event_count(client: &Client) -> i64 {
         .await
         .map(|r| r.get(0))
         .unwrap_or(0)
-}
-
-/// Waits until walhook holds the slot and has taken leadership.
-pub(crate) async fn wait_leading(db: &TestDb, daemon: &mut Daemon) {
-    let client = db.client().await;
-    let slot = db.name.clone();
-    let start = Instant::now();
-    loop {
-        if !daemon.is_running() {
-            panic!("walhook run exited early; log:\n{}", daemon.log());
-        }
-        let row = client
-            .query_opt(
-                "SELECT leader_epoch FROM walhook.checkpoints WHERE slot = $1 AND leader IS NOT NULL",
-                &[&slot],
-            )
-            .await;
-        let active = client
-            .query_opt(
-                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
-                &[&slot],
-            )
-            .await;
-        if matches!(row, Ok(Some(_))) && matches!(active, Ok(Some(_))) {
-            return;
-        }
-        if start.elapsed() > WAIT {
-            panic!(
-                "timed out waiting for walhook to hold slot {slot}; log:\n{}",
-                daemon.log()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test]

@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::support::daemon::Workdir;
-use crate::support::pg::{TestDb, create_db};
+use crate::support::daemon::{Workdir, users_config, wait_leading};
+use crate::support::pg::{create_db, users_db};
 use crate::support::receiver::{Received, Receiver};
 use crate::support::wait_for;
 
@@ -17,64 +17,10 @@ const WAIT: Duration = Duration::from_secs(60);
 /// `whsec_` + base64 of 32 bytes.
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
-fn config(db: &TestDb, subscriptions: &str) -> String {
-    format!(
-        r#"
-[source]
-url = "postgres://postgres@127.0.0.1:{port}/{name}?sslmode=disable"
-slot = "{name}"
-
-[server]
-listen = "127.0.0.1:0"
-
-[[tables]]
-table = "public.users"
-entity = "user"
-
-{subscriptions}
-"#,
-        port = db.port,
-        name = db.name
-    )
-}
-
 /// A `[[subscriptions]]` entry sending the events `events` (a TOML array of globs)
 /// matches to `url`; more keys of it may follow.
 fn subscription(name: &str, url: &str, events: &str) -> String {
     format!("\n[[subscriptions]]\nname = \"{name}\"\nurl = \"{url}\"\nevents = {events}\n")
-}
-
-/// Waits until walhook holds the slot and leads ingest. A slot being created is
-/// already `active` before its consistent point, and changes committed before that
-/// point are not captured: holding the slot alone is not enough.
-async fn wait_streaming(db: &TestDb, daemon: &mut crate::support::daemon::Daemon) {
-    let client = db.client().await;
-    for _ in 0..600 {
-        assert!(daemon.is_running(), "walhook exited: {}", daemon.log());
-        let leading = client
-            .query_opt(
-                "SELECT 1 FROM pg_replication_slots s JOIN walhook.checkpoints c ON c.slot = s.slot_name
-                 WHERE s.slot_name = $1 AND s.active AND c.leader IS NOT NULL",
-                &[&db.name],
-            )
-            .await
-            .is_ok_and(|r| r.is_some());
-        if leading {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!(
-        "walhook did not take the slot within 60 s: {}",
-        daemon.log()
-    );
-}
-
-async fn users_db() -> TestDb {
-    let db = create_db().await;
-    db.batch("CREATE TABLE users (id int PRIMARY KEY, email text, n int)")
-        .await;
-    db
 }
 
 /// For each entity, the revisions answered 2xx, in arrival order; panics if a revision
@@ -103,7 +49,7 @@ fn delivered_in_order(received: &[Received]) -> HashMap<String, Vec<i64>> {
 async fn deliveries_are_signed_and_verify_with_standardwebhooks() {
     let db = users_db().await;
     let receiver = Receiver::start(|_| 200).await;
-    let work = Workdir::new(&config(
+    let work = Workdir::new(&users_config(
         &db,
         &format!(
             r#"
@@ -118,7 +64,7 @@ headers = {{ Authorization = "Bearer t0ken" }}
         ),
     ));
     let mut daemon = work.spawn_run(0);
-    wait_streaming(&db, &mut daemon).await;
+    wait_leading(&db, &mut daemon).await;
     for i in 0..5 {
         db.batch(&format!("INSERT INTO users VALUES ({i}, 'u{i}@x', 0)"))
             .await;
@@ -166,7 +112,7 @@ headers = {{ Authorization = "Bearer t0ken" }}
 async fn random_failures_keep_per_entity_order_and_lose_nothing() {
     let db = users_db().await;
     let receiver = Receiver::start(|_| if fastrand::bool() { 200 } else { 500 }).await;
-    let work = Workdir::new(&config(
+    let work = Workdir::new(&users_config(
         &db,
         &format!(
             r#"
@@ -183,7 +129,7 @@ max_age = "1h"
         ),
     ));
     let mut daemon = work.spawn_run(0);
-    wait_streaming(&db, &mut daemon).await;
+    wait_leading(&db, &mut daemon).await;
     let entities = 20;
     let updates = 5;
     for i in 0..entities {
@@ -221,13 +167,13 @@ async fn gone_disables_one_subscription_while_others_flow() {
     let db = users_db().await;
     let gone = Receiver::start(|_| 410).await;
     let fine = Receiver::start(|_| 200).await;
-    let work = Workdir::new(&config(
+    let work = Workdir::new(&users_config(
         &db,
         &(subscription("gone", &gone.url, r#"["user.*"]"#)
             + &subscription("fine", &fine.url, r#"["user.*"]"#)),
     ));
     let mut daemon = work.spawn_run(0);
-    wait_streaming(&db, &mut daemon).await;
+    wait_leading(&db, &mut daemon).await;
     db.batch("INSERT INTO users VALUES (1, 'a', 0)").await;
     wait_for("the 410", WAIT, || async { !gone.received().is_empty() }).await;
     let client = db.client().await;
@@ -269,14 +215,14 @@ async fn a_rare_event_after_a_long_stretch_of_others_arrives() {
     let db = users_db().await;
     let rare = Receiver::start(|_| 200).await;
     let all = Receiver::start(|_| 200).await;
-    let work = Workdir::new(&config(
+    let work = Workdir::new(&users_config(
         &db,
         &(subscription("rare", &rare.url, r#"["user.deleted"]"#)
             + &subscription("all", &all.url, r#"["user.*"]"#)
             + "max_in_flight = 64\n"),
     ));
     let mut daemon = work.spawn_run(0);
-    wait_streaming(&db, &mut daemon).await;
+    wait_leading(&db, &mut daemon).await;
     db.batch("INSERT INTO users VALUES (0, 'a', 0); DELETE FROM users WHERE id = 0")
         .await;
     db.batch("INSERT INTO users SELECT g, 'a', 0 FROM generate_series(1, 12000) g")
@@ -314,7 +260,7 @@ async fn a_rare_event_after_a_long_stretch_of_others_arrives() {
 async fn two_processes_on_one_store_send_each_delivery_once() {
     let db = users_db().await;
     let receiver = Receiver::start(|_| 200).await;
-    let work = Workdir::new(&config(
+    let work = Workdir::new(&users_config(
         &db,
         &format!(
             r#"
@@ -332,7 +278,7 @@ events = ["user.created"]
         ),
     ));
     let mut first = work.spawn_run(0);
-    wait_streaming(&db, &mut first).await;
+    wait_leading(&db, &mut first).await;
     let mut second = work.spawn_run(1);
     for i in 0..100 {
         db.batch(&format!("INSERT INTO users VALUES ({i}, 'u{i}@x', 0)"))
@@ -376,8 +322,7 @@ async fn thin_and_fields_bodies_have_exactly_the_configured_shape() {
         .await;
     let thin = Receiver::start(|_| 200).await;
     let shaped = Receiver::start(|_| 200).await;
-    let toml = config(
-        &db,
+    let toml = users_config(&db,
         &format!(
             r#"
 [[subscriptions]]
@@ -398,7 +343,7 @@ fields = {{ ApiResource = "entity_id", UpdateTimestamp = "occurred_at", Resource
     .replace("entity = \"user\"", "entity = \"user\"\nexclude_columns = [\"password_hash\"]");
     let work = Workdir::new(&toml);
     let mut daemon = work.spawn_run(0);
-    wait_streaming(&db, &mut daemon).await;
+    wait_leading(&db, &mut daemon).await;
     db.batch("INSERT INTO users VALUES (7, 'a@x', 'hash-secret')")
         .await;
     wait_for("both bodies", WAIT, || async {
@@ -484,7 +429,7 @@ async fn ordering_none_sends_one_entity_in_parallel_and_entity_ordering_does_not
     let db = users_db().await;
     let (parallel, parallel_peak) = slow_receiver().await;
     let (serial, serial_peak) = slow_receiver().await;
-    let work = Workdir::new(&config(
+    let work = Workdir::new(&users_config(
         &db,
         &format!(
             r#"
@@ -503,7 +448,7 @@ events = ["user.*"]
         ),
     ));
     let mut daemon = work.spawn_run(0);
-    wait_streaming(&db, &mut daemon).await;
+    wait_leading(&db, &mut daemon).await;
     // One transaction, so all eight events reach the dispatcher in one round.
     let mut sql = String::from("INSERT INTO users VALUES (1, 'a', 0);");
     for n in 1..8 {
@@ -535,7 +480,7 @@ events = ["user.*"]
 async fn delivered_events_are_purged_after_retention_and_pending_ones_kept() {
     let db = users_db().await;
     let ok = Receiver::start(|_| 200).await;
-    let toml = config(
+    let toml = users_config(
         &db,
         &format!(
             r#"
@@ -558,7 +503,7 @@ backoff = ["1h"]
     .replace("[server]", "[store]\nretention = \"1s\"\n\n[server]");
     let work = Workdir::new(&toml);
     let mut daemon = work.spawn_run(0);
-    wait_streaming(&db, &mut daemon).await;
+    wait_leading(&db, &mut daemon).await;
     for i in 0..10 {
         db.batch(&format!("INSERT INTO users VALUES ({i}, 'a', 0)"))
             .await;

@@ -8,10 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::daemon::{
-    Rng, USERS_TABLE, assert_exactly_once, config, event_count, wait_leading, write_random,
-};
-use crate::support::daemon::Daemon;
+use crate::daemon::{Rng, USERS_TABLE, assert_exactly_once, config, event_count, write_random};
+use crate::support::daemon::{Daemon, wait_leading};
 use crate::support::pg::create_db;
 use crate::support::receiver::Receiver;
 use crate::support::wait_for;

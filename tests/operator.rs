@@ -10,68 +10,14 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::daemon::{Daemon, Workdir};
-use crate::support::pg::{TestDb, create_db};
+use crate::support::daemon::{Daemon, Workdir, users_config, wait_leading};
+use crate::support::pg::{TestDb, users_db};
 use crate::support::receiver::{Received, Receiver};
 use crate::support::{wait_for, walhook_bin, within};
 
 const WAIT: Duration = Duration::from_secs(60);
 /// A token in the subscription's headers: no operator command may print it.
 const TOKEN: &str = "Bearer op-s3cret-t0ken";
-
-fn config(db: &TestDb, subscriptions: &str) -> String {
-    format!(
-        r#"
-[source]
-url = "postgres://postgres@127.0.0.1:{port}/{name}?sslmode=disable"
-slot = "{name}"
-
-[server]
-listen = "127.0.0.1:0"
-
-[[tables]]
-table = "public.users"
-entity = "user"
-
-{subscriptions}
-"#,
-        port = db.port,
-        name = db.name
-    )
-}
-
-async fn users_db() -> TestDb {
-    let db = create_db().await;
-    db.batch("CREATE TABLE users (id int PRIMARY KEY, email text, n int)")
-        .await;
-    db
-}
-
-/// Waits until walhook holds the slot and says it ingests (changes before that are not
-/// captured).
-async fn wait_streaming(db: &TestDb, daemon: &mut Daemon) {
-    let client = db.client().await;
-    wait_for("walhook to take the replication slot", WAIT, || {
-        assert!(daemon.is_running(), "walhook exited: {}", daemon.log());
-        let client = &client;
-        async move {
-            client
-                .query_opt(
-                    "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
-                    &[&db.name],
-                )
-                .await
-                .unwrap()
-                .is_some()
-        }
-    })
-    .await;
-    wait_for("walhook to log that it ingests", WAIT, || {
-        let log = daemon.log();
-        async move { log.contains("holding the slot; ingesting") }
-    })
-    .await;
-}
 
 /// How a `walhook` command ended.
 struct Out {
@@ -208,7 +154,7 @@ async fn dead_deliveries_are_listed_shown_and_replayed_until_they_arrive() {
     let db = users_db().await;
     let (crm, crm_answer) = switchable_receiver(500).await;
     let audit = Receiver::start(|_| 200).await;
-    let work = Workdir::new(&config(
+    let work = Workdir::new(&users_config(
         &db,
         &format!(
             r#"
@@ -231,7 +177,7 @@ events = ["user.created"]
         ),
     ));
     let mut daemon = work.spawn_run(0);
-    wait_streaming(&db, &mut daemon).await;
+    wait_leading(&db, &mut daemon).await;
     db.batch("INSERT INTO users VALUES (1, 'a', 0), (2, 'b', 0), (3, 'c', 0)")
         .await;
     db.batch("UPDATE users SET n = 1 WHERE id = 1").await;
@@ -529,7 +475,7 @@ events = ["user.created"]
 async fn pause_holds_deliveries_and_resume_sends_them() {
     let db = users_db().await;
     let receiver = Receiver::start(|_| 200).await;
-    let work = Workdir::new(&config(
+    let work = Workdir::new(&users_config(
         &db,
         &format!(
             "[[subscriptions]]\nname = \"crm\"\nurl = \"{}\"\nevents = [\"user.*\"]\n",
@@ -537,7 +483,7 @@ async fn pause_holds_deliveries_and_resume_sends_them() {
         ),
     ));
     let mut daemon = work.spawn_run(0);
-    wait_streaming(&db, &mut daemon).await;
+    wait_leading(&db, &mut daemon).await;
     db.batch("INSERT INTO users VALUES (1, 'a', 0)").await;
     wait_until("the first delivery", &db, &daemon, || async {
         receiver.received().len() == 1
@@ -648,7 +594,7 @@ async fn pause_holds_deliveries_and_resume_sends_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_of_thousands_of_rows_goes_in_batches_and_reports_the_count() {
     let db = users_db().await;
-    let work = Workdir::new(&config(
+    let work = Workdir::new(&users_config(
         &db,
         "[[subscriptions]]\nname = \"crm\"\nurl = \"http://127.0.0.1:9/hook\"\nevents = [\"user.*\"]\n\n\
          [[subscriptions]]\nname = \"vip\"\nurl = \"http://127.0.0.1:9/hook\"\nevents = [\"user.*\"]\n\

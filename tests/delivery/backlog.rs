@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use super::{WAIT, config, delivered_in_order, users_db, wait_streaming};
-use crate::support::daemon::Workdir;
-use crate::support::pg::{Cluster, create_db};
+use super::{WAIT, delivered_in_order};
+use crate::support::daemon::{Workdir, users_config, wait_leading};
+use crate::support::pg::{Cluster, create_db, users_db};
 use crate::support::receiver::{Receiver, Reply};
 use crate::support::wait_for;
 
@@ -109,7 +109,7 @@ async fn receiver_outage_backlog_is_delivered_once_in_order_in_bounded_memory() 
     db.batch("CREATE TABLE users (id int PRIMARY KEY, email text, n int)")
         .await;
     let receiver = Receiver::start(|_| 200).await;
-    let work = Workdir::new(&config(
+    let work = Workdir::new(&users_config(
         &db,
         &format!(
             r#"
@@ -126,7 +126,7 @@ max_age = "1h"
         ),
     ));
     let mut daemon = work.spawn_run(0);
-    wait_streaming(&db, &mut daemon).await;
+    wait_leading(&db, &mut daemon).await;
     let client = db.client().await;
     let entities = 500;
     let t0 = Instant::now();
@@ -217,7 +217,7 @@ async fn filter_sends_only_matching_events_and_rejected_ones_never_block() {
     })
     .await;
     let all = Receiver::start(|_| 200).await;
-    let work = Workdir::new(&config(
+    let work = Workdir::new(&users_config(
         &db,
         &format!(
             r#"
@@ -239,7 +239,7 @@ events = ["user.*"]
         ),
     ));
     let mut daemon = work.spawn_run(0);
-    wait_streaming(&db, &mut daemon).await;
+    wait_leading(&db, &mut daemon).await;
     // One transaction: revision 1 (matches, answered 500), 2 (rejected), 3 (matches).
     db.batch(
         "BEGIN;
@@ -315,7 +315,7 @@ async fn paused_and_disabled_backlogs_go_dead_after_paused_retention() {
     let held = Receiver::start(move |_| if h.load(Ordering::SeqCst) { 200 } else { 500 }).await;
     let off = Receiver::start(|_| 200).await;
     let ok = Receiver::start(|_| 200).await;
-    let toml = config(
+    let toml = users_config(
         &db,
         &format!(
             r#"
@@ -343,7 +343,7 @@ events = ["user.*"]
     .replace("[server]", "[store]\npaused_retention = \"2s\"\n\n[server]");
     let work = Workdir::new(&toml);
     let mut daemon = work.spawn_run(0);
-    wait_streaming(&db, &mut daemon).await;
+    wait_leading(&db, &mut daemon).await;
     db.execute(
         "UPDATE walhook.subscription_state SET enabled = false, disabled_reason = 'test' WHERE subscription = 'off'",
         &[],
@@ -465,7 +465,7 @@ async fn sigterm_lets_an_in_flight_delivery_finish_within_shutdown_grace() {
         }
     })
     .await;
-    let toml = config(
+    let toml = users_config(
         &db,
         &format!(
             r#"
@@ -480,7 +480,7 @@ events = ["user.*"]
     .replace("[server]", "[daemon]\nshutdown_grace = \"10s\"\n\n[server]");
     let work = Workdir::new(&toml);
     let mut daemon = work.spawn_run(0);
-    wait_streaming(&db, &mut daemon).await;
+    wait_leading(&db, &mut daemon).await;
     db.batch("INSERT INTO users VALUES (1, 'a', 0)").await;
     wait_for("the request in flight", WAIT, || async {
         !receiver.received().is_empty()
@@ -505,7 +505,7 @@ events = ["user.*"]
     // Restarted, the delivered event is not sent again.
     slow_answer.store(false, Ordering::SeqCst);
     let mut daemon = work.spawn_run(1);
-    wait_streaming(&db, &mut daemon).await;
+    wait_leading(&db, &mut daemon).await;
     db.batch("INSERT INTO users VALUES (2, 'b', 0)").await;
     wait_for("user 2 delivered", WAIT, || async {
         receiver.received().len() >= 2

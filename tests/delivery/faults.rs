@@ -10,8 +10,9 @@ use std::time::{Duration, SystemTime};
 
 use tokio_postgres::Client;
 
-use super::{WAIT, config, users_db, wait_streaming};
-use crate::support::daemon::Workdir;
+use super::WAIT;
+use crate::support::daemon::{Workdir, users_config, wait_leading};
+use crate::support::pg::users_db;
 use crate::support::receiver::{Receiver, Reply};
 use crate::support::wait_for;
 
@@ -169,9 +170,9 @@ async fn bad_answers_are_retried_as_the_receiver_asks_then_delivered() {
         ),
     ]
     .concat();
-    let work = Workdir::new(&config(&db, &subs));
+    let work = Workdir::new(&users_config(&db, &subs));
     let mut daemon = work.spawn_run(0);
-    wait_streaming(&db, &mut daemon).await;
+    wait_leading(&db, &mut daemon).await;
     db.batch("INSERT INTO users VALUES (1, 'a@x', 0)").await;
     let client = db.client().await;
 
@@ -323,7 +324,7 @@ async fn unresolvable_host_and_untrusted_certificate_retry_while_others_flow() {
     let tls = Receiver::start_tls(|_| 200).await;
     let ok = Receiver::start(|_| 200).await;
     let retry = "[subscriptions.retry]\nbackoff = [\"300ms\"]";
-    let work = Workdir::new(&config(
+    let work = Workdir::new(&users_config(
         &db,
         &format!(
             r#"
@@ -355,7 +356,7 @@ events = ["user.*"]
         ),
     ));
     let mut daemon = work.spawn_run(0);
-    wait_streaming(&db, &mut daemon).await;
+    wait_leading(&db, &mut daemon).await;
     for i in 0..5 {
         db.batch(&format!("INSERT INTO users VALUES ({i}, 'u{i}@x', 0)"))
             .await;

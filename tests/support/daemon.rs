@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use super::pg::TestDb;
 use super::walhook_bin;
 
 /// A temp dir holding `walhook.toml` and the daemon logs.
@@ -175,4 +176,63 @@ impl Drop for Daemon {
 
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// Waits until walhook holds `db`'s slot (named after the database) and leads ingest.
+/// An active slot alone is not enough: a slot being created is already active before
+/// its consistent point, and changes committed before that point are not captured.
+pub async fn wait_leading(db: &TestDb, daemon: &mut Daemon) {
+    let client = db.client().await;
+    let slot = db.name.clone();
+    let start = Instant::now();
+    loop {
+        if !daemon.is_running() {
+            panic!("walhook run exited early; log:\n{}", daemon.log());
+        }
+        let row = client
+            .query_opt(
+                "SELECT leader_epoch FROM walhook.checkpoints WHERE slot = $1 AND leader IS NOT NULL",
+                &[&slot],
+            )
+            .await;
+        let active = client
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                &[&slot],
+            )
+            .await;
+        if matches!(row, Ok(Some(_))) && matches!(active, Ok(Some(_))) {
+            return;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            panic!(
+                "timed out waiting for walhook to hold slot {slot}; log:\n{}",
+                daemon.log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A config for `db`: its slot, a server on a free port, `public.users` as entity
+/// `user`, then `rest` (subscriptions, more keys).
+pub fn users_config(db: &TestDb, rest: &str) -> String {
+    format!(
+        r#"
+[source]
+url = "postgres://postgres@127.0.0.1:{port}/{name}?sslmode=disable"
+slot = "{name}"
+
+[server]
+listen = "127.0.0.1:0"
+
+[[tables]]
+table = "public.users"
+entity = "user"
+
+{rest}
+"#,
+        port = db.port,
+        name = db.name
+    )
 }

@@ -142,6 +142,14 @@ pub fn cluster() -> &'static Cluster {
 }
 
 /// A fresh database in the shared [`cluster`].
+/// A fresh database with `users (id int PRIMARY KEY, email text, n int)`.
+pub async fn users_db() -> TestDb {
+    let db = create_db().await;
+    db.batch("CREATE TABLE users (id int PRIMARY KEY, email text, n int)")
+        .await;
+    db
+}
+
 pub async fn create_db() -> TestDb {
     cluster().create_db().await
 }
