@@ -190,7 +190,8 @@ impl Store {
         let (read_upto, more) = match (events.last(), upto) {
             (Some(last), _) if events.len() as i64 == limit => (last.seq, last.seq < head),
             (_, Some(upto)) => ((upto - 1).min(head), upto - 1 < head),
-            (_, None) => (after.max(head), false),
+            // No event past `after` at all.
+            (_, None) => (after, false),
         };
         Ok(NewEvents {
             events,
