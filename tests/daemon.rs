@@ -21,7 +21,7 @@ pub(crate) fn config(db: &TestDb, tables_toml: &str) -> String {
 }
 
 /// Like [`config`], with the store in `store` (default: the source database).
-fn config_with_store(db: &TestDb, store: Option<&TestDb>, tables_toml: &str) -> String {
+pub(crate) fn config_with_store(db: &TestDb, store: Option<&TestDb>, tables_toml: &str) -> String {
     let store = store
         .map(|s| {
             format!(

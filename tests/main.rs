@@ -12,6 +12,7 @@ mod demo;
 mod ha;
 mod harness_smoke;
 mod least_privilege;
+mod lifecycle;
 mod operator;
 mod payload_schema;
 mod reload;

@@ -13,6 +13,7 @@ mod locate;
 mod raw;
 mod schema;
 mod secret;
+mod size;
 mod types;
 mod validate;
 

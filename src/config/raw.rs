@@ -28,7 +28,7 @@ pub(crate) const OVERRIDABLE: &[(&str, &[&str])] = &[
     ),
     ("server", &["listen"]),
     ("log", &["format", "level"]),
-    ("daemon", &["shutdown_grace"]),
+    ("daemon", &["shutdown_grace", "ingest_buffer"]),
 ];
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]
@@ -85,6 +85,7 @@ pub(crate) struct RawLog {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawDaemon {
     pub shutdown_grace: Option<String>,
+    pub ingest_buffer: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]

@@ -55,6 +55,8 @@ struct Pending {
     events: usize,
     /// The last message added was a commit.
     at_commit: bool,
+    /// The batch's share of the ingest buffer, given back when it is dropped (stored).
+    held: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Pending {
@@ -251,6 +253,7 @@ async fn collect(
         last_commit_time: None,
         events: 0,
         at_commit: false,
+        held: None,
     };
     let mut messages = 1;
     add(&mut pending, first);
@@ -285,7 +288,15 @@ async fn collect(
 fn add(pending: &mut Pending, msg: SourceMsg) {
     pending.at_commit = matches!(msg, SourceMsg::Commit { .. });
     match msg {
-        SourceMsg::Change { events, position } => {
+        SourceMsg::Change {
+            events,
+            position,
+            held,
+        } => {
+            match (&mut pending.held, held) {
+                (Some(all), Some(held)) => all.merge(held),
+                (all, held) => *all = all.take().or(held),
+            }
             pending.batch.position = position;
             if let Some(events) = events {
                 pending.events += events.events.len();
@@ -343,6 +354,7 @@ mod tests {
         SourceMsg::Change {
             events: None,
             position: Position::default(),
+            held: None,
         }
     }
 

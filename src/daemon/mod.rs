@@ -20,7 +20,8 @@ use crate::delivery::HttpClients;
 use crate::delivery::wake::Wake;
 use crate::server::{Health, Server, refresh, systemd};
 use crate::source::Lsn;
-use crate::source::stream::{ConfirmMode, ReplicationStream, StreamOptions};
+use crate::source::setup::SetupError;
+use crate::source::stream::{ConfirmMode, ReplicationStream, StreamError, StreamOptions};
 use crate::store::Store;
 
 /// Capacity of the channel between the source task and ingest, in messages.
@@ -144,7 +145,10 @@ pub async fn run(
     result
 }
 
-/// Holds the slot and ingests until `shutdown`.
+/// Holds the slot and ingests until `shutdown`. Each term of leadership begins by
+/// waiting to hold the slot (a standby waits here, G8); a term ends when this instance
+/// loses the slot to another (deposed, or the slot taken while reconnecting), and the
+/// instance then stands by for the next term instead of exiting.
 #[allow(clippy::too_many_arguments)]
 async fn ingest_until_shutdown(
     config: &Config,
@@ -157,8 +161,64 @@ async fn ingest_until_shutdown(
     health: &Health,
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
-    let slot = config.source.slot.clone();
+    let mut store = Some(store);
+    loop {
+        let store = match store.take() {
+            Some(store) => store,
+            None => match connect_store(&store_params, &config.store.schema, &shutdown).await? {
+                Some(store) => store,
+                None => return Ok(()),
+            },
+        };
+        let term = lead_once(
+            config,
+            source_params.clone(),
+            &store_params,
+            store,
+            rules.clone(),
+            owner,
+            wake.clone(),
+            health,
+            &shutdown,
+        )
+        .await;
+        match term {
+            Err(DaemonError::Store(crate::store::StoreError::Deposed { current, .. })) => {
+                warn!(
+                    epoch = current,
+                    "another instance leads ingest now; standing by"
+                );
+            }
+            Err(DaemonError::Stream(StreamError::Setup(SetupError::SlotActive {
+                pid, ..
+            }))) => {
+                warn!(
+                    holder_pid = pid,
+                    "another process took the slot; standing by"
+                );
+            }
+            other => return other,
+        }
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+    }
+}
 
+/// One term of leadership (see [`ingest_until_shutdown`]).
+#[allow(clippy::too_many_arguments)]
+async fn lead_once(
+    config: &Config,
+    source_params: crate::source::connect::ConnectParams,
+    store_params: &crate::source::connect::ConnectParams,
+    mut store: Store,
+    rules: watch::Receiver<Arc<reload::Rules>>,
+    owner: &str,
+    wake: Arc<Wake>,
+    health: &Health,
+    shutdown: &CancellationToken,
+) -> Result<(), DaemonError> {
+    let slot = config.source.slot.clone();
     let mut stream = ReplicationStream::new(
         source_params,
         StreamOptions {
@@ -178,24 +238,51 @@ async fn ingest_until_shutdown(
         _ = shutdown.cancelled() => return Ok(()),
         held = stream.connect_waiting() => held?,
     }
-    let epoch = store.take_leadership(&slot, owner).await?;
-    let checkpoint = store
-        .checkpoint(&slot)
-        .await?
-        .ok_or_else(|| crate::store::StoreError::NoCheckpoint(slot.clone()))?;
+    // Holding the slot, take the lead in the store; a store that is down is waited for.
+    let (epoch, checkpoint) = loop {
+        let taken = async {
+            let epoch = store.take_leadership(&slot, owner).await?;
+            let checkpoint = store
+                .checkpoint(&slot)
+                .await?
+                .ok_or_else(|| crate::store::StoreError::NoCheckpoint(slot.clone()))?;
+            Ok::<_, crate::store::StoreError>((epoch, checkpoint))
+        };
+        match taken.await {
+            Ok(taken) => break taken,
+            Err(e) if e.is_transient() => {
+                warn!(error = %e, "cannot take the lead in the store yet; retrying");
+                // Meanwhile the server must not wait for this connection (G9).
+                stream.disconnect("the store is unreachable").await;
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                if store.is_closed() {
+                    let _ = store.reconnect().await;
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     stream.resume_from(checkpoint.position);
     info!(slot = %slot, epoch, resume_lsn = %checkpoint.position.commit_lsn, rows_done = checkpoint.position.rows_done, "holding the slot; ingesting");
 
     let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
     let (confirm_tx, confirm_rx) = watch::channel(Lsn::INVALID);
     let source_stop = CancellationToken::new();
+    let buffer = Arc::new(tokio::sync::Semaphore::new(
+        usize::try_from(config.daemon.ingest_buffer)
+            .unwrap_or(usize::MAX)
+            .min(tokio::sync::Semaphore::MAX_PERMITS),
+    ));
     let source = tokio::spawn(
-        source_task::run(stream, rules, tx, confirm_rx, source_stop.clone())
+        source_task::run(stream, rules, tx, buffer, confirm_rx, source_stop.clone())
             .instrument(info_span!("source", slot = %slot)),
     );
     let mut stores = vec![store];
     while stores.len() < ingest::PIPELINE_DEPTH {
-        stores.push(Store::connect(&store_params, &config.store.schema).await?);
+        stores.push(Store::connect(store_params, &config.store.schema).await?);
     }
     let result = ingest::run(
         stores,
@@ -222,6 +309,30 @@ async fn ingest_until_shutdown(
         Err(_) => warn!("source task did not stop within 10 s"),
     }
     result
+}
+
+/// A store connection, waiting (with backoff) while the store is unreachable; `None`
+/// once `shutdown` is asked for.
+async fn connect_store(
+    params: &crate::source::connect::ConnectParams,
+    schema: &str,
+    shutdown: &CancellationToken,
+) -> Result<Option<Store>, DaemonError> {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match Store::connect(params, schema).await {
+            Ok(store) => return Ok(Some(store)),
+            Err(e) if e.is_transient() => {
+                warn!(error = %e, "cannot connect to the store; retrying");
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
 }
 
 /// Deletes what retention allows and makes the old backlog of paused or disabled

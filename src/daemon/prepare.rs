@@ -139,7 +139,35 @@ pub async fn prepare(config: &Config) -> Result<Prepared, PrepareError> {
         .collect();
     store.ensure_subscriptions(&sub_names).await?;
 
-    match setup::ensure_publication(&sql, &config.source.publication, &names).await? {
+    // Instances starting together on a fresh database take turns here, so none sees
+    // another's checkpoint without its slot (a false "slot lost") or races it into
+    // "already exists". The lock goes with the store connection if start-up fails.
+    let slot = &config.source.slot;
+    store.lock_setup(slot).await?;
+    let result = prepare_source(config, &source_params, &sql, &store, &names).await;
+    store.unlock_setup(slot).await?;
+    result?;
+    drop(sql);
+    let routes = Arc::new(Routes::new(config));
+    Ok(Prepared {
+        source_params,
+        store_params,
+        store,
+        mapper,
+        routes,
+        tables: infos,
+    })
+}
+
+/// The publication and the slot, under the store's setup lock (see [`prepare`]).
+async fn prepare_source(
+    config: &Config,
+    source_params: &ConnectParams,
+    sql: &tokio_postgres::Client,
+    store: &Store,
+    names: &[QualifiedName],
+) -> Result<(), PrepareError> {
+    match setup::ensure_publication(sql, &config.source.publication, names).await? {
         PublicationChange::Unchanged => {}
         PublicationChange::Created => {
             info!(publication = %config.source.publication, "publication created")
@@ -151,7 +179,7 @@ pub async fn prepare(config: &Config) -> Result<Prepared, PrepareError> {
 
     let slot = &config.source.slot;
     let checkpoint = store.checkpoint(slot).await?;
-    match (setup::slot_info(&sql, slot).await?, checkpoint) {
+    match (setup::slot_info(sql, slot).await?, checkpoint) {
         (None, Some(cp)) => {
             return Err(PrepareError::SlotLost {
                 slot: slot.clone(),
@@ -159,7 +187,7 @@ pub async fn prepare(config: &Config) -> Result<Prepared, PrepareError> {
             });
         }
         (None, None) => {
-            let mut repl = ReplicationClient::connect(&source_params, "walhook setup")
+            let mut repl = ReplicationClient::connect(source_params, "walhook setup")
                 .await
                 .map_err(SetupError::Replication)?;
             // The checkpoint row first: if we crash in between, the next start sees a
@@ -191,14 +219,5 @@ pub async fn prepare(config: &Config) -> Result<Prepared, PrepareError> {
             }
         }
     }
-    drop(sql);
-    let routes = Arc::new(Routes::new(config));
-    Ok(Prepared {
-        source_params,
-        store_params,
-        store,
-        mapper,
-        routes,
-        tables: infos,
-    })
+    Ok(())
 }

@@ -46,7 +46,7 @@ use crate::source::setup::{self, QualifiedName, SetupError};
 use crate::store::{Store, StoreError};
 
 /// Keys that take effect only at start-up; a reload that changes them logs a warning.
-pub const RESTART_KEYS: [&str; 8] = [
+pub const RESTART_KEYS: [&str; 9] = [
     "source.url",
     "source.slot",
     "source.publication",
@@ -55,6 +55,7 @@ pub const RESTART_KEYS: [&str; 8] = [
     "server.listen",
     "log.format",
     "log.level",
+    "daemon.ingest_buffer",
 ];
 
 /// What the source task maps and routes with.
@@ -328,6 +329,7 @@ fn keep_restart_keys(current: &Config, mut loaded: Config) -> Config {
         current.server.listen != loaded.server.listen,
         current.log.format != loaded.log.format,
         current.log.level != loaded.log.level,
+        current.daemon.ingest_buffer != loaded.daemon.ingest_buffer,
     ];
     for (key, _) in RESTART_KEYS.iter().zip(changed).filter(|(_, c)| *c) {
         warn!(key = %key, "changed in the config file, but needs a restart to take effect; the running value stays");
@@ -337,6 +339,7 @@ fn keep_restart_keys(current: &Config, mut loaded: Config) -> Config {
     loaded.store.schema = current.store.schema.clone();
     loaded.server = current.server.clone();
     loaded.log = current.log.clone();
+    loaded.daemon.ingest_buffer = current.daemon.ingest_buffer;
     loaded
 }
 

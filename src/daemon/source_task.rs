@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::prepare::Routes;
@@ -24,8 +24,12 @@ use crate::source::decoder::{Decoded, Op, TableName};
 use crate::source::stream::{Position, ReplicationStream, StreamError};
 use crate::store::{ChangeEvents, PendingEvent};
 
-/// How often the source task answers the server while ingest is not taking messages.
-const KEEPALIVE_WHILE_BLOCKED: Duration = Duration::from_secs(5);
+/// How long the source task waits for ingest to take one message before it closes the
+/// replication connection (G9): ingest that takes nothing for this long cannot store
+/// (the store is unreachable or refuses a batch), and the server must not be held up
+/// waiting for confirmations that will not come. Ingest keeps what it has; the stream
+/// reconnects once the message is taken and resumes after it.
+const BLOCKED_LIMIT: Duration = Duration::from_secs(5);
 
 /// What the source hands to ingest.
 #[derive(Debug)]
@@ -34,6 +38,8 @@ pub enum SourceMsg {
     Change {
         events: Option<ChangeEvents>,
         position: Position,
+        /// The change's share of the ingest buffer, given back once it is stored (G6).
+        held: Option<OwnedSemaphorePermit>,
     },
     /// A transaction committed; `end_lsn` may be confirmed once it is stored.
     /// `commit_time` is in microseconds since 2000-01-01 UTC.
@@ -56,17 +62,17 @@ pub async fn run(
     mut stream: ReplicationStream,
     mut rules: watch::Receiver<Arc<Rules>>,
     tx: mpsc::Sender<SourceMsg>,
-    mut confirmed: watch::Receiver<Lsn>,
+    buffer: Arc<Semaphore>,
+    confirmed: watch::Receiver<Lsn>,
     stop: CancellationToken,
 ) -> Result<(), StreamError> {
+    let capacity = buffer.available_permits();
+    stream.follow_confirmations(confirmed);
     let mut txn: Option<Txn> = None;
     let mut drafts: Vec<EventDraft> = Vec::new();
     let mut names = NameCache::default();
     let mut current = rules.borrow_and_update().clone();
     loop {
-        if confirmed.has_changed().unwrap_or(false) {
-            stream.confirm(*confirmed.borrow_and_update());
-        }
         let item = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
@@ -107,9 +113,18 @@ pub async fn run(
                     )),
                     _ => None,
                 };
-                SourceMsg::Change {
-                    events,
-                    position: stream.position(),
+                let cost = change_cost(
+                    stream.last_size(),
+                    events.as_ref().map_or(0, |e| e.events.len()),
+                    capacity,
+                );
+                match hold(&buffer, cost, &mut stream, &stop).await {
+                    Some(held) => SourceMsg::Change {
+                        events,
+                        position: stream.position(),
+                        held: Some(held),
+                    },
+                    None => break,
                 }
             }
             Decoded::Commit {
@@ -130,6 +145,7 @@ pub async fn run(
                 SourceMsg::Change {
                     events: None,
                     position: stream.position(),
+                    held: None,
                 }
             }
             Decoded::LogicalMessage { transactional, .. } => {
@@ -139,43 +155,68 @@ pub async fn run(
                 SourceMsg::Change {
                     events: None,
                     position: stream.position(),
+                    held: None,
                 }
             }
         };
-        // Hand on, answering the server meanwhile if ingest is slow (store down).
+        // Hand on; if ingest takes nothing for a while, stop holding the server up.
+        let blocked_since = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 biased;
-                _ = stop.cancelled() => {
-                    stream.confirm(*confirmed.borrow());
-                    stream.close().await;
-                    return Ok(());
-                }
+                _ = stop.cancelled() => break,
                 permit = tx.reserve() => {
                     match permit {
                         Ok(permit) => permit.send(msg),
-                        Err(_) => {
-                            // Ingest stopped.
-                            stream.confirm(*confirmed.borrow());
-                            stream.close().await;
-                            return Ok(());
-                        }
+                        // Ingest stopped.
+                        Err(_) => break,
                     }
                     break;
                 }
-                _ = tokio::time::sleep(KEEPALIVE_WHILE_BLOCKED) => {
-                    if confirmed.has_changed().unwrap_or(false) {
-                        stream.confirm(*confirmed.borrow_and_update());
-                    }
-                    stream.keepalive().await?;
+                _ = tokio::time::sleep_until(blocked_since + BLOCKED_LIMIT), if stream.is_connected() => {
+                    stream.disconnect("ingest has taken nothing for 5 s (the store cannot keep up or is unreachable)").await;
                 }
             }
         }
+        if stop.is_cancelled() || tx.is_closed() {
+            break;
+        }
     }
     // Ingest may be gone (its sender dropped), but its last word still counts.
-    stream.confirm(*confirmed.borrow());
     stream.close().await;
     Ok(())
+}
+
+/// What a row change holds of the ingest buffer: its size on the wire for the decoded
+/// row, and as much again for each of its events (their data and previous values),
+/// never more than the whole buffer (a row larger than the buffer passes alone).
+fn change_cost(wire: usize, events: usize, capacity: usize) -> u32 {
+    let cost = (wire.max(64)).saturating_mul(1 + events);
+    cost.min(capacity).min(u32::MAX as usize) as u32
+}
+
+/// Takes `cost` bytes of the ingest buffer, waiting while it is full (back-pressure on
+/// the stream). While the wait lasts longer than [`BLOCKED_LIMIT`] the replication
+/// connection is closed (G9). `None` when `stop` was cancelled.
+async fn hold(
+    buffer: &Arc<Semaphore>,
+    cost: u32,
+    stream: &mut ReplicationStream,
+    stop: &CancellationToken,
+) -> Option<OwnedSemaphorePermit> {
+    let since = tokio::time::Instant::now();
+    let acquire = buffer.clone().acquire_many_owned(cost);
+    tokio::pin!(acquire);
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return None,
+            permit = &mut acquire => return permit.ok(),
+            _ = tokio::time::sleep_until(since + BLOCKED_LIMIT), if stream.is_connected() => {
+                stream.disconnect("ingest has stored nothing for 5 s (the store is slow or unreachable)").await;
+            }
+        }
+    }
 }
 
 /// Per-row strings that are the same for many rows: table names, the subscriptions

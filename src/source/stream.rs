@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::Lsn;
@@ -17,7 +18,18 @@ use super::setup::{SetupError, create_slot, slot_error};
 
 /// Standby status updates go out at least this often (DESIGN: every 10 s at most).
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// A consumer's confirmation is passed on at most this often, unless the server waits
+/// for it.
+const STATUS_MIN_INTERVAL: Duration = Duration::from_secs(1);
+/// How long the server may wait for a confirmation it asked for (its reply request
+/// carried a WAL end the consumer has not yet made durable) before the stream closes
+/// the connection instead of answering again (G9). A stopping walsender asks again as
+/// soon as it is answered and exits only once the client confirmed all it sent: a
+/// client that keeps answering without confirming holds `pg_ctl stop` up for ever.
+/// A healthy consumer confirms within milliseconds; one whose store is unreachable
+/// never does, and the server should not wait for it.
+const OWED_GRACE: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// The replication connection's state, for readiness (see [`ReplicationStream::link`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,14 +102,23 @@ pub struct ReplicationStream {
     begun: Option<Lsn>,
     /// End LSN of the last commit handed on.
     handed_end: Lsn,
+    /// Size of the pgoutput message of the last item handed on, in bytes.
+    last_size: usize,
     /// What the consumer said is durable.
     consumer_flush: Lsn,
     /// Highest WAL position the server told us about.
     received: Lsn,
     last_status: Instant,
     status_dirty: bool,
+    /// The server asked for a reply at this WAL end, which could not be confirmed yet;
+    /// since when (see [`OWED_GRACE`]).
+    owed: Option<(Lsn, Instant)>,
+    /// Wait this long before the next connection attempt (after closing on purpose).
+    pause: Option<Duration>,
+    /// What the consumer has made durable, watched while waiting for the server.
+    confirmations: Option<watch::Receiver<Lsn>>,
     backoff: Duration,
-    link: tokio::sync::watch::Sender<Link>,
+    link: watch::Sender<Link>,
 }
 
 impl ReplicationStream {
@@ -114,13 +135,26 @@ impl ReplicationStream {
             in_txn: false,
             begun: None,
             handed_end: Lsn::INVALID,
+            last_size: 0,
             consumer_flush: Lsn::INVALID,
             received: Lsn::INVALID,
             last_status: Instant::now(),
             status_dirty: false,
+            owed: None,
+            pause: None,
+            confirmations: None,
             backoff: Duration::from_millis(100),
-            link: tokio::sync::watch::Sender::new(Link::Connecting),
+            link: watch::Sender::new(Link::Connecting),
         }
+    }
+
+    /// Follows the consumer's confirmations (the end LSN of the last transaction it made
+    /// durable) from `rx`, also while waiting for the server: an idle stream passes a
+    /// confirmation on within a second, and at once when the server waits for it.
+    pub fn follow_confirmations(&mut self, mut rx: watch::Receiver<Lsn>) {
+        let lsn = *rx.borrow_and_update();
+        self.confirm(lsn);
+        self.confirmations = Some(rx);
     }
 
     /// Connects now (so that setup errors surface before the first change).
@@ -159,6 +193,7 @@ impl ReplicationStream {
         self.in_txn = false;
         self.skip_txn = false;
         self.rows_in_txn = 0;
+        self.owed = None;
         self.client = Some(client);
         self.last_status = Instant::now();
         self.link.send_replace(Link::Streaming);
@@ -202,10 +237,22 @@ impl ReplicationStream {
         self.handed = position;
     }
 
-    /// Sends a standby status update now (keeps the walsender from timing out while
-    /// the consumer is busy).
-    pub async fn keepalive(&mut self) -> Result<(), StreamError> {
-        self.send_status(false).await
+    /// Closes the replication connection on purpose (the consumer cannot take more and
+    /// the server should not wait for it, G9); the next [`next`](Self::next) connects
+    /// again after a pause and resumes after what was handed on.
+    pub async fn disconnect(&mut self, why: &'static str) {
+        if let Some(client) = self.client.take() {
+            warn!(slot = %self.opts.slot, reason = why, "closing the replication connection; it reconnects and resumes after what was handed on");
+            client.close().await;
+            self.link.send_replace(Link::Connecting);
+            self.pause = Some(self.backoff);
+            self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// Whether the replication connection is open.
+    pub fn is_connected(&self) -> bool {
+        self.client.is_some()
     }
 
     /// The consumer has made everything up to `end_lsn` durable; the slot may confirm it.
@@ -217,8 +264,14 @@ impl ReplicationStream {
     }
 
     /// Follows the connection's state: connecting, standing by or streaming.
-    pub fn link(&self) -> tokio::sync::watch::Receiver<Link> {
+    pub fn link(&self) -> watch::Receiver<Link> {
         self.link.subscribe()
+    }
+
+    /// Size of the pgoutput message the last item was decoded from, in bytes (a row
+    /// change's size on the wire).
+    pub fn last_size(&self) -> usize {
+        self.last_size
     }
 
     /// The position after the last item handed on.
@@ -231,9 +284,10 @@ impl ReplicationStream {
         self.received
     }
 
-    /// The next decoded item. Transient failures (connection lost, server restarting,
-    /// slot briefly busy) are retried with backoff inside; what is returned as an error
-    /// needs an operator.
+    /// The next decoded item. Transient failures (connection lost, server restarting)
+    /// are retried with backoff inside. A slot found in use by another process on
+    /// reconnecting is returned as [`SetupError::SlotActive`]: another instance may lead
+    /// now, and the caller stands by (G8). Any other error needs an operator.
     pub async fn next(&mut self) -> Result<Decoded, StreamError> {
         loop {
             match self.next_once().await {
@@ -241,12 +295,6 @@ impl ReplicationStream {
                 Ok(None) => {}
                 Err(StreamError::Setup(SetupError::Replication(e))) if e.is_transient() => {
                     self.reconnect_after(&e).await;
-                }
-                Err(StreamError::Setup(SetupError::SlotActive { .. })) if !self.opts.temporary => {
-                    self.client = None;
-                    self.link.send_replace(Link::StandingBy);
-                    tokio::time::sleep(self.backoff).await;
-                    self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
                 }
                 Err(e) => return Err(e),
             }
@@ -268,6 +316,9 @@ impl ReplicationStream {
 
     async fn next_once(&mut self) -> Result<Option<Decoded>, StreamError> {
         if self.client.is_none() {
+            if let Some(pause) = self.pause.take() {
+                tokio::time::sleep(pause).await;
+            }
             self.connect().await?;
             info!(slot = %self.opts.slot, "streaming");
         }
@@ -275,9 +326,24 @@ impl ReplicationStream {
             self.send_status(false).await?;
         }
         let deadline = self.last_status + STATUS_INTERVAL;
+        let owed_until = self.owed.map(|(_, since)| since + OWED_GRACE);
         let client = self.client.as_mut().expect("connected above");
+        let confirmations = &mut self.confirmations;
         let msg = tokio::select! {
             biased;
+            // The consumer made more durable: pass it on (at once if the server waits).
+            Some(lsn) = next_confirmation(confirmations) => {
+                self.confirm(lsn);
+                if self.owed.is_some() || self.status_due() {
+                    self.send_status(false).await?;
+                }
+                return Ok(None);
+            }
+            // The server has waited too long for a confirmation: stop answering it.
+            _ = sleep_until_opt(owed_until), if owed_until.is_some() => {
+                self.disconnect("the server waits for a confirmation of changes not yet stored").await;
+                return Ok(None);
+            }
             msg = client.next_message() => msg.map_err(SetupError::Replication)?,
             _ = tokio::time::sleep_until(deadline.into()) => {
                 self.send_status(false).await?;
@@ -293,11 +359,23 @@ impl ReplicationStream {
                 self.note_received(wal_end);
                 if reply_requested {
                     self.send_status(false).await?;
+                    // Outside a transaction everything received can be confirmed once
+                    // it is durable; until then the server waits (see OWED_GRACE). In
+                    // the middle of a transaction it cannot, and the server's request
+                    // is only a timeout check.
+                    if self.opts.confirm == ConfirmMode::Consumer
+                        && !self.in_txn
+                        && self.flush_position() < wal_end
+                        && self.owed.is_none()
+                    {
+                        self.owed = Some((wal_end, Instant::now()));
+                    }
                 }
                 Ok(None)
             }
             ReplicationMessage::XLogData { wal_end, data, .. } => {
                 self.note_received(wal_end);
+                self.last_size = data.len();
                 let message = pgoutput::parse(data)?;
                 let Some(decoded) = self.decoder.decode(message)? else {
                     return Ok(None);
@@ -371,7 +449,7 @@ impl ReplicationStream {
     }
 
     fn status_due(&self) -> bool {
-        self.status_dirty && self.last_status.elapsed() >= Duration::from_secs(1)
+        self.status_dirty && self.last_status.elapsed() >= STATUS_MIN_INTERVAL
     }
 
     fn flush_position(&self) -> Lsn {
@@ -404,15 +482,40 @@ impl ReplicationStream {
         }
         self.last_status = Instant::now();
         self.status_dirty = false;
+        if self.owed.is_some_and(|(lsn, _)| flush >= lsn) {
+            self.owed = None;
+        }
         Ok(())
     }
 
     /// Sends a final status update (so the slot records the last confirmed position)
     /// and closes the connection.
     pub async fn close(mut self) {
+        if let Some(rx) = self.confirmations.as_mut() {
+            let lsn = *rx.borrow_and_update();
+            self.confirm(lsn);
+        }
         let _ = self.send_status(false).await;
         if let Some(client) = self.client.take() {
             client.close().await;
         }
+    }
+}
+
+/// The consumer's next confirmation; pending for ever when there is no consumer to
+/// follow or it is gone.
+async fn next_confirmation(rx: &mut Option<watch::Receiver<Lsn>>) -> Option<Lsn> {
+    if let Some(rx) = rx
+        && rx.changed().await.is_ok()
+    {
+        return Some(*rx.borrow_and_update());
+    }
+    std::future::pending().await
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }

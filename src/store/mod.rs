@@ -185,6 +185,29 @@ impl Store {
         Ok(())
     }
 
+    /// Waits for and takes the setup lock of `slot` (publication, slot and checkpoint
+    /// creation), held by this connection until [`Store::unlock_setup`] or its end.
+    pub async fn lock_setup(&self, slot: &str) -> Result<(), StoreError> {
+        self.client
+            .execute(
+                "SELECT pg_advisory_lock(hashtextextended('walhook setup ' || $1, 0))",
+                &[&slot],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Releases the lock taken by [`Store::lock_setup`].
+    pub async fn unlock_setup(&self, slot: &str) -> Result<(), StoreError> {
+        self.client
+            .execute(
+                "SELECT pg_advisory_unlock(hashtextextended('walhook setup ' || $1, 0))",
+                &[&slot],
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Makes this instance the slot's ingest leader: bumps the epoch and returns it. Any
     /// ingest by an earlier leader fails from now on (G8).
     pub async fn take_leadership(&self, slot: &str, leader: &str) -> Result<i64, StoreError> {

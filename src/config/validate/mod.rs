@@ -10,6 +10,7 @@ use super::error::ConfigError;
 use super::locate::{Locator, index};
 use super::raw::*;
 use super::secret::DatabaseUrl;
+use super::size::parse_size;
 use super::types::*;
 
 /// Default retry schedule of a subscription.
@@ -32,6 +33,14 @@ pub(crate) fn validate(raw: RawConfig, loc: &Locator) -> Result<Config, Vec<Conf
                 raw.daemon.shutdown_grace,
                 "30s",
                 false,
+            )
+            .unwrap_or_default(),
+        ingest_buffer: v
+            .size(
+                "daemon.ingest_buffer",
+                raw.daemon.ingest_buffer,
+                "64MiB",
+                1 << 20,
             )
             .unwrap_or_default(),
     };
@@ -145,6 +154,25 @@ impl Validator<'_> {
                 None
             }
             Ok(d) => Some(d),
+            Err(message) => {
+                self.err(key, message);
+                None
+            }
+        }
+    }
+
+    /// A byte size of at least `min`.
+    fn size(&mut self, key: &str, raw: Option<String>, default: &str, min: u64) -> Option<u64> {
+        let text = raw.as_deref().unwrap_or(default);
+        match parse_size(text) {
+            Ok(n) if n < min => {
+                self.err(
+                    key,
+                    format!("size \"{text}\" is too small: at least {min} bytes (\"1MiB\")"),
+                );
+                None
+            }
+            Ok(n) => Some(n),
             Err(message) => {
                 self.err(key, message);
                 None
