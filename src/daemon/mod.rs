@@ -119,7 +119,6 @@ pub async fn run(
     let result = ingest_until_shutdown(
         &config,
         prepared.source_params,
-        prepared.store_params,
         store,
         rules_rx,
         &owner,
@@ -149,7 +148,6 @@ pub async fn run(
 async fn ingest_until_shutdown(
     config: &Config,
     source_params: crate::source::connect::ConnectParams,
-    store_params: crate::source::connect::ConnectParams,
     store: Store,
     rules: watch::Receiver<Arc<reload::Rules>>,
     owner: &str,
@@ -193,16 +191,12 @@ async fn ingest_until_shutdown(
         source_task::run(stream, rules, tx, confirm_rx, source_stop.clone())
             .instrument(info_span!("source", slot = %slot)),
     );
-    let mut stores = vec![store];
-    while stores.len() < ingest::PIPELINE_DEPTH {
-        stores.push(Store::connect(&store_params, &config.store.schema).await?);
-    }
     let result = ingest::run(
-        stores,
-        wake,
+        store,
+        &wake,
+        health,
         &slot,
         epoch,
-        checkpoint.last_seq,
         rx,
         confirm_tx,
         shutdown.clone(),
