@@ -384,15 +384,26 @@ async fn refused_change(refuse: &str, insert: &str, kind: &str, cure: Option<&st
         receiver.count() >= 3
     })
     .await;
+    // One more change makes the source task hand ingest's confirmation on to the
+    // stream (it takes it between messages).
+    db.batch("INSERT INTO docs (ref, note) VALUES ('nudge', 'secret-value')")
+        .await;
     wait_for("the slot to pass the refused change", WAIT, || async {
         confirmed_past(&db, &after_insert).await
+    })
+    .await;
+    wait_for("the nudge stored", WAIT, || async {
+        db.query_one("SELECT count(*) FROM walhook.events WHERE entity_id = 'nudge'", &[])
+            .await
+            .get::<_, i64>(0)
+            == 1
     })
     .await;
     let stored = db
         .query_one("SELECT count(*) FROM walhook.events", &[])
         .await
         .get::<_, i64>(0);
-    assert_eq!(stored, 3, "each change stored once");
+    assert_eq!(stored, 4, "each change stored once");
     assert!(daemon.is_running(), "{}", daemon.log());
 }
 

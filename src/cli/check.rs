@@ -385,8 +385,9 @@ async fn store_line(config: &crate::config::Config, report: &mut Report) {
             Level::Error,
             "store",
             format!(
-                "schema `{}` cannot be created or migrated by this role: {e}. Fix: have a DBA create the schema owned by this role (sql/least-privilege.sql) or apply `walhook setup --print-sql`",
-                config.store.schema
+                "schema `{}` cannot be created or migrated by this role: {}. Fix: have a DBA create the schema owned by this role (sql/least-privilege.sql) or apply `walhook setup --print-sql`",
+                config.store.schema,
+                e.refusal().what
             ),
         ),
     }

@@ -75,7 +75,7 @@ impl StoreError {
     /// row), and the fix.
     pub fn refusal(&self) -> Refusal {
         let db = match self {
-            StoreError::Query(e) => e.as_db_error(),
+            StoreError::Query(e) | StoreError::Migration { source: e, .. } => e.as_db_error(),
             _ => None,
         };
         let Some(db) = db else {
