@@ -411,7 +411,12 @@ async fn lost_slot_with_a_checkpoint_fails_check_like_run() {
     let setup = run(&["setup"], &config, &db.url()).await;
     assert_eq!(setup.code, Some(0), "setup: {}", setup.stderr);
     let before = run(&["check"], &config, &db.url()).await;
-    assert_eq!(before.code, Some(0), "check before the loss:\n{}", before.stdout);
+    assert_eq!(
+        before.code,
+        Some(0),
+        "check before the loss:\n{}",
+        before.stdout
+    );
 
     db.batch(&format!("SELECT pg_drop_replication_slot('{slot}')"))
         .await;
@@ -419,7 +424,12 @@ async fn lost_slot_with_a_checkpoint_fails_check_like_run() {
         &config,
         &db.url(),
         "slot",
-        &["is gone", "may have been lost", "Fix:", "walhook setup --reset-slot"],
+        &[
+            "is gone",
+            "may have been lost",
+            "Fix:",
+            "walhook setup --reset-slot",
+        ],
         &["is gone", "walhook setup --reset-slot"],
     )
     .await;
@@ -429,7 +439,12 @@ async fn lost_slot_with_a_checkpoint_fails_check_like_run() {
     let reset = run(&["setup", "--reset-slot"], &config, &db.url()).await;
     assert_eq!(reset.code, Some(0), "reset: {}", reset.stderr);
     let after = run(&["check"], &config, &db.url()).await;
-    assert_eq!(after.code, Some(0), "check after the reset:\n{}", after.stdout);
+    assert_eq!(
+        after.code,
+        Some(0),
+        "check after the reset:\n{}",
+        after.stdout
+    );
 }
 
 #[tokio::test]
@@ -491,7 +506,11 @@ async fn a_store_the_role_may_not_create_fails_check_like_run() {
         &config,
         &url,
         "store",
-        &["schema `walhook` cannot be created", "permission denied", "Fix:"],
+        &[
+            "schema `walhook` cannot be created",
+            "permission denied",
+            "Fix:",
+        ],
         &["permission denied"],
     )
     .await;

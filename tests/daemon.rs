@@ -462,10 +462,7 @@ async fn lost_slot_with_a_checkpoint_is_refused_until_reset() {
     })
     .await;
     let rows = client
-        .query(
-            "SELECT seq, revision FROM walhook.events ORDER BY seq",
-            &[],
-        )
+        .query("SELECT seq, revision FROM walhook.events ORDER BY seq", &[])
         .await
         .unwrap();
     let log: Vec<(i64, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();

@@ -92,7 +92,10 @@ async fn a_batch_retried_after_its_commit_was_acknowledged_lost_is_stored_once()
         rows_done: 2,
         complete: false,
     };
-    store.ingest("s", 1, &part).await.expect("part of a transaction");
+    store
+        .ingest("s", 1, &part)
+        .await
+        .expect("part of a transaction");
     assert!(
         store
             .ingest("s", 1, &part)
@@ -103,7 +106,10 @@ async fn a_batch_retried_after_its_commit_was_acknowledged_lost_is_stored_once()
     let mut rest = batch(0x2000, &["a", "c", "d"]);
     rest.changes.drain(..2);
     let out = store.ingest("s", 1, &rest).await.expect("rest");
-    assert_eq!((out.events, out.last_seq, out.already_stored), (1, 5, false));
+    assert_eq!(
+        (out.events, out.last_seq, out.already_stored),
+        (1, 5, false)
+    );
 
     assert_eq!(
         events(&db).await,
@@ -180,9 +186,11 @@ async fn changes_without_events_write_nothing_to_the_store_but_advance_the_slot(
         .unwrap()
         .get(0);
     db.batch("INSERT INTO users VALUES (2, 'b', 0)").await;
-    wait_for("the event after the changes without events", WAIT, || async {
-        event_count(&client).await == 2
-    })
+    wait_for(
+        "the event after the changes without events",
+        WAIT,
+        || async { event_count(&client).await == 2 },
+    )
     .await;
     assert_eq!(
         checkpoint_writes(&db).await,
@@ -221,7 +229,10 @@ async fn changes_without_events_write_nothing_to_the_store_but_advance_the_slot(
     })
     .await;
     let ids: Vec<i32> = db
-        .query("SELECT (data->>'id')::int FROM walhook.events ORDER BY seq", &[])
+        .query(
+            "SELECT (data->>'id')::int FROM walhook.events ORDER BY seq",
+            &[],
+        )
         .await
         .iter()
         .map(|r| r.get(0))
@@ -370,21 +381,32 @@ async fn refused_change(refuse: &str, insert: &str, kind: &str, cure: Option<&st
         "the slot confirmed past a change the store refused"
     );
     let log = daemon.log();
-    assert!(log.contains("public.docs"), "the log names the table:\n{log}");
+    assert!(
+        log.contains("public.docs"),
+        "the log names the table:\n{log}"
+    );
     assert!(!log.contains("secret-value"), "no row values in the log");
-    assert_eq!(receiver.count(), 1, "nothing after the refused change was sent");
+    assert_eq!(
+        receiver.count(),
+        1,
+        "nothing after the refused change was sent"
+    );
 
     let Some(cure) = cure else {
         return;
     };
     db.batch(cure).await;
-    wait_for("/readyz 200 once the store takes the change", WAIT, || async {
-        get(&readyz).await.0 == 200
-    })
+    wait_for(
+        "/readyz 200 once the store takes the change",
+        WAIT,
+        || async { get(&readyz).await.0 == 200 },
+    )
     .await;
-    wait_for("the refused and the later change delivered", WAIT, || async {
-        receiver.count() >= 3
-    })
+    wait_for(
+        "the refused and the later change delivered",
+        WAIT,
+        || async { receiver.count() >= 3 },
+    )
     .await;
     // One more change makes the source task hand ingest's confirmation on to the
     // stream (it takes it between messages).
@@ -395,9 +417,12 @@ async fn refused_change(refuse: &str, insert: &str, kind: &str, cure: Option<&st
     })
     .await;
     wait_for("the nudge stored", WAIT, || async {
-        db.query_one("SELECT count(*) FROM walhook.events WHERE entity_id = 'nudge'", &[])
-            .await
-            .get::<_, i64>(0)
+        db.query_one(
+            "SELECT count(*) FROM walhook.events WHERE entity_id = 'nudge'",
+            &[],
+        )
+        .await
+        .get::<_, i64>(0)
             == 1
     })
     .await;

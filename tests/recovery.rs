@@ -146,9 +146,11 @@ backoff = ["1h"]
         .collect();
     assert_eq!(new, [("1".into(), 3), ("3".into(), 1)]);
     // The failing subscription's old retry rows are still there, now with the new ones.
-    wait_for("retry rows for the new events of `failing`", WAIT, || async {
-        delivery_state(&db).await.1.len() == 5
-    })
+    wait_for(
+        "retry rows for the new events of `failing`",
+        WAIT,
+        || async { delivery_state(&db).await.1.len() == 5 },
+    )
     .await;
     let (_, retries) = delivery_state(&db).await;
     let kept: Vec<_> = old_state.1.iter().collect();

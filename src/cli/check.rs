@@ -4,9 +4,9 @@
 use std::fmt::Write as _;
 
 use super::ConfigArg;
+use crate::daemon::prepare::PrepareError;
 use crate::mapping::Mapper;
 use crate::source::connect::{ConnectParams, SslMode};
-use crate::daemon::prepare::PrepareError;
 use crate::source::setup::{self, SetupError};
 use crate::store::{Checkpoint, Store};
 
@@ -151,9 +151,7 @@ async fn check(args: &CheckArgs, report: &mut Report) -> bool {
         }
     }
     let tables_ok = report.errors == errors_before;
-    if tables_ok
-        && let Err(e) = crate::daemon::prepare::table_rules(&client, &config).await
-    {
+    if tables_ok && let Err(e) = crate::daemon::prepare::table_rules(&client, &config).await {
         // Each table alone passed; together they do not (as `walhook run` sees them).
         report.add(Level::Error, "tables", e);
     }

@@ -77,6 +77,7 @@ impl Pending {
 /// Runs until the source closes the channel or `shutdown` is cancelled. A batch in
 /// hand is committed before returning, unless shutdown comes while the store does not
 /// take it (then it is left unconfirmed: the slot replays it to the next run).
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     mut store: Store,
     wake: &Wake,
@@ -222,7 +223,9 @@ async fn commit_with_retry(
         let err = match store.ingest(slot, epoch, batch).await {
             Ok(outcome) => {
                 if outcome.already_stored {
-                    info!("the batch was committed before (its acknowledgement was lost); not written again");
+                    info!(
+                        "the batch was committed before (its acknowledgement was lost); not written again"
+                    );
                 }
                 if refused.is_some() {
                     info!("the store took the batch it refused before; ingest goes on");

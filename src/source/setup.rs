@@ -289,7 +289,12 @@ pub async fn try_publication(
 
 /// Turns a refused publication change into [`SetupError::PublicationNeedsDba`] with
 /// the SQL a DBA must run; other errors pass through.
-async fn needs_dba(client: &Client, name: &str, sql: String, e: tokio_postgres::Error) -> SetupError {
+async fn needs_dba(
+    client: &Client,
+    name: &str,
+    sql: String,
+    e: tokio_postgres::Error,
+) -> SetupError {
     if !e
         .code()
         .is_some_and(|c| c.code() == "42501" || c.code() == "42710")

@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::pin_mut;
 use serde_json::{Map, Value};
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::Transaction;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{Json, PgLsn, ToSql, Type};
 
 use super::{Store, StoreError};
