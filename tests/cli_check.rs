@@ -372,3 +372,146 @@ entity = "t"
     let (_, check) = both_fail(&config, &db.url(), &needles, "config", &["config error"]).await;
     check.assert_failed_with("walhook check", &check.stdout, &needles);
 }
+
+/// `walhook check` and `walhook run` with `config` and `url`: both exit 1; check on an
+/// `error {what}:` line holding `needles`, run on stderr with `run_needles`. Check
+/// exits 1 whenever run would refuse to start (G9).
+/// Like [`db_with_table`], with the ops server on a free port (for `walhook run`).
+async fn db_for_run() -> (TestDb, ConfigFile) {
+    let db = create_db().await;
+    db.batch("CREATE TABLE t (id int PRIMARY KEY, v int)").await;
+    let config = ConfigFile::new(&format!(
+        "[source]\nurl = \"${{DATABASE_URL}}\"\nslot = \"{}_slot\"\npublication = \"walhook\"\n\n[server]\nlisten = \"127.0.0.1:0\"\n\n[[tables]]\ntable = \"public.t\"\n",
+        db.name
+    ));
+    (db, config)
+}
+
+async fn check_and_run_refuse(
+    config: &ConfigFile,
+    url: &str,
+    what: &str,
+    needles: &[&str],
+    run_needles: &[&str],
+) -> String {
+    let check = run(&["check"], config, url).await;
+    let prefix = format!("error {what}: ");
+    let mut all = vec![prefix.as_str()];
+    all.extend_from_slice(needles);
+    let line = check.assert_failed_with("walhook check", &check.stdout, &all);
+    let daemon = run(&["run"], config, url).await;
+    daemon.assert_failed_with("walhook run", &daemon.stderr, run_needles);
+    line
+}
+
+#[tokio::test]
+async fn lost_slot_with_a_checkpoint_fails_check_like_run() {
+    let (db, config) = db_for_run().await;
+    let slot = format!("{}_slot", db.name);
+    let setup = run(&["setup"], &config, &db.url()).await;
+    assert_eq!(setup.code, Some(0), "setup: {}", setup.stderr);
+    let before = run(&["check"], &config, &db.url()).await;
+    assert_eq!(
+        before.code,
+        Some(0),
+        "check before the loss:\n{}",
+        before.stdout
+    );
+
+    db.batch(&format!("SELECT pg_drop_replication_slot('{slot}')"))
+        .await;
+    let line = check_and_run_refuse(
+        &config,
+        &db.url(),
+        "slot",
+        &[
+            "is gone",
+            "may have been lost",
+            "Fix:",
+            "walhook setup --reset-slot",
+        ],
+        &["is gone", "walhook setup --reset-slot"],
+    )
+    .await;
+    assert!(!line.contains("does not exist yet"), "{line}");
+
+    // After the reset, both agree again.
+    let reset = run(&["setup", "--reset-slot"], &config, &db.url()).await;
+    assert_eq!(reset.code, Some(0), "reset: {}", reset.stderr);
+    let after = run(&["check"], &config, &db.url()).await;
+    assert_eq!(
+        after.code,
+        Some(0),
+        "check after the reset:\n{}",
+        after.stdout
+    );
+}
+
+#[tokio::test]
+async fn missing_publication_the_role_may_not_create_fails_check_like_run() {
+    let (db, config) = db_for_run().await;
+    // A replication role that may create the store schema but does not own the table,
+    // so it may not publish it.
+    let role = format!("nopub_{}", db.name);
+    db.batch(&format!(
+        "CREATE ROLE {role} LOGIN REPLICATION;
+         GRANT CREATE ON DATABASE {db} TO {role};
+         GRANT SELECT ON t TO {role};",
+        db = db.name
+    ))
+    .await;
+    let url = format!("postgres://{role}@127.0.0.1:{}/{}", db.port, db.name);
+    let line = check_and_run_refuse(
+        &config,
+        &url,
+        "publication",
+        &["may not change it", "Fix: have a DBA run:"],
+        &["publication `walhook`", "Fix: have a DBA run:"],
+    )
+    .await;
+    let check = run(&["check"], &config, &url).await;
+    assert!(
+        check
+            .stdout
+            .contains("CREATE PUBLICATION \"walhook\" FOR TABLE \"public\".\"t\";"),
+        "check prints the SQL a DBA must run:\n{}",
+        check.stdout
+    );
+    assert!(line.contains("walhook"), "{line}");
+    let published = db.query("SELECT 1 FROM pg_publication", &[]).await;
+    assert!(published.is_empty(), "check created no publication");
+
+    // With the publication in place (a DBA ran the SQL), check passes that line.
+    db.batch("CREATE PUBLICATION walhook FOR TABLE t").await;
+    let check = run(&["check"], &config, &url).await;
+    assert!(
+        check.stdout.contains("ok    publication:"),
+        "{}",
+        check.stdout
+    );
+}
+
+#[tokio::test]
+async fn a_store_the_role_may_not_create_fails_check_like_run() {
+    let (db, config) = db_for_run().await;
+    // The DBA published the table but gave the role no right to create the store.
+    db.batch("CREATE PUBLICATION walhook FOR TABLE t").await;
+    let role = format!("nostore_{}", db.name);
+    db.batch(&format!(
+        "CREATE ROLE {role} LOGIN REPLICATION; GRANT SELECT ON t TO {role};"
+    ))
+    .await;
+    let url = format!("postgres://{role}@127.0.0.1:{}/{}", db.port, db.name);
+    check_and_run_refuse(
+        &config,
+        &url,
+        "store",
+        &[
+            "schema `walhook` cannot be created",
+            "permission denied",
+            "Fix:",
+        ],
+        &["permission denied"],
+    )
+    .await;
+}

@@ -433,6 +433,13 @@ async fn lost_slot_with_a_checkpoint_is_refused_until_reset() {
     let work = Workdir::new(&config(&db, USERS_TABLE));
     let mut daemon = work.spawn_run(0);
     wait_leading(&db, &mut daemon).await;
+    // Events stored before the loss: the reset must keep them and append after them.
+    db.batch("INSERT INTO users VALUES (1, 'a', 1)").await;
+    let client = db.client().await;
+    wait_for("the event before the loss", WAIT, || async {
+        event_count(&client).await == 1
+    })
+    .await;
     daemon.signal(libc::SIGTERM);
     assert!(daemon.wait_exit(WAIT).success());
     db.batch(&format!("SELECT pg_drop_replication_slot('{}')", db.name))
@@ -449,12 +456,18 @@ async fn lost_slot_with_a_checkpoint_is_refused_until_reset() {
     assert!(status.success(), "{stderr}");
     let mut daemon = work.spawn_run(1);
     wait_leading(&db, &mut daemon).await;
-    db.batch("INSERT INTO users VALUES (1, 'a', 1)").await;
-    let client = db.client().await;
+    db.batch("UPDATE users SET n = 2 WHERE id = 1").await;
     wait_for("the event after a reset", WAIT, || async {
-        event_count(&client).await == 1
+        event_count(&client).await == 2
     })
     .await;
+    let rows = client
+        .query("SELECT seq, revision FROM walhook.events ORDER BY seq", &[])
+        .await
+        .unwrap();
+    let log: Vec<(i64, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(log, [(1, 1), (2, 2)], "appended after the old log");
+    assert!(daemon.is_running(), "{}", daemon.log());
 }
 
 #[tokio::test]

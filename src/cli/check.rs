@@ -4,9 +4,11 @@
 use std::fmt::Write as _;
 
 use super::ConfigArg;
+use crate::daemon::prepare::PrepareError;
 use crate::mapping::Mapper;
 use crate::source::connect::{ConnectParams, SslMode};
 use crate::source::setup::{self, SetupError};
+use crate::store::{Checkpoint, Store};
 
 #[derive(Debug, clap::Args)]
 pub struct CheckArgs {
@@ -79,7 +81,7 @@ async fn check(args: &CheckArgs, report: &mut Report) -> bool {
             return false;
         }
     };
-    let client = match params.connect_sql().await {
+    let mut client = match params.connect_sql().await {
         Ok(c) => {
             report.add(Level::Ok, "connection", params.redacted());
             tls_line(&params, report);
@@ -107,6 +109,7 @@ async fn check(args: &CheckArgs, report: &mut Report) -> bool {
         Err(e) => report.add(Level::Warn, "replication headroom", e),
     }
     let tables = super::tail::watched_tables(&config);
+    let errors_before = report.errors;
     for (table, cfg) in tables.iter().zip(&config.tables) {
         match setup::inspect_tables(&client, std::slice::from_ref(table)).await {
             Ok(infos) => {
@@ -147,58 +150,22 @@ async fn check(args: &CheckArgs, report: &mut Report) -> bool {
             Err(e) => report.add(Level::Error, &format!("table {table}"), e),
         }
     }
-    match setup::published_tables(&client, &config.source.publication).await {
-        Ok(None) => report.add(
+    let tables_ok = report.errors == errors_before;
+    if tables_ok && let Err(e) = crate::daemon::prepare::table_rules(&client, &config).await {
+        // Each table alone passed; together they do not (as `walhook run` sees them).
+        report.add(Level::Error, "tables", e);
+    }
+    if tables_ok {
+        publication_line(&mut client, &config.source.publication, &tables, report).await;
+    } else {
+        report.add(
             Level::Warn,
             "publication",
-            format!(
-                "`{}` does not exist yet; `walhook setup` or `walhook run` creates it (if the role may not: {})",
-                config.source.publication,
-                setup::publication_sql(&config.source.publication, &tables, false)
-            ),
-        ),
-        Ok(Some(published)) => {
-            let mut wanted = tables.clone();
-            wanted.sort();
-            wanted.dedup();
-            if published == wanted {
-                report.add(Level::Ok, "publication", format!("`{}` publishes exactly the watched tables", config.source.publication));
-            } else {
-                report.add(
-                    Level::Warn,
-                    "publication",
-                    format!(
-                        "`{}` differs from the config; `walhook run` will change it (if the role may not: {})",
-                        config.source.publication,
-                        setup::publication_sql(&config.source.publication, &wanted, true)
-                    ),
-                );
-            }
-        }
-        Err(e) => report.add(Level::Error, "publication", e),
+            "not checked until the tables above are fixed",
+        );
     }
-    match setup::check_slot_usable(&client, &config.source.slot).await {
-        Ok(info) => report.add(
-            Level::Ok,
-            "slot",
-            format!(
-                "`{}` confirmed up to {}",
-                config.source.slot,
-                info.confirmed_flush
-                    .map(|l| l.to_string())
-                    .unwrap_or_else(|| "-".into())
-            ),
-        ),
-        Err(SetupError::NoSlot(_)) => report.add(
-            Level::Warn,
-            "slot",
-            format!(
-                "`{}` does not exist yet; `walhook setup` or `walhook run` creates it",
-                config.source.slot
-            ),
-        ),
-        Err(e) => report.add(Level::Error, "slot", e),
-    }
+    let checkpoint = store_checkpoint(&config).await;
+    slot_line(&client, &config.source.slot, checkpoint, report).await;
     match setup::retained_wal(&client, &config.source.slot).await {
         Ok(Some(wal)) => retained_wal_line(&config.source.slot, &wal, report),
         Ok(None) => {}
@@ -206,6 +173,84 @@ async fn check(args: &CheckArgs, report: &mut Report) -> bool {
     }
     store_line(&config, report).await;
     true
+}
+
+/// Whether the publication publishes exactly the watched tables, or `walhook run` may
+/// make it so (tried in a rolled-back transaction); otherwise the SQL a DBA must run.
+async fn publication_line(
+    client: &mut tokio_postgres::Client,
+    name: &str,
+    tables: &[setup::QualifiedName],
+    report: &mut Report,
+) {
+    match setup::try_publication(client, name, tables).await {
+        Ok(None) => report.add(
+            Level::Ok,
+            "publication",
+            format!("`{name}` publishes exactly the watched tables"),
+        ),
+        Ok(Some(sql)) => report.add(
+            Level::Warn,
+            "publication",
+            format!(
+                "`{name}` does not publish exactly the watched tables; `walhook setup` or `walhook run` will run: {sql}"
+            ),
+        ),
+        Err(e) => report.add(Level::Error, "publication", e),
+    }
+}
+
+/// The store's checkpoint for `config`'s slot, if the store is reachable, migrated and
+/// has one (the store line reports what is wrong with the store otherwise).
+async fn store_checkpoint(config: &crate::config::Config) -> Option<Checkpoint> {
+    let params = ConnectParams::parse(config.store.url.expose().as_str()).ok()?;
+    let store = Store::connect(&params, &config.store.schema).await.ok()?;
+    store.checkpoint(&config.source.slot).await.ok().flatten()
+}
+
+/// Whether the slot can be used, or would be created; a store checkpoint without a
+/// usable slot is the lost slot `walhook run` refuses (G1).
+async fn slot_line(
+    client: &tokio_postgres::Client,
+    slot: &str,
+    checkpoint: Option<Checkpoint>,
+    report: &mut Report,
+) {
+    let lost = |lsn: String| PrepareError::SlotLost {
+        slot: slot.to_owned(),
+        lsn,
+    };
+    match setup::check_slot_usable(client, slot).await {
+        Ok(info) if info.wal_status.as_deref() == Some("lost") => {
+            let lsn = checkpoint
+                .map(|c| c.position.commit_lsn.to_string())
+                .unwrap_or_else(|| "-".into());
+            report.add(Level::Error, "slot", lost(lsn))
+        }
+        Ok(info) => report.add(
+            Level::Ok,
+            "slot",
+            format!(
+                "`{slot}` confirmed up to {}",
+                info.confirmed_flush
+                    .map(|l| l.to_string())
+                    .unwrap_or_else(|| "-".into())
+            ),
+        ),
+        Err(SetupError::NoSlot(_)) => match checkpoint {
+            Some(cp) => report.add(
+                Level::Error,
+                "slot",
+                lost(cp.position.commit_lsn.to_string()),
+            ),
+            None => report.add(
+                Level::Warn,
+                "slot",
+                format!("`{slot}` does not exist yet; `walhook setup` or `walhook run` creates it"),
+            ),
+        },
+        Err(e) => report.add(Level::Error, "slot", e),
+    }
 }
 
 /// Whether the source connection is encrypted and verified.
@@ -317,37 +362,30 @@ async fn store_line(config: &crate::config::Config, report: &mut Report) {
         Ok(c) => c,
         Err(e) => return report.add(Level::Error, "store", params.describe_sql_error(e)),
     };
-    let known = crate::store::migrations::MIGRATIONS.len() as i64;
-    let applied = client
-        .query_one(
-            &format!(
-                "SELECT count(*) FROM {}.schema_migrations",
-                crate::source::client::quote_ident(&config.store.schema)
-            ),
-            &[],
-        )
-        .await;
-    match applied {
-        Ok(row) if row.get::<_, i64>(0) >= known => report.add(
+    let mut client = client;
+    let known = crate::store::migrations::MIGRATIONS.len();
+    // What `walhook run` would apply, tried in a transaction that is rolled back.
+    match crate::store::migrations::dry_run(&mut client, &config.store.schema).await {
+        Ok(0) => report.add(
             Level::Ok,
             "store",
             format!("schema `{}` at version {known}", config.store.schema),
         ),
-        Ok(row) => report.add(
+        Ok(n) => report.add(
             Level::Ok,
             "store",
             format!(
-                "schema `{}` at version {} of {known}; `walhook setup` or `walhook run` migrates it",
-                config.store.schema,
-                row.get::<_, i64>(0)
+                "schema `{}` needs {n} of {known} migrations; `walhook setup` or `walhook run` applies them",
+                config.store.schema
             ),
         ),
-        Err(_) => report.add(
-            Level::Ok,
+        Err(e) => report.add(
+            Level::Error,
             "store",
             format!(
-                "schema `{}` not created yet; `walhook setup` or `walhook run` creates it",
-                config.store.schema
+                "schema `{}` cannot be created or migrated by this role: {}. Fix: have a DBA create the schema owned by this role (sql/least-privilege.sql) or apply `walhook setup --print-sql`",
+                config.store.schema,
+                e.refusal().what
             ),
         ),
     }

@@ -3,9 +3,7 @@
 
 use super::ConfigArg;
 use crate::daemon::prepare;
-use crate::source::connect::ConnectParams;
 use crate::source::setup::{self, QualifiedName};
-use crate::store::Store;
 use crate::store::migrations;
 
 #[derive(Debug, clap::Args)]
@@ -36,37 +34,9 @@ pub async fn run(args: SetupArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     if args.reset_slot {
-        let source = ConnectParams::parse(config.source.url.expose().as_str())?;
-        let sql = source.connect_sql().await?;
-        if let Some(info) = setup::slot_info(&sql, &config.source.slot).await? {
-            if let Some(pid) = info.active_pid {
-                anyhow::bail!(
-                    "slot `{}` is in use by PID {pid}; stop every walhook using it first",
-                    config.source.slot
-                );
-            }
-            sql.execute(
-                "SELECT pg_drop_replication_slot($1)",
-                &[&config.source.slot],
-            )
-            .await?;
-        }
-        let store_params = ConnectParams::parse(config.store.url.expose().as_str())?;
-        let mut store = Store::connect(&store_params, &config.store.schema).await?;
-        store.migrate().await?;
-        // Forget the checkpoint row, so that prepare() creates slot and row anew.
-        store
-            .client()
-            .execute(
-                &format!(
-                    "DELETE FROM {}.checkpoints WHERE slot = $1",
-                    crate::source::client::quote_ident(&config.store.schema)
-                ),
-                &[&config.source.slot],
-            )
-            .await?;
+        prepare::reset_slot(&config).await?;
         eprintln!(
-            "slot `{}` reset: walhook continues from now; changes made while the slot was missing were not captured",
+            "slot `{}` reset: walhook continues from now, appending after the stored event log; changes made while the slot was missing were not captured (backfill them)",
             config.source.slot
         );
     }

@@ -2,35 +2,29 @@
 //! milliseconds), writes each in one store transaction, and only then reports the last
 //! committed source transaction's end LSN for confirmation to the slot.
 //!
-//! Batches are pipelined over [`PIPELINE_DEPTH`] store connections: batch n+1 is
-//! written while batch n commits, but commits only after batch n did (see
-//! [`Store::ingest_ordered`]). On any failure everything in flight is rolled back and
-//! retried in order, one batch at a time.
+//! One batch is written at a time. A batch that fails is retried until it commits and
+//! nothing after it is confirmed meanwhile (G1): at once with short backoff while the
+//! store is unreachable, and with backoff up to [`MAX_REFUSED_BACKOFF`] while the store
+//! refuses it (an entity id too long for an index, a constraint): ingest then stays up
+//! and not ready, naming the source table and the fix, until an operator fixed the
+//! cause. A batch with no events writes nothing (G9).
 
-use std::collections::VecDeque;
-use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::DaemonError;
 use super::source_task::SourceMsg;
 use crate::delivery::wake::Wake;
+use crate::server::Health;
 use crate::server::metrics::metrics;
 use crate::source::Lsn;
 use crate::source::client::PG_EPOCH_OFFSET_MICROS;
 use crate::store::{IngestBatch, Store, StoreError};
 
-/// Store connections ingest writes over at once. Two overlap the writing of one batch
-/// with the commit of the one before (about +15 % on `bench/ingest.sh`), but recovery
-/// after a store outage with two batches in flight was seen to stall in
-/// `daemon::unreachable_store_makes_ingest_wait_without_confirming` under load; until
-/// that is understood, ingest writes one batch at a time.
-pub const PIPELINE_DEPTH: usize = 1;
 /// A batch closes at this many events...
 const MAX_BATCH_EVENTS: usize = 5_000;
 /// ...or this many source messages (changes without events count too)...
@@ -44,7 +38,13 @@ const MIN_BATCH_INTERVAL: Duration = Duration::from_millis(2);
 /// ...or this long after its first message arrived (a transaction's changes arrive
 /// over time).
 const MAX_BATCH_WAIT: Duration = Duration::from_millis(5);
+/// Longest wait between tries while the store is unreachable.
 const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(10);
+/// Longest wait between tries while the store refuses a batch.
+pub const MAX_REFUSED_BACKOFF: Duration = Duration::from_secs(30);
+/// Entity ids are cut to this many characters in logs (an id over an index limit is
+/// kilobytes long).
+const LOGGED_ID_CHARS: usize = 100;
 
 /// A batch and the end LSN of the last source transaction it completes.
 struct Pending {
@@ -76,162 +76,60 @@ impl Pending {
     }
 }
 
-type Written = (Store, Pending, Result<i64, StoreError>, Duration);
-
-struct InFlight {
-    task: JoinHandle<Written>,
-    /// Events in the batch (their sequence numbers are taken).
-    events: i64,
-}
-
-/// Runs until the source closes the channel or `shutdown` is cancelled; every batch in
-/// hand is committed (or the error returned) before returning.
+/// Runs until the source closes the channel or `shutdown` is cancelled. A batch in
+/// hand is committed before returning, unless shutdown comes while the store does not
+/// take it (then it is left unconfirmed: the slot replays it to the next run).
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
-    mut stores: Vec<Store>,
-    wake: Arc<Wake>,
+    mut store: Store,
+    wake: &Wake,
+    health: &Health,
     slot: &str,
     epoch: i64,
-    mut last_seq: i64,
     mut rx: mpsc::Receiver<SourceMsg>,
     confirm: watch::Sender<Lsn>,
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
-    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
-    // Resolves once the newest batch in flight committed (or failed).
-    let mut previous: Option<oneshot::Receiver<bool>> = None;
     let mut last_closed = Instant::now();
     loop {
-        while stores.is_empty() {
-            finish_oldest(
-                &mut in_flight,
-                &mut stores,
-                slot,
-                epoch,
-                &mut last_seq,
-                &confirm,
-                &wake,
-            )
-            .await?;
-        }
-        if in_flight.is_empty() {
-            // Nothing in flight: the next batch follows what is committed.
-            previous = None;
-            if rx.is_empty() {
-                // Caught up with the stream: replication lag (seconds) is 0.
-                metrics().ingest_idle(true);
-            }
+        if rx.is_empty() {
+            // Caught up with the stream: replication lag (seconds) is 0.
+            metrics().ingest_idle(true);
         }
         let collected = collect(&mut rx, last_closed + MIN_BATCH_INTERVAL, &shutdown).await;
         last_closed = Instant::now();
         metrics().ingest_idle(false);
         let Some(pending) = collected else {
-            while !in_flight.is_empty() {
-                finish_oldest(
-                    &mut in_flight,
-                    &mut stores,
-                    slot,
-                    epoch,
-                    &mut last_seq,
-                    &confirm,
-                    &wake,
-                )
-                .await?;
-            }
             return Ok(());
         };
-        let mut store = stores.pop().expect("a free store connection");
-        let (locked_tx, locked_rx) = oneshot::channel();
-        let (done_tx, done_rx) = oneshot::channel();
-        let predecessor = previous.replace(done_rx);
-        let seq_base = last_seq + in_flight.iter().map(|f| f.events).sum::<i64>();
-        let events = pending.events as i64;
-        let slot_owned = slot.to_owned();
-        let task = tokio::spawn(async move {
+        // A batch without events (changes of unwatched rows, bare commits) writes
+        // nothing: no transaction, no NOTIFY (G9). Its commit is still confirmed, so
+        // the slot advances (G7), and the store's checkpoint then lags behind the
+        // slot's confirmed LSN. That is safe: the server never sends again what the
+        // slot confirmed, and the stream's resume filter (`ReplicationStream::filter`)
+        // skips only transactions at or below the checkpoint, so everything the
+        // server sends after a restart (all past the confirmed LSN, hence past the
+        // checkpoint) is handed on.
+        if pending.events > 0 {
             let started = Instant::now();
-            let prior = async move {
-                match predecessor {
-                    None => true,
-                    Some(rx) => rx.await.unwrap_or(false),
-                }
+            let Some(outcome) =
+                commit_with_retry(&mut store, health, slot, epoch, &pending.batch, &shutdown)
+                    .await?
+            else {
+                return Ok(());
             };
-            let result = store
-                .ingest_ordered(
-                    &slot_owned,
-                    epoch,
-                    seq_base,
-                    &pending.batch,
-                    locked_tx,
-                    prior,
-                )
-                .await
-                .map(|o| o.last_seq);
-            let _ = done_tx.send(result.is_ok());
-            (store, pending, result, started.elapsed())
-        });
-        in_flight.push_back(InFlight { task, events });
-        // The next batch may start once this one holds its revision rows.
-        let _ = locked_rx.await;
-    }
-}
-
-/// Waits for the oldest batch; on success confirms it, on failure rolls back everything
-/// in flight and retries in order.
-async fn finish_oldest(
-    in_flight: &mut VecDeque<InFlight>,
-    stores: &mut Vec<Store>,
-    slot: &str,
-    epoch: i64,
-    last_seq: &mut i64,
-    confirm: &watch::Sender<Lsn>,
-    wake: &Wake,
-) -> Result<(), DaemonError> {
-    let Some(oldest) = in_flight.pop_front() else {
-        return Ok(());
-    };
-    let (store, pending, result, took) = oldest
-        .task
-        .await
-        .map_err(|e| DaemonError::SourceTask(e.to_string()))?;
-    stores.push(store);
-    match result {
-        Ok(seq) => {
-            *last_seq = seq;
-            if let Some(end) = pending.last_commit {
-                confirm.send_replace(end);
-            }
-            pending.committed(took);
-            debug!(events = pending.events, "batch ingested");
+            pending.committed(started.elapsed());
+            debug!(
+                events = pending.events,
+                last_seq = outcome.last_seq,
+                already_stored = outcome.already_stored,
+                "batch ingested"
+            );
             // Dispatchers in this process learn of new events at once.
             wake.notify();
-            Ok(())
         }
-        Err(err) => {
-            warn!(error = %err, "ingest failed; retrying the batches in flight in order");
-            let mut retry = vec![pending];
-            while let Some(next) = in_flight.pop_front() {
-                let (store, pending, _, _) = next
-                    .task
-                    .await
-                    .map_err(|e| DaemonError::SourceTask(e.to_string()))?;
-                stores.push(store);
-                retry.push(pending);
-            }
-            for store in stores.iter_mut().filter(|s| s.is_closed()) {
-                if let Err(e) = store.reconnect().await {
-                    warn!(error = %e, "store reconnect failed");
-                }
-            }
-            for pending in retry {
-                let started = Instant::now();
-                *last_seq = commit_with_retry(stores, slot, epoch, &pending.batch).await?;
-                pending.committed(started.elapsed());
-                if let Some(end) = pending.last_commit {
-                    confirm.send_replace(end);
-                }
-            }
-            wake.notify();
-            Ok(())
+        if let Some(end) = pending.last_commit {
+            confirm.send_replace(end);
         }
     }
 }
@@ -315,34 +213,113 @@ fn add(pending: &mut Pending, msg: SourceMsg) {
     }
 }
 
-/// Writes one batch alone; while the store is unreachable, waits and retries the same
-/// batch (nothing is confirmed meanwhile). Returns the log's last sequence number.
+/// Writes one batch, retrying until it commits; nothing is confirmed meanwhile.
+/// Returns `None` when shutdown came first. While the store is unreachable, retries
+/// with short backoff; while it refuses the batch, retries with backoff up to
+/// [`MAX_REFUSED_BACKOFF`], not ready, naming the culprit. A COMMIT whose
+/// acknowledgement was lost is recognised by [`Store::ingest`] (the batch is at or
+/// below the stored checkpoint) and not written twice.
 async fn commit_with_retry(
-    stores: &mut [Store],
+    store: &mut Store,
+    health: &Health,
     slot: &str,
     epoch: i64,
     batch: &IngestBatch,
-) -> Result<i64, DaemonError> {
-    let store = &mut stores[0];
+    shutdown: &CancellationToken,
+) -> Result<Option<crate::store::ingest::IngestOutcome>, DaemonError> {
     let mut backoff = Duration::from_millis(100);
+    // The kind and reason of the store's refusal, found once per batch.
+    let mut refused: Option<(&'static str, String)> = None;
     loop {
-        debug!(events = batch.changes.len(), "writing a batch alone");
-        match store.ingest(slot, epoch, batch).await {
-            Ok(outcome) => return Ok(outcome.last_seq),
-            Err(e) if e.is_transient() => {
-                warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "store unavailable; retrying the batch");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_RETRY_BACKOFF);
-                if store.is_closed() {
-                    match store.reconnect().await {
-                        Ok(()) => info!("store reconnected"),
-                        Err(e) => warn!(error = %e, "store reconnect failed"),
-                    }
+        let err = match store.ingest(slot, epoch, batch).await {
+            Ok(outcome) => {
+                if outcome.already_stored {
+                    info!(
+                        "the batch was committed before (its acknowledgement was lost); not written again"
+                    );
                 }
+                if refused.is_some() {
+                    info!("the store took the batch it refused before; ingest goes on");
+                    health.set_ingest_refused(None);
+                }
+                return Ok(Some(outcome));
             }
-            Err(e) => return Err(e.into()),
+            Err(e @ (StoreError::Deposed { .. } | StoreError::NoCheckpoint(_))) => {
+                return Err(e.into());
+            }
+            Err(e) => e,
+        };
+        if err.is_transient() {
+            metrics().ingest_error("unavailable");
+            warn!(error = %err, backoff_ms = backoff.as_millis() as u64, "store unavailable; retrying the batch");
+        } else {
+            if refused.is_none() {
+                refused = Some(refusal_reason(store, slot, batch, &err).await);
+                backoff = backoff.max(Duration::from_secs(1));
+            }
+            let (kind, why) = refused.as_ref().expect("set above");
+            error!(reason = %why, backoff_s = backoff.as_secs(), "the store refuses a batch; retrying it (nothing after it is confirmed)");
+            metrics().ingest_error(kind);
+            health.set_ingest_refused(Some(why.clone()));
+        }
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        let cap = if refused.is_some() {
+            MAX_REFUSED_BACKOFF
+        } else {
+            MAX_RETRY_BACKOFF
+        };
+        backoff = (backoff * 2).min(cap);
+        if store.is_closed() {
+            match store.reconnect().await {
+                Ok(()) => info!("store reconnected"),
+                Err(e) => warn!(error = %e, "store reconnect failed"),
+            }
         }
     }
+}
+
+/// The metric kind and a reason for the store's refusal of `batch`: the store's
+/// message, the source table and entity id of the change it refuses (found by writing
+/// each change alone, rolled back), and the fix. Never row values.
+async fn refusal_reason(
+    store: &mut Store,
+    slot: &str,
+    batch: &IngestBatch,
+    err: &StoreError,
+) -> (&'static str, String) {
+    let refusal = err.refusal();
+    let culprit = match store.find_refused(slot, batch).await {
+        Ok(Some((i, _))) => {
+            let c = &batch.changes[i];
+            let mut id: String = c.entity_id.chars().take(LOGGED_ID_CHARS).collect();
+            if id.len() < c.entity_id.len() {
+                id.push_str(&format!("... ({} bytes)", c.entity_id.len()));
+            }
+            format!(
+                "a change to table {} (entity {}, id {id}, source commit {})",
+                c.table, c.entity, c.commit_lsn
+            )
+        }
+        Ok(None) | Err(_) => {
+            let mut tables: Vec<&str> = batch.changes.iter().map(|c| &*c.table).collect();
+            tables.sort_unstable();
+            tables.dedup();
+            format!("a batch of changes to tables {}", tables.join(", "))
+        }
+    };
+    (
+        refusal.kind,
+        format!(
+            "the store refuses {culprit}: {}. Fix: {}; walhook retries it (backoff up to {} s) and confirms nothing past it until then",
+            refusal.what,
+            refusal.fix,
+            MAX_REFUSED_BACKOFF.as_secs()
+        ),
+    )
 }
 
 #[cfg(test)]

@@ -120,7 +120,7 @@ pub async fn run(
     let result = ingest_until_shutdown(
         &config,
         prepared.source_params,
-        prepared.store_params,
+        prepared.store_params.clone(),
         store,
         rules_rx,
         &owner,
@@ -173,7 +173,6 @@ async fn ingest_until_shutdown(
         let term = lead_once(
             config,
             source_params.clone(),
-            &store_params,
             store,
             rules.clone(),
             owner,
@@ -210,7 +209,6 @@ async fn ingest_until_shutdown(
 async fn lead_once(
     config: &Config,
     source_params: crate::source::connect::ConnectParams,
-    store_params: &crate::source::connect::ConnectParams,
     mut store: Store,
     rules: watch::Receiver<Arc<reload::Rules>>,
     owner: &str,
@@ -280,16 +278,12 @@ async fn lead_once(
         source_task::run(stream, rules, tx, buffer, confirm_rx, source_stop.clone())
             .instrument(info_span!("source", slot = %slot)),
     );
-    let mut stores = vec![store];
-    while stores.len() < ingest::PIPELINE_DEPTH {
-        stores.push(Store::connect(store_params, &config.store.schema).await?);
-    }
     let result = ingest::run(
-        stores,
-        wake,
+        store,
+        &wake,
+        health,
         &slot,
         epoch,
-        checkpoint.last_seq,
         rx,
         confirm_tx,
         shutdown.clone(),

@@ -114,6 +114,44 @@ pub async fn table_rules(
     Ok((mapper, infos))
 }
 
+/// `walhook setup --reset-slot`: drops what is left of the slot, replaces the store's
+/// source position and creates a new slot, in that order (a crash in between leaves a
+/// checkpoint without a slot, which `run` refuses until the reset is run again). The
+/// event log's sequence, revisions, cursors and retry rows are kept: the next `run`
+/// appends after the last stored event ("Recovery keeps the log").
+pub async fn reset_slot(config: &Config) -> Result<(), PrepareError> {
+    let slot = &config.source.slot;
+    let source_params = ConnectParams::parse(config.source.url.expose().as_str())?;
+    let sql = source_params
+        .connect_sql()
+        .await
+        .map_err(|e| PrepareError::Connect(source_params.describe_sql_error(e)))?;
+    if let Some(info) = setup::slot_info(&sql, slot).await? {
+        if let Some(pid) = info.active_pid {
+            return Err(SetupError::SlotActive {
+                slot: slot.clone(),
+                pid,
+            }
+            .into());
+        }
+        sql.execute("SELECT pg_drop_replication_slot($1)", &[slot])
+            .await
+            .map_err(SetupError::Sql)?;
+        info!(slot = %slot, "replication slot dropped");
+    }
+    let store_params = ConnectParams::parse(config.store.url.expose().as_str())?;
+    let mut store = Store::connect(&store_params, &config.store.schema).await?;
+    store.migrate().await?;
+    store.reset_checkpoint(slot).await?;
+    let mut repl = ReplicationClient::connect(&source_params, "walhook setup")
+        .await
+        .map_err(SetupError::Replication)?;
+    let point = setup::create_slot(&mut repl, slot, false).await?;
+    repl.close().await;
+    info!(slot = %slot, consistent_point = %point, "replication slot created; ingest continues after the stored event log");
+    Ok(())
+}
+
 /// Checks the source, migrates the store, makes the publication and the slot.
 pub async fn prepare(config: &Config) -> Result<Prepared, PrepareError> {
     let source_params = ConnectParams::parse(config.source.url.expose().as_str())?;

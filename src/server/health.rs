@@ -1,6 +1,8 @@
 //! Readiness: what `/readyz` answers. The source is ready when its replication
 //! connection streams or stands by for a slot another instance holds (G8); the store when
-//! the last probe (every [`super::refresh::PROBE_INTERVAL`]) succeeded.
+//! the last probe (every [`super::refresh::PROBE_INTERVAL`]) succeeded; ingest unless the
+//! store refuses a batch for a reason retrying alone cannot cure (ingest then retries it
+//! with backoff until an operator fixes the cause).
 
 use std::sync::Mutex;
 
@@ -24,6 +26,8 @@ pub enum StoreState {
 pub struct Health {
     source: Mutex<Option<watch::Receiver<Link>>>,
     store: Mutex<StoreState>,
+    /// Why the store refuses the batch ingest holds, while it does.
+    ingest_refused: Mutex<Option<String>>,
 }
 
 impl Default for Health {
@@ -31,6 +35,7 @@ impl Default for Health {
         Health {
             source: Mutex::new(None),
             store: Mutex::new(StoreState::Unknown),
+            ingest_refused: Mutex::new(None),
         }
     }
 }
@@ -44,6 +49,12 @@ impl Health {
     /// Records the result of a store probe.
     pub fn set_store(&self, state: StoreState) {
         *self.store.lock().expect("health lock") = state;
+    }
+
+    /// Records that the store refuses ingest's batch (`Some(why)`, naming the table and
+    /// the fix, never row values) or accepts batches again (`None`).
+    pub fn set_ingest_refused(&self, why: Option<String>) {
+        *self.ingest_refused.lock().expect("health lock") = why;
     }
 
     /// Whether the daemon is ready, and the JSON body saying which part is not and why.
@@ -81,11 +92,20 @@ impl Health {
                 json!({"ok": false, "state": "unreachable", "reason": format!("the store is unreachable: {why}")}),
             ),
         };
-        let ready = source_ok && store_ok;
+        let refused = self.ingest_refused.lock().expect("health lock").clone();
+        let (ingest_ok, ingest_json) = match refused {
+            None => (true, json!({"ok": true, "state": "ok"})),
+            Some(why) => (
+                false,
+                json!({"ok": false, "state": "refused", "reason": why}),
+            ),
+        };
+        let ready = source_ok && store_ok && ingest_ok;
         let mut reasons = Vec::new();
         for (name, ok, part) in [
             ("source", source_ok, &source_json),
             ("store", store_ok, &store_json),
+            ("ingest", ingest_ok, &ingest_json),
         ] {
             if !ok {
                 reasons.push(format!(
@@ -98,6 +118,7 @@ impl Health {
             "status": if ready { "ready" } else { "not ready" },
             "source": source_json,
             "store": store_json,
+            "ingest": ingest_json,
         });
         if !ready {
             body["reason"] = Value::from(reasons.join("; "));
@@ -134,5 +155,15 @@ mod tests {
         let reason = body["reason"].as_str().unwrap();
         assert!(reason.starts_with("store: "), "{reason}");
         assert!(reason.contains("connection refused"), "{reason}");
+
+        health.set_store(StoreState::Reachable);
+        health.set_ingest_refused(Some("the store refuses a change to public.users".into()));
+        let (ready, body) = health.readiness();
+        assert!(!ready);
+        let reason = body["reason"].as_str().unwrap();
+        assert!(reason.starts_with("ingest: "), "{reason}");
+        assert!(reason.contains("public.users"), "{reason}");
+        health.set_ingest_refused(None);
+        assert!(health.readiness().0);
     }
 }

@@ -31,6 +31,8 @@ pub const REPLICATION_LAG_SECONDS: &str = "walhook_replication_lag_seconds";
 pub const SLOT_ACTIVE: &str = "walhook_slot_active";
 /// Duration of one ingest store transaction.
 pub const INGEST_BATCH_SECONDS: &str = "walhook_ingest_batch_seconds";
+/// Ingest batches the store did not take, by kind.
+pub const INGEST_ERRORS_TOTAL: &str = "walhook_ingest_errors_total";
 /// Delivery attempts by outcome.
 pub const DELIVERIES_TOTAL: &str = "walhook_deliveries_total";
 /// Duration of one delivery attempt.
@@ -84,6 +86,14 @@ pub struct SubCode {
     pub code: String,
 }
 
+/// `{kind}`: `unavailable` (connection lost, server restarting) or the kind of the
+/// store's refusal (`limit`, `constraint`, `privilege`, `read_only`, `resources`,
+/// `other`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Kind {
+    pub kind: &'static str,
+}
+
 /// `{version}`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Version {
@@ -101,6 +111,7 @@ pub struct Metrics {
     lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub slot_active: Gauge,
     pub ingest_batch: Histogram,
+    pub ingest_errors: Family<Kind, Counter>,
     pub deliveries: Family<SubOutcome, Counter>,
     pub attempt_seconds: HistogramFamily<Sub>,
     pub latency_seconds: HistogramFamily<Sub>,
@@ -137,6 +148,7 @@ impl Metrics {
             lag_seconds: Gauge::default(),
             slot_active: Gauge::default(),
             ingest_batch: duration_histogram(),
+            ingest_errors: Family::default(),
             deliveries: Family::default(),
             attempt_seconds: Family::new_with_constructor(duration_histogram),
             latency_seconds: Family::new_with_constructor(latency_histogram),
@@ -188,6 +200,11 @@ impl Metrics {
             INGEST_BATCH_SECONDS,
             "Duration of one ingest store transaction (a group-committed batch)",
             Box::new(m.ingest_batch.clone()),
+        );
+        add(
+            INGEST_ERRORS_TOTAL,
+            "Failed ingest store transactions by kind: unavailable (retried at once when the store is back) or the store's refusal (limit, constraint, privilege, read_only, resources, other; retried with backoff, /readyz not ready meanwhile)",
+            Box::new(m.ingest_errors.clone()),
         );
         add(
             DELIVERIES_TOTAL,
@@ -272,6 +289,11 @@ impl Metrics {
         if let Some(t) = commit_time_unix_micros {
             self.ingest_reference_micros.store(t, Ordering::Relaxed);
         }
+    }
+
+    /// An ingest store transaction failed with an error of `kind`.
+    pub fn ingest_error(&self, kind: &'static str) {
+        self.ingest_errors.get_or_create(&Kind { kind }).inc();
     }
 
     /// Ingest has nothing in hand (`true`) or just got work after being idle.

@@ -257,26 +257,63 @@ pub async fn ensure_publication(
         } else {
             PublicationChange::Created
         }),
-        Err(e)
-            if e.code()
-                .is_some_and(|c| c.code() == "42501" || c.code() == "42710") =>
-        {
-            let role: String = client
-                .query_one("SELECT current_user::text", &[])
-                .await?
-                .get(0);
-            let reason = e
-                .as_db_error()
-                .map(|d| d.message().to_owned())
-                .unwrap_or_default();
-            Err(SetupError::PublicationNeedsDba {
-                name: name.to_owned(),
-                role,
-                reason,
-                sql,
-            })
-        }
-        Err(e) => Err(e.into()),
+        Err(e) => Err(needs_dba(client, name, sql, e).await),
+    }
+}
+
+/// Whether the connected role may make publication `name` publish exactly `tables`
+/// (`walhook check`): runs what [`ensure_publication`] would in a transaction that is
+/// rolled back. `Ok(None)` when nothing needs changing, `Ok(Some(sql))` with the SQL
+/// `walhook run` would apply, or the error `walhook run` would stop with.
+pub async fn try_publication(
+    client: &mut Client,
+    name: &str,
+    tables: &[QualifiedName],
+) -> Result<Option<String>, SetupError> {
+    let mut wanted = tables.to_vec();
+    wanted.sort();
+    wanted.dedup();
+    let current = published_tables(client, name).await?;
+    if current.as_ref() == Some(&wanted) {
+        return Ok(None);
+    }
+    let sql = publication_sql(name, &wanted, current.is_some());
+    let tx = client.transaction().await?;
+    let tried = tx.batch_execute(&sql).await;
+    drop(tx); // rolled back
+    match tried {
+        Ok(()) => Ok(Some(sql)),
+        Err(e) => Err(needs_dba(client, name, sql, e).await),
+    }
+}
+
+/// Turns a refused publication change into [`SetupError::PublicationNeedsDba`] with
+/// the SQL a DBA must run; other errors pass through.
+async fn needs_dba(
+    client: &Client,
+    name: &str,
+    sql: String,
+    e: tokio_postgres::Error,
+) -> SetupError {
+    if !e
+        .code()
+        .is_some_and(|c| c.code() == "42501" || c.code() == "42710")
+    {
+        return e.into();
+    }
+    let role: String = match client.query_one("SELECT current_user::text", &[]).await {
+        Ok(row) => row.get(0),
+        Err(e) => return e.into(),
+    };
+    let reason = e
+        .as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_default();
+    SetupError::PublicationNeedsDba {
+        name: name.to_owned(),
+        role,
+        reason,
+        sql,
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::pin_mut;
 use serde_json::{Map, Value};
+use tokio_postgres::Transaction;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{Json, PgLsn, ToSql, Type};
 
@@ -60,6 +61,9 @@ pub struct IngestOutcome {
     pub events: u64,
     /// The sequence number of the last event in the log.
     pub last_seq: i64,
+    /// The batch was at or below the stored checkpoint: committed before, not written
+    /// again.
+    pub already_stored: bool,
 }
 
 const EVENT_COLUMNS: &str = "seq, id, type, entity, entity_id, revision, occurred_at, data, previous, changed, source_table, source_lsn, source_xid, subscriptions";
@@ -82,179 +86,217 @@ const EVENT_TYPES: [Type; 14] = [
 
 impl Store {
     /// Writes `batch` and moves the checkpoint of `slot` to `batch.position`, in one
-    /// transaction, provided this instance still holds leader epoch `epoch`.
+    /// transaction, provided this instance still holds leader epoch `epoch` (G8).
+    ///
+    /// The transaction first locks the checkpoint row, so only one ingest writes at a
+    /// time and a takeover waits for it. It is idempotent on the batch's source
+    /// position: a batch at or below the stored checkpoint was committed before (its
+    /// COMMIT acknowledgement was lost and the caller retries it) and is not written
+    /// again; the outcome then says so and carries the stored `last_seq` (G2, G3).
     pub async fn ingest(
         &mut self,
         slot: &str,
         epoch: i64,
         batch: &IngestBatch,
     ) -> Result<IngestOutcome, StoreError> {
-        let row = self
-            .client
+        let s = self.s.clone();
+        let tx = self.client.transaction().await?;
+        tx.batch_execute("SET LOCAL synchronous_commit = on")
+            .await?;
+        let row = tx
             .query_opt(
                 &format!(
-                    "SELECT last_seq FROM {}.checkpoints WHERE slot = $1",
-                    self.s
+                    "SELECT leader_epoch, last_seq, commit_lsn::text, rows_done, complete
+                     FROM {s}.checkpoints WHERE slot = $1 FOR UPDATE"
                 ),
                 &[&slot],
             )
             .await?
             .ok_or_else(|| StoreError::NoCheckpoint(slot.to_owned()))?;
-        let (locked, _) = tokio::sync::oneshot::channel();
-        self.ingest_ordered(slot, epoch, row.get(0), batch, locked, async { true })
-            .await
-    }
-
-    /// Like [`Store::ingest`], for pipelined ingest over several connections: the
-    /// batch's events get sequence numbers after `seq_base` (the last event of the
-    /// batch before it); `locked` fires once this transaction holds its revision rows,
-    /// and the transaction commits only if `predecessor` resolves to true (the batch
-    /// before it committed). The checkpoint update checks both the leader epoch and
-    /// that the log ends at `seq_base`, so a batch can never commit out of order or
-    /// after a deposed leader (G2, G8).
-    pub async fn ingest_ordered(
-        &mut self,
-        slot: &str,
-        epoch: i64,
-        seq_base: i64,
-        batch: &IngestBatch,
-        locked: tokio::sync::oneshot::Sender<()>,
-        predecessor: impl std::future::Future<Output = bool>,
-    ) -> Result<IngestOutcome, StoreError> {
-        let s = self.s.clone();
-        let tx = self.client.transaction().await?;
+        let (current, seq_base): (i64, i64) = (row.get(0), row.get(1));
+        if current != epoch {
+            return Err(StoreError::Deposed {
+                slot: slot.to_owned(),
+                ours: epoch,
+                current,
+            });
+        }
+        let stored = Position {
+            commit_lsn: row.get::<_, String>(2).parse().unwrap_or(Lsn::INVALID),
+            rows_done: row.get::<_, i64>(3) as u64,
+            complete: row.get(4),
+        };
+        if covers(stored, batch.position) {
+            // Rolled back on drop: nothing to write.
+            return Ok(IngestOutcome {
+                events: 0,
+                last_seq: seq_base,
+                already_stored: true,
+            });
+        }
         // The notification goes out at commit: dispatchers of other processes wake.
         tx.batch_execute(&format!(
-            "SET LOCAL synchronous_commit = on; NOTIFY {}",
+            "NOTIFY {}",
             crate::delivery::wake::channel(&self.schema)
         ))
         .await?;
-        let mut seq = seq_base;
-
-        // Revisions: one upsert row per entity in the batch, adding its change count,
-        // in a fixed order so concurrent batches lock rows in the same order.
-        let mut counts: HashMap<(&str, &str), i64> = HashMap::new();
-        for c in batch.changes.iter().filter(|c| !c.events.is_empty()) {
-            *counts.entry((&c.entity, &c.entity_id)).or_default() += 1;
-        }
-        let mut next_rev: HashMap<(&str, &str), i64> = HashMap::with_capacity(counts.len());
-        if !counts.is_empty() {
-            let mut keys: Vec<((&str, &str), i64)> = counts.iter().map(|(k, n)| (*k, *n)).collect();
-            keys.sort_unstable();
-            let entities: Vec<&str> = keys.iter().map(|((e, _), _)| *e).collect();
-            let ids: Vec<&str> = keys.iter().map(|((_, i), _)| *i).collect();
-            let ns: Vec<i64> = keys.iter().map(|(_, n)| *n).collect();
-            let rows = tx
-                .query(
-                    &format!(
-                        "INSERT INTO {s}.revisions AS r (entity, entity_id, revision)
-                         SELECT * FROM unnest($1::text[], $2::text[], $3::int8[])
-                         ON CONFLICT (entity, entity_id) DO UPDATE SET revision = r.revision + excluded.revision
-                         RETURNING entity, entity_id, revision"
-                    ),
-                    &[&entities, &ids, &ns],
-                )
-                .await?;
-            let last: HashMap<(String, String), i64> = rows
-                .iter()
-                .map(|r| ((r.get(0), r.get(1)), r.get(2)))
-                .collect();
-            for (key, n) in &counts {
-                let owned = (key.0.to_owned(), key.1.to_owned());
-                if let Some(last) = last.get(&owned) {
-                    next_rev.insert(*key, last - n + 1);
-                }
-            }
-        }
-        let _ = locked.send(());
-
-        // Events, by binary COPY, in commit order.
-        let mut written = 0u64;
-        if !next_rev.is_empty() {
-            let sink = tx
-                .copy_in(&format!(
-                    "COPY {s}.events ({EVENT_COLUMNS}) FROM STDIN BINARY"
-                ))
-                .await?;
-            let writer = BinaryCopyInWriter::new(sink, &EVENT_TYPES);
-            pin_mut!(writer);
-            for change in batch.changes.iter().filter(|c| !c.events.is_empty()) {
-                let key = (&*change.entity, change.entity_id.as_str());
-                let revision = next_rev.get_mut(&key).expect("every entity got a revision");
-                let rev = *revision;
-                *revision += 1;
-                let occurred = pg_time(change.commit_time);
-                let lsn = PgLsn::from(change.commit_lsn.0);
-                let xid = i64::from(change.xid);
-                for event in &change.events {
-                    seq += 1;
-                    let id = format!("evt_{}", ulid::Ulid::new());
-                    let data = Json(&event.data);
-                    let previous = event.previous.as_ref().map(Json);
-                    let subscriptions: &[String] = &event.subscriptions;
-                    let values: [&(dyn ToSql + Sync); 14] = [
-                        &seq,
-                        &id,
-                        &event.event_type,
-                        &&*change.entity,
-                        &change.entity_id,
-                        &rev,
-                        &occurred,
-                        &data,
-                        &previous,
-                        &event.changed,
-                        &&*change.table,
-                        &lsn,
-                        &xid,
-                        &subscriptions,
-                    ];
-                    writer.as_mut().write(&values).await?;
-                    written += 1;
-                }
-            }
-            writer.finish().await?;
-        }
-
-        if !predecessor.await {
-            return Err(StoreError::PredecessorFailed);
-        }
+        let (written, seq) = write_changes(&tx, &s, &batch.changes, seq_base).await?;
         let p = batch.position;
-        let updated = tx
-            .execute(
-                &format!(
-                    "UPDATE {s}.checkpoints SET commit_lsn = $2::text::pg_lsn, rows_done = $3, complete = $4, last_seq = $5, updated_at = now()
-                     WHERE slot = $1 AND leader_epoch = $6 AND last_seq = $7"
-                ),
-                &[&slot, &p.commit_lsn.to_string(), &(p.rows_done as i64), &p.complete, &seq, &epoch, &seq_base],
-            )
-            .await?;
-        if updated == 0 {
-            let row = tx
-                .query_opt(
-                    &format!("SELECT leader_epoch, last_seq FROM {s}.checkpoints WHERE slot = $1"),
-                    &[&slot],
-                )
-                .await?
-                .ok_or_else(|| StoreError::NoCheckpoint(slot.to_owned()))?;
-            let (current, last_seq): (i64, i64) = (row.get(0), row.get(1));
-            if current != epoch {
-                return Err(StoreError::Deposed {
-                    slot: slot.to_owned(),
-                    ours: epoch,
-                    current,
-                });
-            }
-            return Err(StoreError::OutOfOrder {
-                expected: seq_base,
-                found: last_seq,
-            });
-        }
+        tx.execute(
+            &format!(
+                "UPDATE {s}.checkpoints SET commit_lsn = $2::text::pg_lsn, rows_done = $3, complete = $4, last_seq = $5, updated_at = now()
+                 WHERE slot = $1"
+            ),
+            &[&slot, &p.commit_lsn.to_string(), &(p.rows_done as i64), &p.complete, &seq],
+        )
+        .await?;
         tx.commit().await?;
         Ok(IngestOutcome {
             events: written,
             last_seq: seq,
+            already_stored: false,
         })
     }
+
+    /// Finds which change of `batch` the store refuses on its own, after the batch as a
+    /// whole failed with an error retrying cannot cure: writes each change alone in a
+    /// transaction that is always rolled back. Returns the index of the first refused
+    /// change and the store's error, or `None` when each change passes alone.
+    pub async fn find_refused(
+        &mut self,
+        slot: &str,
+        batch: &IngestBatch,
+    ) -> Result<Option<(usize, StoreError)>, StoreError> {
+        let s = self.s.clone();
+        for (i, change) in batch.changes.iter().enumerate() {
+            if change.events.is_empty() {
+                continue;
+            }
+            let tx = self.client.transaction().await?;
+            let seq_base: i64 = tx
+                .query_opt(
+                    &format!("SELECT last_seq FROM {s}.checkpoints WHERE slot = $1"),
+                    &[&slot],
+                )
+                .await?
+                .ok_or_else(|| StoreError::NoCheckpoint(slot.to_owned()))?
+                .get(0);
+            let written = write_changes(&tx, &s, std::slice::from_ref(change), seq_base).await;
+            // Rolled back on drop, whatever happened.
+            drop(tx);
+            match written {
+                Ok(_) => {}
+                Err(e) if e.is_transient() => return Err(e),
+                Err(e) => return Ok(Some((i, e))),
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Whether the stored checkpoint `stored` is at or past `p`: everything up to `p` is
+/// in the store already.
+pub fn covers(stored: Position, p: Position) -> bool {
+    use std::cmp::Ordering;
+    match stored.commit_lsn.cmp(&p.commit_lsn) {
+        Ordering::Greater => true,
+        Ordering::Less => false,
+        Ordering::Equal => stored.complete || (!p.complete && stored.rows_done >= p.rows_done),
+    }
+}
+
+/// Writes the revisions and events of `changes` in `tx`, numbering events after
+/// `seq_base`; returns how many events it wrote and the last sequence number.
+async fn write_changes(
+    tx: &Transaction<'_>,
+    s: &str,
+    changes: &[ChangeEvents],
+    seq_base: i64,
+) -> Result<(u64, i64), StoreError> {
+    let mut seq = seq_base;
+    // Revisions: one upsert row per entity in the batch, adding its change count,
+    // in a fixed order.
+    let mut counts: HashMap<(&str, &str), i64> = HashMap::new();
+    for c in changes.iter().filter(|c| !c.events.is_empty()) {
+        *counts.entry((&c.entity, &c.entity_id)).or_default() += 1;
+    }
+    let mut next_rev: HashMap<(&str, &str), i64> = HashMap::with_capacity(counts.len());
+    if !counts.is_empty() {
+        let mut keys: Vec<((&str, &str), i64)> = counts.iter().map(|(k, n)| (*k, *n)).collect();
+        keys.sort_unstable();
+        let entities: Vec<&str> = keys.iter().map(|((e, _), _)| *e).collect();
+        let ids: Vec<&str> = keys.iter().map(|((_, i), _)| *i).collect();
+        let ns: Vec<i64> = keys.iter().map(|(_, n)| *n).collect();
+        let rows = tx
+            .query(
+                &format!(
+                    "INSERT INTO {s}.revisions AS r (entity, entity_id, revision)
+                     SELECT * FROM unnest($1::text[], $2::text[], $3::int8[])
+                     ON CONFLICT (entity, entity_id) DO UPDATE SET revision = r.revision + excluded.revision
+                     RETURNING entity, entity_id, revision"
+                ),
+                &[&entities, &ids, &ns],
+            )
+            .await?;
+        let last: HashMap<(String, String), i64> = rows
+            .iter()
+            .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+            .collect();
+        for (key, n) in &counts {
+            let owned = (key.0.to_owned(), key.1.to_owned());
+            if let Some(last) = last.get(&owned) {
+                next_rev.insert(*key, last - n + 1);
+            }
+        }
+    }
+
+    // Events, by binary COPY, in commit order.
+    let mut written = 0u64;
+    if !next_rev.is_empty() {
+        let sink = tx
+            .copy_in(&format!(
+                "COPY {s}.events ({EVENT_COLUMNS}) FROM STDIN BINARY"
+            ))
+            .await?;
+        let writer = BinaryCopyInWriter::new(sink, &EVENT_TYPES);
+        pin_mut!(writer);
+        for change in changes.iter().filter(|c| !c.events.is_empty()) {
+            let key = (&*change.entity, change.entity_id.as_str());
+            let revision = next_rev.get_mut(&key).expect("every entity got a revision");
+            let rev = *revision;
+            *revision += 1;
+            let occurred = pg_time(change.commit_time);
+            let lsn = PgLsn::from(change.commit_lsn.0);
+            let xid = i64::from(change.xid);
+            for event in &change.events {
+                seq += 1;
+                let id = format!("evt_{}", ulid::Ulid::new());
+                let data = Json(&event.data);
+                let previous = event.previous.as_ref().map(Json);
+                let subscriptions: &[String] = &event.subscriptions;
+                let values: [&(dyn ToSql + Sync); 14] = [
+                    &seq,
+                    &id,
+                    &event.event_type,
+                    &&*change.entity,
+                    &change.entity_id,
+                    &rev,
+                    &occurred,
+                    &data,
+                    &previous,
+                    &event.changed,
+                    &&*change.table,
+                    &lsn,
+                    &xid,
+                    &subscriptions,
+                ];
+                writer.as_mut().write(&values).await?;
+                written += 1;
+            }
+        }
+        writer.finish().await?;
+    }
+    Ok((written, seq))
 }
 
 fn pg_time(pg_micros: i64) -> SystemTime {
@@ -263,5 +305,34 @@ fn pg_time(pg_micros: i64) -> SystemTime {
         UNIX_EPOCH + Duration::from_micros(unix as u64)
     } else {
         UNIX_EPOCH - Duration::from_micros(unix.unsigned_abs())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(lsn: u64, rows_done: u64, complete: bool) -> Position {
+        Position {
+            commit_lsn: Lsn(lsn),
+            rows_done,
+            complete,
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_covers_positions_at_or_below_it() {
+        // A later transaction, or the same one complete, covers everything before.
+        assert!(covers(at(20, 0, true), at(10, 5, true)));
+        assert!(covers(at(10, 5, true), at(10, 5, true)));
+        assert!(covers(at(10, 5, true), at(10, 9, false)));
+        // Part of a transaction covers its first rows only.
+        assert!(covers(at(10, 5, false), at(10, 5, false)));
+        assert!(covers(at(10, 5, false), at(10, 3, false)));
+        assert!(!covers(at(10, 5, false), at(10, 6, false)));
+        assert!(!covers(at(10, 5, false), at(10, 5, true)));
+        // A reset checkpoint covers nothing a new slot sends.
+        assert!(!covers(at(0, 0, true), at(10, 1, false)));
+        assert!(!covers(at(10, 0, true), at(20, 1, true)));
     }
 }

@@ -63,6 +63,17 @@ pub fn full_sql(schema: &str) -> String {
 
 /// Applies the migrations not yet applied; returns how many were.
 pub async fn migrate(client: &mut Client, schema: &str) -> Result<usize, StoreError> {
+    apply(client, schema, true).await
+}
+
+/// Applies the migrations not yet applied in a transaction that is rolled back
+/// (`walhook check`): whether `walhook run` could migrate this store, and how many
+/// migrations it would apply.
+pub async fn dry_run(client: &mut Client, schema: &str) -> Result<usize, StoreError> {
+    apply(client, schema, false).await
+}
+
+async fn apply(client: &mut Client, schema: &str, commit: bool) -> Result<usize, StoreError> {
     let s = quote_ident(schema);
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
@@ -114,6 +125,10 @@ pub async fn migrate(client: &mut Client, schema: &str) -> Result<usize, StoreEr
         .await?;
         count += 1;
     }
-    tx.commit().await?;
+    if commit {
+        tx.commit().await?;
+    } else {
+        tx.rollback().await?;
+    }
     Ok(count)
 }

@@ -45,12 +45,6 @@ pub enum StoreError {
     },
     #[error("the store has no checkpoint row for slot `{0}`")]
     NoCheckpoint(String),
-    #[error("the batch before this one did not commit; this one is rolled back to keep order")]
-    PredecessorFailed,
-    #[error(
-        "the event log ends at {found}, not at {expected} as this batch expected; retrying in order"
-    )]
-    OutOfOrder { expected: i64, found: i64 },
 }
 
 impl StoreError {
@@ -71,10 +65,68 @@ impl StoreError {
                             || c == "53300"
                     })
             }
-            StoreError::PredecessorFailed | StoreError::OutOfOrder { .. } => true,
             _ => false,
         }
     }
+
+    /// What the store's refusal of a write means for an operator, for an error that
+    /// retrying alone cannot cure: a bounded `kind` (a metric label), a description
+    /// without row values (PostgreSQL's message, never its DETAIL, which quotes the
+    /// row), and the fix.
+    pub fn refusal(&self) -> Refusal {
+        let db = match self {
+            StoreError::Query(e) | StoreError::Migration { source: e, .. } => e.as_db_error(),
+            _ => None,
+        };
+        let Some(db) = db else {
+            return Refusal {
+                kind: "other",
+                what: self.to_string(),
+                fix: "see the error; walhook retries until the store accepts the change",
+            };
+        };
+        let mut what = db.message().to_owned();
+        if let Some(table) = db.table() {
+            what.push_str(&format!(" (store table `{table}`)"));
+        }
+        let code = db.code().code();
+        let (kind, fix) = match code {
+            "54000" => (
+                "limit",
+                "a value is over a PostgreSQL limit in the store, typically an entity id too long for an index; choose shorter id columns for this table (`id = [...]` in [[tables]]) and restart walhook, or change the store so it accepts the value",
+            ),
+            c if c.starts_with("23") => (
+                "constraint",
+                "a constraint in the store refuses the row; drop or relax that constraint (it is not one of walhook's migrations)",
+            ),
+            "42501" => (
+                "privilege",
+                "grant the store role the privileges on the walhook schema (see sql/least-privilege.sql)",
+            ),
+            "25006" => (
+                "read_only",
+                "the store is read-only (a standby, or default_transaction_read_only); point [store] url at the primary",
+            ),
+            c if c.starts_with("53") => (
+                "resources",
+                "the store is out of disk, memory or another resource; free or raise it",
+            ),
+            _ => (
+                "other",
+                "see the error; walhook retries until the store accepts the change",
+            ),
+        };
+        Refusal { kind, what, fix }
+    }
+}
+
+/// See [`StoreError::refusal`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// `limit`, `constraint`, `privilege`, `read_only`, `resources` or `other`.
+    pub kind: &'static str,
+    pub what: String,
+    pub fix: &'static str,
 }
 
 /// Where ingest stands for one slot.
@@ -170,14 +222,19 @@ impl Store {
         Ok(())
     }
 
-    /// Forgets the position of `slot` (`walhook setup --reset-slot`): ingest starts
-    /// from the new slot's start. Revisions and the event log are kept.
+    /// Forgets the source position of `slot` (`walhook setup --reset-slot`, before a new
+    /// slot is created): ingest starts from the new slot's start. Only the position is
+    /// replaced; the event log's sequence (`last_seq`), revisions, cursors and retry
+    /// rows are kept, so ingest appends after the last stored event. The leader epoch
+    /// is bumped, fencing out any instance still running with the old slot (G8).
     pub async fn reset_checkpoint(&self, slot: &str) -> Result<(), StoreError> {
         self.client
             .execute(
                 &format!(
-                    "UPDATE {}.checkpoints SET commit_lsn = '0/0', rows_done = 0, complete = true, updated_at = now() WHERE slot = $1",
-                    self.s
+                    "INSERT INTO {s}.checkpoints AS c (slot) VALUES ($1)
+                     ON CONFLICT (slot) DO UPDATE SET commit_lsn = '0/0', rows_done = 0, complete = true,
+                         leader_epoch = c.leader_epoch + 1, updated_at = now()",
+                    s = self.s
                 ),
                 &[&slot],
             )

@@ -1,0 +1,463 @@
+//! Ingest's write path against a real store: a batch whose COMMIT acknowledgement was
+//! lost is not stored twice when retried (G2, G3); a batch without events writes nothing
+//! (G9) while the slot still advances (G7); a change the store refuses keeps the daemon
+//! up and not ready, is never confirmed, and goes through once the store accepts it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Map, json};
+use walhook::source::Lsn;
+use walhook::source::connect::ConnectParams;
+use walhook::source::stream::Position;
+use walhook::store::{ChangeEvents, IngestBatch, PendingEvent, Store};
+
+use crate::support::daemon::{Daemon, Workdir, users_config, wait_leading};
+use crate::support::pg::{TestDb, create_db, users_db};
+use crate::support::{wait_for, wait_for_some};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A migrated store in `db` with a checkpoint for slot `s` led by epoch 1.
+async fn store(db: &TestDb) -> Store {
+    let params = ConnectParams::parse(&db.url()).expect("store url");
+    let mut store = Store::connect(&params, "walhook").await.expect("store");
+    store.migrate().await.expect("migrate");
+    store.create_checkpoint("s").await.expect("checkpoint");
+    assert_eq!(store.take_leadership("s", "test").await.expect("lead"), 1);
+    store
+}
+
+/// One `user.created` event per id, in one source transaction committing at `lsn`.
+fn batch(lsn: u64, ids: &[&str]) -> IngestBatch {
+    let changes = ids
+        .iter()
+        .map(|id| ChangeEvents {
+            entity: Arc::from("user"),
+            entity_id: (*id).to_owned(),
+            table: Arc::from("public.users"),
+            commit_lsn: Lsn(lsn),
+            xid: 7,
+            commit_time: 0,
+            events: vec![PendingEvent {
+                event_type: "user.created".into(),
+                data: Map::from_iter([("id".to_owned(), json!(id))]),
+                previous: None,
+                changed: None,
+                subscriptions: Arc::from(Vec::<String>::new()),
+            }],
+        })
+        .collect::<Vec<_>>();
+    IngestBatch {
+        position: Position {
+            commit_lsn: Lsn(lsn),
+            rows_done: changes.len() as u64,
+            complete: true,
+        },
+        changes,
+    }
+}
+
+/// (seq, entity_id, revision) of every stored event, in log order.
+async fn events(db: &TestDb) -> Vec<(i64, String, i64)> {
+    db.query(
+        "SELECT seq, entity_id, revision FROM walhook.events ORDER BY seq",
+        &[],
+    )
+    .await
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2)))
+    .collect()
+}
+
+#[tokio::test]
+async fn a_batch_retried_after_its_commit_was_acknowledged_lost_is_stored_once() {
+    let db = create_db().await;
+    let mut store = store(&db).await;
+    let first = batch(0x1000, &["a", "b"]);
+    let done = store.ingest("s", 1, &first).await.expect("first ingest");
+    assert_eq!((done.events, done.last_seq), (2, 2));
+    assert!(!done.already_stored);
+
+    // The server committed, but the acknowledgement was lost: ingest retries the batch.
+    let again = store.ingest("s", 1, &first).await.expect("retried ingest");
+    assert!(again.already_stored, "the retry is recognised as stored");
+    assert_eq!((again.events, again.last_seq), (0, 2));
+
+    // The next batch, and a retried part of one transaction, continue the log.
+    let mut part = batch(0x2000, &["a", "c", "d"]);
+    part.changes.truncate(2);
+    part.position = Position {
+        commit_lsn: Lsn(0x2000),
+        rows_done: 2,
+        complete: false,
+    };
+    store
+        .ingest("s", 1, &part)
+        .await
+        .expect("part of a transaction");
+    assert!(
+        store
+            .ingest("s", 1, &part)
+            .await
+            .expect("part again")
+            .already_stored
+    );
+    let mut rest = batch(0x2000, &["a", "c", "d"]);
+    rest.changes.drain(..2);
+    let out = store.ingest("s", 1, &rest).await.expect("rest");
+    assert_eq!(
+        (out.events, out.last_seq, out.already_stored),
+        (1, 5, false)
+    );
+
+    assert_eq!(
+        events(&db).await,
+        [
+            (1, "a".into(), 1),
+            (2, "b".into(), 1),
+            (3, "a".into(), 2),
+            (4, "c".into(), 1),
+            (5, "d".into(), 1),
+        ]
+    );
+    let revision = db
+        .query_one(
+            "SELECT revision FROM walhook.revisions WHERE entity = 'user' AND entity_id = 'a'",
+            &[],
+        )
+        .await;
+    assert_eq!(revision.get::<_, i64>(0), 2);
+}
+
+/// Rows in `ckpt_log`: one per update of the checkpoint row since [`log_checkpoint_writes`].
+async fn checkpoint_writes(db: &TestDb) -> i64 {
+    db.query_one("SELECT count(*) FROM ckpt_log", &[])
+        .await
+        .get(0)
+}
+
+/// From now on every update of `walhook.checkpoints` adds a row to `ckpt_log`.
+async fn log_checkpoint_writes(db: &TestDb) {
+    db.batch(
+        "CREATE TABLE ckpt_log (at timestamptz DEFAULT clock_timestamp());
+         CREATE FUNCTION log_ckpt() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN INSERT INTO ckpt_log DEFAULT VALUES; RETURN NULL; END $$;
+         CREATE TRIGGER log_ckpt AFTER UPDATE ON walhook.checkpoints
+           FOR EACH ROW EXECUTE FUNCTION log_ckpt();",
+    )
+    .await;
+}
+
+async fn event_count(client: &tokio_postgres::Client) -> i64 {
+    client
+        .query_one("SELECT count(*) FROM walhook.events", &[])
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn changes_without_events_write_nothing_to_the_store_but_advance_the_slot() {
+    let db = users_db().await;
+    db.batch("ALTER TABLE users REPLICA IDENTITY FULL").await;
+    // Updates that change only `n` produce no event. (Transactions on unwatched tables
+    // do not reach walhook at all on PostgreSQL 15: pgoutput skips them.)
+    let work = Workdir::new(&users_config(&db, "update_columns = [\"email\"]"));
+    let mut daemon = work.spawn_run(0);
+    wait_leading(&db, &mut daemon).await;
+    db.batch("INSERT INTO users VALUES (1, 'a', 0)").await;
+    let client = db.client().await;
+    wait_for("the first event", WAIT, || async {
+        event_count(&client).await == 1
+    })
+    .await;
+    log_checkpoint_writes(&db).await;
+
+    // Twenty transactions of watched changes without events, then a change with one:
+    // only the latter's batch may write to the store.
+    for i in 0..20 {
+        db.batch(&format!("UPDATE users SET n = {i} WHERE id = 1"))
+            .await;
+    }
+    let eventless_end: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    db.batch("INSERT INTO users VALUES (2, 'b', 0)").await;
+    wait_for(
+        "the event after the changes without events",
+        WAIT,
+        || async { event_count(&client).await == 2 },
+    )
+    .await;
+    assert_eq!(
+        checkpoint_writes(&db).await,
+        1,
+        "only the batch with the watched change wrote to the store; {}",
+        daemon.log()
+    );
+    // The checkpoint lags behind the slot, which still passes those changes
+    // (one more change makes the source task hand the confirmation on).
+    db.batch("INSERT INTO users VALUES (3, 'c', 0)").await;
+    let slot = db.name.clone();
+    wait_for(
+        "the slot's confirmed_flush_lsn to pass the changes without events",
+        WAIT,
+        || async {
+            client
+                .query_one(
+                    "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&slot, &eventless_end],
+                )
+                .await
+                .map(|r| r.get::<_, bool>(0))
+                .unwrap_or(false)
+        },
+    )
+    .await;
+    // A restart resumes correctly from a checkpoint behind the slot: nothing lost,
+    // nothing twice.
+    daemon.signal(libc::SIGTERM);
+    assert!(daemon.wait_exit(WAIT).success(), "{}", daemon.log());
+    let mut daemon = work.spawn_run(1);
+    wait_leading(&db, &mut daemon).await;
+    db.batch("INSERT INTO users VALUES (4, 'd', 0)").await;
+    wait_for("the event after a restart", WAIT, || async {
+        event_count(&client).await >= 4
+    })
+    .await;
+    let ids: Vec<i32> = db
+        .query(
+            "SELECT (data->>'id')::int FROM walhook.events ORDER BY seq",
+            &[],
+        )
+        .await
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, [1, 2, 3, 4], "{}", daemon.log());
+}
+
+/// A config watching `public.docs` as entity `doc` with `id = ["ref"]`, delivering to
+/// `url`.
+fn docs_config(db: &TestDb, url: &str) -> String {
+    format!(
+        r#"
+[source]
+url = "postgres://postgres@127.0.0.1:{port}/{name}?sslmode=disable"
+slot = "{name}"
+
+[server]
+listen = "127.0.0.1:0"
+
+[[tables]]
+table = "public.docs"
+entity = "doc"
+id = ["ref"]
+
+[[subscriptions]]
+name = "sink"
+url = "{url}"
+events = ["doc.*"]
+"#,
+        port = db.port,
+        name = db.name
+    )
+}
+
+/// The address the daemon's server bound, as `http://127.0.0.1:port`.
+async fn server_url(daemon: &mut Daemon) -> String {
+    wait_for_some("the daemon to log its server address", WAIT, || {
+        let running = daemon.is_running();
+        let log = daemon.log();
+        async move {
+            assert!(running, "walhook exited:\n{log}");
+            let line = log.lines().find(|l| l.contains("serving /metrics"))?;
+            let at = line.find("127.0.0.1:")?;
+            let port: String = line[at + "127.0.0.1:".len()..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            Some(format!("http://127.0.0.1:{port}"))
+        }
+    })
+    .await
+}
+
+async fn get(url: &str) -> (u16, String) {
+    let resp = reqwest::Client::new()
+        .get(url)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = resp.status().as_u16();
+    (status, resp.text().await.expect("response body"))
+}
+
+/// `walhook_ingest_errors_total{kind="<kind>"}` from /metrics.
+async fn ingest_errors(base: &str, kind: &str) -> f64 {
+    let (_, body) = get(&format!("{base}/metrics")).await;
+    let series = format!("walhook_ingest_errors_total{{kind=\"{kind}\"}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Whether the slot's confirmed_flush_lsn is at or past `lsn`.
+async fn confirmed_past(db: &TestDb, lsn: &str) -> bool {
+    db.query_one(
+        "SELECT coalesce(confirmed_flush_lsn >= $2::text::pg_lsn, false) FROM pg_replication_slots WHERE slot_name = $1",
+        &[&db.name, &lsn],
+    )
+    .await
+    .get(0)
+}
+
+/// Runs the refused-change scenario: a watched row whose change the store refuses
+/// (made so by `refuse`, written by `insert`), asserts the daemon stays up and not
+/// ready naming the table, never confirms past it, and counts it as `kind`; then, if
+/// `cure` is given, runs it and asserts the change goes through and readiness returns.
+async fn refused_change(refuse: &str, insert: &str, kind: &str, cure: Option<&str>) {
+    let db = create_db().await;
+    db.batch(
+        "CREATE TABLE docs (n serial PRIMARY KEY, ref text NOT NULL, note text);
+         ALTER TABLE docs REPLICA IDENTITY FULL;",
+    )
+    .await;
+    let receiver = crate::support::receiver::Receiver::start(|_| 200).await;
+    let work = Workdir::new(&docs_config(&db, &receiver.url));
+    let mut daemon = work.spawn_run(0);
+    wait_leading(&db, &mut daemon).await;
+    let base = server_url(&mut daemon).await;
+    let readyz = format!("{base}/readyz");
+    wait_for("/readyz 200 before the refused change", WAIT, || async {
+        get(&readyz).await.0 == 200
+    })
+    .await;
+    db.batch("INSERT INTO docs (ref, note) VALUES ('small', 'secret-value')")
+        .await;
+    wait_for("the first delivery", WAIT, || async {
+        receiver.count() >= 1
+    })
+    .await;
+    db.batch(refuse).await;
+
+    db.batch(insert).await;
+    let after_insert: String = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .get(0);
+    let body = wait_for_some("/readyz 503 naming the refused table", WAIT, || async {
+        let (status, body) = get(&readyz).await;
+        (status == 503 && body.contains("public.docs")).then_some(body)
+    })
+    .await;
+    let json: serde_json::Value = serde_json::from_str(&body).expect("/readyz JSON");
+    assert_eq!(json["ingest"]["ok"], false, "{body}");
+    let reason = json["reason"].as_str().expect("a reason");
+    assert!(reason.starts_with("ingest: "), "{body}");
+    assert!(reason.contains("Fix:"), "{body}");
+    assert!(!reason.contains("secret-value"), "no row values: {body}");
+    // Two refusals counted: the daemon retried and is still up.
+    wait_for("a second refusal counted", WAIT, || async {
+        ingest_errors(&base, kind).await >= 2.0
+    })
+    .await;
+    assert!(daemon.is_running(), "{}", daemon.log());
+    // More writes after the refused one: none may be confirmed past it.
+    db.batch("INSERT INTO docs (ref, note) VALUES ('later', 'secret-value')")
+        .await;
+    let before_retry = ingest_errors(&base, kind).await;
+    wait_for("one more refusal after the later write", WAIT, || async {
+        ingest_errors(&base, kind).await > before_retry
+    })
+    .await;
+    assert!(
+        !confirmed_past(&db, &after_insert).await,
+        "the slot confirmed past a change the store refused"
+    );
+    let log = daemon.log();
+    assert!(
+        log.contains("public.docs"),
+        "the log names the table:\n{log}"
+    );
+    assert!(!log.contains("secret-value"), "no row values in the log");
+    assert_eq!(
+        receiver.count(),
+        1,
+        "nothing after the refused change was sent"
+    );
+
+    let Some(cure) = cure else {
+        return;
+    };
+    db.batch(cure).await;
+    wait_for(
+        "/readyz 200 once the store takes the change",
+        WAIT,
+        || async { get(&readyz).await.0 == 200 },
+    )
+    .await;
+    wait_for(
+        "the refused and the later change delivered",
+        WAIT,
+        || async { receiver.count() >= 3 },
+    )
+    .await;
+    // One more change makes the source task hand ingest's confirmation on to the
+    // stream (it takes it between messages).
+    db.batch("INSERT INTO docs (ref, note) VALUES ('nudge', 'secret-value')")
+        .await;
+    wait_for("the slot to pass the refused change", WAIT, || async {
+        confirmed_past(&db, &after_insert).await
+    })
+    .await;
+    wait_for("the nudge stored", WAIT, || async {
+        db.query_one(
+            "SELECT count(*) FROM walhook.events WHERE entity_id = 'nudge'",
+            &[],
+        )
+        .await
+        .get::<_, i64>(0)
+            == 1
+    })
+    .await;
+    let stored = db
+        .query_one("SELECT count(*) FROM walhook.events", &[])
+        .await
+        .get::<_, i64>(0);
+    assert_eq!(stored, 4, "each change stored once");
+    assert!(daemon.is_running(), "{}", daemon.log());
+}
+
+#[tokio::test]
+async fn an_id_too_long_for_the_store_index_keeps_the_daemon_up_and_not_ready() {
+    // ~10 kB of random hex: it does not compress, so its revisions_pkey entry is over
+    // PostgreSQL's btree limit (about 2.7 kB). The source table does not index it.
+    refused_change(
+        "SELECT 1",
+        "INSERT INTO docs (ref, note) SELECT string_agg(md5(random()::text), ''), 'secret-value' FROM generate_series(1, 320)",
+        "limit",
+        None,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_change_the_store_refuses_goes_through_once_the_limit_is_raised() {
+    // A DBA capped entity ids in the store; a longer one comes; the DBA raises the cap.
+    refused_change(
+        "ALTER TABLE walhook.events ADD CONSTRAINT entity_id_cap CHECK (length(entity_id) <= 64)",
+        "INSERT INTO docs (ref, note) VALUES (repeat('x', 200), 'secret-value')",
+        "constraint",
+        Some(
+            "ALTER TABLE walhook.events DROP CONSTRAINT entity_id_cap;
+             ALTER TABLE walhook.events ADD CONSTRAINT entity_id_cap CHECK (length(entity_id) <= 1024)",
+        ),
+    )
+    .await;
+}
