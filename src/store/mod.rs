@@ -51,6 +51,12 @@ pub enum StoreError {
         "the event log ends at {found}, not at {expected} as this batch expected; retrying in order"
     )]
     OutOfOrder { expected: i64, found: i64 },
+    /// A delivery-state write was refused: this dispatcher no longer holds the
+    /// subscription's lease (another instance took it over after it expired; G8).
+    #[error(
+        "this instance no longer holds the dispatch lease of subscription `{subscription}`; another instance dispatches it"
+    )]
+    LeaseLost { subscription: String },
 }
 
 impl StoreError {
