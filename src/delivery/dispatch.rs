@@ -365,11 +365,16 @@ impl Dispatcher {
 
             let flush_at =
                 (p.settled_upto() > p.cursor).then(|| p.cursor_written_at + CURSOR_EVERY);
-            let tick = [Some(renew_at), Some(poll_at), flush_at, Some(self.valid_until)]
-                .into_iter()
-                .flatten()
-                .min()
-                .expect("at least one deadline");
+            let tick = [
+                Some(renew_at),
+                Some(poll_at),
+                flush_at,
+                Some(self.valid_until),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .expect("at least one deadline");
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Ok(()),
@@ -605,11 +610,7 @@ impl Dispatcher {
             return Ok(());
         }
         self.store
-            .queue_behind(
-                self.name(),
-                &self.owner,
-                &events.iter().collect::<Vec<_>>(),
-            )
+            .queue_behind(self.name(), &self.owner, &events.iter().collect::<Vec<_>>())
             .await?;
         for e in &events {
             p.unsettled.remove(&e.seq);

@@ -21,9 +21,27 @@ use crate::support::wait_for;
 
 /// Waits until `daemon`'s log holds `needle` at least `times` times.
 async fn wait_log(daemon: &Daemon, needle: &str, times: usize) {
-    wait_for(&format!("{times} x `{needle}` in the log"), WAIT, || async {
-        daemon.log().matches(needle).count() >= times
-    })
+    wait_for(
+        &format!("{times} x `{needle}` in the log"),
+        WAIT,
+        || async { daemon.log().matches(needle).count() >= times },
+    )
+    .await;
+}
+
+/// Waits until `daemon` logged that another instance took subscription `name` over.
+async fn wait_lost(daemon: &Daemon, name: &str) {
+    let field = format!("subscription={name}");
+    wait_for(
+        &format!("the log to say another instance dispatches `{name}` now"),
+        WAIT,
+        || async {
+            daemon
+                .log()
+                .lines()
+                .any(|l| l.contains("another instance") && l.contains(&field))
+        },
+    )
     .await;
 }
 
@@ -148,14 +166,28 @@ async fn a_lease_is_refused_to_another_instance_on_the_same_host_and_pid_and_fen
     assert_eq!(host_pid(&a), host_pid(&b), "{a} / {b}");
     let (a, b) = (format!("{a}/0"), format!("{b}/0"));
 
-    assert!(store.lease_subscription("s", &a, 10.0).await.unwrap().is_some());
     assert!(
-        store.lease_subscription("s", &b, 10.0).await.unwrap().is_none(),
+        store
+            .lease_subscription("s", &a, 10.0)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        store
+            .lease_subscription("s", &b, 10.0)
+            .await
+            .unwrap()
+            .is_none(),
         "a second instance with the same host and pid took a held lease"
     );
     let before = delivery_state(&client).await;
     assert_all_writes_refused(&store, &b).await;
-    assert_eq!(delivery_state(&client).await, before, "a refused write wrote");
+    assert_eq!(
+        delivery_state(&client).await,
+        before,
+        "a refused write wrote"
+    );
 
     // The holder writes; then its lease runs out, the other takes it, and the first
     // one's writes are refused.
@@ -164,17 +196,31 @@ async fn a_lease_is_refused_to_another_instance_on_the_same_host_and_pid_and_fen
         .await
         .expect("the holder records an attempt");
     store.advance_cursor("s", &a, 6, true).await.unwrap();
-    assert!(store.lease_subscription("s", &a, 0.05).await.unwrap().is_some());
+    assert!(
+        store
+            .lease_subscription("s", &a, 0.05)
+            .await
+            .unwrap()
+            .is_some()
+    );
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(
-        store.lease_subscription("s", &b, 10.0).await.unwrap().is_some(),
+        store
+            .lease_subscription("s", &b, 10.0)
+            .await
+            .unwrap()
+            .is_some(),
         "an expired lease is taken over"
     );
     let before = delivery_state(&client).await;
     assert_eq!(before.0.len(), 1);
     assert_eq!(before.1, 6);
     assert_all_writes_refused(&store, &a).await;
-    assert_eq!(delivery_state(&client).await, before, "a refused write wrote");
+    assert_eq!(
+        delivery_state(&client).await,
+        before,
+        "a refused write wrote"
+    );
 
     // One event twice in one record (an event attempted from two sources) is one row.
     let (e, mut last) = (due(9), retry_record());
@@ -243,7 +289,6 @@ max_age = "1h"
     wait_log(&first, "dispatching this subscription", 1).await;
     let mut second = work.spawn_run(1);
     wait_log(&second, "waiting to hold the replication slot", 1).await;
-    assert_ne!(instance_id(&first), instance_id(&second));
 
     // 40 entities, 3 revisions each.
     db.batch("INSERT INTO users SELECT g, 'a', 0 FROM generate_series(1, 40) g")
@@ -293,7 +338,7 @@ max_age = "1h"
 
     first.signal(libc::SIGCONT);
     let resumed = Instant::now();
-    wait_log(&first, "lost the lease to another instance", 1).await;
+    wait_lost(&first, "s").await;
     // A later marker: a new event, ingested by the first (still the slot holder) and
     // delivered by the second.
     db.batch("INSERT INTO users VALUES (1000, 'a', 0)").await;
@@ -307,7 +352,8 @@ max_age = "1h"
 
     let (rows, cursor, enabled) = delivery_state(&client).await;
     assert_eq!(
-        rows, settled.0,
+        rows,
+        settled.0,
         "retry rows changed after the takeover was complete (log of the resumed instance:\n{})",
         first.log()
     );
@@ -341,6 +387,7 @@ max_age = "1h"
     for d in [&first, &second] {
         assert!(!d.log().contains("panicked"), "{}", d.log());
     }
+    assert_ne!(instance_id(&first), instance_id(&second));
     second.signal(libc::SIGTERM);
     first.signal(libc::SIGTERM);
     assert!(second.wait_exit(WAIT).success(), "{}", second.log());
@@ -401,7 +448,9 @@ fn check_hand_over(
                 times.len(),
                 times
                     .iter()
-                    .map(|t| t.checked_duration_since(stopped).map_or(-1.0, |d| d.as_secs_f64()))
+                    .map(|t| t
+                        .checked_duration_since(stopped)
+                        .map_or(-1.0, |d| d.as_secs_f64()))
                     .collect::<Vec<_>>()
             ),
         }
@@ -440,13 +489,17 @@ max_in_flight = 2
     let mut first = work.spawn_run(0);
     wait_leading(&db, &mut first).await;
     wait_log(&first, "dispatching this subscription", 2).await;
+    let client = db.client().await;
+    let mut holders = HashMap::new();
+    for name in ["a", "b"] {
+        holders.insert(name, cursor_and_owner(&client, name).await.1);
+    }
     let mut second = work.spawn_run(1);
     wait_log(&second, "waiting to hold the replication slot", 1).await;
     // Subscription a gets 200 events, b the 100 creations.
     db.batch("INSERT INTO users SELECT g, 'a', 0 FROM generate_series(0, 99) g")
         .await;
     db.batch("UPDATE users SET n = 1").await;
-    let client = db.client().await;
     wait_for("200 events stored", WAIT, || async {
         client
             .query_one("SELECT count(*) FROM walhook.events", &[])
@@ -463,26 +516,34 @@ max_in_flight = 2
     // A statement the frozen process sent just before has committed within a second;
     // the lease (10 s) is still its own.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let owner = instance_id(&first);
     let mut left = HashMap::new();
     for name in ["a", "b"] {
         let (cursor, holder) = cursor_and_owner(&client, name).await;
-        assert!(holder.starts_with(&owner), "{name}: lease held by {holder}");
+        assert_eq!(holder, holders[name], "{name}: the frozen holder's lease");
         left.insert(name, cursor);
     }
     assert!(ra.count() < 200, "a was done before the freeze");
 
-    wait_for("300 deliveries", WAIT, || async {
-        ra.count() >= 200 && rb.count() >= 100
+    let distinct = |r: &Receiver| {
+        r.received()
+            .iter()
+            .map(|g| g.headers["webhook-id"].clone())
+            .collect::<HashSet<_>>()
+            .len()
+    };
+    wait_for("all 300 deliveries", WAIT, || async {
+        distinct(&ra) >= 200 && distinct(&rb) >= 100
     })
     .await;
     wait_log(&second, "dispatching this subscription", 2).await;
     first.signal(libc::SIGCONT);
-    wait_log(&first, "lost the lease to another instance", 2).await;
-    let (na, nb) = (ra.count(), rb.count());
+    let resumed = Instant::now();
+    wait_lost(&first, "a").await;
+    wait_lost(&first, "b").await;
     db.batch("INSERT INTO users VALUES (1000, 'a', 0)").await;
+    let got_1000 = |r: &Receiver| r.received().iter().any(|g| g.json()["entity_id"] == "1000");
     wait_for("user 1000 sent to a and b", WAIT, || async {
-        ra.count() > na && rb.count() > nb
+        got_1000(&ra) && got_1000(&rb)
     })
     .await;
     assert!(
@@ -492,17 +553,19 @@ max_in_flight = 2
         second.log()
     );
 
+    for (name, receiver) in [("a", &ra), ("b", &rb)] {
+        for r in receiver.received().iter().filter(|r| r.at > resumed) {
+            assert_eq!(
+                r.json()["entity_id"],
+                "1000",
+                "{name}: an event was sent again after the frozen instance resumed"
+            );
+        }
+    }
     let seqs = seqs(&client).await;
     let mut twice = 0;
     for (name, receiver, due) in [("a", &ra, 201), ("b", &rb, 101)] {
-        twice += check_hand_over(
-            name,
-            &receiver.received(),
-            &seqs,
-            due,
-            left[name],
-            stopped,
-        );
+        twice += check_hand_over(name, &receiver.received(), &seqs, due, left[name], stopped);
     }
     eprintln!("sent twice across the hand-over: {twice}");
 }

@@ -30,9 +30,7 @@ async fn retry_row(client: &Client, id: &str) -> Option<(i64, String, i32)> {
 
 /// The requests the receiver got for entity `id`.
 fn requests_for<'a>(got: &'a [Received], id: &str) -> Vec<&'a Received> {
-    got.iter()
-        .filter(|r| r.json()["entity_id"] == id)
-        .collect()
+    got.iter().filter(|r| r.json()["entity_id"] == id).collect()
 }
 
 #[tokio::test]
@@ -115,9 +113,11 @@ max_age = "20s"
 
     let mut second = work.spawn_run(1);
     wait_leading(&db, &mut second).await;
-    wait_for("entity 2 retried twice more after the restart", WAIT, || async {
-        requests_for(&receiver.received(), "2").len() >= 5
-    })
+    wait_for(
+        "entity 2 retried twice more after the restart",
+        WAIT,
+        || async { requests_for(&receiver.received(), "2").len() >= 5 },
+    )
     .await;
     healed.store(true, Ordering::SeqCst);
     wait_for(
