@@ -62,7 +62,8 @@ pub async fn run(
 
     let prepared = prepare::prepare(&config).await?;
     let store = prepared.store;
-    let owner = format!("{}:{}", hostname(), std::process::id());
+    let owner = instance_id();
+    info!(instance = %owner, "instance id");
     tokio::spawn(refresh::lag_loop(
         prepared.source_params.clone(),
         config.source.slot.clone(),
@@ -404,6 +405,18 @@ async fn purge_loop(
             }
         }
     }
+}
+
+/// This instance's id, for the slot's leader and the dispatch leases: host name, process
+/// id and a random ULID. Host name and PID alone are not unique: containers on one host
+/// network share the host name, and each runs walhook as PID 1 (G8).
+pub fn instance_id() -> String {
+    format!(
+        "{}:{}:{}",
+        hostname(),
+        std::process::id(),
+        ulid::Ulid::new()
+    )
 }
 
 fn hostname() -> String {

@@ -382,6 +382,7 @@ pub struct DispatchContext {
     pub store_params: ConnectParams,
     pub schema: String,
     pub clients: Arc<HttpClients>,
+    /// This instance's id (each dispatcher leases under it and a serial).
     pub owner: String,
     pub wake: Arc<Wake>,
 }
@@ -464,8 +465,9 @@ pub async fn supervise(
     }
 }
 
-/// Stops dispatchers together; one still busy after `grace` is aborted (its lease
-/// stays with this process, so its successor here takes it over at once).
+/// Stops dispatchers together; one still busy after `grace` is aborted. Its lease is
+/// its own (every dispatcher has an owner of its own), so a successor here takes it over
+/// when it runs out, and a write the aborted one left on its way is fenced out.
 async fn stop_all(stopping: Vec<(String, Running)>, grace: Duration) {
     for (_, r) in &stopping {
         r.stop.cancel();

@@ -15,9 +15,21 @@
 //! retry, the rest of the chain is queued behind it as retry rows. An entity that has a
 //! pending retry row when its new events are fetched gets them queued behind that row.
 //! Retry rows are taken oldest first per entity.
+//!
+//! An event is attempted from one source at a time: an event with a retry row is never
+//! fetched as new (the store skips it), and a due retry row of an event this session
+//! fetched as new and has not settled is left for later.
+//!
+//! The lease (G8): every write of delivery state is fenced by it in the store, and a
+//! dispatcher whose write or renewal finds the lease gone stops at once, abandoning what
+//! is in flight (the new holder starts from the stored cursor and retry rows). No
+//! attempt starts once the lease may have run out by this process's clock (after a
+//! stall or a SIGSTOP longer than the lease): the lease is renewed first, and an attempt
+//! task that was delayed past that moment sends nothing.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chrono::{DateTime, Utc};
@@ -37,6 +49,10 @@ use crate::store::{Store, StoreError};
 
 /// How long a lease lasts without renewal; another instance takes over after it.
 const LEASE_SECONDS: f64 = 10.0;
+/// No attempt starts later than this before the lease would run out, counted from when
+/// the renewal was sent (the server counts from a later moment): room for the time
+/// between an attempt's last check and its request leaving the process.
+const LEASE_MARGIN: Duration = Duration::from_secs(2);
 /// How often the lease is renewed (and pause or disable by an operator noticed).
 const RENEW: Duration = Duration::from_secs(1);
 /// Events fetched from the log, or retry rows taken, per query.
@@ -53,24 +69,31 @@ const POLL: Duration = Duration::from_millis(250);
 /// How often the cursor is written while events keep being settled.
 const CURSOR_EVERY: Duration = Duration::from_millis(50);
 
-/// Runs the dispatcher of `sub` until `shutdown`.
+/// Dispatchers started by this process so far: each one's lease owner is unique.
+static DISPATCHERS: AtomicU64 = AtomicU64::new(0);
+
+/// Runs the dispatcher of `sub` until `shutdown`; `instance` is this process's instance
+/// id (its lease owner is that id and a serial of its own, so that a dispatcher of this
+/// process still stopping, or aborted with a write on its way, is fenced out too).
 pub async fn run(
     sub: SubscriptionConfig,
     store: Store,
     clients: Arc<HttpClients>,
-    owner: String,
+    instance: String,
     wake: Arc<Wake>,
     shutdown: CancellationToken,
 ) {
     let sub = Arc::new(sub);
+    let serial = DISPATCHERS.fetch_add(1, AtomicOrdering::Relaxed);
     let mut d = Dispatcher {
         router: Arc::new(Router::new(std::slice::from_ref(&*sub))),
         ordered: sub.ordering == Ordering::Entity,
         sub,
         clients,
         store,
-        owner,
+        owner: format!("{instance}/{serial}"),
         leased: false,
+        valid_until: Instant::now(),
     };
     let mut woken = wake.subscribe();
     while !shutdown.is_cancelled() {
@@ -116,6 +139,8 @@ struct Done {
 
 /// What became of an event handed to an attempt task.
 enum Sent {
+    /// Nothing was sent: the task started after the lease may have run out.
+    Lapsed,
     /// The subscription's filter rejects it: nothing to send.
     Filtered,
     /// No request could be made of it (its body does not render).
@@ -143,8 +168,10 @@ struct Pipeline {
     retries_in_flight: usize,
     /// The last retry query filled its batch: look again once those are done.
     more_retries: bool,
-    /// No new attempts start (disabled, paused, lease lost, shutdown).
+    /// No new attempts start (disabled, paused, shutdown).
     stopping: bool,
+    /// An attempt task found the lease possibly expired and sent nothing.
+    lapsed: bool,
     cursor_written_at: Instant,
 }
 
@@ -161,6 +188,7 @@ impl Pipeline {
             retries_in_flight: 0,
             more_retries: false,
             stopping: false,
+            lapsed: false,
             cursor_written_at: Instant::now(),
         }
     }
@@ -193,9 +221,12 @@ struct Dispatcher {
     router: Arc<Router>,
     clients: Arc<HttpClients>,
     store: Store,
+    /// This dispatcher's lease owner: the instance id and a serial.
     owner: String,
     ordered: bool,
     leased: bool,
+    /// No attempt starts at or after this moment without a renewal first.
+    valid_until: Instant,
 }
 
 impl Dispatcher {
@@ -203,8 +234,9 @@ impl Dispatcher {
         self.sub.name.as_str()
     }
 
-    /// Takes the lease and dispatches until it is lost, the subscription stops, or
-    /// shutdown; then lets what is in flight finish and records it.
+    /// Takes the lease and dispatches until the subscription stops or shutdown, then
+    /// lets what is in flight finish and records it; or until the lease is lost, then
+    /// stops at once.
     async fn session(
         &mut self,
         woken: &mut watch::Receiver<u64>,
@@ -213,20 +245,43 @@ impl Dispatcher {
         let Some(lease) = self.lease().await? else {
             return Ok(());
         };
+        if !lease.enabled || lease.paused {
+            return Ok(());
+        }
         let mut p = Pipeline::new(lease.cursor);
-        self.pump(&mut p, woken, shutdown).await?;
+        match self.dispatch(&mut p, woken, shutdown).await {
+            Err(StoreError::LeaseLost { .. }) => {
+                // Nothing more is written; what is in flight is abandoned (its results
+                // could not be recorded), and the new holder sends it again.
+                info!(subscription = %self.name(), abandoned = p.in_flight.len(), "lost the lease to another instance; stopped dispatching");
+                self.leased = false;
+                p.in_flight.abort_all();
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    /// The session's work once the lease is held.
+    async fn dispatch(
+        &mut self,
+        p: &mut Pipeline,
+        woken: &mut watch::Receiver<u64>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), StoreError> {
+        self.pump(p, woken, shutdown).await?;
         p.stop();
         while let Some(joined) = p.in_flight.join_next().await {
             let done = joined.expect("delivery task panicked");
-            self.settle(&mut p, vec![done]).await?;
+            self.settle(p, vec![done]).await?;
         }
-        self.write_cursor(&mut p).await?;
-        Ok(())
+        self.write_cursor(p).await
     }
 
-    /// Takes or renews the lease; `None` when this instance is not to dispatch now.
+    /// Takes or renews the lease; `None` when another instance holds it.
     async fn lease(&mut self) -> Result<Option<SubscriptionLease>, StoreError> {
         let name = self.sub.name.as_str();
+        let asked = Instant::now();
         let Some(lease) = self
             .store
             .lease_subscription(name, &self.owner, LEASE_SECONDS)
@@ -238,11 +293,23 @@ impl Dispatcher {
             self.leased = false;
             return Ok(None);
         };
+        self.valid_until = asked + Duration::from_secs_f64(LEASE_SECONDS) - LEASE_MARGIN;
         if !self.leased {
-            info!(subscription = %name, "dispatching this subscription");
+            info!(subscription = %name, owner = %self.owner, "dispatching this subscription");
             self.leased = true;
         }
-        Ok((lease.enabled && !lease.paused).then_some(lease))
+        Ok(Some(lease))
+    }
+
+    /// Renews the lease within a session: `Ok(true)` to go on, `Ok(false)` when the
+    /// subscription was paused or disabled, `LeaseLost` when another instance holds it.
+    async fn renew(&mut self) -> Result<bool, StoreError> {
+        match self.lease().await? {
+            Some(lease) => Ok(lease.enabled && !lease.paused),
+            None => Err(StoreError::LeaseLost {
+                subscription: self.name().to_owned(),
+            }),
+        }
     }
 
     /// The coordinator loop.
@@ -257,6 +324,21 @@ impl Dispatcher {
         let mut renew_at = Instant::now() + RENEW;
         let mut poll_at = Instant::now() + POLL;
         loop {
+            // Renewal comes first: it is due, the lease may have run out during a stall
+            // (no attempt may start then), or an attempt task found it may have.
+            let now = Instant::now();
+            if now >= renew_at || now >= self.valid_until || p.lapsed {
+                renew_at = now + RENEW;
+                if !self.renew().await? {
+                    return Ok(());
+                }
+                if std::mem::take(&mut p.lapsed) {
+                    // The lapsed events are unsettled, past the cursor: the next
+                    // session fetches them again.
+                    info!(subscription = %self.name(), "the lease was renewed late; starting the session again");
+                    return Ok(());
+                }
+            }
             if !p.stopping {
                 if (want_retries || p.more_retries) && p.retries_in_flight == 0 {
                     want_retries = false;
@@ -274,29 +356,25 @@ impl Dispatcher {
             }
             if p.settled_upto() > p.cursor
                 && (p.in_flight.is_empty() || p.cursor_written_at.elapsed() >= CURSOR_EVERY)
-                && !self.write_cursor(p).await?
             {
-                info!(subscription = %self.name(), "lost the lease to another instance");
-                self.leased = false;
-                return Ok(());
+                self.write_cursor(p).await?;
             }
             if p.stopping {
                 return Ok(());
             }
-            if Instant::now() >= renew_at {
-                renew_at = Instant::now() + RENEW;
-                if self.lease().await?.is_none() {
-                    return Ok(());
-                }
-            }
 
             let flush_at =
                 (p.settled_upto() > p.cursor).then(|| p.cursor_written_at + CURSOR_EVERY);
-            let tick = [Some(renew_at), Some(poll_at), flush_at]
-                .into_iter()
-                .flatten()
-                .min()
-                .expect("at least one deadline");
+            let tick = [
+                Some(renew_at),
+                Some(poll_at),
+                flush_at,
+                Some(self.valid_until),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .expect("at least one deadline");
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Ok(()),
@@ -326,15 +404,22 @@ impl Dispatcher {
             .store
             .due_retries(self.name(), self.ordered, BATCH)
             .await?;
-        p.more_retries = retries.len() as i64 == BATCH;
+        let mut more = retries.len() as i64 == BATCH;
         // Retries go first, oldest first.
         for event in retries.into_iter().rev() {
+            // An event this session fetched as new and has not settled is attempted
+            // from there (a retry row can appear for it only by an operator's replay).
+            if p.unsettled.contains(&event.seq) {
+                more = false;
+                continue;
+            }
             if self.ordered && p.chains.contains_key(&key(&event)) {
                 continue;
             }
             p.retries_in_flight += 1;
             p.ready.push_front((event, Kind::Retry));
         }
+        p.more_retries = more;
         Ok(())
     }
 
@@ -394,8 +479,9 @@ impl Dispatcher {
     /// Starts the attempt of `event`.
     fn start(&self, p: &mut Pipeline, event: DueEvent, kind: Kind) {
         let (sub, clients, router) = (self.sub.clone(), self.clients.clone(), self.router.clone());
+        let valid_until = self.valid_until;
         p.in_flight.spawn(async move {
-            let (event, result) = attempt(&sub, &clients, &router, event).await;
+            let (event, result) = attempt(&sub, &clients, &router, event, valid_until).await;
             Done {
                 event,
                 kind,
@@ -416,6 +502,10 @@ impl Dispatcher {
         for d in &done {
             let (attempt, decision) = match &d.result {
                 Sent::Attempted(attempt, decision) => (attempt, decision),
+                Sent::Lapsed => {
+                    p.lapsed = true;
+                    continue;
+                }
                 // A pending row the filter rejects (queued behind a retry, or after a
                 // reload changed the filter) is not due: it goes, or it would block its
                 // entity for ever. A new event it rejects needs no row.
@@ -463,18 +553,21 @@ impl Dispatcher {
                 },
             ));
         }
+        let owner = self.owner.as_str();
         if let Some(reason) = disabled {
-            self.store.disable_subscription(name, reason).await?;
+            self.store.disable_subscription(name, owner, reason).await?;
             warn!(subscription = %name, "receiver answered 410 Gone: subscription disabled until resumed");
         }
-        self.store.record_attempts(name, &rows).await?;
-        self.store.forget_pending(name, &forget).await?;
+        self.store.record_attempts(name, owner, &rows).await?;
+        self.store.forget_pending(name, owner, &forget).await?;
         drop(rows);
         let disabled = disabled.is_some();
 
         for d in done {
             match d.kind {
                 Kind::Retry => p.retries_in_flight -= 1,
+                // A lapsed new event stays unsettled; the session starts again.
+                Kind::New if matches!(d.result, Sent::Lapsed) => continue,
                 Kind::New => {
                     p.unsettled.remove(&d.event.seq);
                 }
@@ -517,7 +610,7 @@ impl Dispatcher {
             return Ok(());
         }
         self.store
-            .queue_behind(self.name(), &events.iter().collect::<Vec<_>>())
+            .queue_behind(self.name(), &self.owner, &events.iter().collect::<Vec<_>>())
             .await?;
         for e in &events {
             p.unsettled.remove(&e.seq);
@@ -525,21 +618,18 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// Moves the stored cursor up to the settled events; false when the lease is lost.
-    async fn write_cursor(&mut self, p: &mut Pipeline) -> Result<bool, StoreError> {
+    /// Moves the stored cursor up to the settled events.
+    async fn write_cursor(&mut self, p: &mut Pipeline) -> Result<(), StoreError> {
         let upto = p.settled_upto();
         if upto <= p.cursor {
-            return Ok(true);
+            return Ok(());
         }
-        let held = self
-            .store
+        self.store
             .advance_cursor(self.name(), &self.owner, upto, true)
             .await?;
-        if held {
-            p.cursor = upto;
-            p.cursor_written_at = Instant::now();
-        }
-        Ok(held)
+        p.cursor = upto;
+        p.cursor_written_at = Instant::now();
+        Ok(())
     }
 }
 
@@ -567,6 +657,7 @@ async fn attempt(
     clients: &HttpClients,
     router: &Router,
     mut event: DueEvent,
+    valid_until: Instant,
 ) -> (DueEvent, Sent) {
     let envelope = envelope(&mut event);
     if sub.filter.is_some() && router.route(&envelope).subscriptions.is_empty() {
@@ -585,6 +676,10 @@ async fn attempt(
     let now = SystemTime::now();
     let timestamp = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
     let headers = request_headers(sub, &event.id, timestamp, &body);
+    // The last moment to hold back: after it, the request may be on its way.
+    if Instant::now() >= valid_until {
+        return (event, Sent::Lapsed);
+    }
     let result = clients
         .for_subscription(sub)
         .post(sub.url.expose(), &headers, body, sub.timeout)

@@ -1,6 +1,15 @@
 //! Store queries of the dispatcher: leases, new events past a subscription's cursor, due
 //! retries, and recording attempts. The happy path (first attempt 2xx) writes one cursor
 //! update per batch, nothing per delivery.
+//!
+//! Every write of delivery state (cursor, retry rows, queued rows, attempts, dead,
+//! disable) is fenced by the writer's lease (G8): it commits only if `lease_owner` still
+//! names the writer, checked in the same statement under a lock on the subscription's
+//! state row, and fails with [`StoreError::LeaseLost`] otherwise. A takeover updates that
+//! row, so it waits for a fenced write in progress and the write is visible to the new
+//! holder, or the write waits for the takeover and then finds another owner and writes
+//! nothing. Owners are unique per dispatcher (an instance's random id and a serial), so a
+//! stale dispatcher of the same process is fenced out too.
 
 use std::collections::HashSet;
 use std::time::SystemTime;
@@ -83,6 +92,26 @@ pub(super) fn due_event(r: &Row, attempts: i32, first_due_at: SystemTime) -> Due
     }
 }
 
+/// A CTE (`lease`) with one row while `$2` holds the lease of subscription `$1`; it
+/// locks the subscription's state row, so a takeover waits for the statement (or the
+/// statement for the takeover, and then finds another owner).
+fn lease_cte(s: &str) -> String {
+    format!(
+        "lease AS (SELECT 1 FROM {s}.subscription_state WHERE subscription = $1 AND lease_owner = $2 FOR SHARE)"
+    )
+}
+
+/// `Err(LeaseLost)` unless `held`.
+fn fenced(held: bool, subscription: &str) -> Result<(), StoreError> {
+    if held {
+        Ok(())
+    } else {
+        Err(StoreError::LeaseLost {
+            subscription: subscription.to_owned(),
+        })
+    }
+}
+
 /// True while subscription `$1` is enabled and not paused: the dispatcher's queries
 /// return nothing the moment an operator pauses it or a receiver disables it, not only
 /// at its next lease renewal.
@@ -139,9 +168,12 @@ impl Store {
         Ok(())
     }
 
-    /// Events after `after` that are due to `subscription`, in commit order: at most
-    /// `limit` of them, from at most `window` positions of the log (counted from the
-    /// first event after `after`).
+    /// Events after `after` that are due to `subscription` and have no retry row, in
+    /// commit order: at most `limit` of them, from at most `window` positions of the log
+    /// (counted from the first event after `after`). An event with a retry row belongs to
+    /// the retries from then on: a session that starts from a cursor behind such a row
+    /// (its predecessor stopped before moving the cursor past it) must not attempt it as
+    /// a new event too, concurrently with its retry and with its attempts counted from 0.
     ///
     /// The window keeps the query an index range scan of bounded size whatever the
     /// planner believes: on a log that just grew by a backlog and has no statistics yet,
@@ -169,6 +201,7 @@ impl Store {
                      LEFT JOIN LATERAL (
                          SELECT * FROM {s}.events e
                          WHERE e.seq > $2 AND e.seq < h.upto AND $1 = ANY (e.subscriptions)
+                           AND NOT EXISTS (SELECT 1 FROM {s}.delivery_retries r WHERE r.subscription = $1 AND r.seq = e.seq)
                          ORDER BY e.seq LIMIT $3) e ON true
                      WHERE {active}
                      ORDER BY e.seq",
@@ -272,15 +305,25 @@ impl Store {
 
     /// Creates or updates the retry rows of `subscription` for attempts that need one
     /// (a retry, a dead delivery, or a retried delivery that finally arrived), in one
-    /// statement. Each event may appear once.
+    /// statement, as lease holder `owner`. An event listed twice is written once, with
+    /// its last record (PostgreSQL refuses an `ON CONFLICT DO UPDATE` that would touch
+    /// one row twice).
     pub async fn record_attempts(
         &self,
         subscription: &str,
+        owner: &str,
         attempts: &[(&DueEvent, AttemptRecord<'_>)],
     ) -> Result<(), StoreError> {
         if attempts.is_empty() {
             return Ok(());
         }
+        let mut seen = HashSet::new();
+        let mut attempts: Vec<&(&DueEvent, AttemptRecord<'_>)> = attempts
+            .iter()
+            .rev()
+            .filter(|(event, _)| seen.insert(event.seq))
+            .collect();
+        attempts.reverse();
         let now = SystemTime::now();
         let n = attempts.len();
         let (mut seqs, mut entities, mut ids) = (
@@ -312,84 +355,118 @@ impl Store {
             heads.push(rec.last_response);
             delivered.push((rec.status == "delivered").then_some(now));
         }
-        self.client
-            .execute(
+        let held: bool = self
+            .client
+            .query_one(
                 &format!(
-                    "INSERT INTO {}.delivery_retries AS r (subscription, seq, entity, entity_id, status, attempts, next_attempt_at,
-                        first_due_at, last_status, last_error, last_response, delivered_at)
-                     SELECT $1, * FROM unnest($2::int8[], $3::text[], $4::text[], $5::text[], $6::int4[], $7::timestamptz[],
-                        $8::timestamptz[], $9::int4[], $10::text[], $11::text[], $12::timestamptz[])
-                     ON CONFLICT (subscription, seq) DO UPDATE SET status = excluded.status, attempts = excluded.attempts,
-                        next_attempt_at = excluded.next_attempt_at, last_status = excluded.last_status,
-                        last_error = excluded.last_error, last_response = excluded.last_response,
-                        delivered_at = excluded.delivered_at, updated_at = now()",
-                    self.s
+                    "WITH {lease}, w AS (
+                        INSERT INTO {s}.delivery_retries AS r (subscription, seq, entity, entity_id, status, attempts, next_attempt_at,
+                            first_due_at, last_status, last_error, last_response, delivered_at)
+                        SELECT $1, * FROM unnest($3::int8[], $4::text[], $5::text[], $6::text[], $7::int4[], $8::timestamptz[],
+                            $9::timestamptz[], $10::int4[], $11::text[], $12::text[], $13::timestamptz[])
+                        WHERE EXISTS (SELECT 1 FROM lease)
+                        ON CONFLICT (subscription, seq) DO UPDATE SET status = excluded.status, attempts = excluded.attempts,
+                            next_attempt_at = excluded.next_attempt_at, last_status = excluded.last_status,
+                            last_error = excluded.last_error, last_response = excluded.last_response,
+                            delivered_at = excluded.delivered_at, updated_at = now()
+                        RETURNING 1)
+                     SELECT EXISTS (SELECT 1 FROM lease)",
+                    s = self.s,
+                    lease = lease_cte(&self.s)
                 ),
                 &[
-                    &subscription, &seqs, &entities, &ids, &states, &counts, &nexts, &firsts, &codes, &errors, &heads,
-                    &delivered,
+                    &subscription, &owner, &seqs, &entities, &ids, &states, &counts, &nexts, &firsts, &codes, &errors,
+                    &heads, &delivered,
                 ],
             )
-            .await?;
-        Ok(())
+            .await?
+            .get(0);
+        fenced(held, subscription)
     }
 
-    /// Queues events behind an entity's pending delivery, without attempting them.
+    /// Queues events behind an entity's pending delivery, without attempting them, as
+    /// lease holder `owner`.
     pub async fn queue_behind(
         &self,
         subscription: &str,
+        owner: &str,
         events: &[&DueEvent],
     ) -> Result<(), StoreError> {
         if events.is_empty() {
             return Ok(());
         }
+        let mut seen = HashSet::new();
+        let events: Vec<&DueEvent> = events
+            .iter()
+            .copied()
+            .filter(|e| seen.insert(e.seq))
+            .collect();
         let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
         let entities: Vec<&str> = events.iter().map(|e| e.entity.as_str()).collect();
         let ids: Vec<&str> = events.iter().map(|e| e.entity_id.as_str()).collect();
-        self.client
-            .execute(
+        let held: bool = self
+            .client
+            .query_one(
                 &format!(
-                    "INSERT INTO {}.delivery_retries (subscription, seq, entity, entity_id)
-                     SELECT $1, * FROM unnest($2::int8[], $3::text[], $4::text[])
-                     ON CONFLICT (subscription, seq) DO NOTHING",
-                    self.s
+                    "WITH {lease}, w AS (
+                        INSERT INTO {s}.delivery_retries (subscription, seq, entity, entity_id)
+                        SELECT $1, * FROM unnest($3::int8[], $4::text[], $5::text[])
+                        WHERE EXISTS (SELECT 1 FROM lease)
+                        ON CONFLICT (subscription, seq) DO NOTHING
+                        RETURNING 1)
+                     SELECT EXISTS (SELECT 1 FROM lease)",
+                    s = self.s,
+                    lease = lease_cte(&self.s)
                 ),
-                &[&subscription, &seqs, &entities, &ids],
+                &[&subscription, &owner, &seqs, &entities, &ids],
             )
-            .await?;
-        Ok(())
+            .await?
+            .get(0);
+        fenced(held, subscription)
     }
 
     /// Deletes the pending rows of events `seqs` that will never be sent (the
-    /// subscription's filter rejects them); the cursor then counts them as done. No
-    /// statement when `seqs` is empty.
-    pub async fn forget_pending(&self, subscription: &str, seqs: &[i64]) -> Result<(), StoreError> {
+    /// subscription's filter rejects them), as lease holder `owner`; the cursor then
+    /// counts them as done. No statement when `seqs` is empty.
+    pub async fn forget_pending(
+        &self,
+        subscription: &str,
+        owner: &str,
+        seqs: &[i64],
+    ) -> Result<(), StoreError> {
         if seqs.is_empty() {
             return Ok(());
         }
-        self.client
-            .execute(
+        let held: bool = self
+            .client
+            .query_one(
                 &format!(
-                    "DELETE FROM {}.delivery_retries WHERE subscription = $1 AND seq = ANY ($2) AND status = 'pending'",
-                    self.s
+                    "WITH {lease}, w AS (
+                        DELETE FROM {s}.delivery_retries WHERE subscription = $1 AND seq = ANY ($3) AND status = 'pending'
+                          AND EXISTS (SELECT 1 FROM lease)
+                        RETURNING 1)
+                     SELECT EXISTS (SELECT 1 FROM lease)",
+                    s = self.s,
+                    lease = lease_cte(&self.s)
                 ),
-                &[&subscription, &seqs],
+                &[&subscription, &owner, &seqs],
             )
-            .await?;
-        Ok(())
+            .await?
+            .get(0);
+        fenced(held, subscription)
     }
 
-    /// Moves the cursor of `subscription` forward to `seq` (never back), as lease holder.
-    /// `last_success_at` moves to now when `success` and some event it passes has no
-    /// retry row (was delivered at its first attempt); retried deliveries carry their
-    /// own `delivered_at`.
+    /// Moves the cursor of `subscription` forward to `seq` (never back), as lease holder
+    /// `owner`. `last_success_at` moves to now when `success` and some event it passes
+    /// has no retry row (was delivered at its first attempt); retried deliveries carry
+    /// their own `delivered_at`.
     pub async fn advance_cursor(
         &self,
         subscription: &str,
         owner: &str,
         seq: i64,
         success: bool,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<(), StoreError> {
         let n = self
             .client
             .execute(
@@ -405,24 +482,28 @@ impl Store {
                 &[&subscription, &owner, &seq, &success],
             )
             .await?;
-        Ok(n == 1)
+        fenced(n == 1, subscription)
     }
 
-    /// Disables a subscription (410 Gone) until an operator resumes it.
+    /// Disables a subscription (410 Gone) until an operator resumes it, as lease holder
+    /// `owner`.
     pub async fn disable_subscription(
         &self,
         subscription: &str,
+        owner: &str,
         reason: &str,
     ) -> Result<(), StoreError> {
-        self.client
+        let n = self
+            .client
             .execute(
                 &format!(
-                    "UPDATE {}.subscription_state SET enabled = false, disabled_reason = $2, updated_at = now() WHERE subscription = $1",
+                    "UPDATE {}.subscription_state SET enabled = false, disabled_reason = $3, updated_at = now()
+                     WHERE subscription = $1 AND lease_owner = $2",
                     self.s
                 ),
-                &[&subscription, &reason],
+                &[&subscription, &owner, &reason],
             )
             .await?;
-        Ok(())
+        fenced(n == 1, subscription)
     }
 }

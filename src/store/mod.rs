@@ -45,6 +45,12 @@ pub enum StoreError {
     },
     #[error("the store has no checkpoint row for slot `{0}`")]
     NoCheckpoint(String),
+    /// A delivery-state write was refused: this dispatcher no longer holds the
+    /// subscription's lease (another instance took it over after it expired; G8).
+    #[error(
+        "this instance no longer holds the dispatch lease of subscription `{subscription}`; another instance dispatches it"
+    )]
+    LeaseLost { subscription: String },
 }
 
 impl StoreError {

@@ -25,6 +25,10 @@ pub struct Received {
     pub at: Instant,
     /// The same moment on the wall clock (to compare with stored timestamps).
     pub wall: SystemTime,
+    /// When the answer began to be written; `None` while not answered, or when writing
+    /// it failed (the client never got it). Set before the first byte goes out, so a
+    /// request the client sends because of this answer always arrives after it.
+    pub answered_at: Option<Instant>,
 }
 
 impl Received {
@@ -283,10 +287,15 @@ async fn connection<S: AsyncRead + AsyncWrite>(stream: S, shared: &Shared) {
             status: 0,
             at: Instant::now(),
             wall: SystemTime::now(),
+            answered_at: None,
         };
         let reply = (shared.answer)(&req);
         req.status = reply.status;
-        shared.got.lock().unwrap().push(req);
+        let index = {
+            let mut got = shared.got.lock().unwrap();
+            got.push(req);
+            got.len() - 1
+        };
         if reply.hang {
             std::future::pending::<()>().await;
         }
@@ -300,7 +309,9 @@ async fn connection<S: AsyncRead + AsyncWrite>(stream: S, shared: &Shared) {
         head.push_str(&format!("content-length: {}\r\n\r\n", reply.body.len()));
         let mut out = head.into_bytes();
         out.extend_from_slice(&reply.body);
+        shared.got.lock().unwrap()[index].answered_at = Some(Instant::now());
         if write.write_all(&out).await.is_err() || write.flush().await.is_err() {
+            shared.got.lock().unwrap()[index].answered_at = None;
             return;
         }
         *shared.answered.lock().unwrap() += 1;
