@@ -3,6 +3,7 @@
 
 mod support;
 
+mod chaos;
 mod cli_check;
 mod cli_tail;
 mod config_docs;
