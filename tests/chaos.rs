@@ -64,6 +64,8 @@ struct Instance {
     daemon: Option<Daemon>,
     /// When to start it again, if it is down.
     start_at: Option<Instant>,
+    /// When it was last started.
+    started: Instant,
 }
 
 /// What happened, for the checks and the table.
@@ -96,6 +98,7 @@ impl Chaos {
         self.tally.spawned += 1;
         self.instances[i].daemon = Some(daemon);
         self.instances[i].start_at = None;
+        self.instances[i].started = Instant::now();
     }
 
     /// Samples peak RSS and notices instances that exited on their own (a failure:
@@ -147,10 +150,16 @@ impl Chaos {
     /// The second instance comes (if away) or goes with SIGTERM (if running), which
     /// must end it with status 0 within its shutdown grace.
     async fn toggle_second(&mut self) {
-        let Some(mut daemon) = self.instances[1].daemon.take() else {
+        if self.instances[1].daemon.is_none() {
             self.spawn(1);
             return;
-        };
+        }
+        // A process signalled before it set its handlers up dies of the signal; give
+        // it time to start (the next toggle comes soon enough).
+        if self.instances[1].started.elapsed() < Duration::from_secs(3) {
+            return;
+        }
+        let mut daemon = self.instances[1].daemon.take().expect("running");
         daemon.signal(libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(30);
         while daemon.is_running() && Instant::now() < deadline {
@@ -253,8 +262,8 @@ async fn chaos_keeps_every_guarantee() {
         db,
         work,
         instances: [
-            Instance { name: "A", daemon: None, start_at: None },
-            Instance { name: "B", daemon: None, start_at: None },
+            Instance { name: "A", daemon: None, start_at: None, started: Instant::now() },
+            Instance { name: "B", daemon: None, start_at: None, started: Instant::now() },
         ],
         receivers,
         rng: Rng::new(settings.seed ^ 0x77),
@@ -391,6 +400,8 @@ async fn chaos_keeps_every_guarantee() {
     chaos.supervise();
     for i in 0..2 {
         if let Some(mut daemon) = chaos.instances[i].daemon.take() {
+            let young = Duration::from_secs(3).saturating_sub(chaos.instances[i].started.elapsed());
+            tokio::time::sleep(young).await;
             if let Some(rss) = daemon.peak_rss_kib() {
                 chaos.tally.max_rss_kib = chaos.tally.max_rss_kib.max(rss);
             }

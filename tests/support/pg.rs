@@ -428,11 +428,13 @@ impl Inner {
         if wait_after_signal(&mut child, signal, STOP_LIMIT) {
             return Some(Ok(begun.elapsed()));
         }
-        let attached = format!(
-            "{}{}",
-            child_processes(child.id()),
-            read_log_tail(&self.layout.log_path)
-        );
+        // The clients refused meanwhile are noise next to what held the stop up.
+        let log: Vec<String> = read_log_tail(&self.layout.log_path)
+            .lines()
+            .filter(|line| !line.contains("the database system is shutting down"))
+            .map(str::to_owned)
+            .collect();
+        let attached = format!("{}{}", child_processes(child.id()), log.join("\n"));
         if !wait_after_signal(&mut child, libc::SIGQUIT, Duration::from_secs(10)) {
             let _ = child.kill();
             let _ = child.wait();
