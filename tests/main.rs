@@ -10,6 +10,7 @@ mod config_docs;
 mod daemon;
 mod delivery;
 mod demo;
+mod durability;
 mod ha;
 mod harness_smoke;
 mod least_privilege;
