@@ -94,7 +94,9 @@ struct Chaos {
 
 impl Chaos {
     fn spawn(&mut self, i: usize) {
-        let daemon = self.work.spawn_run_env(self.tally.spawned, &[("WALHOOK_LOG", Some("info"))]);
+        let daemon = self
+            .work
+            .spawn_run_env(self.tally.spawned, &[("WALHOOK_LOG", Some("info"))]);
         self.tally.spawned += 1;
         self.instances[i].daemon = Some(daemon);
         self.instances[i].start_at = None;
@@ -132,7 +134,9 @@ impl Chaos {
 
     /// SIGKILLs a running instance at random; A comes back within 3 s, B half the time.
     fn kill_one(&mut self) {
-        let running: Vec<usize> = (0..2).filter(|&i| self.instances[i].daemon.is_some()).collect();
+        let running: Vec<usize> = (0..2)
+            .filter(|&i| self.instances[i].daemon.is_some())
+            .collect();
         if running.is_empty() {
             return;
         }
@@ -203,9 +207,10 @@ impl Chaos {
             }
             Err(slow) => {
                 self.tally.longest_restart = self.tally.longest_restart.max(slow.elapsed);
-                self.tally
-                    .failures
-                    .push(format!("PostgreSQL restart {}: {slow}", self.tally.pg_restarts));
+                self.tally.failures.push(format!(
+                    "PostgreSQL restart {}: {slow}",
+                    self.tally.pg_restarts
+                ));
             }
         }
     }
@@ -237,7 +242,12 @@ impl Chaos {
         let r = self.rng.below(self.receivers.len() as u64) as usize;
         if self.rng.chance(25) && back_at[r].is_none() {
             self.receivers[r].go_down();
-            back_at[r] = Some(Instant::now() + self.rng.between(Duration::from_secs(1), Duration::from_secs(6)));
+            back_at[r] = Some(
+                Instant::now()
+                    + self
+                        .rng
+                        .between(Duration::from_secs(1), Duration::from_secs(6)),
+            );
         } else {
             let flaky = self.rng.chance(60);
             self.receivers[r].set_flaky(flaky);
@@ -262,8 +272,18 @@ async fn chaos_keeps_every_guarantee() {
         db,
         work,
         instances: [
-            Instance { name: "A", daemon: None, start_at: None, started: Instant::now() },
-            Instance { name: "B", daemon: None, start_at: None, started: Instant::now() },
+            Instance {
+                name: "A",
+                daemon: None,
+                start_at: None,
+                started: Instant::now(),
+            },
+            Instance {
+                name: "B",
+                daemon: None,
+                start_at: None,
+                started: Instant::now(),
+            },
         ],
         receivers,
         rng: Rng::new(settings.seed ^ 0x77),
@@ -273,7 +293,13 @@ async fn chaos_keeps_every_guarantee() {
     chaos.spawn(0);
     wait_leading(&chaos.db, chaos.instances[0].daemon.as_mut().expect("A")).await;
 
-    let writer = Writer::spawn(chaos.db.url(), TABLES, ENTITIES, settings.seed ^ 0x33, Duration::from_millis(15));
+    let writer = Writer::spawn(
+        chaos.db.url(),
+        TABLES,
+        ENTITIES,
+        settings.seed ^ 0x33,
+        Duration::from_millis(15),
+    );
     let begun = Instant::now();
     let end = begun + Duration::from_secs(settings.secs);
     // PostgreSQL restarts spread over the run, each at a random point of its share.
@@ -328,7 +354,9 @@ async fn chaos_keeps_every_guarantee() {
         chaos.instances[0].start_at = Some(Instant::now());
     }
     let log = writer.stop().await;
-    let store = connect(&chaos.db.url()).await.expect("connect to the store");
+    let store = connect(&chaos.db.url())
+        .await
+        .expect("connect to the store");
     let want = log.changes.len() as i64;
     let deadline = Instant::now() + DRAIN;
     let mut stored = workload::stored_events(&store).await;
@@ -340,10 +368,17 @@ async fn chaos_keeps_every_guarantee() {
     if stored < want {
         chaos.tally.failures.push(format!(
             "after {DRAIN:?}, {stored} of {want} events stored; A's log tail:\n{}",
-            chaos.instances[0].daemon.as_ref().map(|d| log_tail(&d.log(), 30)).unwrap_or_default()
+            chaos.instances[0]
+                .daemon
+                .as_ref()
+                .map(|d| log_tail(&d.log(), 30))
+                .unwrap_or_default()
         ));
     }
-    chaos.tally.failures.extend(workload::check_exactly_once(&store, &log.changes).await);
+    chaos
+        .tally
+        .failures
+        .extend(workload::check_exactly_once(&store, &log.changes).await);
 
     // G4: every (event, subscription) answered 2xx at least once.
     let mut delivered = 0;
@@ -384,16 +419,25 @@ async fn chaos_keeps_every_guarantee() {
         delivered += due.len();
         duplicates += ok.saturating_sub(receiver.delivered_ids().len());
         for violation in chaos.receivers[r].order_violations() {
-            chaos.tally.failures.push(format!("G5, subscription {subscription}: {violation}"));
+            chaos
+                .tally
+                .failures
+                .push(format!("G5, subscription {subscription}: {violation}"));
         }
     }
     let dead: i64 = store
-        .query_one("SELECT count(*) FROM walhook.deliveries WHERE status = 'dead'", &[])
+        .query_one(
+            "SELECT count(*) FROM walhook.deliveries WHERE status = 'dead'",
+            &[],
+        )
         .await
         .map(|r| r.get(0))
         .unwrap_or(0);
     if dead > 0 {
-        chaos.tally.failures.push(format!("{dead} deliveries went dead"));
+        chaos
+            .tally
+            .failures
+            .push(format!("{dead} deliveries went dead"));
     }
 
     // Everyone stops cleanly.

@@ -306,14 +306,23 @@ async fn sigkill_at_random_moments_loses_and_repeats_nothing() {
     let mut first = work.spawn_run(0);
     wait_leading(&db, &mut first).await;
     // A writer commits the whole time: every kill hits a daemon with work in flight.
-    let writer = Writer::spawn(db.url(), ONE_TABLE, 300, rng.below(u64::MAX), Duration::from_millis(2));
+    let writer = Writer::spawn(
+        db.url(),
+        ONE_TABLE,
+        300,
+        rng.below(u64::MAX),
+        Duration::from_millis(2),
+    );
     let mut daemon = Some(first);
     for round in 1..=10 {
         let alive = rng.between(Duration::from_millis(300), Duration::from_millis(2000));
         tokio::time::sleep(alive).await;
         let stored = workload::stored_events(&reader).await;
         daemon.take().expect("running").kill9();
-        eprintln!("kill {round}: {} changes committed, {stored} stored", writer.committed());
+        eprintln!(
+            "kill {round}: {} changes committed, {stored} stored",
+            writer.committed()
+        );
         // A while with no walhook at all, the writer still going.
         tokio::time::sleep(rng.between(Duration::ZERO, Duration::from_millis(500))).await;
         daemon = Some(work.spawn_run(round));
@@ -338,15 +347,25 @@ async fn postgres_restarts_lose_and_repeat_nothing() {
     let mut rng = workload::Rng::new(workload::Rng::seed_from_env("WALHOOK_TEST_SEED"));
     // A writer commits through every restart (it reconnects and learns whether a
     // COMMIT without an answer happened).
-    let writer = Writer::spawn(db.url(), ONE_TABLE, 300, rng.below(u64::MAX), Duration::from_millis(2));
+    let writer = Writer::spawn(
+        db.url(),
+        ONE_TABLE,
+        300,
+        rng.below(u64::MAX),
+        Duration::from_millis(2),
+    );
     for round in 1..=3 {
-        tokio::time::sleep(rng.between(Duration::from_millis(500), Duration::from_millis(2500))).await;
+        tokio::time::sleep(rng.between(Duration::from_millis(500), Duration::from_millis(2500)))
+            .await;
         let c = cluster.clone();
         // Panics past the harness's stop limit (G9), naming what held the stop up.
         let took = tokio::task::spawn_blocking(move || c.restart(StopMode::Fast))
             .await
             .unwrap_or_else(|err| std::panic::resume_unwind(err.into_panic()));
-        eprintln!("restart {round} took {took:?}; {} changes committed", writer.committed());
+        eprintln!(
+            "restart {round} took {took:?}; {} changes committed",
+            writer.committed()
+        );
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let log = writer.stop().await;

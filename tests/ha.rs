@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 use crate::daemon::{USERS_TABLE, assert_exactly_once, config, event_count, write_random};
 use crate::support::daemon::{Daemon, Workdir, wait_leading};
 use crate::support::pg::{Cluster, create_db};
-use crate::support::workload::{self, ONE_TABLE, Writer};
 use crate::support::receiver::Receiver;
 use crate::support::wait_for;
+use crate::support::workload::{self, ONE_TABLE, Writer};
 use tokio_postgres::Client;
 
 const WAIT: Duration = Duration::from_secs(90);

@@ -60,7 +60,9 @@ pub struct ChaosReceiver {
 impl ChaosReceiver {
     /// Starts a receiver that answers 200 until [`ChaosReceiver::set_flaky`].
     pub async fn start(seed: u64) -> ChaosReceiver {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind receiver");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind receiver");
         let addr = listener.local_addr().expect("receiver address");
         let shared = Arc::new(Shared {
             requests: Mutex::new(Vec::new()),

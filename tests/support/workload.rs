@@ -165,7 +165,13 @@ pub struct Writer {
 impl Writer {
     /// Starts committing random transactions on `entities` rows of each of `tables`
     /// in the database at `url`, one every `pace` (plus the time it takes).
-    pub fn spawn(url: String, tables: &'static [Table], entities: usize, seed: u64, pace: Duration) -> Writer {
+    pub fn spawn(
+        url: String,
+        tables: &'static [Table],
+        entities: usize,
+        seed: u64,
+        pace: Duration,
+    ) -> Writer {
         let stop = Arc::new(AtomicBool::new(false));
         let committed = Arc::new(AtomicU64::new(0));
         let state = State {
@@ -224,7 +230,12 @@ struct Op {
 }
 
 impl State {
-    async fn run(mut self, stop: Arc<AtomicBool>, committed: Arc<AtomicU64>, pace: Duration) -> Log {
+    async fn run(
+        mut self,
+        stop: Arc<AtomicBool>,
+        committed: Arc<AtomicU64>,
+        pace: Duration,
+    ) -> Log {
         while !stop.load(Ordering::Relaxed) {
             self.transaction().await;
             committed.store(self.log.changes.len() as u64, Ordering::Relaxed);
@@ -239,7 +250,11 @@ impl State {
         // The rows as this transaction sees them: several changes may hit one row.
         let mut rows = self.rows.clone();
         let mut ops = Vec::new();
-        let count = if self.rng.chance(10) { 5 + self.rng.below(20) } else { 1 + self.rng.below(4) };
+        let count = if self.rng.chance(10) {
+            5 + self.rng.below(20)
+        } else {
+            1 + self.rng.below(4)
+        };
         for _ in 0..count {
             let table = self.rng.below(self.tables.len() as u64) as usize;
             let index = self.rng.below(rows[table].len() as u64) as usize;
@@ -263,7 +278,9 @@ impl State {
                 if let Some(db) = err.as_db_error()
                     && db.code().code().starts_with("23")
                 {
-                    panic!("workload transaction {number} broke a constraint: the writer's model is wrong: {err}");
+                    panic!(
+                        "workload transaction {number} broke a constraint: the writer's model is wrong: {err}"
+                    );
                 }
                 let client = self.connected().await;
                 client
@@ -291,7 +308,10 @@ impl State {
             let deadline = Instant::now() + RECONNECT_FOR;
             loop {
                 if let Ok(client) = connect(&self.url).await
-                    && client.batch_execute("SET synchronous_commit = on").await.is_ok()
+                    && client
+                        .batch_execute("SET synchronous_commit = on")
+                        .await
+                        .is_ok()
                 {
                     self.client = Some(client);
                     break;
@@ -319,7 +339,12 @@ impl State {
             )
         } else {
             let id = index as i32;
-            (format!("id = {id}"), id.to_string(), json!({"id": id}), id.to_string())
+            (
+                format!("id = {id}"),
+                id.to_string(),
+                json!({"id": id}),
+                id.to_string(),
+            )
         };
         let new_row = Row {
             v: format!("v{}", self.rng.below(1_000_000)),
@@ -335,7 +360,10 @@ impl State {
         let (kind, sql, after, data) = match row {
             None => (
                 "created",
-                format!("INSERT INTO {} VALUES ({key_cols}, '{}', {n_sql});", t.name, new_row.v),
+                format!(
+                    "INSERT INTO {} VALUES ({key_cols}, '{}', {n_sql});",
+                    t.name, new_row.v
+                ),
                 Some(new_row.clone()),
                 full(&new_row),
             ),
@@ -367,6 +395,9 @@ impl State {
         }
     }
 }
+
+/// An event as stored: type, revision, data, seq.
+type StoredEvent = (String, i64, Value, i64);
 
 /// Store events whose count a test waits for.
 pub async fn stored_events(client: &Client) -> i64 {
@@ -400,11 +431,14 @@ pub async fn check_exactly_once(client: &Client, changes: &[Change]) -> Vec<Stri
         ));
     }
     let mut previous_lsn: Option<(f64, String)> = None;
-    let mut stored: HashMap<(String, String), Vec<(String, i64, Value, i64)>> = HashMap::new();
+    let mut stored: HashMap<(String, String), Vec<StoredEvent>> = HashMap::new();
     for (i, r) in rows.iter().enumerate() {
         let seq: i64 = r.get(0);
         if seq != i as i64 + 1 && problems.iter().all(|p| !p.starts_with("seq")) {
-            problems.push(format!("seq is not gap-free from 1: position {} holds seq {seq}", i + 1));
+            problems.push(format!(
+                "seq is not gap-free from 1: position {} holds seq {seq}",
+                i + 1
+            ));
         }
         let lsn: f64 = r.get::<_, String>(7).parse().unwrap_or(0.0);
         let lsn_text: String = r.get(6);
@@ -434,9 +468,11 @@ pub async fn check_exactly_once(client: &Client, changes: &[Change]) -> Vec<Stri
     for (key, want) in &expected {
         let have = stored.remove(key).unwrap_or_default();
         let mismatch = have.len() != want.len()
-            || have.iter().zip(want.iter()).enumerate().any(|(i, (h, w))| {
-                h.0 != w.event_type || h.1 != i as i64 + 1 || h.2 != w.data
-            });
+            || have
+                .iter()
+                .zip(want.iter())
+                .enumerate()
+                .any(|(i, (h, w))| h.0 != w.event_type || h.1 != i as i64 + 1 || h.2 != w.data);
         if mismatch {
             bad_entities += 1;
             if bad_entities <= 5 {
@@ -456,7 +492,11 @@ pub async fn check_exactly_once(client: &Client, changes: &[Change]) -> Vec<Stri
         problems.push(format!("... {bad_entities} entities differ in all"));
     }
     if !stored.is_empty() {
-        let some: Vec<String> = stored.keys().take(5).map(|(e, id)| format!("{e}:{id}")).collect();
+        let some: Vec<String> = stored
+            .keys()
+            .take(5)
+            .map(|(e, id)| format!("{e}:{id}"))
+            .collect();
         problems.push(format!(
             "{} entities have events but no committed change, e.g. {some:?}",
             stored.len()
