@@ -1,5 +1,6 @@
 //! `walhook run` part 1 against the real binary and cluster: entity events in the store,
-//! exactly once across SIGKILL and PostgreSQL restarts (G1, G2, G3), a huge transaction
+//! exactly once across SIGKILL and PostgreSQL restarts under a running writer (G1, G2,
+//! G3), a huge transaction
 //! in bounded memory, a lost slot refused (G1), idle slot advance (G7), and start-up
 //! refusals for configs that need REPLICA IDENTITY FULL.
 
@@ -11,6 +12,7 @@ use tokio_postgres::Client;
 
 use crate::support::daemon::{Daemon, Workdir, wait_leading};
 use crate::support::pg::{Cluster, StopMode, TestDb, create_db};
+use crate::support::workload::{self, ONE_TABLE, Writer};
 use crate::support::{wait_for, wait_for_some};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -289,69 +291,87 @@ table = "public.users"
 entity = "user"
 "#;
 
-#[tokio::test]
-async fn sigkill_at_random_moments_loses_and_repeats_nothing() {
-    let db = create_db().await;
-    db.batch("CREATE TABLE users (id int PRIMARY KEY, email text, n int)")
-        .await;
-    let work = Workdir::new(&config(&db, USERS_TABLE));
-    let writer = db.client().await;
-    let reader = db.client().await;
-    let mut rng = Rng::new();
-    let mut live = vec![false; 300];
-    let mut log = Vec::new();
-    for round in 0..10 {
-        let mut daemon = work.spawn_run(round);
-        if round == 0 {
-            wait_leading(&db, &mut daemon).await;
-        }
-        // Write while the daemon runs, then kill it at a random moment.
-        let txns = 20 + rng.below(80) as usize;
-        log.extend(write_random(&writer, &mut rng, &mut live, txns).await);
-        tokio::time::sleep(Duration::from_millis(rng.below(400))).await;
-        daemon.kill9();
-        // Some writes while no walhook runs at all.
-        log.extend(write_random(&writer, &mut rng, &mut live, 10).await);
-    }
-    let mut daemon = work.spawn_run(99);
-    let total = log.len() as i64;
-    wait_for(
-        &format!("{total} events after 10 kills"),
-        WAIT * 2,
-        || async { event_count(&reader).await >= total },
-    )
-    .await;
-    daemon.signal(libc::SIGTERM);
-    assert!(daemon.wait_exit(WAIT).success());
-    assert_exactly_once(&reader, &log).await;
+/// The watched table of the kill and restart loops, and its config.
+fn workload_config(db: &TestDb) -> String {
+    config(db, &workload::tables_toml(ONE_TABLE))
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_moments_loses_and_repeats_nothing() {
+    let db = create_db().await;
+    db.batch(&workload::create_sql(ONE_TABLE)).await;
+    let work = Workdir::new(&workload_config(&db));
+    let reader = db.client().await;
+    let mut rng = workload::Rng::new(workload::Rng::seed_from_env("WALHOOK_TEST_SEED"));
+    let mut first = work.spawn_run(0);
+    wait_leading(&db, &mut first).await;
+    // A writer commits the whole time: every kill hits a daemon with work in flight.
+    let writer = Writer::spawn(
+        db.url(),
+        ONE_TABLE,
+        300,
+        rng.below(u64::MAX),
+        Duration::from_millis(2),
+    );
+    let mut daemon = Some(first);
+    for round in 1..=10 {
+        let alive = rng.between(Duration::from_millis(300), Duration::from_millis(2000));
+        tokio::time::sleep(alive).await;
+        let stored = workload::stored_events(&reader).await;
+        daemon.take().expect("running").kill9();
+        eprintln!(
+            "kill {round}: {} changes committed, {stored} stored",
+            writer.committed()
+        );
+        // A while with no walhook at all, the writer still going.
+        tokio::time::sleep(rng.between(Duration::ZERO, Duration::from_millis(500))).await;
+        daemon = Some(work.spawn_run(round));
+    }
+    let log = writer.stop().await;
+    let mut daemon = daemon.expect("running");
+    let total = log.changes.len() as i64;
+    wait_events(&reader, total, &mut daemon, WAIT * 2).await;
+    daemon.signal(libc::SIGTERM);
+    assert!(daemon.wait_exit(WAIT).success(), "log:\n{}", daemon.log());
+    workload::assert_exactly_once(&reader, &log.changes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restarts_lose_and_repeat_nothing() {
     let cluster = Cluster::start();
     let db = cluster.create_db().await;
-    db.batch("CREATE TABLE users (id int PRIMARY KEY, email text, n int)")
-        .await;
-    let work = Workdir::new(&config(&db, USERS_TABLE));
+    db.batch(&workload::create_sql(ONE_TABLE)).await;
+    let work = Workdir::new(&workload_config(&db));
     let mut daemon = work.spawn_run(0);
     wait_leading(&db, &mut daemon).await;
-    let mut rng = Rng::new();
-    let mut live = vec![false; 300];
-    let mut log = Vec::new();
-    for _ in 0..2 {
-        let writer = db.client().await;
-        log.extend(write_random(&writer, &mut rng, &mut live, 150).await);
-        drop(writer);
-        tokio::time::sleep(Duration::from_millis(rng.below(300))).await;
+    let mut rng = workload::Rng::new(workload::Rng::seed_from_env("WALHOOK_TEST_SEED"));
+    // A writer commits through every restart (it reconnects and learns whether a
+    // COMMIT without an answer happened).
+    let writer = Writer::spawn(
+        db.url(),
+        ONE_TABLE,
+        300,
+        rng.below(u64::MAX),
+        Duration::from_millis(2),
+    );
+    for round in 1..=3 {
+        tokio::time::sleep(rng.between(Duration::from_millis(500), Duration::from_millis(2500)))
+            .await;
         let c = cluster.clone();
-        tokio::task::spawn_blocking(move || c.restart(StopMode::Fast))
+        // Panics past the harness's stop limit (G9), naming what held the stop up.
+        let took = tokio::task::spawn_blocking(move || c.restart(StopMode::Fast))
             .await
-            .unwrap();
+            .unwrap_or_else(|err| std::panic::resume_unwind(err.into_panic()));
+        eprintln!(
+            "restart {round} took {took:?}; {} changes committed",
+            writer.committed()
+        );
     }
-    let writer = db.client().await;
-    log.extend(write_random(&writer, &mut rng, &mut live, 100).await);
-    let total = log.len() as i64;
-    wait_events(&writer, total, &mut daemon, WAIT * 2).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let log = writer.stop().await;
+    let client = db.client().await;
+    let total = log.changes.len() as i64;
+    wait_events(&client, total, &mut daemon, WAIT * 2).await;
     assert!(
         daemon.is_running(),
         "walhook survived the restarts; log:\n{}",
@@ -359,7 +379,7 @@ async fn postgres_restarts_lose_and_repeat_nothing() {
     );
     daemon.signal(libc::SIGTERM);
     assert!(daemon.wait_exit(WAIT).success());
-    assert_exactly_once(&writer, &log).await;
+    workload::assert_exactly_once(&client, &log.changes).await;
 }
 
 #[tokio::test]

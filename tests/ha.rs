@@ -1,18 +1,21 @@
 //! High availability (G8): two `walhook run` processes with one config. One holds the
 //! slot and ingests; the other stands by. SIGKILL the holder under load: the other
 //! takes the slot and the deliveries over within 15 s, nothing is lost, revisions stay
-//! gap-free, and every revision reaches the receiver in order.
+//! gap-free, and every revision reaches the receiver in order. A frozen holder is
+//! fenced once the standby took over, and stands by when thawed.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::daemon::{Rng, USERS_TABLE, assert_exactly_once, config, event_count, write_random};
-use crate::support::daemon::{Daemon, wait_leading};
-use crate::support::pg::create_db;
+use crate::daemon::{USERS_TABLE, assert_exactly_once, config, event_count, write_random};
+use crate::support::daemon::{Daemon, Workdir, wait_leading};
+use crate::support::pg::{Cluster, create_db};
 use crate::support::receiver::Receiver;
 use crate::support::wait_for;
+use crate::support::workload::{self, ONE_TABLE, Writer};
+use tokio_postgres::Client;
 
 const WAIT: Duration = Duration::from_secs(90);
 /// The issue's bound on a takeover.
@@ -48,7 +51,7 @@ async fn standby_takes_over_slot_and_deliveries_after_sigkill_under_load() {
     let writer = {
         let (stop, client) = (stop.clone(), db.client().await);
         tokio::spawn(async move {
-            let mut rng = Rng::new();
+            let mut rng = crate::daemon::Rng::new();
             let mut live = vec![false; 200];
             let mut log = Vec::new();
             while !stop.load(Ordering::Relaxed) {
@@ -63,11 +66,13 @@ async fn standby_takes_over_slot_and_deliveries_after_sigkill_under_load() {
     })
     .await;
 
+    let before = holder(&client, &db.name).await;
     first.kill9();
     let killed = Instant::now();
-    wait_slot(
+    wait_takeover(
         &client,
         &db.name,
+        before,
         &mut second,
         "the second instance to take the slot",
     )
@@ -123,8 +128,46 @@ async fn standby_takes_over_slot_and_deliveries_after_sigkill_under_load() {
     eprintln!("takeover: slot after {slot_taken:?}, deliveries after {delivering:?}");
 }
 
-/// Waits until slot `slot` is active while `daemon` runs.
-async fn wait_slot(client: &tokio_postgres::Client, slot: &str, daemon: &mut Daemon, what: &str) {
+/// Who holds slot `slot`: its walsender's pid and the store's leader epoch.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Holder {
+    pub active_pid: i32,
+    pub epoch: i64,
+}
+
+/// The current [`Holder`] of `slot` (the slot must be active and led).
+pub(crate) async fn holder(client: &Client, slot: &str) -> Holder {
+    holder_now(client, slot)
+        .await
+        .unwrap_or_else(|| panic!("slot {slot} has no active holder"))
+}
+
+async fn holder_now(client: &Client, slot: &str) -> Option<Holder> {
+    let row = client
+        .query_opt(
+            "SELECT s.active_pid, c.leader_epoch FROM pg_replication_slots s \
+             JOIN walhook.checkpoints c ON c.slot = s.slot_name \
+             WHERE s.slot_name = $1 AND s.active AND c.leader IS NOT NULL",
+            &[&slot],
+        )
+        .await
+        .ok()??;
+    Some(Holder {
+        active_pid: row.get(0),
+        epoch: row.get(1),
+    })
+}
+
+/// Waits until `daemon` (running) took slot `slot` over from `before`: a new walsender
+/// (another `active_pid`; a dead one may still be marked active for a while) and a
+/// higher leader epoch in the store. Returns the new holder.
+pub(crate) async fn wait_takeover(
+    client: &Client,
+    slot: &str,
+    before: Holder,
+    daemon: &mut Daemon,
+    what: &str,
+) -> Holder {
     let deadline = Instant::now() + WAIT;
     loop {
         assert!(
@@ -132,21 +175,124 @@ async fn wait_slot(client: &tokio_postgres::Client, slot: &str, daemon: &mut Dae
             "{what}: walhook exited: {}",
             daemon.log()
         );
-        let active = client
-            .query_opt(
-                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
-                &[&slot],
-            )
-            .await
-            .unwrap()
-            .is_some();
-        if active {
-            return;
+        if let Some(now) = holder_now(client, slot).await
+            && now.active_pid != before.active_pid
+            && now.epoch > before.epoch
+        {
+            return now;
         }
         assert!(
             Instant::now() < deadline,
-            "timed out after {WAIT:?} waiting for {what}"
+            "timed out after {WAIT:?} waiting for {what} (a walsender other than pid {} and a leader epoch above {})",
+            before.active_pid,
+            before.epoch
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// G8 epoch fencing: the ingest holder is frozen (SIGSTOP) under a write load, its
+/// walsender times out (the cluster's `wal_sender_timeout` is 2 s), and the standby
+/// takes the slot and leads (new walsender, higher epoch). Thawed (SIGCONT), the old
+/// holder commits nothing more: every change is stored exactly once, revisions stay
+/// gap-free and the log stays in commit order. It does not exit either: it stands by,
+/// and leads again when the new holder dies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_holder_is_fenced_after_a_takeover_and_stands_by() {
+    // A frozen holder may be inside an ingest transaction, holding the checkpoint row
+    // the standby must lock to take over: PostgreSQL ends such a session after 3 s, as
+    // it would end the session of a vanished host once TCP gives up.
+    let cluster = Cluster::start_with(&[
+        ("wal_sender_timeout", "2s"),
+        ("idle_in_transaction_session_timeout", "3s"),
+    ]);
+    let db = cluster.create_db().await;
+    db.batch(&workload::create_sql(ONE_TABLE)).await;
+    let toml = format!(
+        "[source]\nurl = \"{}?sslmode=disable\"\nslot = \"{}\"\n\n[server]\nlisten = \"127.0.0.1:0\"\n\n{}",
+        db.url(),
+        db.name,
+        workload::tables_toml(ONE_TABLE)
+    );
+    let work = Workdir::new(&toml);
+    let client = db.client().await;
+    let mut first = work.spawn_run(0);
+    wait_leading(&db, &mut first).await;
+    let mut second = work.spawn_run(1);
+    wait_for("the second instance to stand by", WAIT, || async {
+        second.log().contains("standing by")
+    })
+    .await;
+
+    let seed = workload::Rng::seed_from_env("WALHOOK_TEST_SEED");
+    let writer = Writer::spawn(db.url(), ONE_TABLE, 200, seed, Duration::from_millis(5));
+    wait_for("the first 300 events stored", WAIT, || async {
+        workload::stored_events(&client).await > 300
+    })
+    .await;
+
+    let before = holder(&client, &db.name).await;
+    first.signal(libc::SIGSTOP);
+    let frozen = Instant::now();
+    wait_takeover(
+        &client,
+        &db.name,
+        before,
+        &mut second,
+        "the standby to take over from the frozen holder",
+    )
+    .await;
+    let took_over = frozen.elapsed();
+    // The new holder ingests: 300 more events stored while the old one is frozen.
+    let stored = workload::stored_events(&client).await;
+    wait_for("the new holder to store 300 events", WAIT, || async {
+        workload::stored_events(&client).await > stored + 300
+    })
+    .await;
+
+    let seen = first.log().len();
+    first.signal(libc::SIGCONT);
+    // Thawed, the old holder finds itself deposed and stands by (it may not exit).
+    let deadline = Instant::now() + WAIT;
+    while !first.log()[seen..].contains("standing by") {
+        assert!(
+            first.is_running(),
+            "the deposed holder exited instead of standing by; log since SIGCONT:\n{}",
+            &first.log()[seen..]
+        );
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {WAIT:?} waiting for the thawed holder to stand by; log since SIGCONT:\n{}",
+            &first.log()[seen..]
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stored = workload::stored_events(&client).await;
+    wait_for("300 more events after the thaw", WAIT, || async {
+        workload::stored_events(&client).await > stored + 300
+    })
+    .await;
+    assert!(first.is_running(), "{}", &first.log()[seen..]);
+
+    // It leads again once the new holder is gone.
+    let now = holder(&client, &db.name).await;
+    second.kill9();
+    wait_takeover(
+        &client,
+        &db.name,
+        now,
+        &mut first,
+        "the old holder to lead again",
+    )
+    .await;
+    let log = writer.stop().await;
+    let want = log.changes.len() as i64;
+    wait_for(&format!("{want} events stored"), WAIT, || async {
+        workload::stored_events(&client).await >= want
+    })
+    .await;
+    workload::assert_exactly_once(&client, &log.changes).await;
+    first.signal(libc::SIGTERM);
+    assert!(first.wait_exit(WAIT).success(), "{}", first.log());
+    eprintln!("takeover from a frozen holder after {took_over:?}");
 }

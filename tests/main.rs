@@ -3,12 +3,14 @@
 
 mod support;
 
+mod chaos;
 mod cli_check;
 mod cli_tail;
 mod config_docs;
 mod daemon;
 mod delivery;
 mod demo;
+mod durability;
 mod ha;
 mod harness_smoke;
 mod ingest;

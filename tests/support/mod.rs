@@ -6,10 +6,12 @@
 // does not call yet must not fail `clippy -D warnings`.
 #![allow(dead_code)]
 
+pub mod chaos_receiver;
 pub mod cli;
 pub mod daemon;
 pub mod pg;
 pub mod receiver;
+pub mod workload;
 
 use std::future::Future;
 use std::path::PathBuf;

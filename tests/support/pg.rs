@@ -6,7 +6,9 @@
 //! All tests share one cluster ([`cluster`]) and isolate themselves with a fresh
 //! database each ([`create_db`]). A test that stops or restarts PostgreSQL must start
 //! its own cluster ([`Cluster::start`]) so that it does not disturb the others; so must
-//! one that needs other server settings ([`Cluster::start_with`]).
+//! one that needs other server settings ([`Cluster::start_with`]). Stops and restarts
+//! are timed; one slower than [`STOP_LIMIT`] fails the test (G9), naming what was
+//! attached to the server.
 //!
 //! Authentication over TCP (127.0.0.1) is `trust` unless a role belongs to one of the
 //! groups below, which [`Cluster::create_role`] sets up:
@@ -25,7 +27,7 @@ mod setup;
 
 use std::fs;
 use std::path::Path;
-use std::process::{Child, ExitStatus};
+use std::process::Child;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread;
@@ -321,18 +323,33 @@ impl Cluster {
         }
     }
 
-    /// Stops the server and waits until it has exited. Blocks the calling thread.
-    /// Only for clusters of one's own ([`Cluster::start`]).
-    pub fn stop(&self, mode: StopMode) {
-        let status = self.0.stop(mode);
-        if status.is_none() {
-            panic!("stop PostgreSQL ({mode:?}): it was not running");
+    /// Stops the server, waits until it has exited, and returns how long that took.
+    /// Blocks the calling thread. Only for clusters of one's own ([`Cluster::start`]).
+    ///
+    /// Panics when the server was not running, or when it took longer than
+    /// [`STOP_LIMIT`] to exit (G9: nothing attached may hold a shutdown up): the message
+    /// gives the time and the processes still attached to the server. The server is
+    /// forced down (SIGQUIT, then SIGKILL) before the panic, so the cleanup still runs.
+    pub fn stop(&self, mode: StopMode) -> Duration {
+        match self.try_stop(mode) {
+            Ok(elapsed) => elapsed,
+            Err(slow) => panic!("{slow}"),
         }
     }
 
-    /// Starts a stopped server again on the same port and data directory and waits
-    /// until it accepts connections. Blocks the calling thread.
-    pub fn start_again(&self) {
+    /// Like [`Cluster::stop`], but a stop slower than [`STOP_LIMIT`] is returned as an
+    /// error (the server forced down) instead of a panic.
+    pub fn try_stop(&self, mode: StopMode) -> Result<Duration, SlowStop> {
+        self.0
+            .stop(mode)
+            .unwrap_or_else(|| panic!("stop PostgreSQL ({mode:?}): it was not running"))
+    }
+
+    /// Starts a stopped server again on the same port and data directory, waits until
+    /// it accepts connections, and returns how long that took. Blocks the calling
+    /// thread.
+    pub fn start_again(&self) -> Duration {
+        let begun = Instant::now();
         let mut child = self.0.lock_child();
         assert!(child.is_none(), "start PostgreSQL: it is already running");
         let mut started = spawn_postgres(&self.0.layout, self.0.port)
@@ -346,12 +363,50 @@ impl Cluster {
             );
         }
         *child = Some(started);
+        begun.elapsed()
     }
 
-    /// [`Cluster::stop`] then [`Cluster::start_again`]: same port, same data.
-    pub fn restart(&self, mode: StopMode) {
-        self.stop(mode);
-        self.start_again();
+    /// [`Cluster::stop`] then [`Cluster::start_again`] (same port, same data); returns
+    /// the time both took. Panics like [`Cluster::stop`] on a slow stop.
+    pub fn restart(&self, mode: StopMode) -> Duration {
+        let stopped = self.stop(mode);
+        stopped + self.start_again()
+    }
+
+    /// Like [`Cluster::restart`], but a slow stop is returned as an error after the
+    /// server (forced down) was started again, so that a long test can go on and
+    /// report it at the end.
+    pub fn try_restart(&self, mode: StopMode) -> Result<Duration, SlowStop> {
+        let stopped = self.try_stop(mode);
+        let started = self.start_again();
+        stopped.map(|stopped| stopped + started)
+    }
+}
+
+/// The longest a stop may take (G9 allows a `pg_ctl stop -m fast` no longer with
+/// walhook attached than with `pg_recvlogical`, which takes well under a second).
+pub const STOP_LIMIT: Duration = Duration::from_secs(5);
+
+/// A stop that took longer than [`STOP_LIMIT`]: the server had to be forced down.
+#[derive(Debug, Clone)]
+pub struct SlowStop {
+    /// How the stop was asked for.
+    pub mode: StopMode,
+    /// Until the server exited (forced by SIGQUIT or SIGKILL after [`STOP_LIMIT`]).
+    pub elapsed: Duration,
+    /// The server's child processes at [`STOP_LIMIT`] (pid and process title: a
+    /// `walsender` line names the client holding the shutdown up), and its log tail.
+    pub attached: String,
+}
+
+impl std::fmt::Display for SlowStop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "PostgreSQL stop ({:?}) did not finish within {STOP_LIMIT:?} (forced down after {:?}); \
+             processes still attached then:\n{}",
+            self.mode, self.elapsed, self.attached
+        )
     }
 }
 
@@ -360,37 +415,97 @@ impl Inner {
         self.child.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Signals the postmaster and waits for it, escalating to SIGQUIT then SIGKILL if
-    /// it does not exit in time. `None` if it was not running.
-    fn stop(&self, mode: StopMode) -> Option<ExitStatus> {
+    /// Signals the postmaster and waits for it. If it has not exited after
+    /// [`STOP_LIMIT`], lists what is attached, forces it down (SIGQUIT, then SIGKILL)
+    /// and returns a [`SlowStop`]. `None` if it was not running.
+    fn stop(&self, mode: StopMode) -> Option<Result<Duration, SlowStop>> {
         let mut child = self.lock_child().take()?;
-        let steps: &[(i32, Duration)] = match mode {
-            StopMode::Fast => &[
-                (libc::SIGINT, Duration::from_secs(30)),
-                (libc::SIGQUIT, Duration::from_secs(10)),
-            ],
-            StopMode::Immediate => &[(libc::SIGQUIT, Duration::from_secs(10))],
+        let begun = Instant::now();
+        let signal = match mode {
+            StopMode::Fast => libc::SIGINT,
+            StopMode::Immediate => libc::SIGQUIT,
         };
-        for &(signal, grace) in steps {
-            // SAFETY: kill(2) on our own child, which has not been reaped yet.
-            unsafe { libc::kill(child.id() as libc::pid_t, signal) };
-            let deadline = Instant::now() + grace;
-            while Instant::now() < deadline {
-                if let Ok(Some(status)) = child.try_wait() {
-                    return Some(status);
-                }
-                thread::sleep(Duration::from_millis(20));
-            }
+        if wait_after_signal(&mut child, signal, STOP_LIMIT) {
+            return Some(Ok(begun.elapsed()));
         }
-        let _ = child.kill();
-        child.wait().ok()
+        // The clients refused meanwhile are noise next to what held the stop up.
+        let log: Vec<String> = read_log_tail(&self.layout.log_path)
+            .lines()
+            .filter(|line| !line.contains("the database system is shutting down"))
+            .map(str::to_owned)
+            .collect();
+        let attached = format!("{}{}", child_processes(child.id()), log.join("\n"));
+        if !wait_after_signal(&mut child, libc::SIGQUIT, Duration::from_secs(10)) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        Some(Err(SlowStop {
+            mode,
+            elapsed: begun.elapsed(),
+            attached,
+        }))
     }
 
     /// Stops the server (fast) and removes the cluster's directory. Never panics.
     fn shut_down(&self) {
-        self.stop(StopMode::Fast);
+        let _ = self.stop(StopMode::Fast);
         let _ = fs::remove_dir_all(&self.layout.root);
     }
+}
+
+/// Sends `signal` to `child` and waits up to `grace` for it to exit.
+fn wait_after_signal(child: &mut Child, signal: i32, grace: Duration) -> bool {
+    // SAFETY: kill(2) on our own child, which has not been reaped yet.
+    unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+    let deadline = Instant::now() + grace;
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `pid title` of every child of `parent` (the postmaster), one a line, from /proc:
+/// PostgreSQL puts the backend kind, user, client address and state in the title
+/// (`postgres: walsender postgres 127.0.0.1(40000) START_REPLICATION`).
+fn child_processes(parent: u32) -> String {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return "(cannot read /proc)\n".to_owned();
+    };
+    let mut lines = Vec::new();
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // The fields after the parenthesised command: state, then the parent's pid.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid != Some(parent) {
+            continue;
+        }
+        let title = fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|raw| String::from_utf8_lossy(&raw).replace('\0', " "))
+            .unwrap_or_default();
+        lines.push(format!("  {pid} {}", title.trim_end()));
+    }
+    if lines.is_empty() {
+        return "  (none)\n".to_owned();
+    }
+    lines.sort();
+    lines.join("\n") + "\n"
 }
 
 impl Drop for Inner {
