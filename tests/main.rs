@@ -9,6 +9,7 @@ mod config_docs;
 mod daemon;
 mod delivery;
 mod demo;
+mod errors;
 mod ha;
 mod harness_smoke;
 mod least_privilege;
