@@ -333,7 +333,9 @@ async fn read_only_store_at_start_is_refused() {
         .find(|l| l.starts_with("error: "))
         .unwrap_or_else(|| panic!("an error line:\n{stderr}"));
     assert!(
-        line.contains("read-only transaction") && !stderr.contains("panicked"),
+        line.contains("read-only transaction")
+            && line.contains("Fix: the database refuses writes")
+            && !stderr.contains("panicked"),
         "{stderr}"
     );
 }

@@ -4,5 +4,7 @@
 
 libfuzzer_sys::fuzz_target!(
     init: walhook::fuzzing::allow_caught_third_party_panics(),
-    |data: &[u8]| walhook::fuzzing::config(data)
+    |data: &[u8]| {
+        walhook::fuzzing::config(data);
+    }
 );

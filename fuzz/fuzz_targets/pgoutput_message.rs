@@ -2,4 +2,6 @@
 //! announced the corpus's `users` table. Body: `walhook::fuzzing::pgoutput_message`.
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| walhook::fuzzing::pgoutput_message(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    walhook::fuzzing::pgoutput_message(data);
+});

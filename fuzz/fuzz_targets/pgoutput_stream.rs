@@ -3,4 +3,6 @@
 //! `walhook::fuzzing::pgoutput_stream`.
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| walhook::fuzzing::pgoutput_stream(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    walhook::fuzzing::pgoutput_stream(data);
+});
