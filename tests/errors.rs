@@ -110,6 +110,19 @@ async fn run_refuses_a_source_it_cannot_use_naming_cause_and_fix() {
     )
     .await;
 
+    // REPLICATION, but no CREATE on the database for the store's schema.
+    let repl = cluster().create_role(Auth::Trust, "").await;
+    run_refuses(
+        "role without CREATE on the database",
+        &config,
+        &db.url_as(&repl),
+        &[
+            &format!("permission denied for database {}", db.name),
+            "Fix: grant the role the privilege PostgreSQL names",
+        ],
+    )
+    .await;
+
     run_refuses(
         "missing table",
         &run_config(&db.name, &["public.nope"]),
