@@ -234,6 +234,13 @@ async fn truncate_of_a_watched_table_warns_and_the_stream_goes_on() {
         event_count(&client).await == 2
     })
     .await;
+    // One more change: until issue 11 item 2 is fixed, the position stored last is only
+    // confirmed once the stream reads on, so the slot check waits for that too.
+    db.batch("INSERT INTO users VALUES (3, 'c@x', 0)").await;
+    wait_for("the third insert's event", WAIT, || async {
+        event_count(&client).await == 3
+    })
+    .await;
     wait_for("the slot to confirm past the TRUNCATE", WAIT, || async {
         client
             .query_one(
@@ -252,7 +259,7 @@ async fn truncate_of_a_watched_table_warns_and_the_stream_goes_on() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(types, ["user.created", "user.created"]);
+    assert_eq!(types, ["user.created"; 3]);
 }
 
 /// A watched table renamed while walhook runs: a warning names both names and the fix

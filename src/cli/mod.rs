@@ -84,6 +84,8 @@ pub fn error_chain(err: &anyhow::Error) -> String {
     if let Some(fix) = fix
         && !out.contains("Fix:")
     {
+        // PostgreSQL's text may end with a sentence of its own ("HINT: ... space.").
+        out.truncate(out.trim_end_matches(['.', ' ', '\n']).len());
         out.push_str(". ");
         out.push_str(fix);
     }
