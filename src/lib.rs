@@ -5,6 +5,8 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod delivery;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod mapping;
 pub mod routing;
 pub mod server;

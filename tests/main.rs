@@ -11,6 +11,7 @@ mod daemon;
 mod delivery;
 mod demo;
 mod durability;
+mod errors;
 mod ha;
 mod harness_smoke;
 mod ingest;

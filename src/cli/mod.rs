@@ -66,7 +66,8 @@ pub enum Command {
 }
 
 /// An error and its causes on one line, without repeating a cause that the message
-/// already contains.
+/// already contains; when a PostgreSQL error in the chain has a known remedy that the
+/// message does not give yet, that remedy follows.
 pub fn error_chain(err: &anyhow::Error) -> String {
     let mut out = err.to_string();
     for cause in err.chain().skip(1) {
@@ -76,5 +77,46 @@ pub fn error_chain(err: &anyhow::Error) -> String {
             out.push_str(&text);
         }
     }
+    let fix = err
+        .chain()
+        .filter_map(|cause| cause.downcast_ref::<tokio_postgres::Error>())
+        .find_map(|pg| pg.code().and_then(|code| fix_for_sqlstate(code.code())));
+    if let Some(fix) = fix
+        && !out.contains("Fix:")
+    {
+        // PostgreSQL's text may end with a sentence of its own ("HINT: ... space.").
+        out.truncate(out.trim_end_matches(['.', ' ', '\n']).len());
+        out.push_str(". ");
+        out.push_str(fix);
+    }
     out
+}
+
+/// The remedy for a PostgreSQL error that a walhook message may carry unexplained
+/// (mostly from the store, which shares no code with the source's checks).
+fn fix_for_sqlstate(code: &str) -> Option<&'static str> {
+    Some(match code {
+        "25006" => {
+            "Fix: the database refuses writes (default_transaction_read_only is on, or it is a hot standby): point the url at a writable primary, or run `ALTER DATABASE <name> SET default_transaction_read_only = off;`"
+        }
+        "53100" => {
+            "Fix: the database server's disk is full: free space there, then start walhook again"
+        }
+        "42501" => {
+            "Fix: grant the role the privilege PostgreSQL names (sql/least-privilege.sql lists what walhook needs), or use another role"
+        }
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_sqlstates_get_a_fix() {
+        assert!(fix_for_sqlstate("25006").unwrap().contains("read_only"));
+        assert!(fix_for_sqlstate("53100").unwrap().contains("disk is full"));
+        assert_eq!(fix_for_sqlstate("23505"), None);
+    }
 }

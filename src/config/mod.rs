@@ -68,7 +68,10 @@ fn load_inner(
 ) -> Result<Config, ConfigErrors> {
     let doc = toml_edit::ImDocument::parse(text).map_err(|e| {
         let line = e.span().map(|s| line_of(text, s.start));
-        let message = format!("TOML syntax error: {}", e.message().trim());
+        let message = format!(
+            "TOML syntax error: {}",
+            e.message().trim().replace('\n', "; ")
+        );
         let mut error = ConfigError::new(file, "", message);
         error.line = line;
         ConfigErrors::single(error.with_cause(e))
@@ -107,19 +110,22 @@ fn load_inner(
 
     let mut expand_errors = Vec::new();
     expand::expand_tree(&mut value, "", lookup, &mut expand_errors);
+    // A value left unexpanded is not checked again: "${LEVEL}" is no bad log level.
+    let unexpanded: Vec<String> = expand_errors.iter().map(|e| e.key.clone()).collect();
     errors.extend(
         expand_errors
             .into_iter()
             .map(|e| loc.error(&e.key, e.message)),
     );
 
-    let Some((raw, poisoned)) = deserialize_all(value, &loc, &mut errors) else {
+    let Some((raw, mut poisoned)) = deserialize_all(value, &loc, &mut errors) else {
         return Err(sorted(errors));
     };
     match validate::validate(raw, &loc) {
         Ok(config) if errors.is_empty() => Ok(config),
         Ok(_) => Err(sorted(errors)),
         Err(more) => {
+            poisoned.extend(unexpanded);
             // A value removed for a type error reappears as "missing"; report it once.
             errors.extend(more.into_iter().filter(|e| {
                 !poisoned.iter().any(|p| {
@@ -441,6 +447,8 @@ mod tests {
         let err = find(&e, "log.level");
         assert_eq!(err.line, Some(5));
         assert!(err.message.contains("LEVEL"), "{err}");
+        // Only the missing variable: the unexpanded text is not judged as a level.
+        assert_eq!(e.len(), 1, "{e}");
     }
 
     #[test]
@@ -707,6 +715,8 @@ when = "new.size > 10"
 
         let e = load_err("[source]\nurl = \"postgres://x/app\"\nslot = \n", &[]);
         assert_eq!(e.errors[0].line, Some(3), "{e}");
+        // One line per problem.
+        assert!(!e.errors[0].message.contains('\n'), "{e}");
     }
 
     #[test]

@@ -238,6 +238,9 @@ fn array(text: &str, element: u32, delim: u8) -> Value {
     p.literal().unwrap_or_else(|| string(text))
 }
 
+/// PostgreSQL's MAXDIM: no array value has more dimensions.
+const MAX_DIMENSIONS: usize = 6;
+
 /// A recursive-descent reader of `array_out` output: `{a,"b c",NULL,{1,2}}`, maybe
 /// preceded by bounds such as `[0:2]=`.
 struct ArrayParser<'a> {
@@ -266,13 +269,15 @@ impl ArrayParser<'_> {
             self.pos = eq + 1;
             self.skip_ws();
         }
-        let value = self.array()?;
+        let value = self.array(1)?;
         self.skip_ws();
         (self.pos == self.s.len()).then_some(value)
     }
 
-    fn array(&mut self) -> Option<Value> {
-        if self.peek()? != b'{' {
+    /// The array starting here, `depth` levels deep (1 for the outermost). Deeper than
+    /// PostgreSQL's MAXDIM is no array it sends; refusing it also bounds the recursion.
+    fn array(&mut self, depth: usize) -> Option<Value> {
+        if self.peek()? != b'{' || depth > MAX_DIMENSIONS {
             return None;
         }
         self.pos += 1;
@@ -285,7 +290,7 @@ impl ArrayParser<'_> {
         loop {
             self.skip_ws();
             let item = match self.peek()? {
-                b'{' => self.array()?,
+                b'{' => self.array(depth + 1)?,
                 b'"' => {
                     let s = self.quoted()?;
                     to_json(self.element, None, &s)
@@ -516,6 +521,18 @@ mod tests {
             json!(["happy", "sad"])
         );
         assert_eq!(to_json(16_501, None, "{happy,sad}"), json!("{happy,sad}"));
+    }
+
+    #[test]
+    fn arrays_deeper_than_maxdim_stay_text_without_overflowing_the_stack() {
+        // Found with the pgoutput_message fuzz target's binary: 200k nested braces in an
+        // int4[] column overflowed the stack (a crash, not an error).
+        let deep = "{".repeat(200_000);
+        assert_eq!(conv(1007, &deep), json!(deep));
+        let six = "{{{{{{1}}}}}}";
+        assert_eq!(conv(1007, six), json!([[[[[[1]]]]]]));
+        let seven = "{{{{{{{1}}}}}}}";
+        assert_eq!(conv(1007, seven), json!(seven));
     }
 
     #[test]
