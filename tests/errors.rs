@@ -366,7 +366,6 @@ async fn read_only_store_at_start_is_refused() {
 /// db error: ERROR: cannot execute INSERT in a read-only transaction"), and a restart
 /// then fails at start-up the same way: a crash loop until the store is writable.
 #[tokio::test]
-#[ignore = "walhook exits on a read-only store instead of waiting: issue 11 item i (src/daemon/ingest.rs)"]
 async fn read_only_store_while_running_makes_ingest_wait() {
     let (db, store, work) = db_with_separate_store().await;
     let mut daemon = work.spawn_run(1);
