@@ -88,6 +88,7 @@ pub async fn run(
     epoch: i64,
     mut rx: mpsc::Receiver<SourceMsg>,
     confirm: watch::Sender<Lsn>,
+    stalled: watch::Sender<bool>,
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
     let mut last_closed = Instant::now();
@@ -113,7 +114,7 @@ pub async fn run(
         if pending.events > 0 {
             let started = Instant::now();
             let Some(outcome) =
-                commit_with_retry(&mut store, health, slot, epoch, &pending.batch, &shutdown)
+                commit_with_retry(&mut store, health, &stalled, slot, epoch, &pending.batch, &shutdown)
                     .await?
             else {
                 return Ok(());
@@ -219,9 +220,11 @@ fn add(pending: &mut Pending, msg: SourceMsg) {
 /// [`MAX_REFUSED_BACKOFF`], not ready, naming the culprit. A COMMIT whose
 /// acknowledgement was lost is recognised by [`Store::ingest`] (the batch is at or
 /// below the stored checkpoint) and not written twice.
+#[allow(clippy::too_many_arguments)]
 async fn commit_with_retry(
     store: &mut Store,
     health: &Health,
+    stalled: &watch::Sender<bool>,
     slot: &str,
     epoch: i64,
     batch: &IngestBatch,
@@ -233,6 +236,7 @@ async fn commit_with_retry(
     loop {
         let err = match store.ingest(slot, epoch, batch).await {
             Ok(outcome) => {
+                stalled.send_if_modified(|s| std::mem::replace(s, false));
                 if outcome.already_stored {
                     info!(
                         "the batch was committed before (its acknowledgement was lost); not written again"
@@ -249,6 +253,8 @@ async fn commit_with_retry(
             }
             Err(e) => e,
         };
+        // The source stops holding the server up while this batch waits (G9).
+        stalled.send_if_modified(|s| !std::mem::replace(s, true));
         if err.is_transient() {
             metrics().ingest_error("unavailable");
             warn!(error = %err, backoff_ms = backoff.as_millis() as u64, "store unavailable; retrying the batch");

@@ -269,6 +269,8 @@ async fn lead_once(
 
     let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
     let (confirm_tx, confirm_rx) = watch::channel(Lsn::INVALID);
+    // Ingest says when it cannot store (it retries a batch); see source_task::run.
+    let (stalled_tx, stalled_rx) = watch::channel(false);
     let source_stop = CancellationToken::new();
     let buffer = Arc::new(tokio::sync::Semaphore::new(
         usize::try_from(config.daemon.ingest_buffer)
@@ -276,7 +278,17 @@ async fn lead_once(
             .min(tokio::sync::Semaphore::MAX_PERMITS),
     ));
     let source = tokio::spawn(
-        source_task::run(stream, rules, tx, buffer, confirm_rx, source_stop.clone())
+        source_task::run(
+            source_task::Links {
+                tx,
+                buffer,
+                confirmed: confirm_rx,
+                stalled: stalled_rx,
+            },
+            stream,
+            rules,
+            source_stop.clone(),
+        )
             .instrument(info_span!("source", slot = %slot)),
     );
     let result = ingest::run(
@@ -287,6 +299,7 @@ async fn lead_once(
         epoch,
         rx,
         confirm_tx,
+        stalled_tx,
         shutdown.clone(),
     )
     .instrument(info_span!("ingest", slot = %slot))

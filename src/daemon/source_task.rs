@@ -57,15 +57,32 @@ struct Txn {
     commit_time: i64,
 }
 
+/// How the source task is tied to ingest.
+pub struct Links {
+    /// Messages to ingest.
+    pub tx: mpsc::Sender<SourceMsg>,
+    /// The ingest buffer: row data in flight, in bytes (G6).
+    pub buffer: Arc<Semaphore>,
+    /// The end LSN of the last source transaction ingest stored.
+    pub confirmed: watch::Receiver<Lsn>,
+    /// Whether ingest is retrying a batch it cannot store: the replication connection
+    /// is then closed at once while the source task waits for ingest (G9).
+    pub stalled: watch::Receiver<bool>,
+}
+
 /// Runs until `stop` is cancelled or the stream fails.
 pub async fn run(
+    links: Links,
     mut stream: ReplicationStream,
     mut rules: watch::Receiver<Arc<Rules>>,
-    tx: mpsc::Sender<SourceMsg>,
-    buffer: Arc<Semaphore>,
-    confirmed: watch::Receiver<Lsn>,
     stop: CancellationToken,
 ) -> Result<(), StreamError> {
+    let Links {
+        tx,
+        buffer,
+        confirmed,
+        mut stalled,
+    } = links;
     let capacity = buffer.available_permits();
     stream.follow_confirmations(confirmed);
     let mut txn: Option<Txn> = None;
@@ -118,7 +135,7 @@ pub async fn run(
                     events.as_ref().map_or(0, |e| e.events.len()),
                     capacity,
                 );
-                match hold(&buffer, cost, &mut stream, &stop).await {
+                match hold(&buffer, cost, &mut stream, &mut stalled, &stop).await {
                     Some(held) => SourceMsg::Change {
                         events,
                         position: stream.position(),
@@ -165,6 +182,9 @@ pub async fn run(
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
+                _ = stalled_now(&mut stalled), if stream.is_connected() => {
+                    stream.disconnect("ingest cannot store what it received").await;
+                }
                 permit = tx.reserve() => {
                     match permit {
                         Ok(permit) => permit.send(msg),
@@ -202,6 +222,7 @@ async fn hold(
     buffer: &Arc<Semaphore>,
     cost: u32,
     stream: &mut ReplicationStream,
+    stalled: &mut watch::Receiver<bool>,
     stop: &CancellationToken,
 ) -> Option<OwnedSemaphorePermit> {
     let since = tokio::time::Instant::now();
@@ -212,6 +233,9 @@ async fn hold(
             biased;
             _ = stop.cancelled() => return None,
             permit = &mut acquire => return permit.ok(),
+            _ = stalled_now(stalled), if stream.is_connected() => {
+                stream.disconnect("ingest cannot store what it received").await;
+            }
             _ = tokio::time::sleep_until(since + BLOCKED_LIMIT), if stream.is_connected() => {
                 stream.disconnect("ingest has stored nothing for 5 s (the store is slow or unreachable)").await;
             }
@@ -295,5 +319,12 @@ fn to_change_events(
         xid: txn.xid,
         commit_time: txn.commit_time,
         events,
+    }
+}
+
+/// Resolves once ingest says it cannot store (pending for ever once ingest is gone).
+async fn stalled_now(stalled: &mut watch::Receiver<bool>) {
+    if stalled.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
