@@ -113,9 +113,16 @@ pub async fn run(
         // checkpoint) is handed on.
         if pending.events > 0 {
             let started = Instant::now();
-            let Some(outcome) =
-                commit_with_retry(&mut store, health, &stalled, slot, epoch, &pending.batch, &shutdown)
-                    .await?
+            let Some(outcome) = commit_with_retry(
+                &mut store,
+                health,
+                &stalled,
+                slot,
+                epoch,
+                &pending.batch,
+                &shutdown,
+            )
+            .await?
             else {
                 return Ok(());
             };

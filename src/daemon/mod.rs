@@ -289,7 +289,7 @@ async fn lead_once(
             rules,
             source_stop.clone(),
         )
-            .instrument(info_span!("source", slot = %slot)),
+        .instrument(info_span!("source", slot = %slot)),
     );
     let result = ingest::run(
         store,
