@@ -8,6 +8,7 @@ pub mod delivery;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod mapping;
+pub mod pg;
 pub mod routing;
 pub mod server;
 pub mod source;

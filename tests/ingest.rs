@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Map, json};
+use walhook::pg::ConnInfo;
 use walhook::source::Lsn;
-use walhook::source::connect::ConnectParams;
 use walhook::source::stream::Position;
 use walhook::store::{ChangeEvents, IngestBatch, PendingEvent, Store};
 
@@ -20,7 +20,7 @@ const WAIT: Duration = Duration::from_secs(60);
 
 /// A migrated store in `db` with a checkpoint for slot `s` led by epoch 1.
 async fn store(db: &TestDb) -> Store {
-    let params = ConnectParams::parse(&db.url()).expect("store url");
+    let params = ConnInfo::parse(&db.url()).expect("store url");
     let mut store = Store::connect(&params, "walhook").await.expect("store");
     store.migrate().await.expect("migrate");
     store.create_checkpoint("s").await.expect("checkpoint");

@@ -7,6 +7,7 @@ mod chaos;
 mod cli_check;
 mod cli_tail;
 mod config_docs;
+mod connect;
 mod daemon;
 mod delivery;
 mod demo;

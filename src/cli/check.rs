@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use super::ConfigArg;
 use crate::daemon::prepare::PrepareError;
 use crate::mapping::Mapper;
-use crate::source::connect::{ConnectParams, SslMode};
+use crate::pg::{ConnInfo, Host, SslMode};
 use crate::source::setup::{self, SetupError};
 use crate::store::{Checkpoint, Store};
 
@@ -74,17 +74,11 @@ async fn check(args: &CheckArgs, report: &mut Report) -> bool {
             format!("`{key}` is accepted but not active yet in this version"),
         );
     }
-    let params = match ConnectParams::parse(config.source.url.expose().as_str()) {
-        Ok(p) => p,
-        Err(e) => {
-            report.add(Level::Error, "source.url", e);
-            return false;
-        }
-    };
+    let params = config.source.url.expose();
     let mut client = match params.connect_sql().await {
         Ok(c) => {
-            report.add(Level::Ok, "connection", params.redacted());
-            tls_line(&params, report);
+            report.add(Level::Ok, "connection", params.to_string());
+            tls_line(params, report);
             c
         }
         Err(e) => {
@@ -180,7 +174,7 @@ async fn check(args: &CheckArgs, report: &mut Report) -> bool {
 async fn publication_line(
     client: &mut tokio_postgres::Client,
     name: &str,
-    tables: &[setup::QualifiedName],
+    tables: &[crate::pg::TableName],
     report: &mut Report,
 ) {
     match setup::try_publication(client, name, tables).await {
@@ -203,8 +197,9 @@ async fn publication_line(
 /// The store's checkpoint for `config`'s slot, if the store is reachable, migrated and
 /// has one (the store line reports what is wrong with the store otherwise).
 async fn store_checkpoint(config: &crate::config::Config) -> Option<Checkpoint> {
-    let params = ConnectParams::parse(config.store.url.expose().as_str()).ok()?;
-    let store = Store::connect(&params, &config.store.schema).await.ok()?;
+    let store = Store::connect(config.store.url.expose(), &config.store.schema)
+        .await
+        .ok()?;
     store.checkpoint(&config.source.slot).await.ok().flatten()
 }
 
@@ -254,18 +249,18 @@ async fn slot_line(
 }
 
 /// Whether the source connection is encrypted and verified.
-fn tls_line(params: &ConnectParams, report: &mut Report) {
-    let local = params.pg.get_hosts().iter().all(|h| match h {
-        tokio_postgres::config::Host::Tcp(name) => {
+fn tls_line(params: &ConnInfo, report: &mut Report) {
+    let local = params.hosts.iter().all(|h| match &h.host {
+        Host::Tcp(name) => {
             name == "localhost"
                 || name
                     .parse::<std::net::IpAddr>()
                     .is_ok_and(|ip| ip.is_loopback())
         }
-        #[cfg(unix)]
-        tokio_postgres::config::Host::Unix(_) => true,
+        Host::Unix(_) => true,
     });
-    let (level, detail) = match params.ssl_mode {
+    let verified_chain = params.tls.roots.is_some();
+    let (level, detail) = match params.tls.mode {
         SslMode::VerifyFull => (
             Level::Ok,
             "sslmode=verify-full: encrypted, certificate and host name verified",
@@ -275,13 +270,17 @@ fn tls_line(params: &ConnectParams, report: &mut Report) {
             "sslmode=verify-ca: encrypted, certificate verified (host name not checked)",
         ),
         _ if local => (Level::Ok, "local connection; TLS not needed"),
+        SslMode::Require if verified_chain => (
+            Level::Warn,
+            "sslmode=require with a root certificate file: encrypted, certificate verified, host name not checked. Fix: `sslmode=verify-full`",
+        ),
         SslMode::Disable => (
             Level::Warn,
             "sslmode=disable: credentials and changes cross the network unencrypted. Fix: `sslmode=verify-full` with `sslrootcert=` in [source] url",
         ),
         SslMode::Prefer | SslMode::Require => (
             Level::Warn,
-            "the server certificate is not verified (sslmode prefer/require). Fix: `sslmode=verify-full` with `sslrootcert=` in [source] url",
+            "the server certificate is not verified (sslmode prefer/require). Fix: `sslmode=verify-full` with `sslrootcert=` (a CA file, or `system`) in [source] url",
         ),
     };
     report.add(level, "tls", detail);
@@ -354,10 +353,7 @@ fn retained_wal_line(slot: &str, wal: &setup::RetainedWal, report: &mut Report) 
 
 /// Whether the store is reachable and migrated.
 async fn store_line(config: &crate::config::Config, report: &mut Report) {
-    let params = match ConnectParams::parse(config.store.url.expose().as_str()) {
-        Ok(p) => p,
-        Err(e) => return report.add(Level::Error, "store", e),
-    };
+    let params = config.store.url.expose();
     let client = match params.connect_sql().await {
         Ok(c) => c,
         Err(e) => return report.add(Level::Error, "store", params.describe_sql_error(e)),

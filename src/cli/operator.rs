@@ -4,20 +4,16 @@
 
 use std::time::{Duration, SystemTime};
 
-use anyhow::Context;
 use chrono::{DateTime, SecondsFormat, Utc};
 
 use crate::config::Config;
 use crate::config::parse_duration;
-use crate::source::connect::ConnectParams;
 use crate::store::Store;
 
 /// Connects to the store (`store.url`, default `source.url`); never touches the slot.
 /// Fails with the fix when the store was never set up.
 pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
-    let params = ConnectParams::parse(config.store.url.expose().as_str())
-        .context("bad store url (store.url or source.url)")?;
-    let store = Store::connect(&params, &config.store.schema).await?;
+    let store = Store::connect(config.store.url.expose(), &config.store.schema).await?;
     if !store.is_set_up().await? {
         anyhow::bail!(
             "the store has no walhook tables in schema `{}`: run `walhook setup` or start `walhook run` first",

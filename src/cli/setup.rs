@@ -3,7 +3,8 @@
 
 use super::ConfigArg;
 use crate::daemon::prepare;
-use crate::source::setup::{self, QualifiedName};
+use crate::pg::TableName;
+use crate::source::setup;
 use crate::store::migrations;
 
 #[derive(Debug, clap::Args)]
@@ -23,7 +24,7 @@ pub struct SetupArgs {
 pub async fn run(args: SetupArgs) -> anyhow::Result<()> {
     let config = args.config.load()?;
     if args.print_sql {
-        let tables: Vec<QualifiedName> = super::tail::watched_tables(&config);
+        let tables: Vec<TableName> = super::tail::watched_tables(&config);
         println!("-- walhook store (schema {})", config.store.schema);
         println!("{}", migrations::full_sql(&config.store.schema));
         println!("-- publication of the watched tables (run as the tables' owner)");

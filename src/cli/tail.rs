@@ -12,11 +12,11 @@ use tracing::{info, warn};
 
 use super::ConfigArg;
 use crate::config::Config;
-use crate::source::connect::ConnectParams;
+use crate::pg::TableName;
+use crate::source::Lsn;
 use crate::source::decoder::{Decoded, Row};
-use crate::source::setup::{self, QualifiedName};
+use crate::source::setup;
 use crate::source::stream::{ConfirmMode, Position, ReplicationStream, StreamOptions};
-use crate::source::{Lsn, client::PG_EPOCH_OFFSET_MICROS};
 
 #[derive(Debug, clap::Args)]
 pub struct TailArgs {
@@ -146,7 +146,7 @@ fn reader_gone(written: std::io::Result<()>) -> anyhow::Result<bool> {
 /// the publication.
 async fn connect(args: &TailArgs) -> anyhow::Result<ReplicationStream> {
     let config = args.config.load()?;
-    let params = ConnectParams::parse(config.source.url.expose().as_str())?;
+    let params = config.source.url.expose().clone();
     let tables = watched_tables(&config);
 
     let sql = params
@@ -194,11 +194,11 @@ async fn connect(args: &TailArgs) -> anyhow::Result<ReplicationStream> {
 }
 
 /// The configured tables as schema-qualified names.
-pub fn watched_tables(config: &Config) -> Vec<QualifiedName> {
+pub fn watched_tables(config: &Config) -> Vec<TableName> {
     config
         .tables
         .iter()
-        .map(|t| QualifiedName {
+        .map(|t| TableName {
             schema: t.schema.clone(),
             name: t.name.clone(),
         })
@@ -207,7 +207,7 @@ pub fn watched_tables(config: &Config) -> Vec<QualifiedName> {
 
 /// RFC 3339 UTC with microseconds, from the protocol's clock.
 pub fn format_commit_time(pg_micros: i64) -> String {
-    chrono::DateTime::from_timestamp_micros(pg_micros + PG_EPOCH_OFFSET_MICROS)
+    crate::pg::pg_micros_to_utc(pg_micros)
         .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string())
         .unwrap_or_default()
 }

@@ -329,8 +329,13 @@ mod tests {
     #[test]
     fn example_config_loads() {
         let c = load_ok(EXAMPLE, &[("DATABASE_URL", DB)]);
-        assert_eq!(c.source.url.expose().as_str(), DB);
-        assert_eq!(c.store.url.expose().as_str(), DB);
+        assert_eq!(c.source.url.redacted(), "walhook@db.internal:5432/app");
+        let src = c.source.url.expose();
+        assert_eq!(
+            src.password_for(&src.hosts[0]).as_deref(),
+            Some("pg-pass-123")
+        );
+        assert_eq!(c.store.url, c.source.url);
         assert_eq!(c.tables.len(), 2);
         let users = &c.tables[0];
         assert_eq!(
@@ -412,7 +417,10 @@ mod tests {
             ],
         );
         assert_eq!(c.log.level, "debug");
-        assert_eq!(c.source.url.expose().host_str(), Some("env"));
+        assert_eq!(
+            c.source.url.expose().hosts[0].host,
+            crate::pg::Host::Tcp("env".into())
+        );
         assert_eq!(c.store.schema, "hooks");
     }
 
@@ -437,7 +445,8 @@ mod tests {
             "[source]\nurl = \"postgres://u:${PGPASS}@db/app\"\n[store]\nschema = \"wh_${SUFFIX}\"\n",
             &[("PGPASS", "pw"), ("SUFFIX", "prod")],
         );
-        assert_eq!(c.source.url.expose().password(), Some("pw"));
+        let src = c.source.url.expose();
+        assert_eq!(src.password_for(&src.hosts[0]).as_deref(), Some("pw"));
         assert_eq!(c.store.schema, "wh_prod");
 
         let e = load_err(
@@ -640,7 +649,7 @@ secret = ["{KEY}", "${{OLD_KEY}}"]
         ] {
             assert!(!debug.contains(leak), "{leak} leaked in {debug}");
         }
-        assert!(debug.contains("postgres://app:***@db/app"), "{debug}");
+        assert!(debug.contains("DatabaseUrl(app@db:5432/app)"), "{debug}");
         assert_eq!(
             c.subscriptions[0].headers["Authorization"].expose(),
             "Bearer header-token-abc"

@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use crate::pg::ConnInfo;
+
 /// A value that cannot be printed by accident: `Debug` and `Display` show `[redacted]`.
 ///
 /// Read the value with [`Secret::expose`], only where it is actually used (signing,
@@ -33,32 +35,25 @@ impl<T> fmt::Display for Secret<T> {
     }
 }
 
-/// A PostgreSQL connection URL. It usually holds a password, so it is kept secret;
-/// [`DatabaseUrl::redacted`] gives a form safe for logs and reports.
+/// A PostgreSQL connection string (URL or key/value form) with the `PG*` environment
+/// and libpq's defaults applied. It may hold a password, so it shows only
+/// `user@host:port/db`.
 #[derive(Clone, PartialEq, Eq)]
-pub struct DatabaseUrl(Secret<url::Url>);
+pub struct DatabaseUrl(ConnInfo);
 
 impl DatabaseUrl {
-    pub(crate) fn new(url: url::Url) -> Self {
-        DatabaseUrl(Secret::new(url))
+    pub(crate) fn new(info: ConnInfo) -> Self {
+        DatabaseUrl(info)
     }
 
-    /// The full URL, password included. Only for connecting.
-    pub fn expose(&self) -> &url::Url {
-        self.0.expose()
+    /// The connection settings, password included. Only for connecting.
+    pub fn expose(&self) -> &ConnInfo {
+        &self.0
     }
 
-    /// The URL with its password replaced by `***` and query parameters dropped
-    /// (they may carry `password=` or key file paths).
+    /// `user@host:port/db`: no password, no other setting.
     pub fn redacted(&self) -> String {
-        let mut url = self.0.expose().clone();
-        if url.password().is_some() {
-            // Cannot fail: a URL that has a password can have it replaced.
-            let _ = url.set_password(Some("***"));
-        }
-        url.set_query(None);
-        url.set_fragment(None);
-        url.to_string()
+        self.0.to_string()
     }
 }
 
@@ -86,12 +81,12 @@ mod tests {
     }
 
     #[test]
-    fn database_url_hides_password_and_query() {
-        let url = url::Url::parse("postgres://app:hunter2@db:5432/app?password=x").unwrap();
-        let db = DatabaseUrl::new(url);
+    fn database_url_hides_password_and_settings() {
+        let info = ConnInfo::parse("postgres://app:hunter2@db:5432/app?sslkey=/secret/k").unwrap();
+        let db = DatabaseUrl::new(info);
         let shown = format!("{db:?} {db}");
         assert!(!shown.contains("hunter2"), "{shown}");
-        assert!(!shown.contains("password=x"), "{shown}");
-        assert_eq!(db.redacted(), "postgres://app:***@db:5432/app");
+        assert!(!shown.contains("/secret/k"), "{shown}");
+        assert_eq!(db.redacted(), "app@db:5432/app");
     }
 }

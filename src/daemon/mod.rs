@@ -153,8 +153,8 @@ pub async fn run(
 #[allow(clippy::too_many_arguments)]
 async fn ingest_until_shutdown(
     config: &Config,
-    source_params: crate::source::connect::ConnectParams,
-    store_params: crate::source::connect::ConnectParams,
+    source_params: crate::pg::ConnInfo,
+    store_params: crate::pg::ConnInfo,
     store: Store,
     rules: watch::Receiver<Arc<reload::Rules>>,
     owner: &str,
@@ -209,7 +209,7 @@ async fn ingest_until_shutdown(
 #[allow(clippy::too_many_arguments)]
 async fn lead_once(
     config: &Config,
-    source_params: crate::source::connect::ConnectParams,
+    source_params: crate::pg::ConnInfo,
     mut store: Store,
     rules: watch::Receiver<Arc<reload::Rules>>,
     owner: &str,
@@ -322,7 +322,7 @@ async fn lead_once(
 /// A store connection, waiting (with backoff) while the store is unreachable; `None`
 /// once `shutdown` is asked for.
 async fn connect_store(
-    params: &crate::source::connect::ConnectParams,
+    params: &crate::pg::ConnInfo,
     schema: &str,
     shutdown: &CancellationToken,
 ) -> Result<Option<Store>, DaemonError> {

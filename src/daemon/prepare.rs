@@ -9,9 +9,10 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::mapping::{Mapper, MappingError};
+use crate::pg::TableName;
+use crate::pg::{ConnInfo, PgError};
 use crate::source::client::ReplicationClient;
-use crate::source::connect::{ConnectConfigError, ConnectParams};
-use crate::source::setup::{self, PublicationChange, QualifiedName, SetupError, TableInfo};
+use crate::source::setup::{self, PublicationChange, SetupError, TableInfo};
 use crate::store::{Store, StoreError};
 
 /// Why the daemon cannot start. Every message names the culprit and the fix.
@@ -20,7 +21,7 @@ pub enum PrepareError {
     #[error("{0}")]
     Connect(String),
     #[error(transparent)]
-    ConnectConfig(#[from] ConnectConfigError),
+    ConnectConfig(#[from] PgError),
     #[error(transparent)]
     Setup(#[from] SetupError),
     #[error(transparent)]
@@ -31,7 +32,7 @@ pub enum PrepareError {
         "table `{table}`: {needs} need the old row, which only REPLICA IDENTITY FULL provides. Fix: run `ALTER TABLE {quoted} REPLICA IDENTITY FULL;` or remove those settings from the config"
     )]
     NeedsFullIdentity {
-        table: QualifiedName,
+        table: TableName,
         quoted: String,
         needs: String,
     },
@@ -43,8 +44,8 @@ pub enum PrepareError {
 
 /// What `prepare` hands to the pipeline.
 pub struct Prepared {
-    pub source_params: ConnectParams,
-    pub store_params: ConnectParams,
+    pub source_params: ConnInfo,
+    pub store_params: ConnInfo,
     pub store: Store,
     pub mapper: Mapper,
     /// Per subscription: its name and event patterns, for routing at ingest.
@@ -80,11 +81,11 @@ impl Routes {
 }
 
 /// The watched tables of `config`, in file order.
-pub fn table_names(config: &Config) -> Vec<QualifiedName> {
+pub fn table_names(config: &Config) -> Vec<TableName> {
     config
         .tables
         .iter()
-        .map(|t| QualifiedName {
+        .map(|t| TableName {
             schema: t.schema.clone(),
             name: t.name.clone(),
         })
@@ -121,7 +122,7 @@ pub async fn table_rules(
 /// appends after the last stored event ("Recovery keeps the log").
 pub async fn reset_slot(config: &Config) -> Result<(), PrepareError> {
     let slot = &config.source.slot;
-    let source_params = ConnectParams::parse(config.source.url.expose().as_str())?;
+    let source_params = config.source.url.expose().clone();
     let sql = source_params
         .connect_sql()
         .await
@@ -139,7 +140,7 @@ pub async fn reset_slot(config: &Config) -> Result<(), PrepareError> {
             .map_err(SetupError::Sql)?;
         info!(slot = %slot, "replication slot dropped");
     }
-    let store_params = ConnectParams::parse(config.store.url.expose().as_str())?;
+    let store_params = config.store.url.expose().clone();
     let mut store = Store::connect(&store_params, &config.store.schema).await?;
     store.migrate().await?;
     store.reset_checkpoint(slot).await?;
@@ -154,7 +155,7 @@ pub async fn reset_slot(config: &Config) -> Result<(), PrepareError> {
 
 /// Checks the source, migrates the store, makes the publication and the slot.
 pub async fn prepare(config: &Config) -> Result<Prepared, PrepareError> {
-    let source_params = ConnectParams::parse(config.source.url.expose().as_str())?;
+    let source_params = config.source.url.expose().clone();
     let sql = source_params
         .connect_sql()
         .await
@@ -164,7 +165,7 @@ pub async fn prepare(config: &Config) -> Result<Prepared, PrepareError> {
     let names = table_names(config);
     let (mapper, infos) = table_rules(&sql, config).await?;
 
-    let store_params = ConnectParams::parse(config.store.url.expose().as_str())?;
+    let store_params = config.store.url.expose().clone();
     let mut store = Store::connect(&store_params, &config.store.schema).await?;
     let applied = store.migrate().await?;
     if applied > 0 {
@@ -200,10 +201,10 @@ pub async fn prepare(config: &Config) -> Result<Prepared, PrepareError> {
 /// The publication and the slot, under the store's setup lock (see [`prepare`]).
 async fn prepare_source(
     config: &Config,
-    source_params: &ConnectParams,
+    source_params: &ConnInfo,
     sql: &tokio_postgres::Client,
     store: &Store,
-    names: &[QualifiedName],
+    names: &[TableName],
 ) -> Result<(), PrepareError> {
     match setup::ensure_publication(sql, &config.source.publication, names).await? {
         PublicationChange::Unchanged => {}

@@ -41,8 +41,9 @@ use crate::delivery::HttpClients;
 use crate::delivery::dispatch;
 use crate::delivery::wake::{self, Wake};
 use crate::mapping::Mapper;
-use crate::source::connect::ConnectParams;
-use crate::source::setup::{self, QualifiedName, SetupError};
+use crate::pg::ConnInfo;
+use crate::pg::TableName;
+use crate::source::setup::{self, SetupError};
 use crate::store::{Store, StoreError};
 
 /// Keys that take effect only at start-up; a reload that changes them logs a warning.
@@ -171,8 +172,8 @@ fn table_fingerprint(t: &TableConfig) -> String {
 
 /// The connection parameters the running daemon uses.
 pub struct Connections {
-    pub source: ConnectParams,
-    pub store: ConnectParams,
+    pub source: ConnInfo,
+    pub store: ConnInfo,
 }
 
 /// Applies reload requests until `stop`. `current` is the running config; new rules go
@@ -260,7 +261,7 @@ async fn reload(
 async fn publish(
     sql: &tokio_postgres::Client,
     publication: &str,
-    tables: &[QualifiedName],
+    tables: &[TableName],
     rules: &watch::Sender<Arc<Rules>>,
     new_rules: Arc<Rules>,
 ) -> Result<(), ReloadError> {
@@ -379,7 +380,7 @@ struct Running {
 
 /// What every dispatcher shares.
 pub struct DispatchContext {
-    pub store_params: ConnectParams,
+    pub store_params: ConnInfo,
     pub schema: String,
     pub clients: Arc<HttpClients>,
     /// This instance's id (each dispatcher leases under it and a serial).

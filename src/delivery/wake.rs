@@ -10,8 +10,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::source::client::quote_ident;
-use crate::source::connect::ConnectParams;
+use crate::pg::ConnInfo;
+use crate::pg::quote_ident;
 
 /// A generation counter: every bump wakes every dispatcher's receiver once.
 pub struct Wake {
@@ -53,7 +53,7 @@ pub fn channel(schema: &str) -> String {
 /// Listens on the store's channel until `shutdown`, bumping `wake` on every
 /// notification; reconnects after a lost connection.
 pub async fn listen(
-    params: ConnectParams,
+    params: ConnInfo,
     schema: String,
     wake: std::sync::Arc<Wake>,
     shutdown: CancellationToken,

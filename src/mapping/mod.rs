@@ -20,7 +20,8 @@ pub(crate) mod test_support {
     //! Builders for mapping and routing tests.
 
     use crate::config::{Config, TableConfig, load_str};
-    use crate::source::setup::{QualifiedName, TableInfo};
+    use crate::pg::TableName;
+    use crate::source::setup::TableInfo;
 
     /// Loads a config from `body` (a `[source]` section is added).
     pub(crate) fn config(body: &str) -> Config {
@@ -45,7 +46,7 @@ pub(crate) mod test_support {
     ) -> TableInfo {
         let (schema, name) = qualified.split_once('.').unwrap();
         TableInfo {
-            name: QualifiedName {
+            name: TableName {
                 schema: schema.into(),
                 name: name.into(),
             },

@@ -11,7 +11,7 @@ use tracing::{info, warn};
 
 use super::health::{Health, StoreState};
 use super::metrics::{Sub, metrics};
-use crate::source::connect::ConnectParams;
+use crate::pg::ConnInfo;
 use crate::store::Store;
 
 /// How often the store is probed for `/readyz`.
@@ -26,7 +26,7 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Probes the store every [`PROBE_INTERVAL`] (setting `health`) and refreshes the queue
 /// gauges of `subscriptions` every [`STATS_INTERVAL`], until `stop`.
 pub async fn store_loop(
-    params: ConnectParams,
+    params: ConnInfo,
     schema: String,
     config: tokio::sync::watch::Receiver<Arc<crate::config::Config>>,
     health: Arc<Health>,
@@ -121,7 +121,7 @@ pub async fn store_loop(
 
 /// Reads the slot's retained WAL and whether it is active every [`LAG_INTERVAL`], over
 /// an ordinary SQL connection to the source, until `stop`.
-pub async fn lag_loop(params: ConnectParams, slot: String, stop: CancellationToken) {
+pub async fn lag_loop(params: ConnInfo, slot: String, stop: CancellationToken) {
     // On a standby (logical decoding from a standby) the current position is the replay
     // position.
     const SQL: &str = "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END - confirmed_flush_lsn)::bigint, active

@@ -5,7 +5,6 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use fallible_iterator::FallibleIterator;
@@ -14,13 +13,10 @@ use postgres_protocol::message::{backend, frontend};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
-use tokio_postgres::config::Host;
 
 use super::Lsn;
-use super::connect::{ConnectConfigError, ConnectParams, SESSION_SETTINGS, SslMode};
-
-/// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
-pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+use crate::pg::conninfo::SESSION_SETTINGS;
+use crate::pg::{ConnInfo, Host, HostSpec, PgError, SslMode, now_pg_micros};
 
 /// An error reported by the server (ErrorResponse), with its SQLSTATE.
 #[derive(Debug, Clone)]
@@ -48,7 +44,7 @@ impl std::fmt::Display for ServerError {
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error(transparent)]
-    Config(#[from] ConnectConfigError),
+    Config(#[from] PgError),
     #[error("cannot reach PostgreSQL at {addr}: {source}")]
     Connect {
         addr: String,
@@ -64,7 +60,7 @@ pub enum ClientError {
     #[error("the server at {0} does not accept TLS, but sslmode requires it")]
     TlsRefused(String),
     #[error(
-        "the server asked for a password, but the connection string has none (add it to the URL or set PGPASSWORD)"
+        "the server asked for a password, but none is given (add it to the connection string, set PGPASSWORD, or add a line to the password file ~/.pgpass)"
     )]
     NoPassword,
     #[error("the server asked for an authentication method walhook does not support ({0})")]
@@ -141,79 +137,73 @@ pub struct ReplicationClient {
 impl ReplicationClient {
     /// Opens a replication connection: TLS as `sslmode` says, start-up with
     /// `replication=database` and walhook's session settings, then authentication.
-    pub async fn connect(
-        params: &ConnectParams,
-        application_name: &str,
-    ) -> Result<Self, ClientError> {
+    pub async fn connect(info: &ConnInfo, application_name: &str) -> Result<Self, ClientError> {
         let mut last_err = None;
-        let ports = params.pg.get_ports();
-        let hostaddrs = params.pg.get_hostaddrs();
-        for (i, host) in params.pg.get_hosts().iter().enumerate() {
-            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
-            let hostaddr = hostaddrs.get(i).copied();
-            match Self::connect_one(params, host, hostaddr, port, application_name).await {
+        for host in info.hosts_in_order() {
+            match Self::connect_one(info, host, application_name).await {
                 Ok(client) => return Ok(client),
                 Err(e) => last_err = Some(e),
             }
         }
-        Err(last_err.unwrap_or(ClientError::Config(ConnectConfigError::NoHost)))
+        Err(last_err.expect("a ConnInfo has a host"))
     }
 
     async fn connect_one(
-        params: &ConnectParams,
-        host: &Host,
-        hostaddr: Option<std::net::IpAddr>,
-        port: u16,
+        info: &ConnInfo,
+        spec: &HostSpec,
         application_name: &str,
     ) -> Result<Self, ClientError> {
-        let timeout = params
-            .pg
-            .get_connect_timeout()
-            .copied()
-            .unwrap_or(Duration::from_secs(30));
-        let (stream, addr, host_name): (Pin<Box<dyn Stream>>, String, Option<String>) = match host {
-            Host::Tcp(h) => {
-                // `hostaddr` picks the address; `host` stays the name TLS verifies.
-                let addr = match hostaddr {
-                    Some(ip) => format!("{ip}:{port} ({h})"),
-                    None => format!("{h}:{port}"),
-                };
-                let connect = async {
-                    match hostaddr {
-                        Some(ip) => TcpStream::connect((ip, port)).await,
-                        None => TcpStream::connect((h.as_str(), port)).await,
-                    }
-                };
-                let tcp = tokio::time::timeout(timeout, connect)
-                    .await
-                    .map_err(|_| ClientError::Connect {
-                        addr: addr.clone(),
-                        source: io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
-                    })?
-                    .map_err(|source| ClientError::Connect {
-                        addr: addr.clone(),
-                        source,
-                    })?;
-                tcp.set_nodelay(true)?;
-                (Box::pin(tcp), addr, Some(h.clone()))
-            }
-            Host::Unix(dir) => {
-                let path = dir.join(format!(".s.PGSQL.{port}"));
-                let addr = path.display().to_string();
-                let unix =
-                    UnixStream::connect(&path)
+        let timeout = info.connect_timeout;
+        let port = spec.port;
+        let timed_out = |addr: &String| ClientError::Connect {
+            addr: addr.clone(),
+            source: io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
+        };
+        let (stream, addr, host_name): (Pin<Box<dyn Stream>>, String, Option<String>) =
+            match &spec.host {
+                Host::Tcp(h) => {
+                    // `hostaddr` picks the address; `host` stays the name TLS verifies.
+                    let addr = match spec.hostaddr {
+                        Some(ip) => format!("{ip}:{port} ({h})"),
+                        None => format!("{h}:{port}"),
+                    };
+                    let connect = async {
+                        match spec.hostaddr {
+                            Some(ip) => TcpStream::connect((ip, port)).await,
+                            None => TcpStream::connect((h.as_str(), port)).await,
+                        }
+                    };
+                    let tcp = tokio::time::timeout(timeout, connect)
                         .await
+                        .map_err(|_| timed_out(&addr))?
                         .map_err(|source| ClientError::Connect {
                             addr: addr.clone(),
                             source,
                         })?;
-                (Box::pin(unix), addr, None)
-            }
-        };
-        let stream = match (params.ssl_mode, host_name) {
+                    tcp.set_nodelay(true)?;
+                    set_tcp_options(&tcp, info)?;
+                    (Box::pin(tcp), addr, Some(h.clone()))
+                }
+                Host::Unix(dir) => {
+                    let path = dir.join(format!(".s.PGSQL.{port}"));
+                    let addr = path.display().to_string();
+                    let unix = tokio::time::timeout(timeout, UnixStream::connect(&path))
+                        .await
+                        .map_err(|_| timed_out(&addr))?
+                        .map_err(|source| ClientError::Connect {
+                            addr: addr.clone(),
+                            source,
+                        })?;
+                    (Box::pin(unix), addr, None)
+                }
+            };
+        let stream = match (info.tls.mode, host_name) {
             (SslMode::Disable, _) | (_, None) => stream,
             (mode, Some(host_name)) => {
-                Self::start_tls(stream, params, mode, &host_name, &addr).await?
+                let tls = Self::start_tls(stream, info, mode, &host_name, &addr);
+                tokio::time::timeout(timeout, tls)
+                    .await
+                    .map_err(|_| timed_out(&addr))??
             }
         };
         let mut client = ReplicationClient {
@@ -223,13 +213,18 @@ impl ReplicationClient {
             addr,
             server_version: None,
         };
-        client.startup(params, application_name).await?;
+        tokio::time::timeout(
+            timeout,
+            client.startup(info, spec, info.application_name_or(application_name)),
+        )
+        .await
+        .map_err(|_| timed_out(&client.addr))??;
         Ok(client)
     }
 
     async fn start_tls(
         mut stream: Pin<Box<dyn Stream>>,
-        params: &ConnectParams,
+        info: &ConnInfo,
         mode: SslMode,
         host_name: &str,
         addr: &str,
@@ -244,8 +239,7 @@ impl ReplicationClient {
             }
             return Err(ClientError::TlsRefused(addr.to_owned()));
         }
-        let config: Arc<rustls::ClientConfig> = params
-            .tls_config()?
+        let config: Arc<rustls::ClientConfig> = crate::pg::tls::client_config(&info.tls)?
             .expect("sslmode other than disable has a TLS config");
         let name = ServerName::try_from(host_name.to_owned()).map_err(|e| ClientError::Tls {
             addr: addr.to_owned(),
@@ -263,29 +257,26 @@ impl ReplicationClient {
 
     async fn startup(
         &mut self,
-        params: &ConnectParams,
+        info: &ConnInfo,
+        spec: &HostSpec,
         application_name: &str,
     ) -> Result<(), ClientError> {
-        let user = params
-            .pg
-            .get_user()
-            .map(str::to_owned)
-            .or_else(|| std::env::var("PGUSER").ok())
-            .or_else(|| std::env::var("USER").ok())
-            .unwrap_or_else(|| "postgres".to_owned());
-        let dbname = params.pg.get_dbname().unwrap_or(&user).to_owned();
+        let user = info.user.as_str();
         let mut startup: Vec<(&str, &str)> = vec![
-            ("user", &user),
-            ("database", &dbname),
+            ("user", user),
+            ("database", &info.dbname),
             ("replication", "database"),
             ("application_name", application_name),
             ("client_encoding", "UTF8"),
         ];
         startup.extend(SESSION_SETTINGS);
+        if let Some(options) = &info.options {
+            startup.push(("options", options));
+        }
         frontend::startup_message(startup.iter().copied(), &mut self.write)?;
         self.flush().await?;
 
-        let password = params.pg.get_password().map(<[u8]>::to_vec);
+        let password = info.password_for(spec).map(String::into_bytes);
         let mut scram: Option<ScramSha256> = None;
         loop {
             match self.read_message().await? {
@@ -594,23 +585,24 @@ fn server_error(body: &backend::ErrorResponseBody) -> Result<ServerError, io::Er
     Ok(err)
 }
 
-/// Now, in microseconds since 2000-01-01 (the protocol's clock).
-pub fn now_pg_micros() -> i64 {
-    let since_unix = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_micros() as i64;
-    since_unix - PG_EPOCH_OFFSET_MICROS
-}
-
-/// Quotes an identifier for SQL and replication commands.
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// Quotes a string literal.
-pub fn quote_literal(value: &str) -> String {
-    format!("'{}'", value.replace('\'', "''"))
+/// TCP keepalives and `tcp_user_timeout` as the connection string sets them (the SQL
+/// connections get the same through tokio-postgres).
+fn set_tcp_options(tcp: &TcpStream, info: &ConnInfo) -> io::Result<()> {
+    let sock = socket2::SockRef::from(tcp);
+    if let Some(k) = &info.keepalives {
+        let mut ka = socket2::TcpKeepalive::new().with_time(k.idle);
+        if let Some(i) = k.interval {
+            ka = ka.with_interval(i);
+        }
+        if let Some(n) = k.count {
+            ka = ka.with_retries(n);
+        }
+        sock.set_tcp_keepalive(&ka)?;
+    }
+    if let Some(t) = info.tcp_user_timeout {
+        sock.set_tcp_user_timeout(Some(t))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -650,11 +642,5 @@ mod tests {
         ));
         assert!(parse_copy_data(Bytes::from_static(b"w\0\0")).is_err());
         assert!(parse_copy_data(Bytes::from_static(b"x")).is_err());
-    }
-
-    #[test]
-    fn quotes() {
-        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
-        assert_eq!(quote_literal("it's"), "'it''s'");
     }
 }

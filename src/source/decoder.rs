@@ -17,20 +17,7 @@ use super::values;
 /// A row: column name to JSON value, in column order.
 pub type Row = serde_json::Map<String, Value>;
 
-/// A schema-qualified table name, printed `schema.name`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TableName {
-    /// The schema.
-    pub schema: String,
-    /// The table.
-    pub name: String,
-}
-
-impl fmt::Display for TableName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.schema, self.name)
-    }
-}
+pub use crate::pg::TableName;
 
 /// The kind of a row change.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -2,7 +2,6 @@
 //! the conversion of column values to JSON.
 
 pub mod client;
-pub mod connect;
 pub mod decoder;
 pub mod lsn;
 pub mod pgoutput;

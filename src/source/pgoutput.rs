@@ -298,16 +298,6 @@ pub enum DecodeError {
     },
 }
 
-/// Seconds from the Unix epoch to the PostgreSQL epoch (2000-01-01 00:00 UTC).
-const PG_EPOCH_UNIX_SECS: i64 = 946_684_800;
-
-/// A pgoutput timestamp (microseconds since 2000-01-01 00:00 UTC) as a UTC time;
-/// `None` when it is out of chrono's range.
-pub fn pg_timestamp_to_utc(micros: i64) -> Option<chrono::DateTime<chrono::Utc>> {
-    let unix_micros = micros.checked_add(PG_EPOCH_UNIX_SECS.checked_mul(1_000_000)?)?;
-    chrono::DateTime::from_timestamp_micros(unix_micros)
-}
-
 /// Parses one pgoutput message (protocol version 1; also accepts binary column values).
 pub fn parse(buf: Bytes) -> Result<Message, DecodeError> {
     let Some(&tag) = buf.first() else {
@@ -970,14 +960,16 @@ pub(crate) mod tests {
     #[test]
     fn timestamps_count_from_2000() {
         assert_eq!(
-            pg_timestamp_to_utc(0).unwrap().to_rfc3339(),
+            crate::pg::pg_micros_to_utc(0).unwrap().to_rfc3339(),
             "2000-01-01T00:00:00+00:00"
         );
         assert_eq!(
-            pg_timestamp_to_utc(1_500_000).unwrap().timestamp_micros(),
+            crate::pg::pg_micros_to_utc(1_500_000)
+                .unwrap()
+                .timestamp_micros(),
             946_684_801_500_000
         );
-        assert_eq!(pg_timestamp_to_utc(i64::MAX), None);
+        assert_eq!(crate::pg::pg_micros_to_utc(i64::MAX), None);
     }
 
     #[test]

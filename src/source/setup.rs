@@ -5,27 +5,8 @@
 use tokio_postgres::Client;
 
 use super::Lsn;
-use super::client::{ClientError, ReplicationClient, quote_ident};
-
-/// A schema-qualified table named in the config.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct QualifiedName {
-    pub schema: String,
-    pub name: String,
-}
-
-impl QualifiedName {
-    /// `"schema"."name"`, quoted for SQL.
-    pub fn quoted(&self) -> String {
-        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
-    }
-}
-
-impl std::fmt::Display for QualifiedName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}.{}", self.schema, self.name)
-    }
-}
+use super::client::{ClientError, ReplicationClient};
+use crate::pg::{TableName, quote_ident};
 
 /// A database that is not (yet) fit for walhook. Each message names the culprit and the fix.
 #[derive(Debug, thiserror::Error)]
@@ -41,11 +22,11 @@ pub enum SetupError {
     #[error(
         "table `{0}` (listed in the config) does not exist in database `{1}`. Fix: create it, correct the name, or remove it from [[tables]]"
     )]
-    NoSuchTable(QualifiedName, String),
+    NoSuchTable(TableName, String),
     #[error(
         "table `{0}` has neither a primary key nor a replica identity: publishing it would make the application's own UPDATE and DELETE on it fail. Fix: add a primary key, or run `ALTER TABLE {1} REPLICA IDENTITY FULL;` (or `REPLICA IDENTITY USING INDEX ...`)"
     )]
-    NoIdentity(QualifiedName, String),
+    NoIdentity(TableName, String),
     #[error(
         "publication `{name}` does not match the config and role `{role}` may not change it ({reason}). Fix: have a DBA run:\n{sql}"
     )]
@@ -76,7 +57,7 @@ pub enum SetupError {
 /// What start-up needs to know about one watched table.
 #[derive(Clone, Debug)]
 pub struct TableInfo {
-    pub name: QualifiedName,
+    pub name: TableName,
     pub oid: u32,
     /// `d` default, `n` nothing, `f` full, `i` index.
     pub replica_identity: char,
@@ -125,7 +106,7 @@ pub async fn check_replication_role(client: &Client) -> Result<(), SetupError> {
 /// Looks up each table; a missing table or one without identity is an error.
 pub async fn inspect_tables(
     client: &Client,
-    tables: &[QualifiedName],
+    tables: &[TableName],
 ) -> Result<Vec<TableInfo>, SetupError> {
     let db: String = client
         .query_one("SELECT current_database()::text", &[])
@@ -195,10 +176,10 @@ pub enum PublicationChange {
 }
 
 /// The SQL that makes publication `name` publish exactly `tables`.
-pub fn publication_sql(name: &str, tables: &[QualifiedName], exists: bool) -> String {
+pub fn publication_sql(name: &str, tables: &[TableName], exists: bool) -> String {
     let list = tables
         .iter()
-        .map(QualifiedName::quoted)
+        .map(TableName::quoted)
         .collect::<Vec<_>>()
         .join(", ");
     if exists {
@@ -212,7 +193,7 @@ pub fn publication_sql(name: &str, tables: &[QualifiedName], exists: bool) -> St
 pub async fn published_tables(
     client: &Client,
     name: &str,
-) -> Result<Option<Vec<QualifiedName>>, SetupError> {
+) -> Result<Option<Vec<TableName>>, SetupError> {
     let exists = client
         .query_opt(
             "SELECT puballtables FROM pg_publication WHERE pubname = $1",
@@ -222,14 +203,14 @@ pub async fn published_tables(
     if exists.is_none() {
         return Ok(None);
     }
-    let mut tables: Vec<QualifiedName> = client
+    let mut tables: Vec<TableName> = client
         .query(
             "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
             &[&name],
         )
         .await?
         .iter()
-        .map(|r| QualifiedName { schema: r.get(0), name: r.get(1) })
+        .map(|r| TableName { schema: r.get(0), name: r.get(1) })
         .collect();
     tables.sort();
     Ok(Some(tables))
@@ -240,7 +221,7 @@ pub async fn published_tables(
 pub async fn ensure_publication(
     client: &Client,
     name: &str,
-    tables: &[QualifiedName],
+    tables: &[TableName],
 ) -> Result<PublicationChange, SetupError> {
     let mut wanted = tables.to_vec();
     wanted.sort();
@@ -268,7 +249,7 @@ pub async fn ensure_publication(
 pub async fn try_publication(
     client: &mut Client,
     name: &str,
-    tables: &[QualifiedName],
+    tables: &[TableName],
 ) -> Result<Option<String>, SetupError> {
     let mut wanted = tables.to_vec();
     wanted.sort();
@@ -471,7 +452,7 @@ mod tests {
 
     #[test]
     fn publication_sql_quotes_every_name() {
-        let t = [QualifiedName {
+        let t = [TableName {
             schema: "public".into(),
             name: "user roles".into(),
         }];

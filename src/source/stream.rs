@@ -8,13 +8,11 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::Lsn;
-use super::client::{
-    ClientError, ReplicationClient, ReplicationMessage, quote_ident, quote_literal,
-};
-use super::connect::ConnectParams;
+use super::client::{ClientError, ReplicationClient, ReplicationMessage};
 use super::decoder::{Decoded, Decoder};
 use super::pgoutput::{self, DecodeError};
 use super::setup::{SetupError, create_slot, slot_error};
+use crate::pg::{ConnInfo, quote_ident, quote_literal};
 
 /// Standby status updates go out at least this often (DESIGN: every 10 s at most).
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
@@ -87,7 +85,7 @@ pub enum StreamError {
 
 /// A pgoutput stream with reconnects. See the module docs.
 pub struct ReplicationStream {
-    params: ConnectParams,
+    params: ConnInfo,
     opts: StreamOptions,
     client: Option<ReplicationClient>,
     decoder: Decoder,
@@ -123,7 +121,7 @@ pub struct ReplicationStream {
 
 impl ReplicationStream {
     /// Prepares a stream; it connects on the first call to [`next`](Self::next).
-    pub fn new(params: ConnectParams, opts: StreamOptions) -> Self {
+    pub fn new(params: ConnInfo, opts: StreamOptions) -> Self {
         ReplicationStream {
             params,
             handed: opts.resume,

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use futures_util::pin_mut;
 use serde_json::{Map, Value};
@@ -13,7 +13,6 @@ use tokio_postgres::types::{Json, PgLsn, ToSql, Type};
 
 use super::{Store, StoreError};
 use crate::source::Lsn;
-use crate::source::client::PG_EPOCH_OFFSET_MICROS;
 use crate::source::stream::Position;
 
 /// One event of a row change, before it has a revision and a sequence number.
@@ -300,12 +299,7 @@ async fn write_changes(
 }
 
 fn pg_time(pg_micros: i64) -> SystemTime {
-    let unix = pg_micros + PG_EPOCH_OFFSET_MICROS;
-    if unix >= 0 {
-        UNIX_EPOCH + Duration::from_micros(unix as u64)
-    } else {
-        UNIX_EPOCH - Duration::from_micros(unix.unsigned_abs())
-    }
+    crate::pg::pg_micros_to_system_time(pg_micros)
 }
 
 #[cfg(test)]

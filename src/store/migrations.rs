@@ -5,7 +5,7 @@
 use tokio_postgres::Client;
 
 use super::StoreError;
-use crate::source::client::quote_ident;
+use crate::pg::quote_ident;
 
 /// One embedded migration.
 pub struct Migration {

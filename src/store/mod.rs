@@ -17,9 +17,9 @@ use tokio_postgres::Client;
 
 pub use ingest::{ChangeEvents, IngestBatch, PendingEvent};
 
+use crate::pg::quote_ident;
+use crate::pg::{ConnInfo, SqlConnectError};
 use crate::source::Lsn;
-use crate::source::client::quote_ident;
-use crate::source::connect::{ConnectParams, SqlConnectError};
 use crate::source::stream::Position;
 
 /// Failures of the store.
@@ -146,7 +146,7 @@ pub struct Checkpoint {
 /// A connection to the store.
 pub struct Store {
     client: Client,
-    params: ConnectParams,
+    params: ConnInfo,
     schema: String,
     /// The schema, quoted for SQL.
     s: String,
@@ -154,7 +154,7 @@ pub struct Store {
 
 impl Store {
     /// Connects to the store database.
-    pub async fn connect(params: &ConnectParams, schema: &str) -> Result<Store, StoreError> {
+    pub async fn connect(params: &ConnInfo, schema: &str) -> Result<Store, StoreError> {
         let client = params.connect_sql().await?;
         Ok(Store {
             client,

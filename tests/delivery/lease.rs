@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio_postgres::Client;
-use walhook::source::connect::ConnectParams;
+use walhook::pg::ConnInfo;
 use walhook::store::deliveries::{AttemptRecord, DueEvent};
 use walhook::store::{Store, StoreError};
 
@@ -149,7 +149,7 @@ async fn delivery_state(client: &Client) -> (Vec<String>, i64, bool) {
 #[tokio::test]
 async fn a_lease_is_refused_to_another_instance_on_the_same_host_and_pid_and_fences_writes() {
     let db = users_db().await;
-    let params = ConnectParams::parse(&db.url()).expect("test URL parses");
+    let params = ConnInfo::parse(&db.url()).expect("test URL parses");
     let mut store = Store::connect(&params, "walhook").await.expect("store");
     store.migrate().await.expect("migrations");
     store.ensure_subscriptions(&["s".into()]).await.unwrap();

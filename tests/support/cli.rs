@@ -116,8 +116,19 @@ fn command(args: &[&str], config: &Path, database_url: &str) -> Command {
 
 /// Runs `walhook ARGS -c config` to completion (at most [`RUN_TIMEOUT`]).
 pub async fn run(args: &[&str], config: &ConfigFile, database_url: &str) -> Outcome {
+    run_env(args, config, database_url, &[]).await
+}
+
+/// Like [`run`], with these environment variables set too.
+pub async fn run_env(
+    args: &[&str],
+    config: &ConfigFile,
+    database_url: &str,
+    env: &[(&str, &str)],
+) -> Outcome {
     let what = format!("`walhook {}` to exit", args.join(" "));
     let child = command(args, &config.path, database_url)
+        .envs(env.iter().copied())
         .spawn()
         .expect("start walhook");
     let out = within(&what, RUN_TIMEOUT, child.wait_with_output())

@@ -20,13 +20,14 @@
 //! | `Scram`           | `walhook_auth_scram`   | `scram-sha-256`                    |
 //! | `Password`        | `walhook_auth_password`| `password` (cleartext)             |
 //! | `TlsScram`        | `walhook_auth_tls`     | `hostssl` + `scram-sha-256`, plain TCP rejected |
+//! | `Cert`            | `walhook_auth_cert`    | `hostssl` + `cert clientcert=verify-full` ([`Cluster::client_cert`]) |
 //!
 //! The same rules apply to replication connections (`replication=database`).
 
 mod setup;
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
@@ -73,6 +74,9 @@ pub enum Auth {
     Password,
     /// `scram-sha-256`, and only over TLS (`hostssl`); plain TCP is rejected.
     TlsScram,
+    /// A client certificate whose common name is the role (`cert
+    /// clientcert=verify-full`), only over TLS.
+    Cert,
 }
 
 impl Auth {
@@ -84,6 +88,7 @@ impl Auth {
             Auth::Scram => Some("walhook_auth_scram"),
             Auth::Password => Some("walhook_auth_password"),
             Auth::TlsScram => Some("walhook_auth_tls"),
+            Auth::Cert => Some("walhook_auth_cert"),
         }
     }
 
@@ -239,6 +244,13 @@ impl Cluster {
         &self.0.layout.ca_cert_path
     }
 
+    /// A client certificate and key for `user`, signed by this cluster's CA (which the
+    /// server trusts for client certificates), written into `dir`.
+    pub fn client_cert(&self, user: &str, dir: &Path) -> (PathBuf, PathBuf) {
+        setup::issue_client_cert(&self.0.layout, user, dir)
+            .unwrap_or_else(|e| panic!("client certificate for {user}: {e}"))
+    }
+
     /// DER of the same CA certificate.
     pub fn ca_cert_der(&self) -> CertificateDer<'static> {
         self.0.ca_cert_der.clone()
@@ -296,6 +308,7 @@ impl Cluster {
             Auth::Scram => "scram_user",
             Auth::Password => "pw_user",
             Auth::TlsScram => "tls_user",
+            Auth::Cert => "cert_user",
         };
         let name = format!(
             "{prefix}_{}",

@@ -12,6 +12,7 @@ use super::raw::*;
 use super::secret::DatabaseUrl;
 use super::size::parse_size;
 use super::types::*;
+use crate::pg::ConnInfo;
 
 /// Default retry schedule of a subscription.
 pub const DEFAULT_BACKOFF: &[&str] = &["5s", "5m", "30m", "2h", "5h", "10h", "10h"];
@@ -203,32 +204,17 @@ impl Validator<'_> {
     }
 
     fn database_url(&mut self, key: &str, raw: &str) -> Option<DatabaseUrl> {
-        // Never echo the value: it usually holds a password.
-        match url::Url::parse(raw) {
-            Ok(url) if matches!(url.scheme(), "postgres" | "postgresql") => {
-                Some(DatabaseUrl::new(url))
-            }
-            Ok(url) => {
+        // Never echo the value: it usually holds a password. The error names the
+        // setting at fault, never its value's secret part.
+        match ConnInfo::parse(raw) {
+            Ok(info) => Some(DatabaseUrl::new(info)),
+            Err(e) => {
                 self.err(
                     key,
                     format!(
-                        "URL scheme \"{}\" is not supported: use postgres://user:password@host:5432/dbname",
-                        url.scheme()
+                        "{e}; expected a libpq connection string: postgres://user:password@host:5432/dbname or host=db port=5432 dbname=app user=walhook (PG* environment variables and ~/.pgpass fill what it leaves out)"
                     ),
                 );
-                None
-            }
-            Err(e) => {
-                let error = self
-                    .loc
-                    .error(
-                        key,
-                        format!(
-                            "not a valid URL ({e}); expected postgres://user:password@host:5432/dbname"
-                        ),
-                    )
-                    .with_cause(e);
-                self.errors.push(error);
                 None
             }
         }

@@ -303,18 +303,7 @@ impl Layout {
 fn write_tls_files(layout: &Layout) -> Result<CertificateDer<'static>, String> {
     let tls = |err: rcgen::Error| format!("generate test certificates: {err}");
     let ca_key = KeyPair::generate().map_err(tls)?;
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(tls)?;
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    ca_params.distinguished_name.push(
-        DnType::CommonName,
-        format!("walhook test CA {}", layout.root.display()),
-    );
-    let ca = ca_params.self_signed(&ca_key).map_err(tls)?;
+    let ca = ca_params(layout)?.self_signed(&ca_key).map_err(tls)?;
 
     let server_key = KeyPair::generate().map_err(tls)?;
     let mut server_params =
@@ -331,7 +320,59 @@ fn write_tls_files(layout: &Layout) -> Result<CertificateDer<'static>, String> {
     layout.write_file(&layout.ca_cert_path, &ca.pem(), 0o644)?;
     layout.write_file(&dir.join("server.crt"), &server.pem(), 0o644)?;
     layout.write_file(&dir.join("server.key"), &server_key.serialize_pem(), 0o600)?;
+    layout.write_file(&dir.join("ca.key"), &ca_key.serialize_pem(), 0o600)?;
     Ok(ca.der().clone())
+}
+
+/// The test CA's parameters: the same each time for one cluster, so the CA can be
+/// rebuilt from its key to issue client certificates later.
+fn ca_params(layout: &Layout) -> Result<CertificateParams, String> {
+    let mut params =
+        CertificateParams::new(Vec::<String>::new()).map_err(|e| format!("CA parameters: {e}"))?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.distinguished_name.push(
+        DnType::CommonName,
+        format!("walhook test CA {}", layout.root.display()),
+    );
+    Ok(params)
+}
+
+/// Issues a client certificate for `user` (its common name) signed by the cluster's
+/// CA; writes `{user}.crt` and `{user}.key` (0600, owned by the test process) into
+/// `dir` and returns their paths.
+pub(super) fn issue_client_cert(
+    layout: &Layout,
+    user: &str,
+    dir: &Path,
+) -> Result<(PathBuf, PathBuf), String> {
+    let tls = |err: rcgen::Error| format!("issue a client certificate: {err}");
+    let ca_key_path = layout.root.join("tls").join("ca.key");
+    let ca_key_pem = std::fs::read_to_string(&ca_key_path)
+        .map_err(|e| format!("read {}: {e}", ca_key_path.display()))?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(tls)?;
+    let ca = ca_params(layout)?.self_signed(&ca_key).map_err(tls)?;
+    let key = KeyPair::generate().map_err(tls)?;
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(tls)?;
+    params.distinguished_name.push(DnType::CommonName, user);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, &ca, &ca_key).map_err(tls)?;
+    let (cert_path, key_path) = (
+        dir.join(format!("{user}.crt")),
+        dir.join(format!("{user}.key")),
+    );
+    let write = |path: &Path, text: &str| {
+        std::fs::write(path, text)
+            .and_then(|()| std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)))
+            .map_err(|e| format!("write {}: {e}", path.display()))
+    };
+    write(&cert_path, &cert.pem())?;
+    write(&key_path, &key.serialize_pem())?;
+    Ok((cert_path, key_path))
 }
 
 fn run_initdb(bin: &Path, layout: &Layout) -> Result<(), String> {
@@ -381,12 +422,14 @@ fn write_config(layout: &Layout, overrides: &[(&str, &str)]) -> Result<(), Strin
          ssl = on\n\
          ssl_cert_file = '{cert}'\n\
          ssl_key_file = '{key}'\n\
+         ssl_ca_file = '{ca}'\n\
          password_encryption = 'scram-sha-256'\n\
          logging_collector = off\n\
          log_min_messages = warning\n",
         socket = layout.socket_dir.display(),
         cert = tls.join("server.crt").display(),
         key = tls.join("server.key").display(),
+        ca = layout.ca_cert_path.display(),
     );
     for (name, value) in overrides {
         settings.push_str(&format!("{name} = '{}'\n", value.replace('\'', "''")));
@@ -405,7 +448,9 @@ fn write_config(layout: &Layout, overrides: &[(&str, &str)]) -> Result<(), Strin
     );
     for database in ["all", "replication"] {
         hba.push_str(&format!(
-            "hostssl   {database} +walhook_auth_tls      {HOST}/32 scram-sha-256\n\
+            "hostssl   {database} +walhook_auth_cert     {HOST}/32 cert clientcert=verify-full\n\
+             hostnossl {database} +walhook_auth_cert     {HOST}/32 reject\n\
+             hostssl   {database} +walhook_auth_tls      {HOST}/32 scram-sha-256\n\
              hostnossl {database} +walhook_auth_tls      {HOST}/32 reject\n\
              host      {database} +walhook_auth_md5      {HOST}/32 md5\n\
              host      {database} +walhook_auth_scram    {HOST}/32 scram-sha-256\n\
@@ -525,11 +570,17 @@ pub(super) fn wait_ready(layout: &Layout, port: u16, child: &mut Child) -> Resul
 
 /// Creates the NOLOGIN groups that pg_hba.conf uses to force an auth method.
 fn bootstrap_roles(layout: &Layout, port: u16) -> Result<(), String> {
-    let sql = [Auth::Md5, Auth::Scram, Auth::Password, Auth::TlsScram]
-        .iter()
-        .filter_map(|auth| auth.group())
-        .map(|group| format!("CREATE ROLE {group} NOLOGIN;"))
-        .collect::<String>();
+    let sql = [
+        Auth::Md5,
+        Auth::Scram,
+        Auth::Password,
+        Auth::TlsScram,
+        Auth::Cert,
+    ]
+    .iter()
+    .filter_map(|auth| auth.group())
+    .map(|group| format!("CREATE ROLE {group} NOLOGIN;"))
+    .collect::<String>();
     let out = layout
         .command("psql")
         .args([
