@@ -18,11 +18,11 @@ use tracing::{debug, error, info, warn};
 
 use super::DaemonError;
 use super::source_task::SourceMsg;
-use crate::delivery::wake::Wake;
 use crate::pg::PG_EPOCH_OFFSET_MICROS;
 use crate::server::Health;
 use crate::server::metrics::metrics;
 use crate::source::Lsn;
+use crate::store::wake::Wake;
 use crate::store::{IngestBatch, Store, StoreError};
 
 /// A batch closes at this many events...

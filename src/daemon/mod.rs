@@ -17,12 +17,12 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::config::Config;
 use crate::delivery::HttpClients;
-use crate::delivery::wake::Wake;
 use crate::server::{Health, Server, refresh, systemd};
 use crate::source::Lsn;
 use crate::source::setup::SetupError;
 use crate::source::stream::{ConfirmMode, ReplicationStream, StreamError, StreamOptions};
 use crate::store::Store;
+use crate::store::wake::Wake;
 
 /// Capacity of the channel between the source task and ingest, in messages.
 const CHANNEL_CAPACITY: usize = 16 * 1024;

@@ -39,11 +39,11 @@ use super::prepare::{self, PrepareError, Routes};
 use crate::config::{self, Config, ConfigErrors, SubscriptionConfig, TableConfig};
 use crate::delivery::HttpClients;
 use crate::delivery::dispatch;
-use crate::delivery::wake::{self, Wake};
 use crate::mapping::Mapper;
 use crate::pg::ConnInfo;
 use crate::pg::TableName;
 use crate::source::setup::{self, SetupError};
+use crate::store::wake::{self, Wake};
 use crate::store::{Store, StoreError};
 
 /// Keys that take effect only at start-up; a reload that changes them logs a warning.

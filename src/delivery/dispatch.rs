@@ -39,12 +39,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::wake::Wake;
 use super::{Attempt, AttemptOutcome, Decision, HttpClients, body, decide, request_headers};
 use crate::config::{Ordering, SubscriptionConfig};
 use crate::routing::{Envelope, EventSource, Router};
 use crate::source::decoder::TableName;
 use crate::store::deliveries::{AttemptRecord, DueEvent, NewEvents, SubscriptionLease};
+use crate::store::wake::Wake;
 use crate::store::{Store, StoreError};
 
 /// How long a lease lasts without renewal; another instance takes over after it.

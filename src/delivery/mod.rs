@@ -13,7 +13,6 @@ mod error;
 mod http;
 mod policy;
 mod signing;
-pub mod wake;
 
 pub use error::DeliveryError;
 pub use http::{

@@ -9,6 +9,7 @@
 pub mod conninfo;
 mod pgpass;
 pub mod sql;
+mod syntax;
 pub mod tls;
 
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -136,7 +136,7 @@ impl Store {
         // The notification goes out at commit: dispatchers of other processes wake.
         tx.batch_execute(&format!(
             "NOTIFY {}",
-            crate::delivery::wake::channel(&self.schema)
+            crate::store::wake::channel(&self.schema)
         ))
         .await?;
         let (written, seq) = write_changes(&tx, &s, &batch.changes, seq_base).await?;

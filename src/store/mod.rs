@@ -12,6 +12,7 @@ pub mod migrations;
 pub mod operator;
 pub mod purge;
 pub mod stats;
+pub mod wake;
 
 use tokio_postgres::Client;
 
