@@ -11,7 +11,7 @@ use serde::Deserialize;
 use super::secret::{DatabaseUrl, Secret};
 
 /// The whole validated config.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// `[source]`: the database whose WAL is tailed.
     pub source: SourceConfig,
@@ -30,7 +30,7 @@ pub struct Config {
 }
 
 /// `[source]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SourceConfig {
     /// Connection URL (replication and SQL); printable only redacted.
     pub url: DatabaseUrl,
@@ -41,7 +41,7 @@ pub struct SourceConfig {
 }
 
 /// `[store]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StoreConfig {
     /// Store database; defaults to the source URL.
     pub url: DatabaseUrl,
@@ -56,14 +56,14 @@ pub struct StoreConfig {
 }
 
 /// `[server]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     /// Listen address for `/metrics`, `/healthz`, `/readyz` (default `127.0.0.1:9187`).
     pub listen: SocketAddr,
 }
 
 /// `[log]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LogConfig {
     /// Output format.
     pub format: LogFormat,
@@ -83,7 +83,7 @@ pub enum LogFormat {
 }
 
 /// `[daemon]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DaemonConfig {
     /// On SIGTERM, in-flight deliveries get at most this long (default 30 s).
     pub shutdown_grace: Duration,
@@ -93,7 +93,7 @@ pub struct DaemonConfig {
 }
 
 /// One `[[tables]]` entry.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TableConfig {
     /// Schema of the table (`public` in `public.users`).
     pub schema: String,
@@ -185,9 +185,28 @@ pub struct EventNames {
     pub delete: Option<String>,
 }
 
-/// A compiled CEL program, shareable across threads.
+/// A compiled CEL program, shareable across threads. Two are equal when their
+/// sources are (how a reload tells a changed rule or filter).
 #[derive(Clone)]
-pub struct CelProgram(pub Arc<cel::Program>);
+pub struct CelProgram {
+    source: Arc<str>,
+    program: Arc<cel::Program>,
+}
+
+impl CelProgram {
+    pub(crate) fn new(source: &str, program: cel::Program) -> CelProgram {
+        CelProgram {
+            source: source.into(),
+            program: Arc::new(program),
+        }
+    }
+}
+
+impl PartialEq for CelProgram {
+    fn eq(&self, other: &Self) -> bool {
+        self.source == other.source
+    }
+}
 
 impl fmt::Debug for CelProgram {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -198,12 +217,12 @@ impl fmt::Debug for CelProgram {
 impl std::ops::Deref for CelProgram {
     type Target = cel::Program;
     fn deref(&self) -> &cel::Program {
-        &self.0
+        &self.program
     }
 }
 
 /// A `[[tables.rules]]` entry: emit `event` when `when` is true.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Rule {
     /// Full event name, e.g. `user.suspended`.
     pub event: String,
@@ -218,7 +237,7 @@ pub struct Rule {
 }
 
 /// A `[[tables.context]]` entry (not active yet).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ContextConfig {
     /// Name under which the looked-up row appears.
     pub name: String,
@@ -231,7 +250,7 @@ pub struct ContextConfig {
 }
 
 /// A `[[tables.aggregate]]` entry (not active yet).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AggregateConfig {
     /// Full event name.
     pub event: String,
@@ -294,6 +313,12 @@ impl EventPatterns {
     }
 }
 
+impl PartialEq for EventPatterns {
+    fn eq(&self, other: &Self) -> bool {
+        self.patterns == other.patterns
+    }
+}
+
 impl fmt::Debug for EventPatterns {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_tuple("EventPatterns")
@@ -303,7 +328,7 @@ impl fmt::Debug for EventPatterns {
 }
 
 /// A compiled CEL filter over the envelope (`event`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Filter {
     /// The CEL source.
     pub source: String,
@@ -396,7 +421,7 @@ pub struct RetryPolicy {
 }
 
 /// One `[[subscriptions]]` entry.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SubscriptionConfig {
     /// Unique name.
     pub name: SubscriptionName,

@@ -89,9 +89,9 @@ pub async fn run(
     let wake = Arc::new(Wake::new());
     let dispatch_stop = CancellationToken::new();
     let mut dispatchers = JoinSet::new();
-    dispatchers.spawn(reload::supervise(
+    dispatchers.spawn(crate::delivery::supervise::supervise(
         config_rx.clone(),
-        reload::DispatchContext {
+        crate::delivery::supervise::DispatchContext {
             store_params: prepared.store_params.clone(),
             schema: config.store.schema.clone(),
             clients: Arc::new(HttpClients::new()?),

@@ -14,7 +14,7 @@
 //!   before it commits, so every source transaction committed after the publication
 //!   change is mapped by the new rules (no change of an added table is lost), while
 //!   changes of a removed table that pgoutput still sends are dropped.
-//! - the [`Config`] to [`supervise`], which starts a dispatcher for each added
+//! - the [`Config`] to [`delivery::supervise`](crate::delivery::supervise), which starts a dispatcher for each added
 //!   subscription, stops removed ones (lease released), and restarts changed ones, and
 //!   to the purge loop (retention, subscriptions).
 //!
@@ -25,25 +25,20 @@
 //! ([`RESTART_KEYS`]) are logged and otherwise ignored. Each instance reloads only its
 //! own config: with several instances (G8), send SIGHUP to each.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::prepare::{self, PrepareError, Routes};
 use crate::config::{self, Config, ConfigErrors, SubscriptionConfig, TableConfig};
-use crate::delivery::HttpClients;
-use crate::delivery::dispatch;
 use crate::mapping::Mapper;
 use crate::pg::ConnInfo;
 use crate::pg::TableName;
 use crate::source::setup::{self, SetupError};
-use crate::store::wake::{self, Wake};
 use crate::store::{Store, StoreError};
 
 /// Keys that take effect only at start-up; a reload that changes them logs a warning.
@@ -109,16 +104,17 @@ pub struct Changes {
 impl Changes {
     /// Compares the subscriptions and tables of two configs.
     pub fn between(old: &Config, new: &Config) -> Changes {
-        let subs = |c: &Config| -> BTreeMap<String, String> {
+        // Every setting counts, secrets included (`PartialEq` of the config types).
+        let subs = |c: &Config| -> BTreeMap<String, SubscriptionConfig> {
             c.subscriptions
                 .iter()
-                .map(|s| (s.name.as_str().to_owned(), subscription_fingerprint(s)))
+                .map(|s| (s.name.as_str().to_owned(), s.clone()))
                 .collect()
         };
-        let tables = |c: &Config| -> BTreeMap<String, String> {
+        let tables = |c: &Config| -> BTreeMap<String, TableConfig> {
             c.tables
                 .iter()
-                .map(|t| (t.qualified_name(), table_fingerprint(t)))
+                .map(|t| (t.qualified_name(), t.clone()))
                 .collect()
         };
         let (s_added, s_removed, s_changed) = diff(&subs(old), &subs(new));
@@ -140,9 +136,9 @@ impl Changes {
 }
 
 /// Added, removed and changed keys.
-fn diff(
-    old: &BTreeMap<String, String>,
-    new: &BTreeMap<String, String>,
+fn diff<V: PartialEq>(
+    old: &BTreeMap<String, V>,
+    new: &BTreeMap<String, V>,
 ) -> (Vec<String>, Vec<String>, Vec<String>) {
     let added = new.keys().filter(|k| !old.contains_key(*k)).cloned();
     let removed = old.keys().filter(|k| !new.contains_key(*k)).cloned();
@@ -151,23 +147,6 @@ fn diff(
         .filter(|(k, v)| old.get(*k).is_some_and(|o| o != *v))
         .map(|(k, _)| k.clone());
     (added.collect(), removed.collect(), changed.collect())
-}
-
-/// Every setting of a subscription, secrets included, to tell whether it changed. Held
-/// in memory only; never logged.
-fn subscription_fingerprint(s: &SubscriptionConfig) -> String {
-    // `Debug` shows every setting (new fields too) but redacts secrets: add them.
-    let headers: Vec<(&String, &String)> = s.headers.iter().map(|(k, v)| (k, v.expose())).collect();
-    let secrets: Vec<&Vec<u8>> = s.secrets.iter().map(|k| k.expose()).collect();
-    format!(
-        "{s:?}\n{}\n{headers:?}\n{secrets:?}",
-        s.url.expose().as_str()
-    )
-}
-
-/// Every setting of a table, to tell whether it changed.
-fn table_fingerprint(t: &TableConfig) -> String {
-    format!("{t:?}")
 }
 
 /// The connection parameters the running daemon uses.
@@ -362,158 +341,6 @@ fn log_changes(c: &Changes) {
     );
 }
 
-/// A task that is aborted when its handle is dropped (the supervisor itself aborted).
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// A running dispatcher.
-struct Running {
-    fingerprint: String,
-    stop: CancellationToken,
-    task: AbortOnDrop,
-}
-
-/// What every dispatcher shares.
-pub struct DispatchContext {
-    pub store_params: ConnInfo,
-    pub schema: String,
-    pub clients: Arc<HttpClients>,
-    /// This instance's id (each dispatcher leases under it and a serial).
-    pub owner: String,
-    pub wake: Arc<Wake>,
-}
-
-/// Runs one dispatcher per subscription of the current config until `stop`, following
-/// reloads: added subscriptions get a dispatcher, removed ones have theirs stopped
-/// (in-flight attempts get `daemon.shutdown_grace` to finish; the lease is released),
-/// changed ones are stopped and started again with the new settings. At `stop`, every
-/// dispatcher is stopped the same way (the caller bounds the wait).
-pub async fn supervise(
-    mut configs: watch::Receiver<Arc<Config>>,
-    cx: DispatchContext,
-    stop: CancellationToken,
-) {
-    let cx = Arc::new(cx);
-    let mut running: BTreeMap<String, Running> = BTreeMap::new();
-    let listen_stop = stop.child_token();
-    let mut listener: Option<AbortOnDrop> = None;
-    loop {
-        let config = configs.borrow_and_update().clone();
-        // Dispatchers of other processes' events learn of them by NOTIFY.
-        if listener.is_none() && !config.subscriptions.is_empty() {
-            listener = Some(AbortOnDrop(tokio::spawn(wake::listen(
-                cx.store_params.clone(),
-                cx.schema.clone(),
-                cx.wake.clone(),
-                listen_stop.clone(),
-            ))));
-        }
-        let wanted: BTreeMap<String, &SubscriptionConfig> = config
-            .subscriptions
-            .iter()
-            .map(|s| (s.name.as_str().to_owned(), s))
-            .collect();
-        let outdated: BTreeSet<String> = running
-            .iter()
-            .filter(|(name, r)| {
-                wanted
-                    .get(*name)
-                    .is_none_or(|s| subscription_fingerprint(s) != r.fingerprint)
-            })
-            .map(|(name, _)| name.clone())
-            .collect();
-        let stopping: Vec<(String, Running)> = outdated
-            .into_iter()
-            .filter_map(|name| running.remove_entry(&name))
-            .collect();
-        stop_all(stopping, config.daemon.shutdown_grace).await;
-        for (name, sub) in wanted {
-            if running.contains_key(&name) {
-                continue;
-            }
-            let token = stop.child_token();
-            let task = tokio::spawn(dispatcher(sub.clone(), cx.clone(), token.clone()));
-            running.insert(
-                name,
-                Running {
-                    fingerprint: subscription_fingerprint(sub),
-                    stop: token,
-                    task: AbortOnDrop(task),
-                },
-            );
-        }
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            changed = configs.changed() => {
-                if changed.is_err() {
-                    // No more reloads: run as configured until stopped.
-                    stop.cancelled().await;
-                    break;
-                }
-            }
-        }
-    }
-    let grace = configs.borrow().daemon.shutdown_grace;
-    stop_all(running.into_iter().collect(), grace).await;
-    listen_stop.cancel();
-    if let Some(mut listener) = listener.take() {
-        let _ = (&mut listener.0).await;
-    }
-}
-
-/// Stops dispatchers together; one still busy after `grace` is aborted. Its lease is
-/// its own (every dispatcher has an owner of its own), so a successor here takes it over
-/// when it runs out, and a write the aborted one left on its way is fenced out.
-async fn stop_all(stopping: Vec<(String, Running)>, grace: Duration) {
-    for (_, r) in &stopping {
-        r.stop.cancel();
-    }
-    for (name, mut r) in stopping {
-        if tokio::time::timeout(grace, &mut r.task.0).await.is_err() {
-            warn!(subscription = %name, grace = ?grace, "dispatcher still busy after the shutdown grace; stopping it");
-        } else {
-            info!(subscription = %name, "dispatcher stopped");
-        }
-    }
-}
-
-/// Connects the dispatcher's store connection (retrying while the store is down) and
-/// runs the dispatcher until `stop`.
-async fn dispatcher(sub: SubscriptionConfig, cx: Arc<DispatchContext>, stop: CancellationToken) {
-    let mut backoff = Duration::from_millis(200);
-    let store = loop {
-        match Store::connect(&cx.store_params, &cx.schema).await {
-            Ok(store) => break store,
-            Err(e) => {
-                warn!(subscription = %sub.name, error = %e, "dispatcher cannot reach the store; retrying");
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-            }
-        }
-    };
-    let span = tracing::info_span!("dispatcher", subscription = %sub.name);
-    tracing::Instrument::instrument(
-        dispatch::run(
-            sub,
-            store,
-            cx.clients.clone(),
-            cx.owner.clone(),
-            cx.wake.clone(),
-            stop,
-        ),
-        span,
-    )
-    .await;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -600,6 +427,6 @@ events = ["*"]
         let next = keep_restart_keys(&current, moved);
         assert_eq!(next.server.listen, current.server.listen);
         assert_eq!(next.store.schema, current.store.schema);
-        assert_eq!(next.store.retention, Duration::from_secs(3600));
+        assert_eq!(next.store.retention, std::time::Duration::from_secs(3600));
     }
 }

@@ -13,6 +13,7 @@ mod error;
 mod http;
 mod policy;
 mod signing;
+pub mod supervise;
 
 pub use error::DeliveryError;
 pub use http::{

@@ -2,7 +2,6 @@
 //! Sections here; `tables` and `subscriptions` in their own files.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use super::duration::parse_duration;
@@ -357,7 +356,7 @@ impl Validator<'_> {
 
     fn cel(&mut self, key: &str, source: &str) -> Option<CelProgram> {
         match compile_cel(source) {
-            Ok(program) => Some(CelProgram(Arc::new(program))),
+            Ok(program) => Some(CelProgram::new(source, program)),
             Err(message) => {
                 self.err(key, format!("bad CEL \"{source}\": {message}"));
                 None
