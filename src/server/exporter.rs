@@ -242,7 +242,14 @@ mod tests {
             ),
             ("walhook_events_total{type=\"user.created\"}", 2.0),
             ("walhook_ingest_errors_total{kind=\"unavailable\"}", 1.0),
-            ("walhook_build_info{version=\"0.1.0\"}", 1.0),
+            (
+                concat!(
+                    "walhook_build_info{version=\"",
+                    env!("CARGO_PKG_VERSION"),
+                    "\"}"
+                ),
+                1.0,
+            ),
             ("walhook_replication_lag_bytes", 0.0),
             ("walhook_replication_lag_seconds", 0.0),
             ("walhook_slot_active", 0.0),
