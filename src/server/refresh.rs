@@ -6,10 +6,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use metrics::gauge;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-
-use metrics::gauge;
 
 use super::Exporter;
 use super::health::{Health, StoreState};
@@ -77,8 +76,9 @@ pub async fn store_loop(
                 )));
             }
         }
-        if last_stats.is_none_or(|t| t.elapsed() >= STATS_INTERVAL) {
-            last_stats = Some(Instant::now());
+        // While the store is unreachable the last figures are published again at each
+        // probe, so that a subscription removed by a reload meanwhile goes at once.
+        if store.is_none() || last_stats.is_none_or(|t| t.elapsed() >= STATS_INTERVAL) {
             let subscriptions: Vec<String> = config
                 .borrow()
                 .subscriptions
@@ -92,6 +92,7 @@ pub async fn store_loop(
             // others keep their last figures until it answers again.
             figures.retain(|q| subscriptions.contains(&q.subscription));
             if let Some(s) = store.as_ref() {
+                last_stats = Some(Instant::now());
                 match tokio::time::timeout(QUERY_TIMEOUT, s.queue_stats(&subscriptions)).await {
                     Ok(Ok(stats)) => figures = stats,
                     Ok(Err(e)) => warn!(error = %e, "reading queue figures failed"),
