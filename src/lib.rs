@@ -13,3 +13,4 @@ pub mod routing;
 pub mod server;
 pub mod source;
 pub mod store;
+pub mod telemetry;

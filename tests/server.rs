@@ -245,12 +245,24 @@ async fn queue_gauges_follow_subscriptions_added_and_removed_by_a_reload() {
     let mut daemon = work.spawn_run(0);
     let base = wait_streaming(&mut daemon).await;
     let pending = |name: &str| format!("walhook_queue_pending{{subscription=\"{name}\"}}");
-    wait_for_some("a gauge for `old`", WAIT, || {
+    let before = wait_for_some("a gauge for `old`", WAIT, || {
         let base = base.clone();
         let series = pending("old");
-        async move { scrape(&base).await.contains_key(&series).then_some(()) }
+        async move {
+            let s = scrape(&base).await;
+            s.contains_key(&series).then_some(s)
+        }
     })
     .await;
+    for family in [
+        "walhook_queue_pending",
+        "walhook_queue_dead",
+        "walhook_queue_oldest_pending_seconds",
+        "walhook_subscription_enabled",
+    ] {
+        let series = format!("{family}{{subscription=\"old\"}}");
+        assert!(before.contains_key(&series), "{series} missing: {before:?}");
+    }
 
     work.rewrite(&config(&db, None, &sub("new")));
     daemon.signal(libc::SIGHUP);

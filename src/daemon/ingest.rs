@@ -11,6 +11,7 @@
 
 use std::time::Duration;
 
+use metrics::{counter, histogram};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -20,10 +21,10 @@ use super::DaemonError;
 use super::source_task::SourceMsg;
 use crate::pg::PG_EPOCH_OFFSET_MICROS;
 use crate::server::Health;
-use crate::server::metrics::metrics;
 use crate::source::Lsn;
 use crate::store::wake::Wake;
 use crate::store::{IngestBatch, Store, StoreError};
+use crate::telemetry::{self, EVENTS_TOTAL, INGEST_BATCH_SECONDS, INGEST_ERRORS_TOTAL, label};
 
 /// A batch closes at this many events...
 const MAX_BATCH_EVENTS: usize = 5_000;
@@ -62,17 +63,26 @@ struct Pending {
 impl Pending {
     /// Metrics of a committed batch: its duration, event counts and lag reference.
     fn committed(&self, took: Duration) {
-        let m = metrics();
-        m.events_committed(
-            self.batch
-                .changes
-                .iter()
-                .flat_map(|c| c.events.iter().map(|e| e.event_type.as_str())),
-        );
-        m.ingest_committed(
-            took.as_secs_f64(),
-            self.last_commit_time.map(|t| t + PG_EPOCH_OFFSET_MICROS),
-        );
+        // One label lookup per event type, not per event.
+        let mut counts: Vec<(&str, u64)> = Vec::new();
+        for t in self
+            .batch
+            .changes
+            .iter()
+            .flat_map(|c| c.events.iter().map(|e| e.event_type.as_str()))
+        {
+            match counts.iter_mut().find(|(name, _)| *name == t) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((t, 1)),
+            }
+        }
+        for (t, n) in counts {
+            counter!(EVENTS_TOTAL, label::TYPE => t.to_owned()).increment(n);
+        }
+        histogram!(INGEST_BATCH_SECONDS).record(took.as_secs_f64());
+        if let Some(t) = self.last_commit_time {
+            telemetry::ingest_caught_up_to(t + PG_EPOCH_OFFSET_MICROS);
+        }
     }
 }
 
@@ -95,11 +105,11 @@ pub async fn run(
     loop {
         if rx.is_empty() {
             // Caught up with the stream: replication lag (seconds) is 0.
-            metrics().ingest_idle(true);
+            telemetry::ingest_idle(true);
         }
         let collected = collect(&mut rx, last_closed + MIN_BATCH_INTERVAL, &shutdown).await;
         last_closed = Instant::now();
-        metrics().ingest_idle(false);
+        telemetry::ingest_idle(false);
         let Some(pending) = collected else {
             return Ok(());
         };
@@ -263,7 +273,7 @@ async fn commit_with_retry(
         // The source stops holding the server up while this batch waits (G9).
         stalled.send_if_modified(|s| !std::mem::replace(s, true));
         if err.is_transient() {
-            metrics().ingest_error("unavailable");
+            counter!(INGEST_ERRORS_TOTAL, label::KIND => "unavailable").increment(1);
             warn!(error = %err, backoff_ms = backoff.as_millis() as u64, "store unavailable; retrying the batch");
         } else {
             if refused.is_none() {
@@ -272,7 +282,7 @@ async fn commit_with_retry(
             }
             let (kind, why) = refused.as_ref().expect("set above");
             error!(reason = %why, backoff_s = backoff.as_secs(), "the store refuses a batch; retrying it (nothing after it is confirmed)");
-            metrics().ingest_error(kind);
+            counter!(INGEST_ERRORS_TOTAL, label::KIND => *kind).increment(1);
             health.set_ingest_refused(Some(why.clone()));
         }
         tokio::select! {

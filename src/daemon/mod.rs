@@ -54,6 +54,7 @@ pub async fn run(
     // The ops server comes first: a taken address fails start-up at once, and /healthz
     // answers while the daemon prepares.
     let server = Server::bind(config.server.listen).await?;
+    let exporter = server.exporter();
     let health = Arc::new(Health::default());
     let server_stop = CancellationToken::new();
     let _stop_server = server_stop.clone().drop_guard();
@@ -77,6 +78,7 @@ pub async fn run(
         config.store.schema.clone(),
         config_rx.clone(),
         health.clone(),
+        exporter,
         server_stop.clone(),
     ));
     let (rules_tx, rules_rx) = watch::channel(Arc::new(reload::Rules {

@@ -11,18 +11,18 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus_client::metrics::counter::Counter;
+use metrics::{Counter, counter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::prepare::Routes;
 use super::reload::Rules;
 use crate::mapping::EventDraft;
-use crate::server::metrics::metrics;
 use crate::source::Lsn;
 use crate::source::decoder::{Decoded, Op, TableName};
 use crate::source::stream::{Position, ReplicationStream, StreamError};
 use crate::store::{ChangeEvents, PendingEvent};
+use crate::telemetry::{SOURCE_CHANGES_TOTAL, label};
 
 /// How long the source task waits for ingest to take one message before it closes the
 /// replication connection (G9): ingest that takes nothing for this long cannot store
@@ -261,14 +261,14 @@ impl NameCache {
             Op::Delete => 2,
         };
         if let Some(counters) = self.changes.get(table) {
-            counters[i].inc();
+            counters[i].increment(1);
             return;
         }
         let name = table.to_string();
-        let m = metrics();
-        let counters = [Op::Insert, Op::Update, Op::Delete]
-            .map(|op| m.source_change_counter(&name, op.as_str()));
-        counters[i].inc();
+        let counters = [Op::Insert, Op::Update, Op::Delete].map(|op| {
+            counter!(SOURCE_CHANGES_TOTAL, label::TABLE => name.clone(), label::OP => op.as_str())
+        });
+        counters[i].increment(1);
         self.changes.insert(table.clone(), counters);
     }
 

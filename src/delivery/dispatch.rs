@@ -699,12 +699,7 @@ async fn attempt(
         fastrand::f64(),
     );
     tracing::Span::current().record("status", result.outcome.label().as_ref());
-    crate::server::metrics::metrics().delivery_attempt(
-        sub.name.as_str(),
-        &result,
-        &decision,
-        event.occurred_at,
-    );
+    super::measure::record_attempt(sub.name.as_str(), &result, &decision, event.occurred_at);
     debug!(subscription = %sub.name, event = %event.id, attempt = event.attempts + 1, elapsed_ms = result.elapsed.as_millis() as u64, "attempt");
     (event, Sent::Attempted(result, decision))
 }

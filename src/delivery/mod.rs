@@ -11,6 +11,7 @@ pub mod body;
 pub mod dispatch;
 mod error;
 mod http;
+pub mod measure;
 mod policy;
 mod signing;
 pub mod supervise;

@@ -223,7 +223,11 @@ async fn dispatcher(sub: SubscriptionConfig, cx: Arc<DispatchContext>, stop: Can
 
 /// Counts a restart of `subscription`'s dispatcher.
 fn count_restart(subscription: &str) {
-    let _ = subscription;
+    metrics::counter!(
+        crate::telemetry::DISPATCHER_RESTARTS_TOTAL,
+        crate::telemetry::label::SUBSCRIPTION => subscription.to_owned()
+    )
+    .increment(1);
 }
 
 #[cfg(test)]

@@ -3,8 +3,8 @@
 //! stands by and the store answers; 503 with a JSON body saying which part is not and
 //! why).
 
+pub mod exporter;
 pub mod health;
-pub mod metrics;
 pub mod refresh;
 pub mod systemd;
 
@@ -21,10 +21,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+pub use exporter::Exporter;
 pub use health::Health;
-
-/// Content type of the OpenMetrics text `/metrics` answers with.
-const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Failures of the server.
 #[derive(Debug, thiserror::Error)]
@@ -43,18 +41,33 @@ pub enum ServerError {
 pub struct Server {
     listener: TcpListener,
     addr: SocketAddr,
+    exporter: Exporter,
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+struct AppState {
+    health: Arc<Health>,
+    exporter: Exporter,
 }
 
 impl Server {
     /// Binds `addr` (`server.listen`); a failure names the address and the key.
+    /// Installs the process's metrics recorder first, so that every stage started after
+    /// the server records into it.
     pub async fn bind(addr: SocketAddr) -> Result<Server, ServerError> {
+        let exporter = Exporter::install();
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| ServerError::Bind { addr, source })?;
         let addr = listener
             .local_addr()
             .map_err(|source| ServerError::Bind { addr, source })?;
-        Ok(Server { listener, addr })
+        Ok(Server {
+            listener,
+            addr,
+            exporter,
+        })
     }
 
     /// The address actually bound (port 0 picks one).
@@ -62,14 +75,23 @@ impl Server {
         self.addr
     }
 
+    /// The exporter `/metrics` renders, for the refreshers that publish figures to it.
+    pub fn exporter(&self) -> Exporter {
+        self.exporter.clone()
+    }
+
     /// Serves until `stop`.
     pub async fn serve(self, health: Arc<Health>, stop: CancellationToken) {
         info!(addr = %self.addr, "serving /metrics, /healthz and /readyz");
+        tokio::spawn(self.exporter.clone().upkeep(stop.clone()));
         let app = Router::new()
             .route("/metrics", get(metrics_handler))
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
-            .with_state(health);
+            .with_state(AppState {
+                health,
+                exporter: self.exporter,
+            });
         if let Err(e) = axum::serve(self.listener, app)
             .with_graceful_shutdown(stop.cancelled_owned())
             .await
@@ -79,10 +101,10 @@ impl Server {
     }
 }
 
-async fn metrics_handler() -> Response {
+async fn metrics_handler(State(state): State<AppState>) -> Response {
     (
-        [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
-        metrics::metrics().encode(),
+        [(header::CONTENT_TYPE, exporter::CONTENT_TYPE)],
+        state.exporter.render(),
     )
         .into_response()
 }
@@ -91,8 +113,8 @@ async fn healthz() -> Response {
     axum::Json(json!({"status": "ok"})).into_response()
 }
 
-async fn readyz(State(health): State<Arc<Health>>) -> Response {
-    let (ready, body) = health.readiness();
+async fn readyz(State(state): State<AppState>) -> Response {
+    let (ready, body) = state.health.readiness();
     let status = if ready {
         StatusCode::OK
     } else {

@@ -6,13 +6,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use metrics::gauge;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::Exporter;
 use super::health::{Health, StoreState};
-use super::metrics::{Sub, metrics};
 use crate::pg::ConnInfo;
 use crate::store::Store;
+use crate::store::stats::QueueStats;
+use crate::telemetry::{REPLICATION_LAG_BYTES, SLOT_ACTIVE};
 
 /// How often the store is probed for `/readyz`.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(2);
@@ -23,20 +26,22 @@ pub const LAG_INTERVAL: Duration = Duration::from_secs(5);
 /// Longest a probe, a connection or a query may take.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Probes the store every [`PROBE_INTERVAL`] (setting `health`) and refreshes the queue
-/// gauges of `subscriptions` every [`STATS_INTERVAL`], until `stop`.
+/// Probes the store every [`PROBE_INTERVAL`] (setting `health`) and publishes the queue
+/// figures of the live config's subscriptions to `exporter` every [`STATS_INTERVAL`],
+/// until `stop`.
 pub async fn store_loop(
     params: ConnInfo,
     schema: String,
     config: tokio::sync::watch::Receiver<Arc<crate::config::Config>>,
     health: Arc<Health>,
+    exporter: Exporter,
     stop: CancellationToken,
 ) {
     let mut store: Option<Store> = None;
     let mut last_stats: Option<Instant> = None;
     let mut failing = false;
-    // The subscriptions whose gauges are set; one removed by a reload loses them.
-    let mut shown: Vec<String> = Vec::new();
+    // The figures last read, of subscriptions still in the config.
+    let mut figures: Vec<QueueStats> = Vec::new();
     loop {
         let probe = async {
             if store.as_ref().is_none_or(|s| s.is_closed()) {
@@ -71,46 +76,30 @@ pub async fn store_loop(
                 )));
             }
         }
-        if let Some(s) = store.as_ref()
-            && last_stats.is_none_or(|t| t.elapsed() >= STATS_INTERVAL)
-        {
-            last_stats = Some(Instant::now());
+        // While the store is unreachable the last figures are published again at each
+        // probe, so that a subscription removed by a reload meanwhile goes at once.
+        if store.is_none() || last_stats.is_none_or(|t| t.elapsed() >= STATS_INTERVAL) {
             let subscriptions: Vec<String> = config
                 .borrow()
                 .subscriptions
                 .iter()
                 .map(|s| s.name.as_str().to_owned())
                 .collect();
-            let m = metrics();
-            for gone in shown.iter().filter(|n| !subscriptions.contains(n)) {
-                let sub = Sub {
-                    subscription: gone.clone(),
-                };
-                m.subscription_enabled.remove(&sub);
-                m.queue_pending.remove(&sub);
-                m.queue_dead.remove(&sub);
-                m.queue_oldest_pending.remove(&sub);
-            }
-            shown.clone_from(&subscriptions);
-            match tokio::time::timeout(QUERY_TIMEOUT, s.queue_stats(&subscriptions)).await {
-                Ok(Ok(stats)) => {
-                    for q in stats {
-                        let sub = Sub {
-                            subscription: q.subscription,
-                        };
-                        m.subscription_enabled
-                            .get_or_create(&sub)
-                            .set(i64::from(q.dispatched));
-                        m.queue_pending.get_or_create(&sub).set(q.pending);
-                        m.queue_dead.get_or_create(&sub).set(q.dead);
-                        m.queue_oldest_pending
-                            .get_or_create(&sub)
-                            .set(q.oldest_pending_seconds);
-                    }
+            // Every refresh publishes the figures of exactly the live config's
+            // subscriptions, and a scrape shows only the last published figures (see
+            // `server::exporter`): a subscription removed by a reload is no longer
+            // reported from this refresh on, even while the store does not answer. The
+            // others keep their last figures until it answers again.
+            figures.retain(|q| subscriptions.contains(&q.subscription));
+            if let Some(s) = store.as_ref() {
+                last_stats = Some(Instant::now());
+                match tokio::time::timeout(QUERY_TIMEOUT, s.queue_stats(&subscriptions)).await {
+                    Ok(Ok(stats)) => figures = stats,
+                    Ok(Err(e)) => warn!(error = %e, "reading queue figures failed"),
+                    Err(_) => warn!(timeout = ?QUERY_TIMEOUT, "reading queue figures timed out"),
                 }
-                Ok(Err(e)) => warn!(error = %e, "reading queue figures failed"),
-                Err(_) => warn!(timeout = ?QUERY_TIMEOUT, "reading queue figures timed out"),
             }
+            exporter.publish_queue_figures(&figures);
         }
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -139,16 +128,15 @@ pub async fn lag_loop(params: ConnInfo, slot: String, stop: CancellationToken) {
         match tokio::time::timeout(QUERY_TIMEOUT, read).await {
             Ok(Ok(row)) => {
                 failing = false;
-                let m = metrics();
                 match row {
                     Some(r) => {
                         if let Some(bytes) = r.get::<_, Option<i64>>(0) {
-                            m.lag_bytes.set(bytes.max(0));
+                            gauge!(REPLICATION_LAG_BYTES).set(bytes.max(0) as f64);
                         }
-                        m.slot_active.set(i64::from(r.get::<_, bool>(1)));
+                        gauge!(SLOT_ACTIVE).set(f64::from(u8::from(r.get::<_, bool>(1))));
                     }
                     None => {
-                        m.slot_active.set(0);
+                        gauge!(SLOT_ACTIVE).set(0.0);
                     }
                 }
             }
