@@ -94,7 +94,7 @@ pub async fn run(
         reload::DispatchContext {
             store_params: prepared.store_params.clone(),
             schema: config.store.schema.clone(),
-            clients: Arc::new(HttpClients::new()?),
+            clients: Arc::new(HttpClients::new(&config.delivery)?),
             owner: owner.clone(),
             wake: wake.clone(),
         },
