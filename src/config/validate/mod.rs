@@ -321,7 +321,7 @@ impl Validator<'_> {
         }
     }
 
-    /// `[delivery]`. A bad proxy URL is reported by scheme and reason only: the value
+    /// `[delivery]`. A bad proxy URL is reported by its reason only, never echoed: it
     /// may hold a password.
     fn delivery(&mut self, raw: RawDelivery) -> DeliveryConfig {
         const EXAMPLE: &str = "e.g. \"http://proxy.internal:3128\"";
