@@ -1,9 +1,11 @@
-//! The `walhook` binary: parses the command line, sets up logging, runs a subcommand.
+//! The `walhook` binary: parses the command line, sets up logging, runs a subcommand,
+//! and turns how it ended into the exit status ([`Exit`]: 0, 1, or 78 for an invalid
+//! config).
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use walhook::cli::{Cli, Command, check, tail};
+use walhook::cli::{Cli, Command, Exit, check, tail};
 
 // Every delivery allocates a few dozen small objects on whichever worker thread runs
 // it; glibc's allocator spent a quarter of the daemon's CPU on that, much of it
@@ -13,6 +15,12 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Commands that only print something the binary knows need no runtime nor logging.
+    match &cli.command {
+        Command::Completions(args) => return walhook::cli::completions::run(args).into(),
+        Command::Man(args) => return walhook::cli::man::run(args).into(),
+        _ => {}
+    }
     // The daemon logs as its config says; other commands log warnings to stderr.
     let mut run_config = None;
     if let Command::Run(args) = &cli.command {
@@ -26,7 +34,7 @@ fn main() -> ExitCode {
             }
             Err(errors) => {
                 eprintln!("error: {errors}");
-                return ExitCode::FAILURE;
+                return Exit::Config.into();
             }
         }
     } else if let Command::Demo(_) = &cli.command {
@@ -51,25 +59,27 @@ fn main() -> ExitCode {
                 let config = run_config.expect("loaded above");
                 walhook::cli::run::run(config, args.config.path)
                     .await
-                    .map(|()| true)
+                    .map(|()| Exit::Success)
             }
-            Command::Setup(args) => walhook::cli::setup::run(args).await.map(|()| true),
-            Command::Tail(args) => tail::run(args).await.map(|()| true),
+            Command::Setup(args) => walhook::cli::setup::run(args).await.map(|()| Exit::Success),
+            Command::Tail(args) => tail::run(args).await.map(|()| Exit::Success),
             Command::Check(args) => check::run(args).await,
-            Command::Deliveries(args) => walhook::cli::deliveries::run(args).await.map(|()| true),
-            Command::Subscriptions(args) => {
-                walhook::cli::subscriptions::run(args).await.map(|()| true)
-            }
-            Command::Demo(args) => walhook::cli::demo::run(args).await,
-            Command::Config(args) => walhook::cli::config_schema::run(args).map(|()| true),
+            Command::Deliveries(args) => walhook::cli::deliveries::run(args)
+                .await
+                .map(|()| Exit::Success),
+            Command::Subscriptions(args) => walhook::cli::subscriptions::run(args)
+                .await
+                .map(|()| Exit::Success),
+            Command::Demo(args) => walhook::cli::demo::run(args).await.map(Exit::from_success),
+            Command::Config(args) => walhook::cli::config_schema::run(args).map(|()| Exit::Success),
+            Command::Completions(_) | Command::Man(_) => Ok(Exit::Success),
         }
     });
     match result {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
+        Ok(exit) => exit.into(),
         Err(err) => {
             eprintln!("error: {}", walhook::cli::error_chain(&err));
-            ExitCode::FAILURE
+            Exit::for_error(&err).into()
         }
     }
 }

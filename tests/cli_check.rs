@@ -1,6 +1,6 @@
 //! `walhook check` on a good setup, and bad input to both `walhook tail` and `walhook
-//! check`: each failure exits 1 with one paragraph naming the culprit and the fix, and
-//! never a panic. `tail` writes it to stderr; `check` reports it on its `error` line.
+//! check`: each failure exits 1 (78 for an invalid config) with one paragraph naming
+//! the culprit and the fix, and never a panic. `tail` writes it to stderr; `check` reports it on its `error` line.
 
 use std::time::Duration;
 
@@ -10,7 +10,7 @@ use crate::support::{wait_for, wait_for_some};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// Runs `walhook tail` and `walhook check` with `config` and `url`; both must fail:
+/// Runs `walhook tail` and `walhook check` with `config` and `url`; both must exit 1:
 /// tail with a stderr line holding `tail_needles`, check with an `error {check_what}:`
 /// line holding `check_needles`. Returns both outcomes.
 async fn both_fail(
@@ -20,8 +20,20 @@ async fn both_fail(
     check_what: &str,
     check_needles: &[&str],
 ) -> (Outcome, Outcome) {
+    both_exit_with(1, config, url, tail_needles, check_what, check_needles).await
+}
+
+/// Like [`both_fail`], with exit code `code` (78 for an invalid config).
+async fn both_exit_with(
+    code: i32,
+    config: &ConfigFile,
+    url: &str,
+    tail_needles: &[&str],
+    check_what: &str,
+    check_needles: &[&str],
+) -> (Outcome, Outcome) {
     let tail = run(&["tail"], config, url).await;
-    tail.assert_failed_with("walhook tail", &tail.stderr, tail_needles);
+    tail.assert_exit_with(code, "walhook tail", &tail.stderr, tail_needles);
     assert!(tail.stderr.starts_with("error: "), "tail: {}", tail.stderr);
     assert!(
         tail.stdout.is_empty(),
@@ -33,7 +45,7 @@ async fn both_fail(
     let prefix = format!("error {check_what}: ");
     let mut needles = vec![prefix.as_str()];
     needles.extend_from_slice(check_needles);
-    check.assert_failed_with("walhook check", &check.stdout, &needles);
+    check.assert_exit_with(code, "walhook check", &check.stdout, &needles);
     assert!(
         check.stdout.contains("error(s)"),
         "check ends with its summary: {}",
@@ -369,8 +381,16 @@ entity = "t"
         "unknown key",
         "did you mean \"slot\"",
     ];
-    let (_, check) = both_fail(&config, &db.url(), &needles, "config", &["config error"]).await;
-    check.assert_failed_with("walhook check", &check.stdout, &needles);
+    let (_, check) = both_exit_with(
+        78,
+        &config,
+        &db.url(),
+        &needles,
+        "config",
+        &["config error"],
+    )
+    .await;
+    check.assert_config_error("walhook check", &check.stdout, &needles);
 }
 
 /// `walhook check` and `walhook run` with `config` and `url`: both exit 1; check on an

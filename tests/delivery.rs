@@ -1,7 +1,8 @@
 //! Delivery end to end: the real `walhook run`, a real receiver on 127.0.0.1, signatures
 //! checked with the independent `standardwebhooks` crate, per-entity order under random
 //! failures (G4, G5), and 410 Gone disabling one subscription while others flow. Leases
-//! across instances are in `lease`, a session restarted behind retry rows in `restart`.
+//! across instances are in `lease`, a session restarted behind retry rows in `restart`,
+//! outbound proxies in `proxy`.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -14,6 +15,7 @@ use crate::support::wait_for;
 mod backlog;
 mod faults;
 mod lease;
+mod proxy;
 mod restart;
 
 const WAIT: Duration = Duration::from_secs(60);

@@ -54,6 +54,61 @@ async fn wait_log(daemon: &mut Daemon, what: &str, needle: &str) -> String {
     .await
 }
 
+/// Every command that reads walhook.toml exits 78 (`EX_CONFIG`) when it is invalid,
+/// listing each problem with the file, line and key; the same commands with a valid
+/// config whose database cannot be reached exit 1. The systemd unit restarts on 1, not
+/// on 78 (`RestartPreventExitStatus=78`). No PostgreSQL is needed.
+#[tokio::test]
+async fn an_invalid_config_exits_78_and_an_unreachable_database_exits_1() {
+    let invalid = ConfigFile::new(
+        "[source]\nurl = \"${DATABASE_URL}\"\n\n[store]\nretention = \"7 days\"\n\n[delivery]\nproxy = \"socks5://proxy.internal:1080\"\n",
+    );
+    let file = invalid.path.display().to_string();
+    let retention = format!("{file}:5: store.retention: bad duration \"7 days\"");
+    let proxy = format!("{file}:8: delivery.proxy: proxy URL must start with http:// or https://");
+    // Nothing listens on this port: bound, then released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let url = format!("postgres://postgres@127.0.0.1:{port}/db");
+    let valid = run_config("walhook", &["public.t"]);
+    let commands: [&[&str]; 7] = [
+        &["run"],
+        &["check"],
+        &["setup"],
+        &["setup", "--print-sql"],
+        &["tail"],
+        &["deliveries", "list"],
+        &["subscriptions", "list"],
+    ];
+    for args in commands {
+        let what = format!("walhook {} with an invalid config", args.join(" "));
+        let out = cli::run(args, &invalid, &url).await;
+        // `check` reports on stdout, the others on stderr.
+        let text = if args[0] == "check" {
+            &out.stdout
+        } else {
+            &out.stderr
+        };
+        out.assert_config_error(&what, text, &["2 config errors"]);
+        out.assert_config_error(&what, text, &[&retention]);
+        out.assert_config_error(&what, text, &[&proxy]);
+
+        if args == ["setup", "--print-sql"] {
+            continue; // needs no database: it succeeds with a valid config
+        }
+        let what = format!("walhook {} with an unreachable database", args.join(" "));
+        let out = cli::run(args, &valid, &url).await;
+        let text = if args[0] == "check" {
+            &out.stdout
+        } else {
+            &out.stderr
+        };
+        out.assert_failed_with(&what, text, &["Connection refused"]);
+    }
+}
+
 #[tokio::test]
 async fn run_refuses_a_source_it_cannot_use_naming_cause_and_fix() {
     let db = create_db().await;
@@ -362,9 +417,8 @@ async fn read_only_store_at_start_is_refused() {
 
 /// The store turns read-only while walhook runs: ingest must wait (not ready, nothing
 /// confirmed), name the cause, and resume once the store is writable again (issue 11,
-/// item i). Today the daemon exits 1 on the first refused INSERT ("store query failed:
-/// db error: ERROR: cannot execute INSERT in a read-only transaction"), and a restart
-/// then fails at start-up the same way: a crash loop until the store is writable.
+/// item i). Before that fix the daemon exited 1 on the first refused INSERT, and a
+/// restart failed at start-up the same way: a crash loop until the store was writable.
 #[tokio::test]
 async fn read_only_store_while_running_makes_ingest_wait() {
     let (db, store, work) = db_with_separate_store().await;

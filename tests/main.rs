@@ -5,6 +5,7 @@ mod support;
 
 mod chaos;
 mod cli_check;
+mod cli_reference;
 mod cli_tail;
 mod config_docs;
 mod connect;

@@ -1,9 +1,9 @@
 //! `walhook check`: a readable report, one line per check with ok / warn / error and
-//! the fix for each problem. Exit 1 on any error.
+//! the fix for each problem. Exit 78 when the config is invalid, 1 on any other error.
 
 use std::fmt::Write as _;
 
-use super::ConfigArg;
+use super::{ConfigArg, Exit};
 use crate::daemon::prepare::PrepareError;
 use crate::mapping::Mapper;
 use crate::pg::{ConnInfo, Host, SslMode};
@@ -47,16 +47,31 @@ impl Report {
     }
 }
 
-/// Runs `walhook check`; returns whether everything passed (no errors).
-pub async fn run(args: CheckArgs) -> anyhow::Result<bool> {
+/// Runs `walhook check`: [`Exit::Success`] when everything passed, [`Exit::Config`]
+/// when the config is invalid (nothing else is checked then), else [`Exit::Failure`].
+pub async fn run(args: CheckArgs) -> anyhow::Result<Exit> {
     let mut report = Report::default();
-    let ok = check(&args, &mut report).await;
+    let ended = check(&args, &mut report).await;
     print!("{}", report.lines);
     println!("{} error(s), {} warning(s)", report.errors, report.warnings);
-    Ok(ok && report.errors == 0)
+    Ok(match ended {
+        Ended::InvalidConfig => Exit::Config,
+        Ended::Early => Exit::Failure,
+        Ended::Complete => Exit::from_success(report.errors == 0),
+    })
 }
 
-async fn check(args: &CheckArgs, report: &mut Report) -> bool {
+/// How far [`check`] got.
+enum Ended {
+    /// The config did not load.
+    InvalidConfig,
+    /// A check that the others depend on failed (the report says which).
+    Early,
+    /// Every check ran.
+    Complete,
+}
+
+async fn check(args: &CheckArgs, report: &mut Report) -> Ended {
     let config = match args.config.load() {
         Ok(c) => {
             report.add(Level::Ok, "config", args.config.path.display());
@@ -64,7 +79,7 @@ async fn check(args: &CheckArgs, report: &mut Report) -> bool {
         }
         Err(errors) => {
             report.add(Level::Error, "config", errors);
-            return false;
+            return Ended::InvalidConfig;
         }
     };
     for key in config.inactive_keys() {
@@ -83,7 +98,7 @@ async fn check(args: &CheckArgs, report: &mut Report) -> bool {
         }
         Err(e) => {
             report.add(Level::Error, "connection", params.describe_sql_error(e));
-            return false;
+            return Ended::Early;
         }
     };
     match setup::check_wal_level(&client).await {
@@ -166,7 +181,7 @@ async fn check(args: &CheckArgs, report: &mut Report) -> bool {
         Err(e) => report.add(Level::Warn, "slot WAL", e),
     }
     store_line(&config, report).await;
-    true
+    Ended::Complete
 }
 
 /// Whether the publication publishes exactly the watched tables, or `walhook run` may

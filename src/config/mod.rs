@@ -28,7 +28,7 @@ pub use error::{ConfigError, ConfigErrors, Origin};
 pub use schema::{json_schema, keys as schema_keys};
 pub use secret::{DatabaseUrl, Secret};
 pub use types::*;
-pub use validate::DEFAULT_BACKOFF;
+pub use validate::{DEFAULT_BACKOFF, DEFAULT_LISTEN};
 
 use env::EnvOverrides;
 use locate::{Locator, index, join, line_of};
@@ -377,7 +377,7 @@ mod tests {
         assert_eq!(c.store.retention, Duration::from_secs(7 * 86_400));
         assert_eq!(c.store.dead_retention, Duration::from_secs(30 * 86_400));
         assert_eq!(c.store.paused_retention, Duration::from_secs(7 * 86_400));
-        assert_eq!(c.server.listen, "127.0.0.1:9187".parse().unwrap());
+        assert_eq!(c.server.listen, "127.0.0.1:7187".parse().unwrap());
         assert_eq!(c.log.format, LogFormat::Text);
         assert_eq!(c.log.level, "info");
         assert_eq!(c.daemon.shutdown_grace, Duration::from_secs(30));
@@ -437,6 +437,46 @@ mod tests {
                 .contains("(env WALHOOK_SERVER__LISTEN): server.listen"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn delivery_proxy_is_off_by_default_and_checked_without_echoing_it() {
+        let base = "[source]\nurl = \"postgres://x/app\"\n";
+        assert_eq!(load_ok(base, &[]).delivery.proxy, None);
+
+        let c = load_ok(
+            &format!("{base}[delivery]\nproxy = \"http://u:pw@proxy.internal:3128\"\n"),
+            &[],
+        );
+        let proxy = c.delivery.proxy.as_ref().expect("a proxy");
+        assert_eq!(proxy.expose().host_str(), Some("proxy.internal"));
+        assert_eq!(
+            c.delivery.proxy_redacted().as_deref(),
+            Some("http://proxy.internal:3128")
+        );
+        assert!(
+            !format!("{c:?}").contains("pw@"),
+            "the password is redacted"
+        );
+
+        let c = load_ok(base, &[("WALHOOK_DELIVERY__PROXY", "https://p.example")]);
+        assert_eq!(
+            c.delivery.proxy_redacted().as_deref(),
+            Some("https://p.example:443")
+        );
+
+        for bad in [
+            "socks5://u:s3cret@p:1080",
+            "u:s3cret@proxy:3128",
+            "http://",
+            "not a url",
+        ] {
+            let e = load_err(&format!("{base}[delivery]\nproxy = \"{bad}\"\n"), &[]);
+            let err = find(&e, "delivery.proxy");
+            assert_eq!(err.line, Some(4), "{e}");
+            assert!(!e.to_string().contains("s3cret"), "{e}");
+            assert!(e.to_string().contains("http://"), "{e}");
+        }
     }
 
     #[test]

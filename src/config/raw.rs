@@ -29,6 +29,7 @@ pub(crate) const OVERRIDABLE: &[(&str, &[&str])] = &[
     ("server", &["listen"]),
     ("log", &["format", "level"]),
     ("daemon", &["shutdown_grace", "ingest_buffer"]),
+    ("delivery", &["proxy"]),
 ];
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]
@@ -44,6 +45,8 @@ pub(crate) struct RawConfig {
     pub log: RawLog,
     #[serde(default)]
     pub daemon: RawDaemon,
+    #[serde(default)]
+    pub delivery: RawDelivery,
     #[serde(default)]
     pub tables: Vec<RawTable>,
     #[serde(default)]
@@ -86,6 +89,14 @@ pub(crate) struct RawLog {
 pub(crate) struct RawDaemon {
     pub shutdown_grace: Option<String>,
     pub ingest_buffer: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDelivery {
+    /// Proxy for every webhook request, `http://[user:password@]host:port`. Without it
+    /// walhook connects directly and ignores HTTP_PROXY, HTTPS_PROXY and ALL_PROXY.
+    pub proxy: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]

@@ -23,6 +23,8 @@ pub struct Config {
     pub log: LogConfig,
     /// `[daemon]`.
     pub daemon: DaemonConfig,
+    /// `[delivery]`: settings shared by every subscription's HTTP client.
+    pub delivery: DeliveryConfig,
     /// `[[tables]]`: watched tables, in file order.
     pub tables: Vec<TableConfig>,
     /// `[[subscriptions]]`: receivers, in file order.
@@ -58,7 +60,7 @@ pub struct StoreConfig {
 /// `[server]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
-    /// Listen address for `/metrics`, `/healthz`, `/readyz` (default `127.0.0.1:9187`).
+    /// Listen address for `/metrics`, `/healthz`, `/readyz` (default `127.0.0.1:7187`).
     pub listen: SocketAddr,
 }
 
@@ -90,6 +92,30 @@ pub struct DaemonConfig {
     /// Row data received from the source but not yet stored, in bytes (default 64 MiB):
     /// the replication stream pauses while this much is in flight (G6).
     pub ingest_buffer: u64,
+}
+
+/// `[delivery]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeliveryConfig {
+    /// The proxy every webhook request goes through (`http://` or `https://`, with a
+    /// host). `None`: direct connections, and the proxy environment variables
+    /// (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`, `NO_PROXY`) are ignored. May hold a
+    /// password, so it is kept secret; [`DeliveryConfig::proxy_redacted`] is printable.
+    pub proxy: Option<Secret<url::Url>>,
+}
+
+impl DeliveryConfig {
+    /// The proxy as `scheme://host:port`, without credentials or path, for logs.
+    pub fn proxy_redacted(&self) -> Option<String> {
+        self.proxy.as_ref().map(|url| {
+            let url = url.expose();
+            let host = url.host_str().unwrap_or("");
+            match url.port_or_known_default() {
+                Some(port) => format!("{}://{host}:{port}", url.scheme()),
+                None => format!("{}://{host}", url.scheme()),
+            }
+        })
+    }
 }
 
 /// One `[[tables]]` entry.

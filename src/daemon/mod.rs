@@ -96,7 +96,7 @@ pub async fn run(
         crate::delivery::supervise::DispatchContext {
             store_params: prepared.store_params.clone(),
             schema: config.store.schema.clone(),
-            clients: Arc::new(HttpClients::new()?),
+            clients: Arc::new(HttpClients::new(&config.delivery)?),
             owner: owner.clone(),
             wake: wake.clone(),
         },

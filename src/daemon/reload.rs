@@ -42,7 +42,7 @@ use crate::source::setup::{self, SetupError};
 use crate::store::{Store, StoreError};
 
 /// Keys that take effect only at start-up; a reload that changes them logs a warning.
-pub const RESTART_KEYS: [&str; 9] = [
+pub const RESTART_KEYS: [&str; 10] = [
     "source.url",
     "source.slot",
     "source.publication",
@@ -52,6 +52,7 @@ pub const RESTART_KEYS: [&str; 9] = [
     "log.format",
     "log.level",
     "daemon.ingest_buffer",
+    "delivery.proxy",
 ];
 
 /// What the source task maps and routes with.
@@ -310,6 +311,7 @@ fn keep_restart_keys(current: &Config, mut loaded: Config) -> Config {
         current.log.format != loaded.log.format,
         current.log.level != loaded.log.level,
         current.daemon.ingest_buffer != loaded.daemon.ingest_buffer,
+        current.delivery != loaded.delivery,
     ];
     for (key, _) in RESTART_KEYS.iter().zip(changed).filter(|(_, c)| *c) {
         warn!(key = %key, "changed in the config file, but needs a restart to take effect; the running value stays");
@@ -320,6 +322,7 @@ fn keep_restart_keys(current: &Config, mut loaded: Config) -> Config {
     loaded.server = current.server.clone();
     loaded.log = current.log.clone();
     loaded.daemon.ingest_buffer = current.daemon.ingest_buffer;
+    loaded.delivery = current.delivery.clone();
     loaded
 }
 

@@ -7,6 +7,10 @@ pub enum DeliveryError {
     /// The outbound HTTP client could not be built (TLS backend, root certificates).
     #[error("cannot build the outbound HTTP client")]
     HttpClient(#[source] reqwest::Error),
+    /// `[delivery] proxy` was refused by the HTTP client. The cause is not kept: its
+    /// text could repeat the proxy URL, password included.
+    #[error("delivery.proxy: the HTTP client refuses this proxy URL")]
+    Proxy,
     /// An event could not be turned into a request body.
     #[error("cannot serialize the event body")]
     Body(#[source] serde_json::Error),

@@ -1,6 +1,6 @@
 //! The outbound HTTP client (STYLE rule 11): built once, pooled keep-alive, rustls,
-//! no redirects, a `walhook/<version>` User-Agent, a timeout per request; and the
-//! headers every attempt carries.
+//! no redirects, a `walhook/<version>` User-Agent, a timeout per request, a proxy only
+//! when `[delivery] proxy` names one; and the headers every attempt carries.
 
 use std::error::Error as _;
 use std::time::{Duration, Instant};
@@ -12,7 +12,7 @@ use url::Url;
 use super::error::DeliveryError;
 use super::policy::{ErrorKind, Outcome};
 use super::signing::sign;
-use crate::config::SubscriptionConfig;
+use crate::config::{DeliveryConfig, SubscriptionConfig};
 
 /// `walhook/<version>`, the User-Agent of every request.
 pub const USER_AGENT: &str = concat!("walhook/", env!("CARGO_PKG_VERSION"));
@@ -158,11 +158,15 @@ pub struct HttpClients {
 }
 
 impl HttpClients {
-    /// Builds both clients.
-    pub fn new() -> Result<HttpClients, DeliveryError> {
+    /// Builds both clients, with `[delivery]`'s proxy when it names one.
+    pub fn new(delivery: &DeliveryConfig) -> Result<HttpClients, DeliveryError> {
+        let proxy = delivery.proxy.as_ref().map(|url| url.expose());
+        if let Some(proxy) = delivery.proxy_redacted() {
+            tracing::info!(proxy = %proxy, "webhooks go through the configured proxy");
+        }
         Ok(HttpClients {
-            verified: HttpClient::new(false)?,
-            insecure: HttpClient::new(true)?,
+            verified: HttpClient::new(false, proxy)?,
+            insecure: HttpClient::new(true, proxy)?,
         })
     }
 
@@ -186,9 +190,18 @@ impl HttpClient {
     /// Builds a client: rustls with the system's and the webpki root certificates,
     /// HTTP/1.1 and HTTP/2 (ALPN), keep-alive pool, no redirects. With
     /// `tls_insecure`, receiver certificates and host names are not checked.
-    /// Proxies from `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` are honoured.
-    pub fn new(tls_insecure: bool) -> Result<HttpClient, DeliveryError> {
-        let client = reqwest::Client::builder()
+    ///
+    /// Every request goes through `proxy` when given (HTTP requests in absolute form,
+    /// HTTPS through `CONNECT`), and straight to the receiver otherwise: the proxy
+    /// environment variables (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`, `NO_PROXY`)
+    /// are never read, so a variable meant for other programs cannot divert webhooks.
+    pub fn new(tls_insecure: bool, proxy: Option<&Url>) -> Result<HttpClient, DeliveryError> {
+        let builder = match proxy {
+            Some(url) => reqwest::Client::builder()
+                .proxy(reqwest::Proxy::all(url.as_str()).map_err(|_| DeliveryError::Proxy)?),
+            None => reqwest::Client::builder().no_proxy(),
+        };
+        let client = builder
             .use_rustls_tls()
             .user_agent(USER_AGENT)
             .redirect(reqwest::redirect::Policy::none())

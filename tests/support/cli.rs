@@ -69,9 +69,19 @@ impl Outcome {
     /// `check`) holds one paragraph containing every one of `needles`, and that nothing
     /// panicked. Returns the paragraph.
     pub fn assert_failed_with(&self, what: &str, text: &str, needles: &[&str]) -> String {
+        self.assert_exit_with(1, what, text, needles)
+    }
+
+    /// Like [`Outcome::assert_failed_with`], for exit code 78: the config is invalid.
+    pub fn assert_config_error(&self, what: &str, text: &str, needles: &[&str]) -> String {
+        self.assert_exit_with(78, what, text, needles)
+    }
+
+    /// Like [`Outcome::assert_failed_with`], with exit code `code`.
+    pub fn assert_exit_with(&self, code: i32, what: &str, text: &str, needles: &[&str]) -> String {
         assert_eq!(
             self.code,
-            Some(1),
+            Some(code),
             "{what}: exit code; stdout:\n{}\nstderr:\n{}",
             self.stdout,
             self.stderr

@@ -8,13 +8,19 @@ use super::duration::parse_duration;
 use super::error::ConfigError;
 use super::locate::{Locator, index};
 use super::raw::*;
-use super::secret::DatabaseUrl;
+use super::secret::{DatabaseUrl, Secret};
 use super::size::parse_size;
 use super::types::*;
 use crate::pg::ConnInfo;
 
 /// Default retry schedule of a subscription.
 pub const DEFAULT_BACKOFF: &[&str] = &["5s", "5m", "30m", "2h", "5h", "10h", "10h"];
+
+/// Default `server.listen`. Port 7187 is outside 9090-9999 and 10000 up, the ranges of
+/// Prometheus' "default port allocations" list (9100-9999 is fully allocated; 9187,
+/// walhook's first default, is postgres_exporter's, which often runs on the same host),
+/// and is no well-known service's port.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7187";
 
 /// Turns the raw config into ready types, or returns every problem found.
 pub(crate) fn validate(raw: RawConfig, loc: &Locator) -> Result<Config, Vec<ConfigError>> {
@@ -44,6 +50,7 @@ pub(crate) fn validate(raw: RawConfig, loc: &Locator) -> Result<Config, Vec<Conf
             )
             .unwrap_or_default(),
     };
+    let delivery = v.delivery(raw.delivery);
     let tables = v.tables(raw.tables);
     let subscriptions = v.subscriptions(raw.subscriptions);
     match (source, store, server, log) {
@@ -53,6 +60,7 @@ pub(crate) fn validate(raw: RawConfig, loc: &Locator) -> Result<Config, Vec<Conf
             server,
             log,
             daemon,
+            delivery,
             tables,
             subscriptions,
         }),
@@ -281,7 +289,7 @@ impl Validator<'_> {
     }
 
     fn server(&mut self, raw: RawServer) -> Option<ServerConfig> {
-        let text = raw.listen.unwrap_or_else(|| "127.0.0.1:9187".into());
+        let text = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.into());
         match text.parse::<SocketAddr>() {
             Ok(listen) => Some(ServerConfig { listen }),
             Err(e) => {
@@ -289,13 +297,50 @@ impl Validator<'_> {
                     .loc
                     .error(
                         "server.listen",
-                        format!("bad address \"{text}\": expected ip:port, e.g. \"0.0.0.0:9187\""),
+                        format!("bad address \"{text}\": expected ip:port, e.g. \"0.0.0.0:7187\""),
                     )
                     .with_cause(e);
                 self.errors.push(error);
                 None
             }
         }
+    }
+
+    /// `[delivery]`. A bad proxy URL is reported by its reason only, never echoed: it
+    /// may hold a password.
+    fn delivery(&mut self, raw: RawDelivery) -> DeliveryConfig {
+        const EXAMPLE: &str = "e.g. \"http://proxy.internal:3128\"";
+        let proxy = raw.proxy.and_then(|text| match url::Url::parse(&text) {
+            Ok(url) if !matches!(url.scheme(), "http" | "https") => {
+                self.err(
+                    "delivery.proxy",
+                    format!("proxy URL must start with http:// or https://, {EXAMPLE}"),
+                );
+                None
+            }
+            Ok(url) if url.host_str().is_none_or(str::is_empty) => {
+                self.err(
+                    "delivery.proxy",
+                    format!("proxy URL has no host, {EXAMPLE}"),
+                );
+                None
+            }
+            Ok(url) => Some(Secret::new(url)),
+            Err(e) => {
+                let error = self
+                    .loc
+                    .error(
+                        "delivery.proxy",
+                        format!(
+                            "not a valid proxy URL ({e}); expected http://host:port, {EXAMPLE}"
+                        ),
+                    )
+                    .with_cause(e);
+                self.errors.push(error);
+                None
+            }
+        });
+        DeliveryConfig { proxy }
     }
 
     fn log(&mut self, raw: RawLog) -> Option<LogConfig> {

@@ -153,7 +153,7 @@ fn url(scheme: &str, addr: SocketAddr) -> Url {
 }
 
 fn client() -> HttpClient {
-    HttpClient::new(false).unwrap()
+    HttpClient::new(false, None).unwrap()
 }
 
 fn json_headers() -> Vec<(HeaderName, HeaderValue)> {
@@ -299,7 +299,7 @@ async fn headers_arrive_and_the_signature_verifies() {
         let secret = ["authorization", "x-tenant", "webhook-signature"].contains(&name.as_str());
         assert_eq!(value.is_sensitive(), secret, "{name}");
     }
-    let clients = HttpClients::new().unwrap();
+    let clients = HttpClients::new(&c.delivery).unwrap();
     let a = clients
         .for_subscription(sub)
         .post(sub.url.expose(), &headers, body.clone(), sub.timeout)
@@ -402,8 +402,31 @@ async fn untrusted_certificate_is_a_tls_error_unless_insecure() {
     );
     let error = a.error.unwrap();
     assert!(error.starts_with("tls: "), "{error}");
-    let insecure = HttpClient::new(true).unwrap();
+    let insecure = HttpClient::new(true, None).unwrap();
     let a = post(&insecure, &url("https", addr), WAIT).await;
     assert_eq!(code(&a), 200);
     assert_eq!(a.response_head, "ok");
+}
+
+#[tokio::test]
+async fn a_configured_proxy_gets_every_request_in_absolute_form() {
+    let ok = "HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n".to_string();
+    let (proxy_addr, mut rx) = serve(Reply::Raw(ok), None).await;
+    let proxy = Url::parse(&format!("http://{proxy_addr}")).unwrap();
+    let client = HttpClient::new(false, Some(&proxy)).unwrap();
+    // The receiver's host does not resolve: only the proxy can have answered.
+    let receiver = Url::parse("http://receiver.invalid:8080/hook").unwrap();
+    let a = client
+        .post(&receiver, &json_headers(), Bytes::from_static(b"{}"), WAIT)
+        .await;
+    assert_eq!(code(&a), 204, "{a:?}");
+    let got = tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        got.request_line,
+        "POST http://receiver.invalid:8080/hook HTTP/1.1"
+    );
+    assert_eq!(got.body, b"{}");
 }
