@@ -252,7 +252,7 @@ async fn verify_ca_trusts_only_sslrootcert_even_when_the_system_trusts_the_serve
     // A weak sslmode with sslrootcert=system is a config error naming the fix.
     let weak = config(&format!("{base} sslrootcert=system sslmode=require"));
     let out = run_env(&["check"], &weak, "", &system).await;
-    assert_ne!(out.code, Some(0));
+    assert_eq!(out.code, Some(78), "a config error exits 78");
     let all = format!("{}{}", out.stdout, out.stderr);
     assert!(
         all.contains("source.url") && all.contains("verify-full"),
@@ -310,7 +310,7 @@ async fn key_value_strings_and_pg_variables_work_from_the_config() {
     // A malformed string is a config error naming the key and the line.
     let bad = ConfigFile::new("[source]\nurl = \"host=db port=nope\"\n");
     let out = run_env(&["check"], &bad, "", &[]).await;
-    assert_ne!(out.code, Some(0));
+    assert_eq!(out.code, Some(78), "a config error exits 78");
     let all = format!("{}{}", out.stdout, out.stderr);
     assert!(
         all.contains("source.url") && all.contains("`port`") && all.contains("nope"),
