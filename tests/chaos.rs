@@ -29,8 +29,12 @@ const ENTITIES: usize = 100;
 const RSS_LIMIT_KIB: u64 = 150 * 1024;
 /// G9: the longest a `-m fast` restart (stop and start) may take.
 const RESTART_LIMIT: Duration = Duration::from_secs(10);
-/// How long the end may take to store and deliver everything once the chaos stops.
+/// How long the end may take to store everything once the chaos stops, and to deliver
+/// it at least (the delivery wait goes on while deliveries progress, see [`STALL`]).
 const DRAIN: Duration = Duration::from_secs(180);
+/// At the end, a subscription with deliveries missing and none answered for this long
+/// is stuck: a failure however much time is left.
+const STALL: Duration = Duration::from_secs(60);
 /// How often the controller looks at its processes.
 const TICK: Duration = Duration::from_millis(200);
 
@@ -41,6 +45,8 @@ struct Settings {
     pg_restarts: u64,
     /// Mean time between two SIGKILLs.
     kill_every: Duration,
+    /// The writer's pause between transactions.
+    pace: Duration,
 }
 
 impl Settings {
@@ -53,6 +59,7 @@ impl Settings {
             // A long run restarts PostgreSQL about once a minute.
             pg_restarts: number("WALHOOK_CHAOS_PG_RESTARTS").unwrap_or((secs / 60).max(2)),
             kill_every: Duration::from_secs(number("WALHOOK_CHAOS_KILL_EVERY").unwrap_or(10)),
+            pace: Duration::from_millis(number("WALHOOK_CHAOS_PACE_MS").unwrap_or(15)),
         }
     }
 }
@@ -298,7 +305,7 @@ async fn chaos_keeps_every_guarantee() {
         TABLES,
         ENTITIES,
         settings.seed ^ 0x33,
-        Duration::from_millis(15),
+        settings.pace,
     );
     let begun = Instant::now();
     let end = begun + Duration::from_secs(settings.secs);
@@ -395,20 +402,44 @@ async fn chaos_keeps_every_guarantee() {
             .iter()
             .map(|r| r.get(0))
             .collect();
-        let deadline = Instant::now() + DRAIN;
+        // A backlog left by a long run takes its time: wait while deliveries progress
+        // (at least DRAIN, at most DRAIN plus the run's length), and fail at once when
+        // none is answered for STALL.
+        let began = Instant::now();
+        let cap = DRAIN + Duration::from_secs(settings.secs);
         let mut missing = due.len();
-        while Instant::now() < deadline {
+        let mut last_progress = Instant::now();
+        let mut stalled = false;
+        while began.elapsed() < cap {
             let got = chaos.receivers[r].delivered_ids();
-            missing = due.iter().filter(|id| !got.contains(*id)).count();
+            let now_missing = due.iter().filter(|id| !got.contains(*id)).count();
+            if now_missing < missing {
+                last_progress = Instant::now();
+            }
+            missing = now_missing;
             if missing == 0 {
+                break;
+            }
+            if last_progress.elapsed() > STALL && began.elapsed() > DRAIN.min(STALL * 2) {
+                stalled = true;
                 break;
             }
             chaos.supervise();
             tokio::time::sleep(TICK).await;
         }
+        eprintln!(
+            "subscription {subscription}: {} deliveries, {missing} missing after a drain of {:.0?}",
+            due.len(),
+            began.elapsed()
+        );
         if missing > 0 {
+            let why = if stalled {
+                format!("none answered 2xx for {STALL:?}")
+            } else {
+                format!("still progressing after {cap:?}")
+            };
             chaos.tally.failures.push(format!(
-                "subscription {subscription}: {missing} of {} deliveries never answered 2xx after {DRAIN:?}",
+                "subscription {subscription}: {missing} of {} deliveries never answered 2xx ({why})",
                 due.len()
             ));
         }
