@@ -309,3 +309,43 @@ async fn after_a_watched_write_unwatched_writes_still_advance_the_slot() {
     daemon.signal(libc::SIGTERM);
     assert!(daemon.wait_exit(WAIT).success(), "log:\n{}", daemon.log());
 }
+
+/// Found by the long chaos run: a walhook started while PostgreSQL shuts down got "the
+/// database system is shutting down" (57P03) at start-up and exited 1. It must wait for
+/// the server and then lead.
+#[tokio::test]
+async fn run_started_while_postgres_shuts_down_waits_for_it() {
+    let cluster = Cluster::start();
+    let (db, holder) = users_db(&cluster).await;
+    let work = Workdir::new(&config(&db, USERS));
+    // A smart stop waits for the open session `holder`; new connections are refused.
+    cluster.begin_smart_stop();
+    wait_for_some("new connections refused as shutting down", WAIT, || async {
+        match crate::support::pg::connect(&db.url()).await {
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::CANNOT_CONNECT_NOW) => {
+                Some(())
+            }
+            _ => None,
+        }
+    })
+    .await;
+    let mut daemon = work.spawn_run(0);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        daemon.is_running(),
+        "walhook exited while PostgreSQL was shutting down; log:\n{}",
+        daemon.log()
+    );
+    drop(holder);
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || c.restart(StopMode::Fast))
+        .await
+        .unwrap();
+    wait_leading(&db, &mut daemon).await;
+    let client = db.client().await;
+    client
+        .batch_execute("INSERT INTO users VALUES (1, 'a@example.com', 1)")
+        .await
+        .unwrap();
+    wait_events(&db, 1, &mut daemon).await;
+}

@@ -9,6 +9,9 @@ use super::conninfo::{ConnInfo, Host, HostSpec, SslMode, TargetSession};
 
 /// The application name SQL sessions report when the string sets none.
 const APPLICATION_NAME: &str = "walhook";
+/// How long [`ConnInfo::connect_sql`] waits for a server that says it cannot take
+/// connections yet (starting up, shutting down, in recovery: SQLSTATE 57P03).
+const NOT_READY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// An ordinary SQL connection could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -72,8 +75,36 @@ impl ConnInfo {
     }
 
     /// Connects an ordinary SQL session, trying each host in turn, and drives its
-    /// connection on a background task.
+    /// connection on a background task. A server that is starting up or shutting down
+    /// (SQLSTATE 57P03) is waited for, up to 30 s, and so is the refused connection
+    /// that follows it while the server restarts: a walhook started during a
+    /// PostgreSQL restart must not exit for it (found by the long chaos run). A refused
+    /// connection with no such sign first fails at once.
     pub async fn connect_sql(&self) -> Result<tokio_postgres::Client, SqlConnectError> {
+        let deadline = tokio::time::Instant::now() + NOT_READY_WAIT;
+        // Once the server said it is shutting down, a refused connection is the gap of
+        // a restart, not a wrong address: wait through it too.
+        let mut restarting = false;
+        loop {
+            match self.connect_sql_once().await {
+                Err(SqlConnectError::Postgres(e))
+                    if tokio::time::Instant::now() < deadline
+                        && (e.code()
+                            == Some(&tokio_postgres::error::SqlState::CANNOT_CONNECT_NOW)
+                            || (restarting && e.as_db_error().is_none())) =>
+                {
+                    if !restarting {
+                        tracing::info!(server = %self, "PostgreSQL is starting up or shutting down; waiting for it");
+                        restarting = true;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn connect_sql_once(&self) -> Result<tokio_postgres::Client, SqlConnectError> {
         let tls = super::tls::client_config(&self.tls)?;
         let mut last = None;
         for h in self.hosts_in_order() {

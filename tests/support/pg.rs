@@ -350,6 +350,18 @@ impl Cluster {
         }
     }
 
+    /// Begins a smart shutdown (SIGTERM) and returns at once: the server refuses new
+    /// connections ("the database system is shutting down", 57P03) but waits for the
+    /// open sessions to end. Finish it with [`Cluster::stop`] (fast).
+    pub fn begin_smart_stop(&self) {
+        let child = self.0.lock_child();
+        let child = child
+            .as_ref()
+            .expect("begin a smart stop: PostgreSQL is not running");
+        // SAFETY: kill(2) on our own child, which has not been reaped yet.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    }
+
     /// Like [`Cluster::stop`], but a stop slower than [`STOP_LIMIT`] is returned as an
     /// error (the server forced down) instead of a panic.
     pub fn try_stop(&self, mode: StopMode) -> Result<Duration, SlowStop> {
