@@ -440,37 +440,25 @@ impl ConnInfo {
                 }
             },
         };
-        let target_session = match get("target_session_attrs") {
-            None | Some("any") => TargetSession::Any,
-            Some("read-write" | "primary") => TargetSession::ReadWrite,
-            Some("read-only" | "standby") => TargetSession::ReadOnly,
-            Some(other) => {
-                return Err(PgError::invalid(
-                    "target_session_attrs",
-                    format!("`{other}` is not one of any, read-write, primary, read-only, standby"),
-                ));
-            }
-        };
-        let random_hosts = match get("load_balance_hosts") {
-            None | Some("disable") => false,
-            Some("random") => true,
-            Some(other) => {
-                return Err(PgError::invalid(
-                    "load_balance_hosts",
-                    format!("`{other}` is not disable or random"),
-                ));
-            }
-        };
-        let sni = match get("sslsni") {
-            None | Some("1") => true,
-            Some("0") => false,
-            Some(other) => {
-                return Err(PgError::invalid(
-                    "sslsni",
-                    format!("`{other}` is not 0 or 1"),
-                ));
-            }
-        };
+        let target_session = choice(
+            "target_session_attrs",
+            get("target_session_attrs"),
+            TargetSession::Any,
+            &[
+                ("any", TargetSession::Any),
+                ("read-write", TargetSession::ReadWrite),
+                ("primary", TargetSession::ReadWrite),
+                ("read-only", TargetSession::ReadOnly),
+                ("standby", TargetSession::ReadOnly),
+            ],
+        )?;
+        let random_hosts = choice(
+            "load_balance_hosts",
+            get("load_balance_hosts"),
+            false,
+            &[("disable", false), ("random", true)],
+        )?;
+        let sni = choice("sslsni", get("sslsni"), true, &[("1", true), ("0", false)])?;
         let tls = tls_settings(
             get("sslmode"),
             get("sslrootcert"),
@@ -540,6 +528,26 @@ impl ConnInfo {
     pub fn application_name_or<'a>(&'a self, fallback: &'a str) -> &'a str {
         self.application_name.as_deref().unwrap_or(fallback)
     }
+}
+
+/// The value of `key` among `options` (keyword, meaning), `default` when unset.
+fn choice<T: Copy>(
+    key: &str,
+    value: Option<&str>,
+    default: T,
+    options: &[(&str, T)],
+) -> Result<T, PgError> {
+    let Some(value) = value else {
+        return Ok(default);
+    };
+    options
+        .iter()
+        .find(|(name, _)| *name == value)
+        .map(|(_, v)| *v)
+        .ok_or_else(|| {
+            let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+            PgError::invalid(key, format!("`{value}` is not one of {}", names.join(", ")))
+        })
 }
 
 fn seconds(key: &str, v: &str) -> Result<u64, PgError> {

@@ -155,9 +155,15 @@ impl ReplicationClient {
     ) -> Result<Self, ClientError> {
         let timeout = info.connect_timeout;
         let port = spec.port;
-        let timed_out = |addr: &String| ClientError::Connect {
+        let failed = |addr: &String, source: io::Error| ClientError::Connect {
             addr: addr.clone(),
-            source: io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
+            source,
+        };
+        let timed_out = |addr: &String| {
+            failed(
+                addr,
+                io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
+            )
         };
         let (stream, addr, host_name): (Pin<Box<dyn Stream>>, String, Option<String>) =
             match &spec.host {
@@ -176,10 +182,7 @@ impl ReplicationClient {
                     let tcp = tokio::time::timeout(timeout, connect)
                         .await
                         .map_err(|_| timed_out(&addr))?
-                        .map_err(|source| ClientError::Connect {
-                            addr: addr.clone(),
-                            source,
-                        })?;
+                        .map_err(|source| failed(&addr, source))?;
                     tcp.set_nodelay(true)?;
                     set_tcp_options(&tcp, info)?;
                     (Box::pin(tcp), addr, Some(h.clone()))
@@ -190,10 +193,7 @@ impl ReplicationClient {
                     let unix = tokio::time::timeout(timeout, UnixStream::connect(&path))
                         .await
                         .map_err(|_| timed_out(&addr))?
-                        .map_err(|source| ClientError::Connect {
-                            addr: addr.clone(),
-                            source,
-                        })?;
+                        .map_err(|source| failed(&addr, source))?;
                     (Box::pin(unix), addr, None)
                 }
             };
