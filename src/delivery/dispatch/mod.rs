@@ -1,0 +1,459 @@
+//! The dispatcher of one subscription: holds the subscription's lease in the store (one
+//! instance at a time sends its deliveries), sends due retries and new events past its
+//! cursor, keeps per-entity order (G5) and records what needs another attempt (G4).
+//!
+//! What to send, what to record and where the cursor may go is decided by
+//! [`machine::Machine`], which does no I/O and has the unit tests. This module is the
+//! loop around it: one coordinator task fetches events from the log (while earlier ones
+//! are still in flight), starts attempts as tasks (at most `max_in_flight` at once),
+//! hands their answers to the machine in batches and writes what it settles.
+//!
+//! An event is attempted from one source at a time: an event with a retry row is never
+//! fetched as new (the store skips it), and a due retry row of an event this session
+//! fetched as new and has not settled is left for later. Retry rows are taken oldest
+//! first per entity.
+//!
+//! The lease (G8): every write of delivery state is fenced by it in the store, and a
+//! dispatcher whose write or renewal finds the lease gone stops at once, abandoning what
+//! is in flight (the new holder starts from the stored cursor and retry rows). No
+//! attempt starts once the lease may have run out by this process's clock (after a
+//! stall or a SIGSTOP longer than the lease): the lease is renewed first, and an attempt
+//! task that was delayed past that moment sends nothing.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use chrono::{DateTime, Utc};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use self::machine::{Machine, Row, Sent};
+use super::{Decision, HttpClients, body, decide, request_headers};
+use crate::config::{Ordering, SubscriptionConfig};
+use crate::routing::{Envelope, EventSource, Router};
+use crate::source::decoder::TableName;
+use crate::store::deliveries::{DueEvent, SubscriptionLease};
+use crate::store::wake::Wake;
+use crate::store::{Store, StoreError};
+
+/// How long a lease lasts without renewal; another instance takes over after it.
+const LEASE_SECONDS: f64 = 10.0;
+/// No attempt starts later than this before the lease would run out, counted from when
+/// the renewal was sent (the server counts from a later moment): room for the time
+/// between an attempt's last check and its request leaving the process.
+const LEASE_MARGIN: Duration = Duration::from_secs(2);
+/// How often the lease is renewed (and pause or disable by an operator noticed).
+const RENEW: Duration = Duration::from_secs(1);
+/// Events fetched from the log, or retry rows taken, per query.
+const BATCH: i64 = 500;
+/// Positions of the log read per query at most (events due to other subscriptions
+/// included): bounds the cost of one query whatever plan it gets.
+const WINDOW: i64 = 5_000;
+/// How often a dispatcher looks for work without being woken (retries coming due,
+/// events written by a process whose notification was lost).
+const POLL: Duration = Duration::from_millis(250);
+
+mod machine;
+
+/// Dispatchers started by this process so far: each one's lease owner is unique.
+static DISPATCHERS: AtomicU64 = AtomicU64::new(0);
+
+/// Runs the dispatcher of `sub` until `shutdown`; `instance` is this process's instance
+/// id (its lease owner is that id and a serial of its own, so that a dispatcher of this
+/// process still stopping, or aborted with a write on its way, is fenced out too).
+pub async fn run(
+    sub: SubscriptionConfig,
+    store: Store,
+    clients: Arc<HttpClients>,
+    instance: String,
+    wake: Arc<Wake>,
+    shutdown: CancellationToken,
+) {
+    let sub = Arc::new(sub);
+    let serial = DISPATCHERS.fetch_add(1, AtomicOrdering::Relaxed);
+    let mut d = Dispatcher {
+        router: Arc::new(Router::new(std::slice::from_ref(&*sub))),
+        ordered: sub.ordering == Ordering::Entity,
+        sub,
+        clients,
+        store,
+        owner: format!("{instance}/{serial}"),
+        leased: false,
+        valid_until: Instant::now(),
+    };
+    let mut woken = wake.subscribe();
+    while !shutdown.is_cancelled() {
+        if let Err(e) = d.session(&mut woken, &shutdown).await {
+            warn!(subscription = %d.sub.name, error = %e, "dispatching failed; retrying");
+            if d.store.is_closed() {
+                let _ = d.store.reconnect().await;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            continue;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = woken.changed() => {}
+            _ = tokio::time::sleep(POLL) => {}
+        }
+    }
+    if d.leased {
+        let _ = d
+            .store
+            .release_subscription(d.sub.name.as_str(), &d.owner)
+            .await;
+    }
+}
+
+/// A finished attempt task.
+type Done = (DueEvent, Sent);
+
+struct Dispatcher {
+    sub: Arc<SubscriptionConfig>,
+    router: Arc<Router>,
+    clients: Arc<HttpClients>,
+    store: Store,
+    /// This dispatcher's lease owner: the instance id and a serial.
+    owner: String,
+    ordered: bool,
+    leased: bool,
+    /// No attempt starts at or after this moment without a renewal first.
+    valid_until: Instant,
+}
+
+impl Dispatcher {
+    fn name(&self) -> &str {
+        self.sub.name.as_str()
+    }
+
+    /// Takes the lease and dispatches until the subscription stops or shutdown, then
+    /// lets what is in flight finish and records it; or until the lease is lost, then
+    /// stops at once.
+    async fn session(
+        &mut self,
+        woken: &mut watch::Receiver<u64>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), StoreError> {
+        let Some(lease) = self.lease().await? else {
+            return Ok(());
+        };
+        if !lease.enabled || lease.paused {
+            return Ok(());
+        }
+        let mut m = Machine::new(lease.cursor, self.ordered, Instant::now());
+        let mut tasks = JoinSet::new();
+        match self.dispatch(&mut m, &mut tasks, woken, shutdown).await {
+            Err(StoreError::LeaseLost { .. }) => {
+                // Nothing more is written; what is in flight is abandoned (its results
+                // could not be recorded), and the new holder sends it again.
+                info!(subscription = %self.name(), abandoned = tasks.len(), "lost the lease to another instance; stopped dispatching");
+                self.leased = false;
+                tasks.abort_all();
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    /// The session's work once the lease is held.
+    async fn dispatch(
+        &mut self,
+        m: &mut Machine,
+        tasks: &mut JoinSet<Done>,
+        woken: &mut watch::Receiver<u64>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), StoreError> {
+        self.pump(m, tasks, woken, shutdown).await?;
+        m.stop();
+        while let Some(joined) = tasks.join_next().await {
+            self.settle(m, vec![finished(joined)]).await?;
+        }
+        self.write_cursor(m, true).await
+    }
+
+    /// Takes or renews the lease; `None` when another instance holds it.
+    async fn lease(&mut self) -> Result<Option<SubscriptionLease>, StoreError> {
+        let name = self.sub.name.as_str();
+        let asked = Instant::now();
+        let Some(lease) = self
+            .store
+            .lease_subscription(name, &self.owner, LEASE_SECONDS)
+            .await?
+        else {
+            if self.leased {
+                info!(subscription = %name, "another instance dispatches this subscription now");
+            }
+            self.leased = false;
+            return Ok(None);
+        };
+        self.valid_until = asked + Duration::from_secs_f64(LEASE_SECONDS) - LEASE_MARGIN;
+        if !self.leased {
+            info!(subscription = %name, owner = %self.owner, "dispatching this subscription");
+            self.leased = true;
+        }
+        Ok(Some(lease))
+    }
+
+    /// Renews the lease within a session: `Ok(true)` to go on, `Ok(false)` when the
+    /// subscription was paused or disabled, `LeaseLost` when another instance holds it.
+    async fn renew(&mut self) -> Result<bool, StoreError> {
+        match self.lease().await? {
+            Some(lease) => Ok(lease.enabled && !lease.paused),
+            None => Err(StoreError::LeaseLost {
+                subscription: self.name().to_owned(),
+            }),
+        }
+    }
+
+    /// The loop around the machine: fetches what it asks for, starts its attempts,
+    /// feeds it their answers, writes what it settles, and keeps the lease.
+    async fn pump(
+        &mut self,
+        m: &mut Machine,
+        tasks: &mut JoinSet<Done>,
+        woken: &mut watch::Receiver<u64>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), StoreError> {
+        let limit = self.sub.max_in_flight.max(1) as usize;
+        let mut renew_at = Instant::now() + RENEW;
+        let mut poll_at = Instant::now() + POLL;
+        loop {
+            // Renewal comes first: it is due, the lease may have run out during a stall
+            // (no attempt may start then), or an attempt task found it may have.
+            let now = Instant::now();
+            let lapsed = m.take_lapsed();
+            if now >= renew_at || now >= self.valid_until || lapsed {
+                renew_at = now + RENEW;
+                if !self.renew().await? {
+                    return Ok(());
+                }
+                if lapsed {
+                    // The lapsed events are unsettled, past the cursor: the next
+                    // session fetches them again.
+                    info!(subscription = %self.name(), "the lease was renewed late; starting the session again");
+                    return Ok(());
+                }
+            }
+            if m.wants_retries() {
+                let retries = self
+                    .store
+                    .due_retries(self.name(), self.ordered, BATCH)
+                    .await?;
+                let full = retries.len() as i64 == BATCH;
+                m.retries_fetched(retries, full);
+            }
+            if let Some(after) = m.wants_new() {
+                let new = self
+                    .store
+                    .new_events(self.name(), after, BATCH, WINDOW)
+                    .await?;
+                let entities = m.unchained(&new.events);
+                let blocked = self.store.blocked_entities(self.name(), &entities).await?;
+                let queued = m.new_fetched(new, &blocked);
+                self.queue_behind(&queued).await?;
+            }
+            while let Some(event) = m.next_start(limit) {
+                self.start(tasks, event);
+            }
+            self.write_cursor(m, false).await?;
+            if m.is_stopping() {
+                return Ok(());
+            }
+
+            let tick = [Some(renew_at), Some(poll_at), m.cursor_deadline()]
+                .into_iter()
+                .flatten()
+                .chain([self.valid_until])
+                .min()
+                .expect("at least one deadline");
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Ok(()),
+                Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                    let mut done = vec![finished(joined)];
+                    while let Some(joined) = tasks.try_join_next() {
+                        done.push(finished(joined));
+                    }
+                    self.settle(m, done).await?;
+                }
+                Ok(()) = woken.changed() => m.woken(),
+                _ = tokio::time::sleep_until(tick) => {
+                    if Instant::now() >= poll_at {
+                        poll_at = Instant::now() + POLL;
+                        m.poll();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts the attempt of `event`.
+    fn start(&self, tasks: &mut JoinSet<Done>, event: DueEvent) {
+        let (sub, clients, router) = (self.sub.clone(), self.clients.clone(), self.router.clone());
+        let valid_until = self.valid_until;
+        tasks.spawn(async move { attempt(&sub, &clients, &router, event, valid_until).await });
+    }
+
+    /// Hands finished attempts to the machine and writes what it settles (one
+    /// statement for the rows).
+    async fn settle(&mut self, m: &mut Machine, done: Vec<Done>) -> Result<(), StoreError> {
+        let name = self.sub.name.as_str();
+        for (event, sent) in &done {
+            log_answer(name, event, sent);
+        }
+        let settled = m.answered(done, SystemTime::now());
+        let owner = self.owner.as_str();
+        if let Some(reason) = &settled.disable {
+            self.store.disable_subscription(name, owner, reason).await?;
+            warn!(subscription = %name, "receiver answered 410 Gone: subscription disabled until resumed");
+        }
+        let rows: Vec<_> = settled.rows.iter().map(Row::record).collect();
+        self.store.record_attempts(name, owner, &rows).await?;
+        self.store
+            .forget_pending(name, owner, &settled.forget)
+            .await?;
+        self.queue_behind(&settled.queue_behind).await
+    }
+
+    /// Queues `events` behind their entity's pending delivery.
+    async fn queue_behind(&self, events: &[DueEvent]) -> Result<(), StoreError> {
+        let events: Vec<&DueEvent> = events.iter().collect();
+        self.store
+            .queue_behind(self.name(), &self.owner, &events)
+            .await
+    }
+
+    /// Moves the stored cursor up to the settled events when the machine says it is
+    /// due (`force`: whatever has settled).
+    async fn write_cursor(&mut self, m: &mut Machine, force: bool) -> Result<(), StoreError> {
+        let Some(upto) = m.cursor_due(Instant::now(), force) else {
+            return Ok(());
+        };
+        self.store
+            .advance_cursor(self.name(), &self.owner, upto, true)
+            .await?;
+        m.cursor_written(upto, Instant::now());
+        Ok(())
+    }
+}
+
+/// A joined attempt task. A panic in one is carried on: the supervisor restarts the
+/// dispatcher, which starts again from the stored cursor and retry rows.
+fn finished(joined: Result<Done, tokio::task::JoinError>) -> Done {
+    match joined.map_err(|e| e.try_into_panic()) {
+        Ok(done) => done,
+        Err(Ok(panic)) => std::panic::resume_unwind(panic),
+        Err(Err(e)) => panic!("an attempt task ended early: {e}"),
+    }
+}
+
+/// Logs what an operator should hear of an answer (never a body or a URL).
+fn log_answer(subscription: &str, event: &DueEvent, sent: &Sent) {
+    match sent {
+        Sent::Unsendable(error) => {
+            warn!(subscription = %subscription, event = %event.id, error = %error, "cannot build the request; the delivery is dead");
+        }
+        Sent::Attempted(attempt, decision) => {
+            if let Some(location) = &attempt.location {
+                warn!(subscription = %subscription, event = %event.id, location = %location, "receiver redirected; redirects are not followed");
+            }
+            if matches!(
+                decision,
+                Decision::Dead { .. } | Decision::DeadAndDisable { .. }
+            ) {
+                warn!(subscription = %subscription, event = %event.id, attempts = event.attempts + 1, "delivery is dead");
+            }
+        }
+        Sent::Lapsed | Sent::Filtered => {}
+    }
+}
+
+/// One HTTP attempt of `event`, unless the subscription's filter rejects it.
+#[tracing::instrument(name = "delivery", skip_all, fields(event = %event.id, attempt = event.attempts + 1, status = tracing::field::Empty))]
+async fn attempt(
+    sub: &SubscriptionConfig,
+    clients: &HttpClients,
+    router: &Router,
+    mut event: DueEvent,
+    valid_until: Instant,
+) -> (DueEvent, Sent) {
+    let envelope = envelope(&mut event);
+    if sub.filter.is_some() && router.route(&envelope).subscriptions.is_empty() {
+        return (event, Sent::Filtered);
+    }
+    let body = match body::render(&envelope, sub) {
+        Ok(b) => b,
+        Err(e) => {
+            return (
+                event,
+                Sent::Unsendable(format!("cannot render the body: {e}")),
+            );
+        }
+    };
+    drop(envelope);
+    let now = SystemTime::now();
+    let timestamp = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+    let headers = request_headers(sub, &event.id, timestamp, &body);
+    // The last moment to hold back: after it, the request may be on its way.
+    if Instant::now() >= valid_until {
+        return (event, Sent::Lapsed);
+    }
+    let result = clients
+        .for_subscription(sub)
+        .post(sub.url.expose(), &headers, body, sub.timeout)
+        .await;
+    // Retry-After and the backoff count from the answer, not from the request: a slow
+    // answer must not bring the next attempt forward.
+    let answered = SystemTime::now();
+    let age = answered
+        .duration_since(event.first_due_at)
+        .unwrap_or_default();
+    let decision = decide(
+        result.outcome(),
+        event.attempts as u32 + 1,
+        age,
+        &sub.retry,
+        answered,
+        fastrand::f64(),
+    );
+    tracing::Span::current().record("status", result.outcome.label().as_ref());
+    super::measure::record_attempt(sub.name.as_str(), &result, &decision, event.occurred_at);
+    debug!(subscription = %sub.name, event = %event.id, attempt = event.attempts + 1, elapsed_ms = result.elapsed.as_millis() as u64, "attempt");
+    (event, Sent::Attempted(result, decision))
+}
+
+/// The envelope of a stored event; takes the event's row values (it needs only its
+/// metadata afterwards).
+pub(crate) fn envelope(e: &mut DueEvent) -> Envelope {
+    let (schema, name) = e.table.split_once('.').unwrap_or(("", &e.table));
+    let as_row = |v: serde_json::Value| match v {
+        serde_json::Value::Object(m) => m,
+        _ => serde_json::Map::new(),
+    };
+    Envelope {
+        id: e.id.clone(),
+        event_type: e.event_type.clone(),
+        entity: Arc::from(e.entity.as_str()),
+        entity_id: e.entity_id.clone(),
+        revision: e.revision,
+        occurred_at: DateTime::<Utc>::from(e.occurred_at),
+        data: as_row(std::mem::take(&mut e.data)),
+        previous: e.previous.take().map(as_row),
+        changed: e.changed.clone(),
+        source: EventSource {
+            table: Arc::new(TableName {
+                schema: schema.to_owned(),
+                name: name.to_owned(),
+            }),
+            lsn: e.lsn.parse().unwrap_or_default(),
+            xid: e.xid as u32,
+        },
+    }
+}
