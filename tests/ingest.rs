@@ -40,6 +40,7 @@ fn batch(lsn: u64, ids: &[&str]) -> IngestBatch {
             xid: 7,
             commit_time: 0,
             events: vec![PendingEvent {
+                id: walhook::store::ingest::new_event_id(),
                 event_type: "user.created".into(),
                 data: Map::from_iter([("id".to_owned(), json!(id))]),
                 previous: None,

@@ -143,8 +143,20 @@ pub async fn run(
                 already_stored = outcome.already_stored,
                 "batch ingested"
             );
-            // Dispatchers in this process learn of new events at once.
+            if let Some(end) = pending.last_commit {
+                confirm.send_replace(end);
+            }
+            // Dispatchers in this process learn of new events at once, and take them
+            // from memory (a batch stored before is not published: they read it from
+            // the store).
+            if !outcome.already_stored {
+                let cost = pending.held.as_ref().map_or(0, |h| h.num_permits());
+                let seq_base = outcome.last_seq - outcome.events as i64;
+                wake.live()
+                    .publish(pending.batch, seq_base, &outcome.revisions, cost);
+            }
             wake.notify();
+            continue;
         }
         if let Some(end) = pending.last_commit {
             confirm.send_replace(end);

@@ -88,7 +88,11 @@ pub async fn run(
 
     // Delivery runs whether or not this instance holds the slot (G8): each subscription
     // is dispatched by whichever instance holds its lease in the store.
-    let wake = Arc::new(Wake::new());
+    // A quarter of the ingest buffer keeps the newest events for this process's
+    // dispatchers (see store::live).
+    let wake = Arc::new(Wake::new(
+        usize::try_from(config.daemon.ingest_buffer / 4).unwrap_or(usize::MAX),
+    ));
     let dispatch_stop = CancellationToken::new();
     let mut dispatchers = JoinSet::new();
     dispatchers.spawn(crate::delivery::supervise::supervise(

@@ -304,6 +304,7 @@ fn to_change_events(
     let events = drafts
         .drain(..)
         .map(|d| PendingEvent {
+            id: crate::store::ingest::new_event_id(),
             subscriptions: names.routes(routes, &d.event_type),
             event_type: d.event_type,
             data: d.data,

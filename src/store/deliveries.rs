@@ -425,6 +425,23 @@ impl Store {
         fenced(held, subscription)
     }
 
+    /// The newest event of `subscription` with a retry row (of any status), or 0. New
+    /// events past it have none, so they may be taken from the live log, which does not
+    /// know of retry rows (see `store::live`).
+    pub async fn newest_retry_row(&self, subscription: &str) -> Result<i64, StoreError> {
+        let row = self
+            .client
+            .query_one(
+                &format!(
+                    "SELECT coalesce(max(seq), 0) FROM {}.delivery_retries WHERE subscription = $1",
+                    self.s
+                ),
+                &[&subscription],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
     /// Deletes the pending rows of events `seqs` that will never be sent (the
     /// subscription's filter rejects them), as lease holder `owner`; the cursor then
     /// counts them as done. No statement when `seqs` is empty.

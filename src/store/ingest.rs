@@ -18,6 +18,8 @@ use crate::source::stream::Position;
 /// One event of a row change, before it has a revision and a sequence number.
 #[derive(Clone, Debug)]
 pub struct PendingEvent {
+    /// The event id (`evt_` and a ULID), kept when a batch is written again.
+    pub id: String,
     pub event_type: String,
     pub data: Map<String, Value>,
     pub previous: Option<Map<String, Value>>,
@@ -54,10 +56,18 @@ impl IngestBatch {
     }
 }
 
+/// A new event id: `evt_` and a ULID.
+pub fn new_event_id() -> String {
+    format!("evt_{}", ulid::Ulid::new())
+}
+
 /// What one ingest wrote.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct IngestOutcome {
     pub events: u64,
+    /// The revision of each row change with events, in order (empty when
+    /// `already_stored`).
+    pub revisions: Vec<i64>,
     /// The sequence number of the last event in the log.
     pub last_seq: i64,
     /// The batch was at or below the stored checkpoint: committed before, not written
@@ -129,6 +139,7 @@ impl Store {
             // Rolled back on drop: nothing to write.
             return Ok(IngestOutcome {
                 events: 0,
+                revisions: Vec::new(),
                 last_seq: seq_base,
                 already_stored: true,
             });
@@ -139,7 +150,7 @@ impl Store {
             crate::store::wake::channel(&self.schema)
         ))
         .await?;
-        let (written, seq) = write_changes(&tx, &s, &batch.changes, seq_base).await?;
+        let (written, seq, revisions) = write_changes(&tx, &s, &batch.changes, seq_base).await?;
         let p = batch.position;
         tx.execute(
             &format!(
@@ -152,6 +163,7 @@ impl Store {
         tx.commit().await?;
         Ok(IngestOutcome {
             events: written,
+            revisions,
             last_seq: seq,
             already_stored: false,
         })
@@ -211,8 +223,9 @@ async fn write_changes(
     s: &str,
     changes: &[ChangeEvents],
     seq_base: i64,
-) -> Result<(u64, i64), StoreError> {
+) -> Result<(u64, i64, Vec<i64>), StoreError> {
     let mut seq = seq_base;
+    let mut revisions = Vec::new();
     // Revisions: one upsert row per entity in the batch, adding its change count,
     // in a fixed order.
     let mut counts: HashMap<(&str, &str), i64> = HashMap::new();
@@ -264,18 +277,18 @@ async fn write_changes(
             let revision = next_rev.get_mut(&key).expect("every entity got a revision");
             let rev = *revision;
             *revision += 1;
+            revisions.push(rev);
             let occurred = pg_time(change.commit_time);
             let lsn = PgLsn::from(change.commit_lsn.0);
             let xid = i64::from(change.xid);
             for event in &change.events {
                 seq += 1;
-                let id = format!("evt_{}", ulid::Ulid::new());
                 let data = Json(&event.data);
                 let previous = event.previous.as_ref().map(Json);
                 let subscriptions: &[String] = &event.subscriptions;
                 let values: [&(dyn ToSql + Sync); 14] = [
                     &seq,
-                    &id,
+                    &event.id,
                     &event.event_type,
                     &&*change.entity,
                     &change.entity_id,
@@ -295,10 +308,10 @@ async fn write_changes(
         }
         writer.finish().await?;
     }
-    Ok((written, seq))
+    Ok((written, seq, revisions))
 }
 
-fn pg_time(pg_micros: i64) -> SystemTime {
+pub(super) fn pg_time(pg_micros: i64) -> SystemTime {
     crate::pg::pg_micros_to_system_time(pg_micros)
 }
 

@@ -8,6 +8,7 @@
 
 pub mod deliveries;
 pub mod ingest;
+pub mod live;
 pub mod migrations;
 pub mod operator;
 pub mod purge;

@@ -3,6 +3,8 @@
 //! instance only dispatches) arrive as a PostgreSQL `NOTIFY` that [`listen`] turns into
 //! the same bump. A dispatcher never misses a bump that happened while it was busy, and
 //! still polls the store every few hundred milliseconds in case a notification is lost.
+//! Ingest in this process also leaves the events it committed in the [`LiveLog`], where
+//! this process's dispatchers take them without reading them back from the store.
 
 use std::time::Duration;
 
@@ -10,26 +12,29 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::live::LiveLog;
 use crate::pg::ConnInfo;
 use crate::pg::quote_ident;
 
-/// A generation counter: every bump wakes every dispatcher's receiver once.
+/// A generation counter: every bump wakes every dispatcher's receiver once; and the
+/// newest events this process ingested.
 pub struct Wake {
     tx: watch::Sender<u64>,
-}
-
-impl Default for Wake {
-    fn default() -> Self {
-        Wake::new()
-    }
+    live: LiveLog,
 }
 
 impl Wake {
-    /// A counter at zero.
-    pub fn new() -> Wake {
+    /// A counter at zero; `live_budget` bounds the bytes of events kept in memory.
+    pub fn new(live_budget: usize) -> Wake {
         Wake {
             tx: watch::Sender::new(0),
+            live: LiveLog::new(live_budget),
         }
+    }
+
+    /// The newest events this process ingested.
+    pub fn live(&self) -> &LiveLog {
+        &self.live
     }
 
     /// New events are in the log.

@@ -81,6 +81,8 @@ pub async fn run(
         sub,
         clients,
         store,
+        wake: wake.clone(),
+        live_from: i64::MAX,
         owner: format!("{instance}/{serial}"),
         leased: false,
         valid_until: Instant::now(),
@@ -120,6 +122,10 @@ struct Dispatcher {
     router: Arc<Router>,
     clients: Arc<HttpClients>,
     store: Store,
+    /// Bumped on new events; holds the newest this process ingested.
+    wake: Arc<Wake>,
+    /// New events are taken from the live log only past this one.
+    live_from: i64,
     /// This dispatcher's lease owner: the instance id and a serial.
     owner: String,
     ordered: bool,
@@ -147,6 +153,9 @@ impl Dispatcher {
         if !lease.enabled || lease.paused {
             return Ok(());
         }
+        // New events with a retry row (left by an earlier session or instance, or an
+        // operator's replay) must come from the store, which skips them.
+        self.live_from = self.store.newest_retry_row(self.name()).await?;
         let mut m = Machine::new(lease.cursor, self.ordered, Instant::now());
         let mut tasks = JoinSet::new();
         match self.dispatch(&mut m, &mut tasks, woken, shutdown).await {
@@ -250,10 +259,18 @@ impl Dispatcher {
                 m.retries_fetched(retries, full);
             }
             if let Some(after) = m.wants_new() {
-                let new = self
-                    .store
-                    .new_events(self.name(), after, BATCH, WINDOW)
-                    .await?;
+                // The newest events are in memory when this process ingested them.
+                let live = (after >= self.live_from)
+                    .then(|| self.wake.live().read(self.name(), after, BATCH as usize))
+                    .flatten();
+                let new = match live {
+                    Some(new) => new,
+                    None => {
+                        self.store
+                            .new_events(self.name(), after, BATCH, WINDOW)
+                            .await?
+                    }
+                };
                 let entities = m.unchained(&new.events);
                 let blocked = self.store.blocked_entities(self.name(), &entities).await?;
                 let queued = m.new_fetched(new, &blocked);

@@ -1,0 +1,258 @@
+//! The log's newest events, kept in memory by the process that ingests them, so its
+//! dispatchers take new events from here instead of reading them back from the store.
+//! The store stays the truth: a dispatcher whose cursor is not inside what is kept here
+//! (it fell behind, the process just started, another instance ingests, or a batch was
+//! not seen here) reads the store as before, and everything here was committed to the
+//! store before it was published.
+//!
+//! What is kept is a run of consecutive sequence numbers (ingest assigns them one by
+//! one from the checkpoint's `last_seq`); a batch that does not follow on starts the
+//! run again. Memory is bounded by a byte budget (the batches' shares of the ingest
+//! buffer): the oldest batches go first.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use serde_json::Value;
+
+use super::deliveries::{DueEvent, NewEvents};
+use super::ingest::{IngestBatch, pg_time};
+
+/// An event as published: what a dispatcher needs, and the subscriptions it is due to.
+#[derive(Debug)]
+struct LiveEvent {
+    event: DueEvent,
+    subscriptions: Arc<[String]>,
+}
+
+#[derive(Debug, Default)]
+struct Run {
+    /// The sequence number before the first event kept.
+    base: i64,
+    events: VecDeque<Arc<LiveEvent>>,
+    /// Per batch kept, oldest first: its last sequence number and its cost.
+    batches: VecDeque<(i64, usize)>,
+    bytes: usize,
+}
+
+impl Run {
+    fn last(&self) -> i64 {
+        self.base + self.events.len() as i64
+    }
+}
+
+/// The newest committed events of this process's ingest.
+#[derive(Debug)]
+pub struct LiveLog {
+    run: Mutex<Run>,
+    budget: usize,
+}
+
+impl LiveLog {
+    /// Keeps at most about `budget` bytes of events (as the ingest buffer counts them).
+    pub fn new(budget: usize) -> LiveLog {
+        LiveLog {
+            run: Mutex::new(Run::default()),
+            budget,
+        }
+    }
+
+    /// Publishes a committed batch whose events got the sequence numbers after
+    /// `seq_base`, and whose row changes with events got `revisions` (the first
+    /// revision of each, in order); `cost` is its share of the ingest buffer.
+    pub fn publish(&self, batch: IngestBatch, seq_base: i64, revisions: &[i64], cost: usize) {
+        let mut events = Vec::with_capacity(batch.event_count());
+        let mut seq = seq_base;
+        let changes = batch.changes.into_iter().filter(|c| !c.events.is_empty());
+        for (change, &revision) in changes.zip(revisions) {
+            let occurred_at = pg_time(change.commit_time);
+            let lsn = change.commit_lsn.to_string();
+            for e in change.events {
+                seq += 1;
+                let event = DueEvent {
+                    seq,
+                    id: e.id,
+                    event_type: e.event_type,
+                    entity: change.entity.to_string(),
+                    entity_id: change.entity_id.clone(),
+                    revision,
+                    occurred_at,
+                    data: Value::Object(e.data),
+                    previous: e.previous.map(Value::Object),
+                    changed: e.changed,
+                    table: change.table.to_string(),
+                    lsn: lsn.clone(),
+                    xid: i64::from(change.xid),
+                    attempts: 0,
+                    first_due_at: SystemTime::UNIX_EPOCH,
+                };
+                events.push(Arc::new(LiveEvent {
+                    event,
+                    subscriptions: e.subscriptions,
+                }));
+            }
+        }
+        let mut run = self.run.lock().expect("live log lock");
+        if run.last() != seq_base || run.events.is_empty() {
+            // Not the continuation of what is kept: start again from this batch.
+            *run = Run {
+                base: seq_base,
+                ..Run::default()
+            };
+        }
+        run.events.extend(events);
+        run.batches.push_back((seq, cost));
+        run.bytes += cost;
+        while run.bytes > self.budget && run.batches.len() > 1 {
+            let (upto, cost) = run.batches.pop_front().expect("more than one batch");
+            let n = (upto - run.base) as usize;
+            run.events.drain(..n);
+            run.base = upto;
+            run.bytes -= cost;
+        }
+    }
+
+    /// The events due to `subscription` after `after`, at most `limit`, when what is
+    /// kept holds every event past `after` up to the newest published; `None` when the
+    /// store must be read instead.
+    pub fn read(&self, subscription: &str, after: i64, limit: usize) -> Option<NewEvents> {
+        let run = self.run.lock().expect("live log lock");
+        let last = run.last();
+        if after < run.base || after >= last {
+            return None;
+        }
+        let mut read_upto = last;
+        let mut due: Vec<Arc<LiveEvent>> = Vec::new();
+        for e in run.events.iter().skip((after - run.base) as usize) {
+            if e.subscriptions.iter().any(|s| s == subscription) {
+                due.push(e.clone());
+                if due.len() == limit {
+                    read_upto = e.event.seq;
+                    break;
+                }
+            }
+        }
+        drop(run);
+        let now = SystemTime::now();
+        let events = due
+            .iter()
+            .map(|e| DueEvent {
+                first_due_at: now,
+                ..e.event.clone()
+            })
+            .collect();
+        Some(NewEvents {
+            events,
+            read_upto,
+            more: read_upto < last,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Map;
+
+    use super::*;
+    use crate::source::Lsn;
+    use crate::store::{ChangeEvents, PendingEvent};
+
+    /// A batch of one change per entity id, each with one event due to `subs`.
+    fn batch(ids: &[&str], subs: &[&str]) -> IngestBatch {
+        let subscriptions: Arc<[String]> = subs.iter().map(|s| s.to_string()).collect();
+        IngestBatch {
+            changes: ids
+                .iter()
+                .map(|id| ChangeEvents {
+                    entity: "user".into(),
+                    entity_id: id.to_string(),
+                    table: "public.users".into(),
+                    commit_lsn: Lsn(0x16B3748),
+                    xid: 9,
+                    commit_time: 0,
+                    events: vec![PendingEvent {
+                        id: format!("evt_{id}"),
+                        event_type: "user.updated".into(),
+                        data: Map::from_iter([("id".to_owned(), Value::from(*id))]),
+                        previous: None,
+                        changed: None,
+                        subscriptions: subscriptions.clone(),
+                    }],
+                })
+                .collect(),
+            position: Default::default(),
+        }
+    }
+
+    fn seqs(new: &NewEvents) -> Vec<i64> {
+        new.events.iter().map(|e| e.seq).collect()
+    }
+
+    #[test]
+    fn events_past_the_cursor_come_from_memory_with_their_stored_fields() {
+        let log = LiveLog::new(1 << 20);
+        assert!(log.read("a", 0, 10).is_none(), "nothing published");
+        log.publish(batch(&["1", "2", "3"], &["a"]), 40, &[7, 1, 2], 100);
+        let new = log.read("a", 40, 10).expect("41..=43 are kept");
+        assert_eq!(seqs(&new), [41, 42, 43]);
+        assert_eq!((new.read_upto, new.more), (43, false));
+        let e = &new.events[0];
+        assert_eq!(
+            (e.id.as_str(), e.revision, e.entity_id.as_str()),
+            ("evt_1", 7, "1")
+        );
+        assert_eq!(
+            (e.entity.as_str(), e.table.as_str()),
+            ("user", "public.users")
+        );
+        assert_eq!((e.lsn.as_str(), e.xid, e.attempts), ("0/16B3748", 9, 0));
+        assert_eq!(e.data["id"], "1");
+        assert_eq!(log.read("a", 41, 10).map(|n| seqs(&n)), Some(vec![42, 43]));
+        assert!(log.read("a", 43, 10).is_none(), "caught up: ask the store");
+        assert!(log.read("a", 39, 10).is_none(), "40 is not kept");
+    }
+
+    #[test]
+    fn a_subscription_gets_only_its_events_and_at_most_the_limit() {
+        let log = LiveLog::new(1 << 20);
+        log.publish(batch(&["1", "2"], &["a"]), 0, &[1, 1], 10);
+        log.publish(batch(&["3", "4", "5"], &["a", "b"]), 2, &[1, 1, 1], 10);
+        let b = log.read("b", 0, 10).unwrap();
+        assert_eq!(seqs(&b), [3, 4, 5]);
+        let a = log.read("a", 0, 2).unwrap();
+        assert_eq!(seqs(&a), [1, 2]);
+        assert_eq!((a.read_upto, a.more), (2, true));
+        let none = log.read("c", 0, 10).unwrap();
+        assert!(none.events.is_empty());
+        assert_eq!(
+            (none.read_upto, none.more),
+            (5, false),
+            "read past all of it"
+        );
+    }
+
+    #[test]
+    fn a_batch_that_does_not_follow_on_starts_the_run_again() {
+        let log = LiveLog::new(1 << 20);
+        log.publish(batch(&["1", "2"], &["a"]), 0, &[1, 1], 10);
+        // Seqs 3..=9 were written by another instance (or a batch not seen here).
+        log.publish(batch(&["3"], &["a"]), 9, &[1], 10);
+        assert!(log.read("a", 0, 10).is_none(), "3..=9 are not kept");
+        assert_eq!(log.read("a", 9, 10).map(|n| seqs(&n)), Some(vec![10]));
+    }
+
+    #[test]
+    fn the_oldest_batches_go_when_the_budget_is_spent() {
+        let log = LiveLog::new(250);
+        log.publish(batch(&["1", "2"], &["a"]), 0, &[1, 1], 100);
+        log.publish(batch(&["3"], &["a"]), 2, &[1], 100);
+        log.publish(batch(&["4"], &["a"]), 3, &[1], 100);
+        assert!(log.read("a", 1, 10).is_none(), "the first batch went");
+        assert_eq!(log.read("a", 2, 10).map(|n| seqs(&n)), Some(vec![3, 4]));
+        // One batch larger than the budget is still kept.
+        log.publish(batch(&["5"], &["a"]), 4, &[1], 1_000);
+        assert!(log.read("a", 3, 10).is_none());
+        assert_eq!(log.read("a", 4, 10).map(|n| seqs(&n)), Some(vec![5]));
+    }
+}
