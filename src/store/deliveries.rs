@@ -425,6 +425,19 @@ impl Store {
         fenced(held, subscription)
     }
 
+    /// Whether `subscription` is enabled and not paused (new events are read from the
+    /// store only then; the live log is checked against this).
+    pub async fn subscription_active(&self, subscription: &str) -> Result<bool, StoreError> {
+        let row = self
+            .client
+            .query_one(
+                &format!("SELECT {}", active_clause(&self.s)),
+                &[&subscription],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
     /// The newest event of `subscription` with a retry row (of any status), or 0. New
     /// events past it have none, so they may be taken from the live log, which does not
     /// know of retry rows (see `store::live`).

@@ -36,7 +36,7 @@ use super::{Decision, HttpClients, body, decide, request_headers};
 use crate::config::{Ordering, SubscriptionConfig};
 use crate::routing::{Envelope, EventSource, Router};
 use crate::source::decoder::TableName;
-use crate::store::deliveries::{DueEvent, SubscriptionLease};
+use crate::store::deliveries::{DueEvent, NewEvents, SubscriptionLease};
 use crate::store::wake::Wake;
 use crate::store::{Store, StoreError};
 
@@ -264,6 +264,15 @@ impl Dispatcher {
                     .then(|| self.wake.live().read(self.name(), after, BATCH as usize))
                     .flatten();
                 let new = match live {
+                    // As the store reads nothing for a paused or disabled subscription
+                    // (the lease renewal notices only within a second).
+                    Some(_) if !self.store.subscription_active(self.name()).await? => {
+                        NewEvents {
+                            events: Vec::new(),
+                            read_upto: after,
+                            more: false,
+                        }
+                    }
                     Some(new) => new,
                     None => {
                         self.store
