@@ -7,6 +7,7 @@ use super::{ConfigArg, Exit};
 use crate::daemon::prepare::PrepareError;
 use crate::mapping::Mapper;
 use crate::pg::{ConnInfo, Host, SslMode};
+use crate::source::publication::{Ending, Publication};
 use crate::source::setup::{self, SetupError};
 use crate::store::{Checkpoint, Store};
 
@@ -90,7 +91,7 @@ async fn check(args: &CheckArgs, report: &mut Report) -> Ended {
         );
     }
     let params = config.source.url.expose();
-    let mut client = match params.connect_sql().await {
+    let client = match params.connect_sql().await {
         Ok(c) => {
             report.add(Level::Ok, "connection", params.to_string());
             tls_line(params, report);
@@ -165,7 +166,7 @@ async fn check(args: &CheckArgs, report: &mut Report) -> Ended {
         report.add(Level::Error, "tables", e);
     }
     if tables_ok {
-        publication_line(&mut client, &config.source.publication, &tables, report).await;
+        publication_line(&client, &config.source.publication, &tables, report).await;
     } else {
         report.add(
             Level::Warn,
@@ -187,12 +188,19 @@ async fn check(args: &CheckArgs, report: &mut Report) -> Ended {
 /// Whether the publication publishes exactly the watched tables, or `walhook run` may
 /// make it so (tried in a rolled-back transaction); otherwise the SQL a DBA must run.
 async fn publication_line(
-    client: &mut tokio_postgres::Client,
+    client: &tokio_postgres::Client,
     name: &str,
     tables: &[crate::pg::TableName],
     report: &mut Report,
 ) {
-    match setup::try_publication(client, name, tables).await {
+    let tried = match Publication::read(client, name, tables).await {
+        Ok(plan) => plan
+            .apply(client, Ending::RollBack)
+            .await
+            .map(|_| plan.sql()),
+        Err(e) => Err(e),
+    };
+    match tried {
         Ok(None) => report.add(
             Level::Ok,
             "publication",

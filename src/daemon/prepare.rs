@@ -12,7 +12,8 @@ use crate::mapping::{Mapper, MappingError};
 use crate::pg::TableName;
 use crate::pg::{ConnInfo, PgError};
 use crate::source::client::ReplicationClient;
-use crate::source::setup::{self, PublicationChange, SetupError, TableInfo};
+use crate::source::publication::{Ending, Publication, PublicationChange};
+use crate::source::setup::{self, SetupError, TableInfo};
 use crate::store::{Store, StoreError};
 
 /// Why the daemon cannot start. Every message names the culprit and the fix.
@@ -206,7 +207,8 @@ async fn prepare_source(
     store: &Store,
     names: &[TableName],
 ) -> Result<(), PrepareError> {
-    match setup::ensure_publication(sql, &config.source.publication, names).await? {
+    let publication = Publication::read(sql, &config.source.publication, names).await?;
+    match publication.apply(sql, Ending::Commit).await? {
         PublicationChange::Unchanged => {}
         PublicationChange::Created => {
             info!(publication = %config.source.publication, "publication created")

@@ -5,6 +5,7 @@ pub mod client;
 pub mod decoder;
 pub mod lsn;
 pub mod pgoutput;
+pub mod publication;
 pub mod setup;
 pub mod stream;
 pub mod values;

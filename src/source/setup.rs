@@ -1,6 +1,6 @@
 //! Preparing a database for walhook and checking that it is ready: `wal_level`, the
 //! REPLICATION privilege, the watched tables and their replica identity, the
-//! publication (kept in step with the config) and the slot.
+//! publication (kept in step with the config: [`super::publication`]) and the slot.
 
 use tokio_postgres::Client;
 
@@ -167,137 +167,6 @@ pub async fn inspect_tables(
     Ok(out)
 }
 
-/// What `ensure_publication` did.
-#[derive(Debug, PartialEq, Eq)]
-pub enum PublicationChange {
-    Unchanged,
-    Created,
-    Altered,
-}
-
-/// The SQL that makes publication `name` publish exactly `tables`.
-pub fn publication_sql(name: &str, tables: &[TableName], exists: bool) -> String {
-    let list = tables
-        .iter()
-        .map(TableName::quoted)
-        .collect::<Vec<_>>()
-        .join(", ");
-    if exists {
-        format!("ALTER PUBLICATION {} SET TABLE {list};", quote_ident(name))
-    } else {
-        format!("CREATE PUBLICATION {} FOR TABLE {list};", quote_ident(name))
-    }
-}
-
-/// The tables publication `name` publishes now, or `None` when it does not exist.
-pub async fn published_tables(
-    client: &Client,
-    name: &str,
-) -> Result<Option<Vec<TableName>>, SetupError> {
-    let exists = client
-        .query_opt(
-            "SELECT puballtables FROM pg_publication WHERE pubname = $1",
-            &[&name],
-        )
-        .await?;
-    if exists.is_none() {
-        return Ok(None);
-    }
-    let mut tables: Vec<TableName> = client
-        .query(
-            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
-            &[&name],
-        )
-        .await?
-        .iter()
-        .map(|r| TableName { schema: r.get(0), name: r.get(1) })
-        .collect();
-    tables.sort();
-    Ok(Some(tables))
-}
-
-/// Creates the publication `FOR TABLE` the watched tables, or alters it to match them.
-/// When the role may not, the error carries the exact SQL a DBA must run.
-pub async fn ensure_publication(
-    client: &Client,
-    name: &str,
-    tables: &[TableName],
-) -> Result<PublicationChange, SetupError> {
-    let mut wanted = tables.to_vec();
-    wanted.sort();
-    wanted.dedup();
-    let current = published_tables(client, name).await?;
-    if current.as_ref() == Some(&wanted) {
-        return Ok(PublicationChange::Unchanged);
-    }
-    let exists = current.is_some();
-    let sql = publication_sql(name, &wanted, exists);
-    match client.batch_execute(&sql).await {
-        Ok(()) => Ok(if exists {
-            PublicationChange::Altered
-        } else {
-            PublicationChange::Created
-        }),
-        Err(e) => Err(needs_dba(client, name, sql, e).await),
-    }
-}
-
-/// Whether the connected role may make publication `name` publish exactly `tables`
-/// (`walhook check`): runs what [`ensure_publication`] would in a transaction that is
-/// rolled back. `Ok(None)` when nothing needs changing, `Ok(Some(sql))` with the SQL
-/// `walhook run` would apply, or the error `walhook run` would stop with.
-pub async fn try_publication(
-    client: &mut Client,
-    name: &str,
-    tables: &[TableName],
-) -> Result<Option<String>, SetupError> {
-    let mut wanted = tables.to_vec();
-    wanted.sort();
-    wanted.dedup();
-    let current = published_tables(client, name).await?;
-    if current.as_ref() == Some(&wanted) {
-        return Ok(None);
-    }
-    let sql = publication_sql(name, &wanted, current.is_some());
-    let tx = client.transaction().await?;
-    let tried = tx.batch_execute(&sql).await;
-    drop(tx); // rolled back
-    match tried {
-        Ok(()) => Ok(Some(sql)),
-        Err(e) => Err(needs_dba(client, name, sql, e).await),
-    }
-}
-
-/// Turns a refused publication change into [`SetupError::PublicationNeedsDba`] with
-/// the SQL a DBA must run; other errors pass through.
-async fn needs_dba(
-    client: &Client,
-    name: &str,
-    sql: String,
-    e: tokio_postgres::Error,
-) -> SetupError {
-    if !e
-        .code()
-        .is_some_and(|c| c.code() == "42501" || c.code() == "42710")
-    {
-        return e.into();
-    }
-    let role: String = match client.query_one("SELECT current_user::text", &[]).await {
-        Ok(row) => row.get(0),
-        Err(e) => return e.into(),
-    };
-    let reason = e
-        .as_db_error()
-        .map(|d| d.message().to_owned())
-        .unwrap_or_default();
-    SetupError::PublicationNeedsDba {
-        name: name.to_owned(),
-        role,
-        reason,
-        sql,
-    }
-}
-
 /// A replication slot as `pg_replication_slots` shows it.
 #[derive(Clone, Debug)]
 pub struct SlotInfo {
@@ -444,25 +313,4 @@ pub fn slot_error(slot: &str, err: ClientError) -> SetupError {
         return SetupError::NoSlot(slot.to_owned());
     }
     SetupError::Replication(err)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn publication_sql_quotes_every_name() {
-        let t = [TableName {
-            schema: "public".into(),
-            name: "user roles".into(),
-        }];
-        assert_eq!(
-            publication_sql("walhook", &t, false),
-            "CREATE PUBLICATION \"walhook\" FOR TABLE \"public\".\"user roles\";"
-        );
-        assert!(
-            publication_sql("walhook", &t, true)
-                .starts_with("ALTER PUBLICATION \"walhook\" SET TABLE")
-        );
-    }
 }
