@@ -150,10 +150,7 @@ async fn connect(args: &TailArgs) -> anyhow::Result<ReplicationStream> {
     let params = config.source.url.expose().clone();
     let tables = watched_tables(&config);
 
-    let sql = params
-        .connect_sql()
-        .await
-        .map_err(|e| anyhow::anyhow!(params.describe_sql_error(e)))?;
+    let sql = params.connect_sql().await?;
     setup::check_wal_level(&sql).await?;
     setup::check_replication_role(&sql).await?;
     setup::inspect_tables(&sql, &tables).await?;

@@ -36,10 +36,10 @@ use tracing::{error, info, warn};
 use super::prepare::{self, PrepareError, Routes};
 use crate::config::{self, Config, ConfigErrors, SubscriptionConfig, TableConfig};
 use crate::mapping::Mapper;
-use crate::pg::ConnInfo;
 use crate::pg::TableName;
+use crate::pg::{ConnInfo, ErrorChain, PgError};
+use crate::source::SourceError;
 use crate::source::publication::{Ending, HandOver, Publication, PublicationChange};
-use crate::source::setup::SetupError;
 use crate::store::{Store, StoreError};
 
 /// Keys that take effect only at start-up; a reload that changes them logs a warning.
@@ -74,21 +74,21 @@ pub struct Requests {
 /// Why a reload was refused. Messages name the problem, never a secret or a row value.
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
-    #[error("{0}")]
+    #[error(transparent)]
     Config(#[from] ConfigErrors),
-    #[error("{0}")]
-    Connect(String),
+    #[error(transparent)]
+    Connect(#[from] PgError),
     #[error(transparent)]
     Check(#[from] PrepareError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
-    Publication(#[from] SetupError),
+    Publication(#[from] SourceError),
 }
 
 impl From<tokio_postgres::Error> for ReloadError {
     fn from(e: tokio_postgres::Error) -> Self {
-        ReloadError::Publication(SetupError::Sql(e))
+        ReloadError::Publication(SourceError::Sql(e))
     }
 }
 
@@ -185,7 +185,7 @@ pub async fn run(
                 log_changes(&changes);
             }
             Err(err) => {
-                error!(file = %requests.path.display(), error = %err, "config reload refused; the running config stays in effect");
+                error!(file = %requests.path.display(), error = %ErrorChain(&err), "config reload refused; the running config stays in effect");
             }
         }
     }
@@ -203,11 +203,7 @@ async fn reload(
     let changes = Changes::between(current, &next);
 
     // Checks first: nothing is applied unless the tables pass.
-    let sql = connections
-        .source
-        .connect_sql()
-        .await
-        .map_err(|e| ReloadError::Connect(connections.source.describe_sql_error(e)))?;
+    let sql = connections.source.connect_sql().await?;
     let (mapper, _) = prepare::table_rules(&sql, &next).await?;
 
     // Added subscriptions get their state row (cursor at the log's end) before any

@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod decoder;
+mod error;
 pub mod lsn;
 pub mod pgoutput;
 pub mod publication;
@@ -10,4 +11,5 @@ pub mod setup;
 pub mod stream;
 pub mod values;
 
+pub use error::SourceError;
 pub use lsn::Lsn;

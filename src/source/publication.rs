@@ -2,11 +2,11 @@
 //! start-up, live reload and `walhook check`: read what it publishes, compare with the
 //! watched tables, and apply the one statement that makes them equal in a transaction
 //! that ends as the caller needs ([`Ending`]). A role that may not change it gets
-//! [`SetupError::PublicationNeedsDba`] with the SQL a DBA must run.
+//! [`SourceError::PublicationNeedsDba`] with the SQL a DBA must run.
 
 use tokio_postgres::Client;
 
-use super::setup::SetupError;
+use super::SourceError;
 use crate::pg::{TableName, quote_ident};
 
 /// SQLSTATEs of a publication change the role may not make: 42501 (must be owner of
@@ -75,7 +75,7 @@ impl Publication {
         client: &Client,
         name: &str,
         tables: &[TableName],
-    ) -> Result<Self, SetupError> {
+    ) -> Result<Self, SourceError> {
         let current = published_tables(client, name).await?;
         Ok(Self::plan(name, tables, current))
     }
@@ -102,13 +102,13 @@ impl Publication {
     }
 
     /// Applies the plan in one transaction that ends as `ending` says. A change the
-    /// role may not make is [`SetupError::PublicationNeedsDba`]; then nothing changed
+    /// role may not make is [`SourceError::PublicationNeedsDba`]; then nothing changed
     /// and no [`HandOver`] ran (or it was taken back).
     pub async fn apply(
         &self,
         client: &Client,
         ending: Ending<'_>,
-    ) -> Result<PublicationChange, SetupError> {
+    ) -> Result<PublicationChange, SourceError> {
         let Some(statement) = self.sql() else {
             if let Ending::CommitWith(hand_over) = ending {
                 hand_over.hand_over();
@@ -141,7 +141,7 @@ impl Publication {
         client: &Client,
         statement: String,
         e: tokio_postgres::Error,
-    ) -> SetupError {
+    ) -> SourceError {
         if !e.code().is_some_and(|c| REFUSED.contains(&c.code())) {
             return e.into();
         }
@@ -149,7 +149,7 @@ impl Publication {
             Ok(row) => row.get(0),
             Err(e) => return e.into(),
         };
-        SetupError::PublicationNeedsDba {
+        SourceError::PublicationNeedsDba {
             name: self.name.clone(),
             role,
             reason: e
@@ -180,7 +180,7 @@ pub fn publication_sql(name: &str, tables: &[TableName], exists: bool) -> String
 pub async fn published_tables(
     client: &Client,
     name: &str,
-) -> Result<Option<Vec<TableName>>, SetupError> {
+) -> Result<Option<Vec<TableName>>, SourceError> {
     let exists = client
         .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name])
         .await?;

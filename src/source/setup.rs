@@ -5,54 +5,9 @@
 use tokio_postgres::Client;
 
 use super::Lsn;
+use super::SourceError;
 use super::client::{ClientError, ReplicationClient};
 use crate::pg::{TableName, quote_ident};
-
-/// A database that is not (yet) fit for walhook. Each message names the culprit and the fix.
-#[derive(Debug, thiserror::Error)]
-pub enum SetupError {
-    #[error(
-        "wal_level is `{0}`, but logical replication needs `logical`. Fix: run `ALTER SYSTEM SET wal_level = logical;` as a superuser (or set it in postgresql.conf) and restart PostgreSQL"
-    )]
-    WalLevel(String),
-    #[error(
-        "role `{0}` may not use replication. Fix: as a superuser run `ALTER ROLE {0} REPLICATION;`"
-    )]
-    NoReplication(String),
-    #[error(
-        "table `{0}` (listed in the config) does not exist in database `{1}`. Fix: create it, correct the name, or remove it from [[tables]]"
-    )]
-    NoSuchTable(TableName, String),
-    #[error(
-        "table `{0}` has neither a primary key nor a replica identity: publishing it would make the application's own UPDATE and DELETE on it fail. Fix: add a primary key, or run `ALTER TABLE {1} REPLICA IDENTITY FULL;` (or `REPLICA IDENTITY USING INDEX ...`)"
-    )]
-    NoIdentity(TableName, String),
-    #[error(
-        "publication `{name}` does not match the config and role `{role}` may not change it ({reason}). Fix: have a DBA run:\n{sql}"
-    )]
-    PublicationNeedsDba {
-        name: String,
-        role: String,
-        reason: String,
-        sql: String,
-    },
-    #[error(
-        "replication slot `{slot}` is in use by another process (PID {pid}); another walhook or `walhook tail --slot` is probably reading it. Fix: stop that process, or use another slot name"
-    )]
-    SlotActive { slot: String, pid: i32 },
-    #[error(
-        "replication slot `{slot}` uses output plugin `{plugin}`, walhook needs `pgoutput`. Fix: drop it (`SELECT pg_drop_replication_slot('{slot}');`) or choose another slot name"
-    )]
-    SlotPlugin { slot: String, plugin: String },
-    #[error(
-        "replication slot `{0}` does not exist. Fix: run `walhook setup` (or `walhook run`, which creates it), or correct [source] slot"
-    )]
-    NoSlot(String),
-    #[error("database error: {0}")]
-    Sql(#[from] tokio_postgres::Error),
-    #[error(transparent)]
-    Replication(#[from] ClientError),
-}
 
 /// What start-up needs to know about one watched table.
 #[derive(Clone, Debug)]
@@ -79,17 +34,17 @@ impl TableInfo {
 }
 
 /// `SHOW wal_level` must say `logical`.
-pub async fn check_wal_level(client: &Client) -> Result<(), SetupError> {
+pub async fn check_wal_level(client: &Client) -> Result<(), SourceError> {
     let row = client.query_one("SHOW wal_level", &[]).await?;
     let level: String = row.get(0);
     if level != "logical" {
-        return Err(SetupError::WalLevel(level));
+        return Err(SourceError::WalLevel(level));
     }
     Ok(())
 }
 
 /// The connected role must be a superuser or have REPLICATION.
-pub async fn check_replication_role(client: &Client) -> Result<(), SetupError> {
+pub async fn check_replication_role(client: &Client) -> Result<(), SourceError> {
     let row = client
         .query_one(
             "SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
@@ -98,7 +53,7 @@ pub async fn check_replication_role(client: &Client) -> Result<(), SetupError> {
         .await?;
     let (role, ok): (String, bool) = (row.get(0), row.get(1));
     if !ok {
-        return Err(SetupError::NoReplication(role));
+        return Err(SourceError::NoReplication(role));
     }
     Ok(())
 }
@@ -107,7 +62,7 @@ pub async fn check_replication_role(client: &Client) -> Result<(), SetupError> {
 pub async fn inspect_tables(
     client: &Client,
     tables: &[TableName],
-) -> Result<Vec<TableInfo>, SetupError> {
+) -> Result<Vec<TableInfo>, SourceError> {
     let db: String = client
         .query_one("SELECT current_database()::text", &[])
         .await?
@@ -122,7 +77,7 @@ pub async fn inspect_tables(
             )
             .await?;
         let Some(row) = row else {
-            return Err(SetupError::NoSuchTable(table.clone(), db));
+            return Err(SourceError::NoSuchTable(table.clone(), db));
         };
         let oid: u32 = row.get(0);
         let ident: String = row.get(1);
@@ -160,7 +115,7 @@ pub async fn inspect_tables(
             toastable,
         };
         if !info.has_identity() {
-            return Err(SetupError::NoIdentity(table.clone(), table.quoted()));
+            return Err(SourceError::NoIdentity(table.clone(), table.quoted()));
         }
         out.push(info);
     }
@@ -177,7 +132,7 @@ pub struct SlotInfo {
 }
 
 /// Looks up slot `name` in the connected database.
-pub async fn slot_info(client: &Client, name: &str) -> Result<Option<SlotInfo>, SetupError> {
+pub async fn slot_info(client: &Client, name: &str) -> Result<Option<SlotInfo>, SourceError> {
     let row = client
         .query_opt(
             "SELECT plugin::text, active_pid, confirmed_flush_lsn::text, wal_status
@@ -203,7 +158,7 @@ pub struct Headroom {
 }
 
 /// How many replication slots and WAL senders the server has left.
-pub async fn headroom(client: &Client) -> Result<Headroom, SetupError> {
+pub async fn headroom(client: &Client) -> Result<Headroom, SourceError> {
     let row = client
         .query_one(
             "SELECT (SELECT count(*) FROM pg_replication_slots),
@@ -233,7 +188,7 @@ pub struct RetainedWal {
 }
 
 /// How much WAL slot `name` retains; `None` when there is no such slot.
-pub async fn retained_wal(client: &Client, name: &str) -> Result<Option<RetainedWal>, SetupError> {
+pub async fn retained_wal(client: &Client, name: &str) -> Result<Option<RetainedWal>, SourceError> {
     let row = client
         .query_opt(
             "SELECT (pg_current_wal_lsn() - restart_lsn)::int8,
@@ -252,18 +207,18 @@ pub async fn retained_wal(client: &Client, name: &str) -> Result<Option<Retained
 }
 
 /// Slot `name` must exist, use pgoutput and not be active in another process.
-pub async fn check_slot_usable(client: &Client, name: &str) -> Result<SlotInfo, SetupError> {
+pub async fn check_slot_usable(client: &Client, name: &str) -> Result<SlotInfo, SourceError> {
     let info = slot_info(client, name)
         .await?
-        .ok_or_else(|| SetupError::NoSlot(name.to_owned()))?;
+        .ok_or_else(|| SourceError::NoSlot(name.to_owned()))?;
     if let Some(plugin) = info.plugin.as_deref().filter(|p| *p != "pgoutput") {
-        return Err(SetupError::SlotPlugin {
+        return Err(SourceError::SlotPlugin {
             slot: name.to_owned(),
             plugin: plugin.to_owned(),
         });
     }
     if let Some(pid) = info.active_pid {
-        return Err(SetupError::SlotActive {
+        return Err(SourceError::SlotActive {
             slot: name.to_owned(),
             pid,
         });
@@ -276,7 +231,7 @@ pub async fn create_slot(
     repl: &mut ReplicationClient,
     name: &str,
     temporary: bool,
-) -> Result<Lsn, SetupError> {
+) -> Result<Lsn, SourceError> {
     let temp = if temporary { " TEMPORARY" } else { "" };
     let rows = repl
         .simple_query(&format!(
@@ -292,8 +247,8 @@ pub async fn create_slot(
     Ok(point)
 }
 
-/// Turns a slot-in-use server error (SQLSTATE 55006) into [`SetupError::SlotActive`].
-pub fn slot_error(slot: &str, err: ClientError) -> SetupError {
+/// Turns a slot-in-use server error (SQLSTATE 55006) into [`SourceError::SlotActive`].
+pub fn slot_error(slot: &str, err: ClientError) -> SourceError {
     if err.code() == Some("55006") {
         let pid = match &err {
             ClientError::Server(e) => e
@@ -304,13 +259,13 @@ pub fn slot_error(slot: &str, err: ClientError) -> SetupError {
                 .unwrap_or(0),
             _ => 0,
         };
-        return SetupError::SlotActive {
+        return SourceError::SlotActive {
             slot: slot.to_owned(),
             pid,
         };
     }
     if err.code() == Some("42704") {
-        return SetupError::NoSlot(slot.to_owned());
+        return SourceError::NoSlot(slot.to_owned());
     }
-    SetupError::Replication(err)
+    SourceError::Replication(err)
 }
