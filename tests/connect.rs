@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use walhook::pg::ConnInfo;
+use walhook::pg::{ConnInfo, ErrorChain};
 use walhook::source::client::ReplicationClient;
 
 use crate::support::cli::{ConfigFile, run_env};
@@ -24,7 +24,7 @@ async fn connect_both(conn: &str, env: &[(&str, &str)]) -> Result<(String, Strin
     let sql = info
         .connect_sql()
         .await
-        .map_err(|e| info.describe_sql_error(e))?;
+        .map_err(|e| ErrorChain(&e).to_string())?;
     let row = sql
         .query_one(
             "SELECT current_user::text, current_setting('application_name'), \
@@ -35,7 +35,7 @@ async fn connect_both(conn: &str, env: &[(&str, &str)]) -> Result<(String, Strin
         .map_err(|e| e.to_string())?;
     let mut repl = ReplicationClient::connect(&info, "walhook-connect-test")
         .await
-        .map_err(|e| format!("replication connection: {e}"))?;
+        .map_err(|e| format!("replication connection: {}", ErrorChain(&e)))?;
     let system = repl
         .simple_query("IDENTIFY_SYSTEM")
         .await

@@ -6,8 +6,10 @@ use std::fmt::Write as _;
 use super::{ConfigArg, Exit};
 use crate::daemon::prepare::PrepareError;
 use crate::mapping::Mapper;
-use crate::pg::{ConnInfo, Host, SslMode};
-use crate::source::setup::{self, SetupError};
+use crate::pg::{ConnInfo, ErrorChain, Host, SslMode};
+use crate::source::SourceError;
+use crate::source::publication::{Ending, Publication};
+use crate::source::setup;
 use crate::store::{Checkpoint, Store};
 
 #[derive(Debug, clap::Args)]
@@ -90,24 +92,24 @@ async fn check(args: &CheckArgs, report: &mut Report) -> Ended {
         );
     }
     let params = config.source.url.expose();
-    let mut client = match params.connect_sql().await {
+    let client = match params.connect_sql().await {
         Ok(c) => {
             report.add(Level::Ok, "connection", params.to_string());
             tls_line(params, report);
             c
         }
         Err(e) => {
-            report.add(Level::Error, "connection", params.describe_sql_error(e));
+            report.add(Level::Error, "connection", ErrorChain(&e));
             return Ended::Early;
         }
     };
     match setup::check_wal_level(&client).await {
         Ok(()) => report.add(Level::Ok, "wal_level", "logical"),
-        Err(e) => report.add(Level::Error, "wal_level", e),
+        Err(e) => report.add(Level::Error, "wal_level", ErrorChain(&e)),
     }
     match setup::check_replication_role(&client).await {
         Ok(()) => report.add(Level::Ok, "replication privilege", "granted"),
-        Err(e) => report.add(Level::Error, "replication privilege", e),
+        Err(e) => report.add(Level::Error, "replication privilege", ErrorChain(&e)),
     }
     let own_slot = matches!(
         setup::slot_info(&client, &config.source.slot).await,
@@ -115,7 +117,7 @@ async fn check(args: &CheckArgs, report: &mut Report) -> Ended {
     );
     match setup::headroom(&client).await {
         Ok(h) => headroom_lines(h, own_slot, report),
-        Err(e) => report.add(Level::Warn, "replication headroom", e),
+        Err(e) => report.add(Level::Warn, "replication headroom", ErrorChain(&e)),
     }
     let tables = super::tail::watched_tables(&config);
     let errors_before = report.errors;
@@ -147,7 +149,7 @@ async fn check(args: &CheckArgs, report: &mut Report) -> Ended {
                 } else if let Err(e) =
                     Mapper::new(std::slice::from_ref(cfg), std::slice::from_ref(info))
                 {
-                    report.add(Level::Error, &format!("table {table}"), e);
+                    report.add(Level::Error, &format!("table {table}"), ErrorChain(&e));
                 } else {
                     report.add(
                         Level::Ok,
@@ -156,16 +158,16 @@ async fn check(args: &CheckArgs, report: &mut Report) -> Ended {
                     );
                 }
             }
-            Err(e) => report.add(Level::Error, &format!("table {table}"), e),
+            Err(e) => report.add(Level::Error, &format!("table {table}"), ErrorChain(&e)),
         }
     }
     let tables_ok = report.errors == errors_before;
     if tables_ok && let Err(e) = crate::daemon::prepare::table_rules(&client, &config).await {
         // Each table alone passed; together they do not (as `walhook run` sees them).
-        report.add(Level::Error, "tables", e);
+        report.add(Level::Error, "tables", ErrorChain(&e));
     }
     if tables_ok {
-        publication_line(&mut client, &config.source.publication, &tables, report).await;
+        publication_line(&client, &config.source.publication, &tables, report).await;
     } else {
         report.add(
             Level::Warn,
@@ -178,7 +180,7 @@ async fn check(args: &CheckArgs, report: &mut Report) -> Ended {
     match setup::retained_wal(&client, &config.source.slot).await {
         Ok(Some(wal)) => retained_wal_line(&config.source.slot, &wal, report),
         Ok(None) => {}
-        Err(e) => report.add(Level::Warn, "slot WAL", e),
+        Err(e) => report.add(Level::Warn, "slot WAL", ErrorChain(&e)),
     }
     store_line(&config, report).await;
     Ended::Complete
@@ -187,12 +189,19 @@ async fn check(args: &CheckArgs, report: &mut Report) -> Ended {
 /// Whether the publication publishes exactly the watched tables, or `walhook run` may
 /// make it so (tried in a rolled-back transaction); otherwise the SQL a DBA must run.
 async fn publication_line(
-    client: &mut tokio_postgres::Client,
+    client: &tokio_postgres::Client,
     name: &str,
     tables: &[crate::pg::TableName],
     report: &mut Report,
 ) {
-    match setup::try_publication(client, name, tables).await {
+    let tried = match Publication::read(client, name, tables).await {
+        Ok(plan) => plan
+            .apply(client, Ending::RollBack)
+            .await
+            .map(|_| plan.sql()),
+        Err(e) => Err(e),
+    };
+    match tried {
         Ok(None) => report.add(
             Level::Ok,
             "publication",
@@ -205,7 +214,7 @@ async fn publication_line(
                 "`{name}` does not publish exactly the watched tables; `walhook setup` or `walhook run` will run: {sql}"
             ),
         ),
-        Err(e) => report.add(Level::Error, "publication", e),
+        Err(e) => report.add(Level::Error, "publication", ErrorChain(&e)),
     }
 }
 
@@ -247,7 +256,7 @@ async fn slot_line(
                     .unwrap_or_else(|| "-".into())
             ),
         ),
-        Err(SetupError::NoSlot(_)) => match checkpoint {
+        Err(SourceError::NoSlot(_)) => match checkpoint {
             Some(cp) => report.add(
                 Level::Error,
                 "slot",
@@ -259,7 +268,7 @@ async fn slot_line(
                 format!("`{slot}` does not exist yet; `walhook setup` or `walhook run` creates it"),
             ),
         },
-        Err(e) => report.add(Level::Error, "slot", e),
+        Err(e) => report.add(Level::Error, "slot", ErrorChain(&e)),
     }
 }
 
@@ -371,7 +380,7 @@ async fn store_line(config: &crate::config::Config, report: &mut Report) {
     let params = config.store.url.expose();
     let client = match params.connect_sql().await {
         Ok(c) => c,
-        Err(e) => return report.add(Level::Error, "store", params.describe_sql_error(e)),
+        Err(e) => return report.add(Level::Error, "store", ErrorChain(&e)),
     };
     let mut client = client;
     let known = crate::store::migrations::MIGRATIONS.len();

@@ -19,6 +19,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::config::{self, Config};
+use crate::pg::ErrorChain;
 
 /// walhook: PostgreSQL changes to signed, ordered, durable webhooks.
 #[derive(Debug, Parser)]
@@ -146,48 +147,11 @@ pub(crate) fn write_stdout(bytes: &[u8], what: &str) -> Exit {
     }
 }
 
-/// An error and its causes on one line, without repeating a cause that the message
-/// already contains; when a PostgreSQL error in the chain has a known remedy that the
-/// message does not give yet, that remedy follows.
+/// An error and its causes on one line (see [`ErrorChain`]): the `error:` line of
+/// every command.
 pub fn error_chain(err: &anyhow::Error) -> String {
-    let mut out = err.to_string();
-    for cause in err.chain().skip(1) {
-        let text = cause.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-    }
-    let fix = err
-        .chain()
-        .filter_map(|cause| cause.downcast_ref::<tokio_postgres::Error>())
-        .find_map(|pg| pg.code().and_then(|code| fix_for_sqlstate(code.code())));
-    if let Some(fix) = fix
-        && !out.contains("Fix:")
-    {
-        // PostgreSQL's text may end with a sentence of its own ("HINT: ... space.").
-        out.truncate(out.trim_end_matches(['.', ' ', '\n']).len());
-        out.push_str(". ");
-        out.push_str(fix);
-    }
-    out
-}
-
-/// The remedy for a PostgreSQL error that a walhook message may carry unexplained
-/// (mostly from the store, which shares no code with the source's checks).
-fn fix_for_sqlstate(code: &str) -> Option<&'static str> {
-    Some(match code {
-        "25006" => {
-            "Fix: the database refuses writes (default_transaction_read_only is on, or it is a hot standby): point the url at a writable primary, or run `ALTER DATABASE <name> SET default_transaction_read_only = off;`"
-        }
-        "53100" => {
-            "Fix: the database server's disk is full: free space there, then start walhook again"
-        }
-        "42501" => {
-            "Fix: grant the role the privilege PostgreSQL names (sql/least-privilege.sql lists what walhook needs), or use another role"
-        }
-        _ => return None,
-    })
+    let err: &(dyn std::error::Error + 'static) = err.as_ref();
+    ErrorChain(err).to_string()
 }
 
 #[cfg(test)]
@@ -209,12 +173,5 @@ mod tests {
         assert_eq!(Exit::Config.status(), 78);
         assert_eq!(Exit::from_success(false).status(), 1);
         assert_eq!(Exit::from_success(true).status(), 0);
-    }
-
-    #[test]
-    fn known_sqlstates_get_a_fix() {
-        assert!(fix_for_sqlstate("25006").unwrap().contains("read_only"));
-        assert!(fix_for_sqlstate("53100").unwrap().contains("disk is full"));
-        assert_eq!(fix_for_sqlstate("23505"), None);
     }
 }

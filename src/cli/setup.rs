@@ -4,7 +4,7 @@
 use super::ConfigArg;
 use crate::daemon::prepare;
 use crate::pg::TableName;
-use crate::source::setup;
+use crate::source::publication;
 use crate::store::migrations;
 
 #[derive(Debug, clap::Args)]
@@ -30,7 +30,7 @@ pub async fn run(args: SetupArgs) -> anyhow::Result<()> {
         println!("-- publication of the watched tables (run as the tables' owner)");
         println!(
             "{}",
-            setup::publication_sql(&config.source.publication, &tables, false)
+            publication::publication_sql(&config.source.publication, &tables, false)
         );
         return Ok(());
     }

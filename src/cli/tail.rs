@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::pg::TableName;
 use crate::source::Lsn;
 use crate::source::decoder::{Decoded, Row};
+use crate::source::publication::{self, Ending, Publication};
 use crate::source::setup;
 use crate::source::stream::{ConfirmMode, Position, ReplicationStream, StreamOptions};
 
@@ -149,10 +150,7 @@ async fn connect(args: &TailArgs) -> anyhow::Result<ReplicationStream> {
     let params = config.source.url.expose().clone();
     let tables = watched_tables(&config);
 
-    let sql = params
-        .connect_sql()
-        .await
-        .map_err(|e| anyhow::anyhow!(params.describe_sql_error(e)))?;
+    let sql = params.connect_sql().await?;
     setup::check_wal_level(&sql).await?;
     setup::check_replication_role(&sql).await?;
     setup::inspect_tables(&sql, &tables).await?;
@@ -160,7 +158,7 @@ async fn connect(args: &TailArgs) -> anyhow::Result<ReplicationStream> {
     let (slot, temporary, confirm) = match &args.slot {
         Some(slot) => {
             setup::check_slot_usable(&sql, slot).await?;
-            let published = setup::published_tables(&sql, &config.source.publication).await?;
+            let published = publication::published_tables(&sql, &config.source.publication).await?;
             if published.is_none() {
                 anyhow::bail!(
                     "publication `{}` does not exist; `tail --slot` never creates or alters it. Fix: run `walhook setup` or `walhook run` first",
@@ -171,7 +169,10 @@ async fn connect(args: &TailArgs) -> anyhow::Result<ReplicationStream> {
             (slot.clone(), false, ConfirmMode::Never)
         }
         None => {
-            setup::ensure_publication(&sql, &config.source.publication, &tables).await?;
+            Publication::read(&sql, &config.source.publication, &tables)
+                .await?
+                .apply(&sql, Ending::Commit)
+                .await?;
             let slot = format!("walhook_tail_{}", std::process::id());
             (slot, true, ConfirmMode::Consumer)
         }

@@ -120,8 +120,5 @@ impl StdError for ConfigError {
     }
 }
 
-impl StdError for ConfigErrors {
-    fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        self.errors.first().map(|e| e as &(dyn StdError + 'static))
-    }
-}
+/// No `source()`: a list has no one cause, and its message already holds each problem.
+impl StdError for ConfigErrors {}

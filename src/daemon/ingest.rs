@@ -19,6 +19,7 @@ use tracing::{debug, error, info, warn};
 
 use super::DaemonError;
 use super::source_task::SourceMsg;
+use crate::pg::ErrorChain;
 use crate::pg::PG_EPOCH_OFFSET_MICROS;
 use crate::server::Health;
 use crate::source::Lsn;
@@ -286,7 +287,7 @@ async fn commit_with_retry(
         stalled.send_if_modified(|s| !std::mem::replace(s, true));
         if err.is_transient() {
             counter!(INGEST_ERRORS_TOTAL, label::KIND => "unavailable").increment(1);
-            warn!(error = %err, backoff_ms = backoff.as_millis() as u64, "store unavailable; retrying the batch");
+            warn!(error = %ErrorChain(&err), backoff_ms = backoff.as_millis() as u64, "store unavailable; retrying the batch");
         } else {
             if refused.is_none() {
                 refused = Some(refusal_reason(store, slot, batch, &err).await);
@@ -311,7 +312,7 @@ async fn commit_with_retry(
         if store.is_closed() {
             match store.reconnect().await {
                 Ok(()) => info!("store reconnected"),
-                Err(e) => warn!(error = %e, "store reconnect failed"),
+                Err(e) => warn!(error = %ErrorChain(&e), "store reconnect failed"),
             }
         }
     }

@@ -17,10 +17,11 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::config::Config;
 use crate::delivery::HttpClients;
+use crate::pg::ErrorChain;
 use crate::server::{Health, Server, refresh, systemd};
 use crate::source::Lsn;
-use crate::source::setup::SetupError;
-use crate::source::stream::{ConfirmMode, ReplicationStream, StreamError, StreamOptions};
+use crate::source::SourceError;
+use crate::source::stream::{ConfirmMode, ReplicationStream, StreamOptions};
 use crate::store::Store;
 use crate::store::wake::Wake;
 
@@ -33,15 +34,15 @@ pub enum DaemonError {
     #[error(transparent)]
     Prepare(#[from] prepare::PrepareError),
     #[error(transparent)]
-    Stream(#[from] crate::source::stream::StreamError),
+    Source(#[from] SourceError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
     Delivery(#[from] crate::delivery::DeliveryError),
     #[error(transparent)]
     Server(#[from] crate::server::ServerError),
-    #[error("the source task stopped unexpectedly: {0}")]
-    SourceTask(String),
+    #[error("the source task stopped unexpectedly")]
+    SourceTask(#[source] tokio::task::JoinError),
 }
 
 /// Runs the daemon until `shutdown` is cancelled, reloading the config on each of
@@ -195,9 +196,7 @@ async fn ingest_until_shutdown(
                     "another instance leads ingest now; standing by"
                 );
             }
-            Err(DaemonError::Stream(StreamError::Setup(SetupError::SlotActive {
-                pid, ..
-            }))) => {
+            Err(DaemonError::Source(SourceError::SlotActive { pid, .. })) => {
                 warn!(
                     holder_pid = pid,
                     "another process took the slot; standing by"
@@ -256,7 +255,7 @@ async fn lead_once(
         match taken.await {
             Ok(taken) => break taken,
             Err(e) if e.is_transient() => {
-                warn!(error = %e, "cannot take the lead in the store yet; retrying");
+                warn!(error = %ErrorChain(&e), "cannot take the lead in the store yet; retrying");
                 // Meanwhile the server must not wait for this connection (G9).
                 stream.disconnect("the store is unreachable").await;
                 tokio::select! {
@@ -317,9 +316,9 @@ async fn lead_once(
             if result.is_ok() {
                 return Err(e.into());
             }
-            warn!(error = %e, "source task failed during shutdown");
+            warn!(error = %ErrorChain(&e), "source task failed during shutdown");
         }
-        Ok(Err(join)) => return Err(DaemonError::SourceTask(join.to_string())),
+        Ok(Err(join)) => return Err(DaemonError::SourceTask(join)),
         Err(_) => warn!("source task did not stop within 10 s"),
     }
     result
@@ -337,7 +336,7 @@ async fn connect_store(
         match Store::connect(params, schema).await {
             Ok(store) => return Ok(Some(store)),
             Err(e) if e.is_transient() => {
-                warn!(error = %e, "cannot connect to the store; retrying");
+                warn!(error = %ErrorChain(&e), "cannot connect to the store; retrying");
             }
             Err(e) => return Err(e.into()),
         }
@@ -393,7 +392,7 @@ async fn purge_loop(
                     }
                     Ok(_) => break,
                     Err(e) => {
-                        warn!(subscription = %name, error = %e, "expiring a paused backlog failed; trying again later");
+                        warn!(subscription = %name, error = %ErrorChain(&e), "expiring a paused backlog failed; trying again later");
                         if store.is_closed() {
                             let _ = store.reconnect().await;
                         }
@@ -415,7 +414,7 @@ async fn purge_loop(
                     break;
                 }
                 Err(e) => {
-                    warn!(error = %e, "purge failed; trying again later");
+                    warn!(error = %ErrorChain(&e), "purge failed; trying again later");
                     if store.is_closed() {
                         let _ = store.reconnect().await;
                     }

@@ -11,19 +11,19 @@ use crate::config::Config;
 use crate::mapping::{Mapper, MappingError};
 use crate::pg::TableName;
 use crate::pg::{ConnInfo, PgError};
+use crate::source::SourceError;
 use crate::source::client::ReplicationClient;
-use crate::source::setup::{self, PublicationChange, SetupError, TableInfo};
+use crate::source::publication::{Ending, Publication, PublicationChange};
+use crate::source::setup::{self, TableInfo};
 use crate::store::{Store, StoreError};
 
 /// Why the daemon cannot start. Every message names the culprit and the fix.
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
-    #[error("{0}")]
-    Connect(String),
     #[error(transparent)]
-    ConnectConfig(#[from] PgError),
+    Connect(#[from] PgError),
     #[error(transparent)]
-    Setup(#[from] SetupError),
+    Setup(#[from] SourceError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -123,13 +123,10 @@ pub async fn table_rules(
 pub async fn reset_slot(config: &Config) -> Result<(), PrepareError> {
     let slot = &config.source.slot;
     let source_params = config.source.url.expose().clone();
-    let sql = source_params
-        .connect_sql()
-        .await
-        .map_err(|e| PrepareError::Connect(source_params.describe_sql_error(e)))?;
+    let sql = source_params.connect_sql().await?;
     if let Some(info) = setup::slot_info(&sql, slot).await? {
         if let Some(pid) = info.active_pid {
-            return Err(SetupError::SlotActive {
+            return Err(SourceError::SlotActive {
                 slot: slot.clone(),
                 pid,
             }
@@ -137,7 +134,7 @@ pub async fn reset_slot(config: &Config) -> Result<(), PrepareError> {
         }
         sql.execute("SELECT pg_drop_replication_slot($1)", &[slot])
             .await
-            .map_err(SetupError::Sql)?;
+            .map_err(SourceError::Sql)?;
         info!(slot = %slot, "replication slot dropped");
     }
     let store_params = config.store.url.expose().clone();
@@ -146,7 +143,7 @@ pub async fn reset_slot(config: &Config) -> Result<(), PrepareError> {
     store.reset_checkpoint(slot).await?;
     let mut repl = ReplicationClient::connect(&source_params, "walhook setup")
         .await
-        .map_err(SetupError::Replication)?;
+        .map_err(SourceError::Replication)?;
     let point = setup::create_slot(&mut repl, slot, false).await?;
     repl.close().await;
     info!(slot = %slot, consistent_point = %point, "replication slot created; ingest continues after the stored event log");
@@ -156,10 +153,7 @@ pub async fn reset_slot(config: &Config) -> Result<(), PrepareError> {
 /// Checks the source, migrates the store, makes the publication and the slot.
 pub async fn prepare(config: &Config) -> Result<Prepared, PrepareError> {
     let source_params = config.source.url.expose().clone();
-    let sql = source_params
-        .connect_sql()
-        .await
-        .map_err(|e| PrepareError::Connect(source_params.describe_sql_error(e)))?;
+    let sql = source_params.connect_sql().await?;
     setup::check_wal_level(&sql).await?;
     setup::check_replication_role(&sql).await?;
     let names = table_names(config);
@@ -206,7 +200,8 @@ async fn prepare_source(
     store: &Store,
     names: &[TableName],
 ) -> Result<(), PrepareError> {
-    match setup::ensure_publication(sql, &config.source.publication, names).await? {
+    let publication = Publication::read(sql, &config.source.publication, names).await?;
+    match publication.apply(sql, Ending::Commit).await? {
         PublicationChange::Unchanged => {}
         PublicationChange::Created => {
             info!(publication = %config.source.publication, "publication created")
@@ -228,7 +223,7 @@ async fn prepare_source(
         (None, None) => {
             let mut repl = ReplicationClient::connect(source_params, "walhook setup")
                 .await
-                .map_err(SetupError::Replication)?;
+                .map_err(SourceError::Replication)?;
             // The checkpoint row first: if we crash in between, the next start sees a
             // checkpoint without a slot and refuses, rather than silently starting over.
             store.create_checkpoint(slot).await?;
@@ -238,7 +233,7 @@ async fn prepare_source(
         }
         (Some(info), cp) => {
             if let Some(plugin) = info.plugin.as_deref().filter(|p| *p != "pgoutput") {
-                return Err(SetupError::SlotPlugin {
+                return Err(SourceError::SlotPlugin {
                     slot: slot.clone(),
                     plugin: plugin.to_owned(),
                 }

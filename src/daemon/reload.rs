@@ -36,9 +36,10 @@ use tracing::{error, info, warn};
 use super::prepare::{self, PrepareError, Routes};
 use crate::config::{self, Config, ConfigErrors, SubscriptionConfig, TableConfig};
 use crate::mapping::Mapper;
-use crate::pg::ConnInfo;
 use crate::pg::TableName;
-use crate::source::setup::{self, SetupError};
+use crate::pg::{ConnInfo, ErrorChain, PgError};
+use crate::source::SourceError;
+use crate::source::publication::{Ending, HandOver, Publication, PublicationChange};
 use crate::store::{Store, StoreError};
 
 /// Keys that take effect only at start-up; a reload that changes them logs a warning.
@@ -73,21 +74,21 @@ pub struct Requests {
 /// Why a reload was refused. Messages name the problem, never a secret or a row value.
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
-    #[error("{0}")]
+    #[error(transparent)]
     Config(#[from] ConfigErrors),
-    #[error("{0}")]
-    Connect(String),
+    #[error(transparent)]
+    Connect(#[from] PgError),
     #[error(transparent)]
     Check(#[from] PrepareError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
-    Publication(#[from] SetupError),
+    Publication(#[from] SourceError),
 }
 
 impl From<tokio_postgres::Error> for ReloadError {
     fn from(e: tokio_postgres::Error) -> Self {
-        ReloadError::Publication(SetupError::Sql(e))
+        ReloadError::Publication(SourceError::Sql(e))
     }
 }
 
@@ -184,7 +185,7 @@ pub async fn run(
                 log_changes(&changes);
             }
             Err(err) => {
-                error!(file = %requests.path.display(), error = %err, "config reload refused; the running config stays in effect");
+                error!(file = %requests.path.display(), error = %ErrorChain(&err), "config reload refused; the running config stays in effect");
             }
         }
     }
@@ -202,11 +203,7 @@ async fn reload(
     let changes = Changes::between(current, &next);
 
     // Checks first: nothing is applied unless the tables pass.
-    let sql = connections
-        .source
-        .connect_sql()
-        .await
-        .map_err(|e| ReloadError::Connect(connections.source.describe_sql_error(e)))?;
+    let sql = connections.source.connect_sql().await?;
     let (mapper, _) = prepare::table_rules(&sql, &next).await?;
 
     // Added subscriptions get their state row (cursor at the log's end) before any
@@ -245,57 +242,33 @@ async fn publish(
     rules: &watch::Sender<Arc<Rules>>,
     new_rules: Arc<Rules>,
 ) -> Result<(), ReloadError> {
-    let mut wanted = tables.to_vec();
-    wanted.sort();
-    wanted.dedup();
-    let published = setup::published_tables(sql, publication).await?;
-    if published.as_ref() == Some(&wanted) {
-        rules.send_replace(new_rules);
-        return Ok(());
+    let plan = Publication::read(sql, publication, tables).await?;
+    let mut hand_over = RulesHandOver {
+        rules,
+        swap: new_rules,
+    };
+    let change = plan.apply(sql, Ending::CommitWith(&mut hand_over)).await?;
+    if change != PublicationChange::Unchanged {
+        info!(publication = %publication, "publication now matches the config");
     }
-    let statement = setup::publication_sql(publication, &wanted, published.is_some());
-    sql.batch_execute("BEGIN").await?;
-    if let Err(e) = sql.batch_execute(&statement).await {
-        let _ = sql.batch_execute("ROLLBACK").await;
-        return Err(publication_error(sql, publication, statement, e).await);
-    }
-    let old = rules.send_replace(new_rules);
-    if let Err(e) = sql.batch_execute("COMMIT").await {
-        rules.send_replace(old);
-        return Err(e.into());
-    }
-    info!(publication = %publication, "publication now matches the config");
     Ok(())
 }
 
-/// The error of a failed publication change; a missing privilege names the SQL a DBA
-/// must run, as at start-up.
-async fn publication_error(
-    sql: &tokio_postgres::Client,
-    publication: &str,
-    statement: String,
-    e: tokio_postgres::Error,
-) -> ReloadError {
-    let denied = e
-        .code()
-        .is_some_and(|c| c.code() == "42501" || c.code() == "42710");
-    if !denied {
-        return e.into();
+/// Sends the new rules to the source task; taking them back sends the old ones again.
+struct RulesHandOver<'a> {
+    rules: &'a watch::Sender<Arc<Rules>>,
+    /// The rules to send next: the new ones, then (once sent) the ones they replaced.
+    swap: Arc<Rules>,
+}
+
+impl HandOver for RulesHandOver<'_> {
+    fn hand_over(&mut self) {
+        self.swap = self.rules.send_replace(self.swap.clone());
     }
-    let role = match sql.query_one("SELECT current_user::text", &[]).await {
-        Ok(row) => row.get(0),
-        Err(_) => "?".to_owned(),
-    };
-    SetupError::PublicationNeedsDba {
-        name: publication.to_owned(),
-        role,
-        reason: e
-            .as_db_error()
-            .map(|d| d.message().to_owned())
-            .unwrap_or_default(),
-        sql: statement,
+
+    fn take_back(&mut self) {
+        self.swap = self.rules.send_replace(self.swap.clone());
     }
-    .into()
 }
 
 /// `loaded`, with the keys that need a restart set back to the running values (each

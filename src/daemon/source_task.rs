@@ -19,8 +19,9 @@ use super::prepare::Routes;
 use super::reload::Rules;
 use crate::mapping::EventDraft;
 use crate::source::Lsn;
+use crate::source::SourceError;
 use crate::source::decoder::{Decoded, Op, TableName};
-use crate::source::stream::{Position, ReplicationStream, StreamError};
+use crate::source::stream::{Position, ReplicationStream};
 use crate::store::{ChangeEvents, PendingEvent};
 use crate::telemetry::{SOURCE_CHANGES_TOTAL, label};
 
@@ -76,7 +77,7 @@ pub async fn run(
     mut stream: ReplicationStream,
     mut rules: watch::Receiver<Arc<Rules>>,
     stop: CancellationToken,
-) -> Result<(), StreamError> {
+) -> Result<(), SourceError> {
     let Links {
         tx,
         buffer,

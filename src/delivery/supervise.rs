@@ -14,6 +14,7 @@ use tracing::{error, info, warn};
 use super::{HttpClients, dispatch};
 use crate::config::{Config, SubscriptionConfig};
 use crate::pg::ConnInfo;
+use crate::pg::ErrorChain;
 use crate::store::Store;
 use crate::store::wake::{self, Wake};
 
@@ -197,7 +198,7 @@ async fn dispatcher(sub: SubscriptionConfig, cx: Arc<DispatchContext>, stop: Can
         match Store::connect(&cx.store_params, &cx.schema).await {
             Ok(store) => break store,
             Err(e) => {
-                warn!(subscription = %sub.name, error = %e, "dispatcher cannot reach the store; retrying");
+                warn!(subscription = %sub.name, error = %ErrorChain(&e), "dispatcher cannot reach the store; retrying");
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}

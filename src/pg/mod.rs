@@ -8,6 +8,7 @@
 
 pub mod conninfo;
 mod pgpass;
+mod report;
 pub mod sql;
 mod syntax;
 pub mod tls;
@@ -15,7 +16,7 @@ pub mod tls;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use conninfo::{ConnInfo, Host, HostSpec, SslMode};
-pub use sql::SqlConnectError;
+pub use report::ErrorChain;
 
 /// A connection string or TLS file that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +30,46 @@ pub enum PgError {
     /// A certificate or key file cannot be used.
     #[error("{0}")]
     Tls(String),
+    /// A certificate or key file cannot be read or used; `what` names it.
+    #[error("{what}")]
+    TlsFile {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// No server answered at any host of the connection string.
+    #[error(
+        "cannot reach PostgreSQL at {server}. Fix: check the host and port in the connection string, and that the server is running and accepts connections from here"
+    )]
+    Unreachable {
+        /// `user@host:port/dbname`, never the password.
+        server: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// The server answered and refused the session (password, pg_hba.conf, database).
+    #[error("PostgreSQL at {server} refused the connection{}", fix_after(.source))]
+    Refused {
+        /// `user@host:port/dbname`, never the password.
+        server: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+/// `. Fix: ...` for a refused connection whose SQLSTATE has a known remedy, else nothing.
+fn fix_after(err: &tokio_postgres::Error) -> &'static str {
+    match err.code().map(|c| c.code()) {
+        Some("28P01") => {
+            ". Fix: check the user and password in the connection string, PGPASSWORD or the password file (~/.pgpass)"
+        }
+        Some("28000") => {
+            ". Fix: allow this user, database and host in pg_hba.conf, or use another role"
+        }
+        Some("3D000") => ". Fix: correct the database name in the connection string",
+        Some("53300") => ". Fix: free connections or raise max_connections",
+        _ => "",
+    }
 }
 
 impl PgError {

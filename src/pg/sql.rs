@@ -13,15 +13,6 @@ const APPLICATION_NAME: &str = "walhook";
 /// connections yet (starting up, shutting down, in recovery: SQLSTATE 57P03).
 const NOT_READY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// An ordinary SQL connection could not be opened.
-#[derive(Debug, thiserror::Error)]
-pub enum SqlConnectError {
-    #[error(transparent)]
-    Config(#[from] PgError),
-    #[error(transparent)]
-    Postgres(#[from] tokio_postgres::Error),
-}
-
 impl ConnInfo {
     /// The tokio-postgres settings for one host.
     fn tokio_config(&self, h: &HostSpec) -> tokio_postgres::Config {
@@ -80,18 +71,17 @@ impl ConnInfo {
     /// that follows it while the server restarts: a walhook started during a
     /// PostgreSQL restart must not exit for it (found by the long chaos run). A refused
     /// connection with no such sign first fails at once.
-    pub async fn connect_sql(&self) -> Result<tokio_postgres::Client, SqlConnectError> {
+    pub async fn connect_sql(&self) -> Result<tokio_postgres::Client, PgError> {
         let deadline = tokio::time::Instant::now() + NOT_READY_WAIT;
         // Once the server said it is shutting down, a refused connection is the gap of
         // a restart, not a wrong address: wait through it too.
         let mut restarting = false;
         loop {
             match self.connect_sql_once().await {
-                Err(SqlConnectError::Postgres(e))
+                Err(PgError::Refused { source, .. })
                     if tokio::time::Instant::now() < deadline
-                        && (e.code()
-                            == Some(&tokio_postgres::error::SqlState::CANNOT_CONNECT_NOW)
-                            || (restarting && e.as_db_error().is_none())) =>
+                        && source.code()
+                            == Some(&tokio_postgres::error::SqlState::CANNOT_CONNECT_NOW) =>
                 {
                     if !restarting {
                         tracing::info!(server = %self, "PostgreSQL is starting up or shutting down; waiting for it");
@@ -99,12 +89,17 @@ impl ConnInfo {
                     }
                     tokio::time::sleep(std::time::Duration::from_millis(250)).await;
                 }
+                Err(PgError::Unreachable { .. })
+                    if restarting && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                }
                 other => return other,
             }
         }
     }
 
-    async fn connect_sql_once(&self) -> Result<tokio_postgres::Client, SqlConnectError> {
+    async fn connect_sql_once(&self) -> Result<tokio_postgres::Client, PgError> {
         let tls = super::tls::client_config(&self.tls)?;
         let mut last = None;
         for h in self.hosts_in_order() {
@@ -134,9 +129,7 @@ impl ConnInfo {
                 Err(e) => last = Some(e),
             }
         }
-        Err(SqlConnectError::Postgres(
-            last.expect("a ConnInfo has a host"),
-        ))
+        Err(self.connect_error(last.expect("a ConnInfo has a host")))
     }
 
     /// Like [`ConnInfo::connect_sql`], for a connection that `LISTEN`s: every
@@ -144,7 +137,7 @@ impl ConnInfo {
     /// the connection does.
     pub async fn connect_listen(
         &self,
-    ) -> Result<(tokio_postgres::Client, mpsc::UnboundedReceiver<()>), SqlConnectError> {
+    ) -> Result<(tokio_postgres::Client, mpsc::UnboundedReceiver<()>), PgError> {
         let tls = super::tls::client_config(&self.tls)?;
         let mut last = None;
         for h in self.hosts_in_order() {
@@ -171,40 +164,17 @@ impl ConnInfo {
                 Err(e) => last = Some(e),
             }
         }
-        Err(SqlConnectError::Postgres(
-            last.expect("a ConnInfo has a host"),
-        ))
+        Err(self.connect_error(last.expect("a ConnInfo has a host")))
     }
 
-    /// A one-paragraph explanation of why an ordinary SQL connection failed, naming
-    /// the fix (never the password).
-    pub fn describe_sql_error(&self, err: SqlConnectError) -> String {
-        let SqlConnectError::Postgres(pg) = err else {
-            return format!("cannot connect to PostgreSQL at {self}: {err}");
-        };
-        if let Some(db) = pg.as_db_error() {
-            let fix = match db.code().code() {
-                "28P01" => {
-                    "Fix: check the user and password in the connection string, PGPASSWORD or the password file (~/.pgpass)"
-                }
-                "28000" => {
-                    "Fix: allow this user, database and host in pg_hba.conf, or use another role"
-                }
-                "3D000" => "Fix: correct the database name in the connection string",
-                "53300" => "Fix: free connections or raise max_connections",
-                _ => "",
-            };
-            return format!(
-                "PostgreSQL at {self} refused the connection: {}. {fix}",
-                db.message()
-            );
+    /// The error of a failed connection: the server refused it, or none answered.
+    fn connect_error(&self, source: tokio_postgres::Error) -> PgError {
+        let server = self.to_string();
+        if source.as_db_error().is_some() {
+            PgError::Refused { server, source }
+        } else {
+            PgError::Unreachable { server, source }
         }
-        let cause = std::error::Error::source(&pg)
-            .map(|c| c.to_string())
-            .unwrap_or_else(|| pg.to_string());
-        format!(
-            "cannot reach PostgreSQL at {self}: {cause}. Fix: check the host and port in the connection string, and that the server is running and accepts connections from here"
-        )
     }
 }
 

@@ -33,7 +33,10 @@ pub fn client_config(tls: &TlsSettings) -> Result<Option<Arc<ClientConfig>>, PgE
             let inner =
                 rustls::client::WebPkiServerVerifier::builder_with_provider(store, provider)
                     .build()
-                    .map_err(|e| PgError::Tls(format!("cannot use the root certificates: {e}")))?;
+                    .map_err(|e| PgError::TlsFile {
+                        what: "cannot use the root certificates".into(),
+                        source: e.into(),
+                    })?;
             builder.with_custom_certificate_verifier(Arc::new(ChainVerifier {
                 inner,
                 check_name: tls.mode == SslMode::VerifyFull,
@@ -44,9 +47,12 @@ pub fn client_config(tls: &TlsSettings) -> Result<Option<Arc<ClientConfig>>, PgE
         None => builder.with_no_client_auth(),
         Some((cert, key)) => {
             let (chain, key) = client_identity(cert, key)?;
-            builder.with_client_auth_cert(chain, key).map_err(|e| {
-                PgError::Tls(format!("client certificate `{}`: {e}", cert.display()))
-            })?
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| PgError::TlsFile {
+                    what: format!("client certificate `{}`", cert.display()),
+                    source: e.into(),
+                })?
         }
     };
     config.enable_sni = tls.sni;
@@ -77,7 +83,10 @@ fn root_store(roots: &RootCerts) -> Result<RootCertStore, PgError> {
 fn read_certs(path: &Path, key: &str) -> Result<Vec<CertificateDer<'static>>, PgError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<_, _>>())
-        .map_err(|e| PgError::Tls(format!("cannot read {key} `{}`: {e}", path.display())))?;
+        .map_err(|e| PgError::TlsFile {
+            what: format!("cannot read {key} `{}`", path.display()),
+            source: e.into(),
+        })?;
     if certs.is_empty() {
         return Err(PgError::Tls(format!(
             "{key} `{}` holds no PEM certificate",
@@ -94,12 +103,13 @@ fn client_identity(
     key: &Path,
 ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), PgError> {
     let chain = read_certs(cert, "sslcert")?;
-    let meta = std::fs::metadata(key).map_err(|e| {
-        PgError::Tls(format!(
-            "cannot read sslkey `{}` (the key of client certificate `{}`): {e}",
+    let meta = std::fs::metadata(key).map_err(|e| PgError::TlsFile {
+        what: format!(
+            "cannot read sslkey `{}` (the key of client certificate `{}`)",
             key.display(),
             cert.display()
-        ))
+        ),
+        source: e.into(),
     })?;
     let allowed = if meta.uid() == 0 { 0o037 } else { 0o077 };
     if meta.mode() & allowed != 0 {
@@ -108,8 +118,10 @@ fn client_identity(
             key.display()
         )));
     }
-    let key_der = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| PgError::Tls(format!("cannot read sslkey `{}`: {e}", key.display())))?;
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| PgError::TlsFile {
+        what: format!("cannot read sslkey `{}`", key.display()),
+        source: e.into(),
+    })?;
     Ok((chain, key_der))
 }
 

@@ -21,6 +21,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use crate::pg::ErrorChain;
 use crate::store::stats::QueueStats;
 use crate::telemetry::{
     self, BUILD_INFO, INGEST_BATCH_SECONDS, QUEUE_DEAD, QUEUE_OLDEST_PENDING_SECONDS,
@@ -79,7 +80,7 @@ impl Exporter {
                 Err(e) => {
                     // Only another recorder installed first could cause this: serve an
                     // empty one rather than fail.
-                    warn!(error = %e, "cannot install the metrics recorder; /metrics stays empty");
+                    warn!(error = %ErrorChain(&e), "cannot install the metrics recorder; /metrics stays empty");
                     builder().build_recorder().handle()
                 }
             };

@@ -21,6 +21,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::pg::ErrorChain;
+
 pub use exporter::Exporter;
 pub use health::Health;
 
@@ -28,7 +30,7 @@ pub use health::Health;
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error(
-        "cannot listen on {addr} (server.listen, env WALHOOK_SERVER__LISTEN): {source}; choose a free address, e.g. listen = \"127.0.0.1:9188\""
+        "cannot listen on {addr} (server.listen, env WALHOOK_SERVER__LISTEN); choose a free address, e.g. listen = \"127.0.0.1:9188\""
     )]
     Bind {
         addr: SocketAddr,
@@ -96,7 +98,7 @@ impl Server {
             .with_graceful_shutdown(stop.cancelled_owned())
             .await
         {
-            warn!(error = %e, "the metrics server stopped");
+            warn!(error = %ErrorChain(&e), "the metrics server stopped");
         }
     }
 }

@@ -13,6 +13,7 @@ use tracing::{info, warn};
 use super::Exporter;
 use super::health::{Health, StoreState};
 use crate::pg::ConnInfo;
+use crate::pg::ErrorChain;
 use crate::store::Store;
 use crate::store::stats::QueueStats;
 use crate::telemetry::{REPLICATION_LAG_BYTES, SLOT_ACTIVE};
@@ -25,6 +26,8 @@ pub const STATS_INTERVAL: Duration = Duration::from_secs(10);
 pub const LAG_INTERVAL: Duration = Duration::from_secs(5);
 /// Longest a probe, a connection or a query may take.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Why reading the slot's lag failed: connecting or querying.
+type ReadError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Probes the store every [`PROBE_INTERVAL`] (setting `health`) and publishes the queue
 /// figures of the live config's subscriptions to `exporter` every [`STATS_INTERVAL`],
@@ -59,11 +62,11 @@ pub async fn store_loop(
             }
             Ok(Err(e)) => {
                 if !failing {
-                    warn!(error = %e, "store probe failed; not ready");
+                    warn!(error = %ErrorChain(&e), "store probe failed; not ready");
                     failing = true;
                 }
                 store = None;
-                health.set_store(StoreState::Unreachable(e.to_string()));
+                health.set_store(StoreState::Unreachable(ErrorChain(&e).to_string()));
             }
             Err(_) => {
                 if !failing {
@@ -95,7 +98,7 @@ pub async fn store_loop(
                 last_stats = Some(Instant::now());
                 match tokio::time::timeout(QUERY_TIMEOUT, s.queue_stats(&subscriptions)).await {
                     Ok(Ok(stats)) => figures = stats,
-                    Ok(Err(e)) => warn!(error = %e, "reading queue figures failed"),
+                    Ok(Err(e)) => warn!(error = %ErrorChain(&e), "reading queue figures failed"),
                     Err(_) => warn!(timeout = ?QUERY_TIMEOUT, "reading queue figures timed out"),
                 }
             }
@@ -120,10 +123,10 @@ pub async fn lag_loop(params: ConnInfo, slot: String, stop: CancellationToken) {
     loop {
         let read = async {
             if client.as_ref().is_none_or(|c| c.is_closed()) {
-                client = Some(params.connect_sql().await.map_err(|e| e.to_string())?);
+                client = Some(params.connect_sql().await.map_err(ReadError::from)?);
             }
             let c = client.as_ref().expect("connected above");
-            c.query_opt(SQL, &[&slot]).await.map_err(|e| e.to_string())
+            c.query_opt(SQL, &[&slot]).await.map_err(ReadError::from)
         };
         match tokio::time::timeout(QUERY_TIMEOUT, read).await {
             Ok(Ok(row)) => {
@@ -142,7 +145,7 @@ pub async fn lag_loop(params: ConnInfo, slot: String, stop: CancellationToken) {
             }
             Ok(Err(e)) => {
                 if !failing {
-                    warn!(slot = %slot, error = %e, "reading the slot's lag failed");
+                    warn!(slot = %slot, error = %ErrorChain(&*e), "reading the slot's lag failed");
                     failing = true;
                 }
                 client = None;

@@ -45,13 +45,13 @@ impl std::fmt::Display for ServerError {
 pub enum ClientError {
     #[error(transparent)]
     Config(#[from] PgError),
-    #[error("cannot reach PostgreSQL at {addr}: {source}")]
+    #[error("cannot reach PostgreSQL at {addr}")]
     Connect {
         addr: String,
         #[source]
         source: io::Error,
     },
-    #[error("TLS handshake with {addr} failed: {source}")]
+    #[error("TLS handshake with {addr} failed")]
     Tls {
         addr: String,
         #[source]
@@ -65,11 +65,11 @@ pub enum ClientError {
     NoPassword,
     #[error("the server asked for an authentication method walhook does not support ({0})")]
     UnsupportedAuth(&'static str),
-    #[error("SCRAM authentication failed: {0}")]
+    #[error("SCRAM authentication failed")]
     Scram(#[source] io::Error),
     #[error("{0}")]
     Server(ServerError),
-    #[error("I/O error on the replication connection: {0}")]
+    #[error("I/O error on the replication connection")]
     Io(#[from] io::Error),
     #[error("the server closed the replication connection")]
     Closed,

@@ -1,58 +1,13 @@
 //! Preparing a database for walhook and checking that it is ready: `wal_level`, the
 //! REPLICATION privilege, the watched tables and their replica identity, the
-//! publication (kept in step with the config) and the slot.
+//! publication (kept in step with the config: [`super::publication`]) and the slot.
 
 use tokio_postgres::Client;
 
 use super::Lsn;
+use super::SourceError;
 use super::client::{ClientError, ReplicationClient};
 use crate::pg::{TableName, quote_ident};
-
-/// A database that is not (yet) fit for walhook. Each message names the culprit and the fix.
-#[derive(Debug, thiserror::Error)]
-pub enum SetupError {
-    #[error(
-        "wal_level is `{0}`, but logical replication needs `logical`. Fix: run `ALTER SYSTEM SET wal_level = logical;` as a superuser (or set it in postgresql.conf) and restart PostgreSQL"
-    )]
-    WalLevel(String),
-    #[error(
-        "role `{0}` may not use replication. Fix: as a superuser run `ALTER ROLE {0} REPLICATION;`"
-    )]
-    NoReplication(String),
-    #[error(
-        "table `{0}` (listed in the config) does not exist in database `{1}`. Fix: create it, correct the name, or remove it from [[tables]]"
-    )]
-    NoSuchTable(TableName, String),
-    #[error(
-        "table `{0}` has neither a primary key nor a replica identity: publishing it would make the application's own UPDATE and DELETE on it fail. Fix: add a primary key, or run `ALTER TABLE {1} REPLICA IDENTITY FULL;` (or `REPLICA IDENTITY USING INDEX ...`)"
-    )]
-    NoIdentity(TableName, String),
-    #[error(
-        "publication `{name}` does not match the config and role `{role}` may not change it ({reason}). Fix: have a DBA run:\n{sql}"
-    )]
-    PublicationNeedsDba {
-        name: String,
-        role: String,
-        reason: String,
-        sql: String,
-    },
-    #[error(
-        "replication slot `{slot}` is in use by another process (PID {pid}); another walhook or `walhook tail --slot` is probably reading it. Fix: stop that process, or use another slot name"
-    )]
-    SlotActive { slot: String, pid: i32 },
-    #[error(
-        "replication slot `{slot}` uses output plugin `{plugin}`, walhook needs `pgoutput`. Fix: drop it (`SELECT pg_drop_replication_slot('{slot}');`) or choose another slot name"
-    )]
-    SlotPlugin { slot: String, plugin: String },
-    #[error(
-        "replication slot `{0}` does not exist. Fix: run `walhook setup` (or `walhook run`, which creates it), or correct [source] slot"
-    )]
-    NoSlot(String),
-    #[error("database error: {0}")]
-    Sql(#[from] tokio_postgres::Error),
-    #[error(transparent)]
-    Replication(#[from] ClientError),
-}
 
 /// What start-up needs to know about one watched table.
 #[derive(Clone, Debug)]
@@ -79,17 +34,17 @@ impl TableInfo {
 }
 
 /// `SHOW wal_level` must say `logical`.
-pub async fn check_wal_level(client: &Client) -> Result<(), SetupError> {
+pub async fn check_wal_level(client: &Client) -> Result<(), SourceError> {
     let row = client.query_one("SHOW wal_level", &[]).await?;
     let level: String = row.get(0);
     if level != "logical" {
-        return Err(SetupError::WalLevel(level));
+        return Err(SourceError::WalLevel(level));
     }
     Ok(())
 }
 
 /// The connected role must be a superuser or have REPLICATION.
-pub async fn check_replication_role(client: &Client) -> Result<(), SetupError> {
+pub async fn check_replication_role(client: &Client) -> Result<(), SourceError> {
     let row = client
         .query_one(
             "SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
@@ -98,7 +53,7 @@ pub async fn check_replication_role(client: &Client) -> Result<(), SetupError> {
         .await?;
     let (role, ok): (String, bool) = (row.get(0), row.get(1));
     if !ok {
-        return Err(SetupError::NoReplication(role));
+        return Err(SourceError::NoReplication(role));
     }
     Ok(())
 }
@@ -107,7 +62,7 @@ pub async fn check_replication_role(client: &Client) -> Result<(), SetupError> {
 pub async fn inspect_tables(
     client: &Client,
     tables: &[TableName],
-) -> Result<Vec<TableInfo>, SetupError> {
+) -> Result<Vec<TableInfo>, SourceError> {
     let db: String = client
         .query_one("SELECT current_database()::text", &[])
         .await?
@@ -122,7 +77,7 @@ pub async fn inspect_tables(
             )
             .await?;
         let Some(row) = row else {
-            return Err(SetupError::NoSuchTable(table.clone(), db));
+            return Err(SourceError::NoSuchTable(table.clone(), db));
         };
         let oid: u32 = row.get(0);
         let ident: String = row.get(1);
@@ -160,142 +115,11 @@ pub async fn inspect_tables(
             toastable,
         };
         if !info.has_identity() {
-            return Err(SetupError::NoIdentity(table.clone(), table.quoted()));
+            return Err(SourceError::NoIdentity(table.clone(), table.quoted()));
         }
         out.push(info);
     }
     Ok(out)
-}
-
-/// What `ensure_publication` did.
-#[derive(Debug, PartialEq, Eq)]
-pub enum PublicationChange {
-    Unchanged,
-    Created,
-    Altered,
-}
-
-/// The SQL that makes publication `name` publish exactly `tables`.
-pub fn publication_sql(name: &str, tables: &[TableName], exists: bool) -> String {
-    let list = tables
-        .iter()
-        .map(TableName::quoted)
-        .collect::<Vec<_>>()
-        .join(", ");
-    if exists {
-        format!("ALTER PUBLICATION {} SET TABLE {list};", quote_ident(name))
-    } else {
-        format!("CREATE PUBLICATION {} FOR TABLE {list};", quote_ident(name))
-    }
-}
-
-/// The tables publication `name` publishes now, or `None` when it does not exist.
-pub async fn published_tables(
-    client: &Client,
-    name: &str,
-) -> Result<Option<Vec<TableName>>, SetupError> {
-    let exists = client
-        .query_opt(
-            "SELECT puballtables FROM pg_publication WHERE pubname = $1",
-            &[&name],
-        )
-        .await?;
-    if exists.is_none() {
-        return Ok(None);
-    }
-    let mut tables: Vec<TableName> = client
-        .query(
-            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
-            &[&name],
-        )
-        .await?
-        .iter()
-        .map(|r| TableName { schema: r.get(0), name: r.get(1) })
-        .collect();
-    tables.sort();
-    Ok(Some(tables))
-}
-
-/// Creates the publication `FOR TABLE` the watched tables, or alters it to match them.
-/// When the role may not, the error carries the exact SQL a DBA must run.
-pub async fn ensure_publication(
-    client: &Client,
-    name: &str,
-    tables: &[TableName],
-) -> Result<PublicationChange, SetupError> {
-    let mut wanted = tables.to_vec();
-    wanted.sort();
-    wanted.dedup();
-    let current = published_tables(client, name).await?;
-    if current.as_ref() == Some(&wanted) {
-        return Ok(PublicationChange::Unchanged);
-    }
-    let exists = current.is_some();
-    let sql = publication_sql(name, &wanted, exists);
-    match client.batch_execute(&sql).await {
-        Ok(()) => Ok(if exists {
-            PublicationChange::Altered
-        } else {
-            PublicationChange::Created
-        }),
-        Err(e) => Err(needs_dba(client, name, sql, e).await),
-    }
-}
-
-/// Whether the connected role may make publication `name` publish exactly `tables`
-/// (`walhook check`): runs what [`ensure_publication`] would in a transaction that is
-/// rolled back. `Ok(None)` when nothing needs changing, `Ok(Some(sql))` with the SQL
-/// `walhook run` would apply, or the error `walhook run` would stop with.
-pub async fn try_publication(
-    client: &mut Client,
-    name: &str,
-    tables: &[TableName],
-) -> Result<Option<String>, SetupError> {
-    let mut wanted = tables.to_vec();
-    wanted.sort();
-    wanted.dedup();
-    let current = published_tables(client, name).await?;
-    if current.as_ref() == Some(&wanted) {
-        return Ok(None);
-    }
-    let sql = publication_sql(name, &wanted, current.is_some());
-    let tx = client.transaction().await?;
-    let tried = tx.batch_execute(&sql).await;
-    drop(tx); // rolled back
-    match tried {
-        Ok(()) => Ok(Some(sql)),
-        Err(e) => Err(needs_dba(client, name, sql, e).await),
-    }
-}
-
-/// Turns a refused publication change into [`SetupError::PublicationNeedsDba`] with
-/// the SQL a DBA must run; other errors pass through.
-async fn needs_dba(
-    client: &Client,
-    name: &str,
-    sql: String,
-    e: tokio_postgres::Error,
-) -> SetupError {
-    if !e
-        .code()
-        .is_some_and(|c| c.code() == "42501" || c.code() == "42710")
-    {
-        return e.into();
-    }
-    let role: String = match client.query_one("SELECT current_user::text", &[]).await {
-        Ok(row) => row.get(0),
-        Err(e) => return e.into(),
-    };
-    let reason = e
-        .as_db_error()
-        .map(|d| d.message().to_owned())
-        .unwrap_or_default();
-    SetupError::PublicationNeedsDba {
-        name: name.to_owned(),
-        role,
-        reason,
-        sql,
-    }
 }
 
 /// A replication slot as `pg_replication_slots` shows it.
@@ -308,7 +132,7 @@ pub struct SlotInfo {
 }
 
 /// Looks up slot `name` in the connected database.
-pub async fn slot_info(client: &Client, name: &str) -> Result<Option<SlotInfo>, SetupError> {
+pub async fn slot_info(client: &Client, name: &str) -> Result<Option<SlotInfo>, SourceError> {
     let row = client
         .query_opt(
             "SELECT plugin::text, active_pid, confirmed_flush_lsn::text, wal_status
@@ -334,7 +158,7 @@ pub struct Headroom {
 }
 
 /// How many replication slots and WAL senders the server has left.
-pub async fn headroom(client: &Client) -> Result<Headroom, SetupError> {
+pub async fn headroom(client: &Client) -> Result<Headroom, SourceError> {
     let row = client
         .query_one(
             "SELECT (SELECT count(*) FROM pg_replication_slots),
@@ -364,7 +188,7 @@ pub struct RetainedWal {
 }
 
 /// How much WAL slot `name` retains; `None` when there is no such slot.
-pub async fn retained_wal(client: &Client, name: &str) -> Result<Option<RetainedWal>, SetupError> {
+pub async fn retained_wal(client: &Client, name: &str) -> Result<Option<RetainedWal>, SourceError> {
     let row = client
         .query_opt(
             "SELECT (pg_current_wal_lsn() - restart_lsn)::int8,
@@ -383,18 +207,18 @@ pub async fn retained_wal(client: &Client, name: &str) -> Result<Option<Retained
 }
 
 /// Slot `name` must exist, use pgoutput and not be active in another process.
-pub async fn check_slot_usable(client: &Client, name: &str) -> Result<SlotInfo, SetupError> {
+pub async fn check_slot_usable(client: &Client, name: &str) -> Result<SlotInfo, SourceError> {
     let info = slot_info(client, name)
         .await?
-        .ok_or_else(|| SetupError::NoSlot(name.to_owned()))?;
+        .ok_or_else(|| SourceError::NoSlot(name.to_owned()))?;
     if let Some(plugin) = info.plugin.as_deref().filter(|p| *p != "pgoutput") {
-        return Err(SetupError::SlotPlugin {
+        return Err(SourceError::SlotPlugin {
             slot: name.to_owned(),
             plugin: plugin.to_owned(),
         });
     }
     if let Some(pid) = info.active_pid {
-        return Err(SetupError::SlotActive {
+        return Err(SourceError::SlotActive {
             slot: name.to_owned(),
             pid,
         });
@@ -407,7 +231,7 @@ pub async fn create_slot(
     repl: &mut ReplicationClient,
     name: &str,
     temporary: bool,
-) -> Result<Lsn, SetupError> {
+) -> Result<Lsn, SourceError> {
     let temp = if temporary { " TEMPORARY" } else { "" };
     let rows = repl
         .simple_query(&format!(
@@ -423,8 +247,8 @@ pub async fn create_slot(
     Ok(point)
 }
 
-/// Turns a slot-in-use server error (SQLSTATE 55006) into [`SetupError::SlotActive`].
-pub fn slot_error(slot: &str, err: ClientError) -> SetupError {
+/// Turns a slot-in-use server error (SQLSTATE 55006) into [`SourceError::SlotActive`].
+pub fn slot_error(slot: &str, err: ClientError) -> SourceError {
     if err.code() == Some("55006") {
         let pid = match &err {
             ClientError::Server(e) => e
@@ -435,34 +259,13 @@ pub fn slot_error(slot: &str, err: ClientError) -> SetupError {
                 .unwrap_or(0),
             _ => 0,
         };
-        return SetupError::SlotActive {
+        return SourceError::SlotActive {
             slot: slot.to_owned(),
             pid,
         };
     }
     if err.code() == Some("42704") {
-        return SetupError::NoSlot(slot.to_owned());
+        return SourceError::NoSlot(slot.to_owned());
     }
-    SetupError::Replication(err)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn publication_sql_quotes_every_name() {
-        let t = [TableName {
-            schema: "public".into(),
-            name: "user roles".into(),
-        }];
-        assert_eq!(
-            publication_sql("walhook", &t, false),
-            "CREATE PUBLICATION \"walhook\" FOR TABLE \"public\".\"user roles\";"
-        );
-        assert!(
-            publication_sql("walhook", &t, true)
-                .starts_with("ALTER PUBLICATION \"walhook\" SET TABLE")
-        );
-    }
+    SourceError::Replication(err)
 }

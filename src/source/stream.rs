@@ -8,10 +8,12 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::Lsn;
+use super::SourceError;
 use super::client::{ClientError, ReplicationClient, ReplicationMessage};
 use super::decoder::{Decoded, Decoder};
-use super::pgoutput::{self, DecodeError};
-use super::setup::{SetupError, create_slot, slot_error};
+use super::pgoutput;
+use super::setup::{create_slot, slot_error};
+use crate::pg::ErrorChain;
 use crate::pg::{ConnInfo, quote_ident, quote_literal};
 
 /// Standby status updates go out at least this often (DESIGN: every 10 s at most).
@@ -72,15 +74,6 @@ pub struct StreamOptions {
     pub application_name: String,
     /// Resume after this position (skipping what it covers).
     pub resume: Position,
-}
-
-/// Failures of the stream that reconnecting cannot fix.
-#[derive(Debug, thiserror::Error)]
-pub enum StreamError {
-    #[error(transparent)]
-    Setup(#[from] SetupError),
-    #[error("malformed pgoutput data: {0}")]
-    Decode(#[from] DecodeError),
 }
 
 /// A pgoutput stream with reconnects. See the module docs.
@@ -156,19 +149,19 @@ impl ReplicationStream {
     }
 
     /// Connects now (so that setup errors surface before the first change).
-    pub async fn connect(&mut self) -> Result<(), StreamError> {
+    pub async fn connect(&mut self) -> Result<(), SourceError> {
         if self.client.is_some() {
             return Ok(());
         }
         let mut client = ReplicationClient::connect(&self.params, &self.opts.application_name)
             .await
-            .map_err(SetupError::Replication)?;
+            .map_err(SourceError::Replication)?;
         // IDENTIFY_SYSTEM: which cluster and timeline this is (logged; a failover
         // shows up as a new timeline).
         let ident = client
             .simple_query("IDENTIFY_SYSTEM")
             .await
-            .map_err(SetupError::Replication)?;
+            .map_err(SourceError::Replication)?;
         if let Some(row) = ident.first() {
             let field = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
             tracing::debug!(systemid = %field(0), timeline = %field(1), xlogpos = %field(2), "identified the server");
@@ -200,7 +193,7 @@ impl ReplicationStream {
 
     /// Connects, waiting (with backoff) while the slot is active in another process or
     /// the server is unreachable: a standby instance sits here until the holder goes (G8).
-    pub async fn connect_waiting(&mut self) -> Result<(), StreamError> {
+    pub async fn connect_waiting(&mut self) -> Result<(), SourceError> {
         let mut standing_by = false;
         loop {
             match self.connect().await {
@@ -211,16 +204,16 @@ impl ReplicationStream {
                     }
                     return Ok(());
                 }
-                Err(StreamError::Setup(SetupError::SlotActive { pid, .. })) => {
+                Err(SourceError::SlotActive { pid, .. }) => {
                     self.link.send_replace(Link::StandingBy);
                     if !standing_by {
                         tracing::info!(slot = %self.opts.slot, holder_pid = pid, "slot held by another process; standing by");
                         standing_by = true;
                     }
                 }
-                Err(StreamError::Setup(SetupError::Replication(e))) if e.is_transient() => {
+                Err(SourceError::Replication(e)) if e.is_transient() => {
                     self.link.send_replace(Link::Connecting);
-                    warn!(slot = %self.opts.slot, error = %e, "cannot start replication yet; retrying");
+                    warn!(slot = %self.opts.slot, error = %ErrorChain(&e), "cannot start replication yet; retrying");
                 }
                 Err(e) => return Err(e),
             }
@@ -284,14 +277,14 @@ impl ReplicationStream {
 
     /// The next decoded item. Transient failures (connection lost, server restarting)
     /// are retried with backoff inside. A slot found in use by another process on
-    /// reconnecting is returned as [`SetupError::SlotActive`]: another instance may lead
+    /// reconnecting is returned as [`SourceError::SlotActive`]: another instance may lead
     /// now, and the caller stands by (G8). Any other error needs an operator.
-    pub async fn next(&mut self) -> Result<Decoded, StreamError> {
+    pub async fn next(&mut self) -> Result<Decoded, SourceError> {
         loop {
             match self.next_once().await {
                 Ok(Some(item)) => return Ok(item),
                 Ok(None) => {}
-                Err(StreamError::Setup(SetupError::Replication(e))) if e.is_transient() => {
+                Err(SourceError::Replication(e)) if e.is_transient() => {
                     self.reconnect_after(&e).await;
                 }
                 Err(e) => return Err(e),
@@ -300,7 +293,7 @@ impl ReplicationStream {
     }
 
     async fn reconnect_after(&mut self, err: &ClientError) {
-        warn!(slot = %self.opts.slot, error = %err, backoff_ms = self.backoff.as_millis() as u64, "replication connection lost; reconnecting");
+        warn!(slot = %self.opts.slot, error = %ErrorChain(err), backoff_ms = self.backoff.as_millis() as u64, "replication connection lost; reconnecting");
         if let Some(client) = self.client.take() {
             drop(client);
         }
@@ -312,7 +305,7 @@ impl ReplicationStream {
         self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
     }
 
-    async fn next_once(&mut self) -> Result<Option<Decoded>, StreamError> {
+    async fn next_once(&mut self) -> Result<Option<Decoded>, SourceError> {
         if self.client.is_none() {
             if let Some(pause) = self.pause.take() {
                 tokio::time::sleep(pause).await;
@@ -342,7 +335,7 @@ impl ReplicationStream {
                 self.disconnect("the server waits for a confirmation of changes not yet stored").await;
                 return Ok(None);
             }
-            msg = client.next_message() => msg.map_err(SetupError::Replication)?,
+            msg = client.next_message() => msg.map_err(SourceError::Replication)?,
             _ = tokio::time::sleep_until(deadline.into()) => {
                 self.send_status(false).await?;
                 return Ok(None);
@@ -465,7 +458,7 @@ impl ReplicationStream {
         }
     }
 
-    async fn send_status(&mut self, reply: bool) -> Result<(), StreamError> {
+    async fn send_status(&mut self, reply: bool) -> Result<(), SourceError> {
         let flush = self.flush_position();
         tracing::debug!(slot = %self.opts.slot, %flush, received = %self.received, in_txn = self.in_txn, "standby status update");
         let (write, apply) = match self.opts.confirm {
@@ -476,7 +469,7 @@ impl ReplicationStream {
             client
                 .send_status(write, flush, apply, reply)
                 .await
-                .map_err(SetupError::Replication)?;
+                .map_err(SourceError::Replication)?;
         }
         self.last_status = Instant::now();
         self.status_dirty = false;

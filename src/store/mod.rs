@@ -20,18 +20,18 @@ use tokio_postgres::Client;
 pub use ingest::{ChangeEvents, IngestBatch, PendingEvent};
 
 use crate::pg::quote_ident;
-use crate::pg::{ConnInfo, SqlConnectError};
+use crate::pg::{ConnInfo, ErrorChain, PgError};
 use crate::source::Lsn;
 use crate::source::stream::Position;
 
 /// Failures of the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot connect to the store: {0}")]
-    Connect(#[from] SqlConnectError),
-    #[error("store query failed: {0}")]
+    #[error("cannot connect to the store")]
+    Connect(#[from] PgError),
+    #[error("store query failed")]
     Query(#[from] tokio_postgres::Error),
-    #[error("store migration {name} failed: {source}")]
+    #[error("store migration {name} failed")]
     Migration {
         name: &'static str,
         #[source]
@@ -89,7 +89,7 @@ impl StoreError {
         let Some(db) = db else {
             return Refusal {
                 kind: "other",
-                what: self.to_string(),
+                what: ErrorChain(self).to_string(),
                 fix: "see the error; walhook retries until the store accepts the change",
             };
         };

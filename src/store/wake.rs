@@ -14,6 +14,7 @@ use tracing::{debug, warn};
 
 use super::live::LiveLog;
 use crate::pg::ConnInfo;
+use crate::pg::ErrorChain;
 use crate::pg::quote_ident;
 
 /// A generation counter: every bump wakes every dispatcher's receiver once; and the
@@ -69,7 +70,7 @@ pub async fn listen(
         match params.connect_listen().await {
             Ok((client, mut notes)) => {
                 if let Err(e) = client.batch_execute(&format!("LISTEN {channel}")).await {
-                    warn!(error = %e, "cannot listen for new events; polling only");
+                    warn!(error = %ErrorChain(&e), "cannot listen for new events; polling only");
                 } else {
                     debug!("listening for new events");
                     failures = 0;
@@ -88,7 +89,7 @@ pub async fn listen(
             }
             Err(e) => {
                 if failures == 0 {
-                    warn!(error = %e, "cannot connect to listen for new events; polling until it works");
+                    warn!(error = %ErrorChain(&e), "cannot connect to listen for new events; polling until it works");
                 }
             }
         }

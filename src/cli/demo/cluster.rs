@@ -40,7 +40,7 @@ pub enum ClusterError {
         "running as root, but there is no `postgres` OS user to run the server as (PostgreSQL refuses to run as root); install the PostgreSQL package, which creates it, or run the demo as a normal user"
     )]
     NoPostgresUser,
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         what: String,
         #[source]
