@@ -168,10 +168,14 @@ for i in range(0, len(counts), step):
 ingest_rates = {}
 for label in sorted({s[0] for s in samples}):
     pts = [(t, seq) for lab, t, seq in samples if lab == label]
+    # Rates over windows of at least a second: the checkpoint moves in batches.
     out = []
-    for (t0, s0), (t1, s1) in zip(pts, pts[1:]):
-        if t1 > t0:
-            out.append(((t0 + t1) / 2, (s1 - s0) / (t1 - t0)))
+    if pts:
+        t0, s0 = pts[0]
+        for t1, s1 in pts[1:]:
+            if t1 - t0 >= 1.0:
+                out.append(((t0 + t1) / 2, (s1 - s0) / (t1 - t0)))
+                t0, s0 = t1, s1
     ingest_rates[label] = out
 
 results = {
