@@ -1,113 +1,187 @@
-//! A webhook sink for `bench/deliver.sh`: an HTTP/1.1 server on 127.0.0.1 that answers
-//! 200 at once and measures, per request, the time from the event's commit
-//! (`occurred_at` in the body) to its arrival. Prints a summary line every second and
-//! the final figures after N requests.
+//! The webhook receiver of `bench/run`: an HTTP/1.1 keep-alive server on 127.0.0.1 that
+//! answers every POST at once with 204 and records its arrival: a count, arrivals per
+//! 100 ms since start, and, when the body has an `occurred_at` (walhook's envelope: the
+//! commit time of the source transaction), the commit-to-receiver latency.
 //!
-//! Usage: cargo run --release --example sink -- PORT N (stops after N requests, or 5 s
-//! after the last one)
+//! Usage: `sink PORT` (runs until killed). Control requests, not counted as arrivals:
+//! - `GET /stats`: JSON `{"received", "start_unix", "latency_ms": {"n", "p50", "p95",
+//!   "p99", "max"}}`, latencies since the last reset;
+//! - `GET /series`: JSON `{"bucket_ms": 100, "counts": [...]}`, arrivals per bucket since start;
+//! - `POST /reset`: forget the latency samples (counts and series stay).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+
+/// Width of one arrival-series bucket.
+const BUCKET_MS: u128 = 100;
+
+/// What the receiver has seen, shared by all connections.
+struct Record {
+    started: Instant,
+    start_unix: f64,
+    received: AtomicU64,
+    /// Arrivals per [`BUCKET_MS`] since `started`.
+    series: Mutex<Vec<u64>>,
+    /// Commit-to-arrival latencies (ms) since the last reset.
+    latencies: Mutex<Vec<f32>>,
+}
+
+impl Record {
+    fn arrival(&self, occurred_at: Option<SystemTime>) {
+        let arrived = SystemTime::now();
+        self.received.fetch_add(1, Ordering::Relaxed);
+        let bucket = (self.started.elapsed().as_millis() / BUCKET_MS) as usize;
+        {
+            let mut series = self.series.lock().unwrap();
+            if series.len() <= bucket {
+                series.resize(bucket + 1, 0);
+            }
+            series[bucket] += 1;
+        }
+        if let Some(commit) = occurred_at {
+            let ms = arrived
+                .duration_since(commit)
+                .unwrap_or_default()
+                .as_secs_f64()
+                * 1000.0;
+            self.latencies.lock().unwrap().push(ms as f32);
+        }
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        let mut l = self.latencies.lock().unwrap().clone();
+        l.sort_by(f32::total_cmp);
+        let pct = |p: f64| {
+            if l.is_empty() {
+                0.0
+            } else {
+                l[((l.len() as f64 * p) as usize).min(l.len() - 1)] as f64
+            }
+        };
+        serde_json::json!({
+            "received": self.received.load(Ordering::Relaxed),
+            "start_unix": self.start_unix,
+            "latency_ms": {
+                "n": l.len(), "p50": pct(0.50), "p95": pct(0.95), "p99": pct(0.99),
+                "max": l.last().copied().unwrap_or(0.0),
+            },
+        })
+    }
+}
+
+/// The value of `"occurred_at":"..."` in a JSON body, without parsing the whole body.
+fn occurred_at(body: &[u8]) -> Option<SystemTime> {
+    const KEY: &[u8] = b"\"occurred_at\":\"";
+    let start = body.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let len = body[start..].iter().position(|&b| b == b'"')?;
+    let text = std::str::from_utf8(&body[start..start + len]).ok()?;
+    chrono::DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(SystemTime::from)
+}
+
+/// Serves one keep-alive connection until the peer closes it or sends garbage.
+async fn serve(socket: TcpStream, record: Arc<Record>) {
+    let (read, mut write) = socket.into_split();
+    let mut read = BufReader::with_capacity(64 * 1024, read);
+    let mut line = String::new();
+    let mut body = Vec::new();
+    loop {
+        line.clear();
+        if read.read_line(&mut line).await.unwrap_or(0) == 0 {
+            return;
+        }
+        let mut parts = line.split_whitespace();
+        let method = parts.next().unwrap_or("").to_owned();
+        let path = parts.next().unwrap_or("").to_owned();
+        let mut len = 0usize;
+        loop {
+            line.clear();
+            if read.read_line(&mut line).await.unwrap_or(0) == 0 {
+                return;
+            }
+            let h = line.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                len = v.trim().parse().unwrap_or(0);
+            }
+        }
+        body.resize(len, 0);
+        if read.read_exact(&mut body).await.is_err() {
+            return;
+        }
+        let answer = match (method.as_str(), path.as_str()) {
+            ("GET", "/stats") => json_response(&record.stats()),
+            ("GET", "/series") => {
+                let counts = record.series.lock().unwrap().clone();
+                json_response(&serde_json::json!({ "bucket_ms": BUCKET_MS, "counts": counts }))
+            }
+            ("POST", "/reset") => {
+                record.latencies.lock().unwrap().clear();
+                b"HTTP/1.1 204 No Content\r\n\r\n".to_vec()
+            }
+            ("POST", _) => {
+                record.arrival(occurred_at(&body));
+                b"HTTP/1.1 204 No Content\r\n\r\n".to_vec()
+            }
+            _ => b"HTTP/1.1 405 Method Not Allowed\r\ncontent-length: 0\r\n\r\n".to_vec(),
+        };
+        if write.write_all(&answer).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn json_response(value: &serde_json::Value) -> Vec<u8> {
+    let body = value.to_string();
+    format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let port: u16 = args.get(1).and_then(|p| p.parse().ok()).unwrap_or(18080);
-    let total: usize = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(10_000);
-    let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind");
-    let latencies: Arc<Mutex<Vec<f64>>> = Arc::new(Mutex::new(Vec::with_capacity(total)));
-    // First and last arrival.
-    let span: Arc<Mutex<Option<(Instant, Instant)>>> = Arc::new(Mutex::new(None));
-    let (l, f) = (latencies.clone(), span.clone());
-    tokio::spawn(async move {
-        while let Ok((socket, _)) = listener.accept().await {
-            let (l, f) = (l.clone(), f.clone());
-            tokio::spawn(async move {
-                let (read, mut write) = socket.into_split();
-                let mut read = BufReader::new(read);
-                loop {
-                    let mut line = String::new();
-                    if read.read_line(&mut line).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    let mut len = 0usize;
-                    loop {
-                        let mut h = String::new();
-                        if read.read_line(&mut h).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        let h = h.trim_end();
-                        if h.is_empty() {
-                            break;
-                        }
-                        if let Some((k, v)) = h.split_once(':')
-                            && k.eq_ignore_ascii_case("content-length")
-                        {
-                            len = v.trim().parse().unwrap_or(0);
-                        }
-                    }
-                    let mut body = vec![0; len];
-                    if read.read_exact(&mut body).await.is_err() {
-                        return;
-                    }
-                    let arrived = SystemTime::now();
-                    if write
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                    let occurred = serde_json::from_slice::<serde_json::Value>(&body)
-                        .ok()
-                        .and_then(|v| v["occurred_at"].as_str().map(str::to_owned))
-                        .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok());
-                    if let Some(t) = occurred {
-                        let commit = SystemTime::from(t);
-                        let ms = arrived
-                            .duration_since(commit)
-                            .unwrap_or_default()
-                            .as_secs_f64()
-                            * 1000.0;
-                        let now = Instant::now();
-                        f.lock().unwrap().get_or_insert((now, now)).1 = now;
-                        l.lock().unwrap().push(ms);
-                    }
-                }
-            });
+    let port = match std::env::args().nth(1).map(|p| p.parse::<u16>()) {
+        Some(Ok(port)) => port,
+        _ => {
+            eprintln!("usage: sink PORT  (the receiver of bench/run; see examples/sink.rs)");
+            std::process::exit(2);
         }
+    };
+    let listener = TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap_or_else(|e| {
+            eprintln!("sink: cannot listen on 127.0.0.1:{port}: {e}");
+            std::process::exit(1);
+        });
+    let record = Arc::new(Record {
+        started: Instant::now(),
+        start_unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64(),
+        received: AtomicU64::new(0),
+        series: Mutex::new(Vec::new()),
+        latencies: Mutex::new(Vec::new()),
     });
+    eprintln!("sink: listening on 127.0.0.1:{port}");
     loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let n = latencies.lock().unwrap().len();
-        eprintln!("sink: {n} received");
-        // Done at N, or when nothing arrived for 5 s (the load made fewer changes).
-        let idle = span
-            .lock()
-            .unwrap()
-            .is_some_and(|(_, last)| last.elapsed() > Duration::from_secs(5));
-        if n >= total || idle {
-            break;
+        match listener.accept().await {
+            Ok((socket, _)) => {
+                let _ = socket.set_nodelay(true);
+                tokio::spawn(serve(socket, record.clone()));
+            }
+            Err(e) => eprintln!("sink: accept failed: {e}"),
         }
     }
-    let elapsed = span
-        .lock()
-        .unwrap()
-        .map(|(first, last)| (last - first).as_secs_f64().max(0.001))
-        .unwrap_or(1.0);
-    let mut l = latencies.lock().unwrap().clone();
-    l.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let pct = |p: f64| l[((l.len() as f64 * p) as usize).min(l.len() - 1)];
-    println!(
-        "received {} in {:.2} s = {:.0}/s; commit-to-receiver latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-        l.len(),
-        elapsed,
-        l.len() as f64 / elapsed,
-        pct(0.50),
-        pct(0.99),
-        l[l.len() - 1]
-    );
 }
