@@ -90,7 +90,7 @@ pub async fn run(
     let mut woken = wake.subscribe();
     while !shutdown.is_cancelled() {
         if let Err(e) = d.session(&mut woken, &shutdown).await {
-            warn!(subscription = %d.sub.name, error = %e, "dispatching failed; retrying");
+            warn!(subscription = %d.sub.name, error = %crate::pg::ErrorChain(&e), "dispatching failed; retrying");
             if d.store.is_closed() {
                 let _ = d.store.reconnect().await;
             }
@@ -266,13 +266,11 @@ impl Dispatcher {
                 let new = match live {
                     // As the store reads nothing for a paused or disabled subscription
                     // (the lease renewal notices only within a second).
-                    Some(_) if !self.store.subscription_active(self.name()).await? => {
-                        NewEvents {
-                            events: Vec::new(),
-                            read_upto: after,
-                            more: false,
-                        }
-                    }
+                    Some(_) if !self.store.subscription_active(self.name()).await? => NewEvents {
+                        events: Vec::new(),
+                        read_upto: after,
+                        more: false,
+                    },
                     Some(new) => new,
                     None => {
                         self.store
