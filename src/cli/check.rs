@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use super::{ConfigArg, Exit};
-use crate::daemon::prepare::PrepareError;
+use crate::daemon::DaemonError;
 use crate::mapping::Mapper;
 use crate::pg::{ConnInfo, ErrorChain, Host, SslMode};
 use crate::source::SourceError;
@@ -235,7 +235,7 @@ async fn slot_line(
     checkpoint: Option<Checkpoint>,
     report: &mut Report,
 ) {
-    let lost = |lsn: String| PrepareError::SlotLost {
+    let lost = |lsn: String| DaemonError::SlotLost {
         slot: slot.to_owned(),
         lsn,
     };

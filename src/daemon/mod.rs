@@ -2,10 +2,13 @@
 //! source -> mapping -> group-committed ingest until SIGTERM; SIGHUP reloads the config
 //! (see [`reload`]).
 
+mod error;
 pub mod ingest;
 pub mod prepare;
 pub mod reload;
 pub mod source_task;
+
+pub use error::DaemonError;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,23 +30,6 @@ use crate::store::wake::Wake;
 
 /// Capacity of the channel between the source task and ingest, in messages.
 const CHANNEL_CAPACITY: usize = 16 * 1024;
-
-/// Errors that stop the daemon (each names its cause and fix).
-#[derive(Debug, thiserror::Error)]
-pub enum DaemonError {
-    #[error(transparent)]
-    Prepare(#[from] prepare::PrepareError),
-    #[error(transparent)]
-    Source(#[from] SourceError),
-    #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
-    #[error(transparent)]
-    Delivery(#[from] crate::delivery::DeliveryError),
-    #[error(transparent)]
-    Server(#[from] crate::server::ServerError),
-    #[error("the source task stopped unexpectedly")]
-    SourceTask(#[source] tokio::task::JoinError),
-}
 
 /// Runs the daemon until `shutdown` is cancelled, reloading the config on each of
 /// `reloads`.
@@ -89,10 +75,10 @@ pub async fn run(
 
     // Delivery runs whether or not this instance holds the slot (G8): each subscription
     // is dispatched by whichever instance holds its lease in the store.
-    // A quarter of the ingest buffer keeps the newest events for this process's
+    // An eighth of the ingest buffer keeps the newest events for this process's
     // dispatchers (see store::live).
     let wake = Arc::new(Wake::new(
-        usize::try_from(config.daemon.ingest_buffer / 4).unwrap_or(usize::MAX),
+        usize::try_from(config.daemon.ingest_buffer / 8).unwrap_or(usize::MAX),
     ));
     let dispatch_stop = CancellationToken::new();
     let mut dispatchers = JoinSet::new();

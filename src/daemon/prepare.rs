@@ -8,39 +8,16 @@ use std::sync::Arc;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::mapping::{Mapper, MappingError};
+use crate::mapping::Mapper;
+use crate::pg::ConnInfo;
 use crate::pg::TableName;
-use crate::pg::{ConnInfo, PgError};
 use crate::source::SourceError;
 use crate::source::client::ReplicationClient;
 use crate::source::publication::{Ending, Publication, PublicationChange};
 use crate::source::setup::{self, TableInfo};
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 
-/// Why the daemon cannot start. Every message names the culprit and the fix.
-#[derive(Debug, thiserror::Error)]
-pub enum PrepareError {
-    #[error(transparent)]
-    Connect(#[from] PgError),
-    #[error(transparent)]
-    Setup(#[from] SourceError),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Mapping(#[from] MappingError),
-    #[error(
-        "table `{table}`: {needs} need the old row, which only REPLICA IDENTITY FULL provides. Fix: run `ALTER TABLE {quoted} REPLICA IDENTITY FULL;` or remove those settings from the config"
-    )]
-    NeedsFullIdentity {
-        table: TableName,
-        quoted: String,
-        needs: String,
-    },
-    #[error(
-        "replication slot `{slot}` is gone, but the store has a checkpoint for it (last stored commit {lsn}). Changes made since then may have been lost with the slot (dropped, invalidated by max_slot_wal_keep_size, or lost in a failover), so walhook will not silently start again from now. Fix: run `walhook setup --reset-slot` to create a new slot and continue from now, then backfill what was missed"
-    )]
-    SlotLost { slot: String, lsn: String },
-}
+use super::DaemonError;
 
 /// What `prepare` hands to the pipeline.
 pub struct Prepared {
@@ -98,13 +75,13 @@ pub fn table_names(config: &Config) -> Vec<TableName> {
 pub async fn table_rules(
     sql: &tokio_postgres::Client,
     config: &Config,
-) -> Result<(Mapper, Vec<TableInfo>), PrepareError> {
+) -> Result<(Mapper, Vec<TableInfo>), DaemonError> {
     let names = table_names(config);
     let infos = setup::inspect_tables(sql, &names).await?;
     for (cfg, info) in config.tables.iter().zip(&infos) {
         let needs = cfg.needs_full_identity();
         if !needs.is_empty() && info.replica_identity != 'f' {
-            return Err(PrepareError::NeedsFullIdentity {
+            return Err(DaemonError::NeedsFullIdentity {
                 table: info.name.clone(),
                 quoted: info.name.quoted(),
                 needs: needs.join(", "),
@@ -120,7 +97,7 @@ pub async fn table_rules(
 /// checkpoint without a slot, which `run` refuses until the reset is run again). The
 /// event log's sequence, revisions, cursors and retry rows are kept: the next `run`
 /// appends after the last stored event ("Recovery keeps the log").
-pub async fn reset_slot(config: &Config) -> Result<(), PrepareError> {
+pub async fn reset_slot(config: &Config) -> Result<(), DaemonError> {
     let slot = &config.source.slot;
     let source_params = config.source.url.expose().clone();
     let sql = source_params.connect_sql().await?;
@@ -151,7 +128,7 @@ pub async fn reset_slot(config: &Config) -> Result<(), PrepareError> {
 }
 
 /// Checks the source, migrates the store, makes the publication and the slot.
-pub async fn prepare(config: &Config) -> Result<Prepared, PrepareError> {
+pub async fn prepare(config: &Config) -> Result<Prepared, DaemonError> {
     let source_params = config.source.url.expose().clone();
     let sql = source_params.connect_sql().await?;
     setup::check_wal_level(&sql).await?;
@@ -199,7 +176,7 @@ async fn prepare_source(
     sql: &tokio_postgres::Client,
     store: &Store,
     names: &[TableName],
-) -> Result<(), PrepareError> {
+) -> Result<(), DaemonError> {
     let publication = Publication::read(sql, &config.source.publication, names).await?;
     match publication.apply(sql, Ending::Commit).await? {
         PublicationChange::Unchanged => {}
@@ -215,7 +192,7 @@ async fn prepare_source(
     let checkpoint = store.checkpoint(slot).await?;
     match (setup::slot_info(sql, slot).await?, checkpoint) {
         (None, Some(cp)) => {
-            return Err(PrepareError::SlotLost {
+            return Err(DaemonError::SlotLost {
                 slot: slot.clone(),
                 lsn: cp.position.commit_lsn.to_string(),
             });
@@ -240,7 +217,7 @@ async fn prepare_source(
                 .into());
             }
             if info.wal_status.as_deref() == Some("lost") {
-                return Err(PrepareError::SlotLost {
+                return Err(DaemonError::SlotLost {
                     slot: slot.clone(),
                     lsn: cp
                         .map(|c| c.position.commit_lsn.to_string())

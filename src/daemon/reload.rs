@@ -33,14 +33,14 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::prepare::{self, PrepareError, Routes};
-use crate::config::{self, Config, ConfigErrors, SubscriptionConfig, TableConfig};
+use super::DaemonError;
+use super::prepare::{self, Routes};
+use crate::config::{self, Config, SubscriptionConfig, TableConfig};
 use crate::mapping::Mapper;
 use crate::pg::TableName;
-use crate::pg::{ConnInfo, ErrorChain, PgError};
-use crate::source::SourceError;
+use crate::pg::{ConnInfo, ErrorChain};
 use crate::source::publication::{Ending, HandOver, Publication, PublicationChange};
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 
 /// Keys that take effect only at start-up; a reload that changes them logs a warning.
 pub const RESTART_KEYS: [&str; 10] = [
@@ -69,27 +69,6 @@ pub struct Rules {
 pub struct Requests {
     pub path: PathBuf,
     pub rx: mpsc::Receiver<()>,
-}
-
-/// Why a reload was refused. Messages name the problem, never a secret or a row value.
-#[derive(Debug, thiserror::Error)]
-pub enum ReloadError {
-    #[error(transparent)]
-    Config(#[from] ConfigErrors),
-    #[error(transparent)]
-    Connect(#[from] PgError),
-    #[error(transparent)]
-    Check(#[from] PrepareError),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Publication(#[from] SourceError),
-}
-
-impl From<tokio_postgres::Error> for ReloadError {
-    fn from(e: tokio_postgres::Error) -> Self {
-        ReloadError::Publication(SourceError::Sql(e))
-    }
 }
 
 /// What a reload changed, by name.
@@ -197,7 +176,7 @@ async fn reload(
     current: &Config,
     connections: &Connections,
     rules: &watch::Sender<Arc<Rules>>,
-) -> Result<(Config, Changes), ReloadError> {
+) -> Result<(Config, Changes), DaemonError> {
     let loaded = config::load(path)?;
     let next = keep_restart_keys(current, loaded);
     let changes = Changes::between(current, &next);
@@ -241,7 +220,7 @@ async fn publish(
     tables: &[TableName],
     rules: &watch::Sender<Arc<Rules>>,
     new_rules: Arc<Rules>,
-) -> Result<(), ReloadError> {
+) -> Result<(), DaemonError> {
     let plan = Publication::read(sql, publication, tables).await?;
     let mut hand_over = RulesHandOver {
         rules,

@@ -30,7 +30,8 @@ struct LiveEvent {
 struct Run {
     /// The sequence number before the first event kept.
     base: i64,
-    events: VecDeque<Arc<LiveEvent>>,
+    /// `None` for an event due to no subscription: only its place in the run is kept.
+    events: VecDeque<Option<Arc<LiveEvent>>>,
     /// Per batch kept, oldest first: its last sequence number and its cost.
     batches: VecDeque<(i64, usize)>,
     bytes: usize,
@@ -70,6 +71,10 @@ impl LiveLog {
             let lsn = change.commit_lsn.to_string();
             for e in change.events {
                 seq += 1;
+                if e.subscriptions.is_empty() {
+                    events.push(None);
+                    continue;
+                }
                 let event = DueEvent {
                     seq,
                     id: e.id,
@@ -87,10 +92,10 @@ impl LiveLog {
                     attempts: 0,
                     first_due_at: SystemTime::UNIX_EPOCH,
                 };
-                events.push(Arc::new(LiveEvent {
+                events.push(Some(Arc::new(LiveEvent {
                     event,
                     subscriptions: e.subscriptions,
-                }));
+                })));
             }
         }
         let mut run = self.run.lock().expect("live log lock");
@@ -124,7 +129,8 @@ impl LiveLog {
         }
         let mut read_upto = last;
         let mut due: Vec<Arc<LiveEvent>> = Vec::new();
-        for e in run.events.iter().skip((after - run.base) as usize) {
+        let kept = run.events.iter().skip((after - run.base) as usize);
+        for e in kept.flatten() {
             if e.subscriptions.iter().any(|s| s == subscription) {
                 due.push(e.clone());
                 if due.len() == limit {
@@ -254,5 +260,18 @@ mod tests {
         log.publish(batch(&["5"], &["a"]), 4, &[1], 1_000);
         assert!(log.read("a", 3, 10).is_none());
         assert_eq!(log.read("a", 4, 10).map(|n| seqs(&n)), Some(vec![5]));
+    }
+
+    #[test]
+    fn events_due_to_no_subscription_keep_their_place_but_not_their_data() {
+        let log = LiveLog::new(1 << 20);
+        log.publish(batch(&["1", "2"], &[]), 0, &[1, 1], 10);
+        log.publish(batch(&["3"], &["a"]), 2, &[1], 10);
+        let run = log.run.lock().unwrap();
+        assert_eq!(run.events.iter().filter(|e| e.is_some()).count(), 1);
+        drop(run);
+        let a = log.read("a", 0, 10).expect("1..=3 are in the run");
+        assert_eq!(seqs(&a), [3]);
+        assert_eq!((a.read_upto, a.more), (3, false));
     }
 }
