@@ -1,9 +1,17 @@
 //! Records one delivery attempt in the metrics: its outcome, the receiver's answer, the
 //! attempt's duration and, once delivered, the commit-to-2xx latency.
+//!
+//! A dispatcher holds one [`AttemptMetrics`] for its subscription: each series handle
+//! is looked up once (a lookup builds the labels and hashes the key), not per attempt.
+//! A series is created by its first sample, as before: a subscription that never
+//! attempted anything has none (and a reload that removes it leaves none behind).
 
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
 use std::time::SystemTime;
 
-use metrics::{counter, histogram};
+use metrics::{Counter, Histogram, counter, histogram};
 
 use super::{Attempt, Decision};
 use crate::telemetry::{
@@ -11,36 +19,69 @@ use crate::telemetry::{
     label,
 };
 
-/// The `outcome` label of a decision.
-fn outcome(decision: &Decision) -> &'static str {
+/// The `outcome` labels, in [`outcome`]'s order.
+const OUTCOMES: [&str; 4] = ["delivered", "retry", "dead", "disabled"];
+
+/// The index in [`OUTCOMES`] of a decision's `outcome` label.
+fn outcome(decision: &Decision) -> usize {
     match decision {
-        Decision::Delivered => "delivered",
-        Decision::Retry { .. } => "retry",
-        Decision::Dead { .. } => "dead",
-        Decision::DeadAndDisable { .. } => "disabled",
+        Decision::Delivered => 0,
+        Decision::Retry { .. } => 1,
+        Decision::Dead { .. } => 2,
+        Decision::DeadAndDisable { .. } => 3,
     }
 }
 
-/// Records one attempt of `subscription` that ended in `decision`; `occurred_at` is the
-/// source commit time of the event.
-pub fn record_attempt(
-    subscription: &str,
-    attempt: &Attempt,
-    decision: &Decision,
-    occurred_at: SystemTime,
-) {
-    let sub = subscription.to_owned();
-    counter!(DELIVERIES_TOTAL, label::SUBSCRIPTION => sub.clone(), label::OUTCOME => outcome(decision))
-        .increment(1);
-    counter!(HTTP_RESPONSES_TOTAL, label::SUBSCRIPTION => sub.clone(), label::CODE => attempt.outcome.label())
-        .increment(1);
-    histogram!(DELIVERY_ATTEMPT_SECONDS, label::SUBSCRIPTION => sub.clone())
-        .record(attempt.elapsed.as_secs_f64());
-    if matches!(decision, Decision::Delivered) {
-        let latency = SystemTime::now()
-            .duration_since(occurred_at)
-            .unwrap_or_default();
-        histogram!(DELIVERY_LATENCY_SECONDS, label::SUBSCRIPTION => sub)
-            .record(latency.as_secs_f64());
+/// The attempt series of one subscription, in the process's recorder.
+pub struct AttemptMetrics {
+    subscription: String,
+    deliveries: [OnceLock<Counter>; 4],
+    /// `http_responses_total` per `code` label seen so far (a bounded set: status codes
+    /// and the failure kinds).
+    responses: Mutex<HashMap<Cow<'static, str>, Counter>>,
+    attempt_seconds: OnceLock<Histogram>,
+    latency_seconds: OnceLock<Histogram>,
+}
+
+impl AttemptMetrics {
+    /// The handles of `subscription`'s series.
+    pub fn new(subscription: &str) -> AttemptMetrics {
+        AttemptMetrics {
+            subscription: subscription.to_owned(),
+            deliveries: Default::default(),
+            responses: Mutex::default(),
+            attempt_seconds: OnceLock::new(),
+            latency_seconds: OnceLock::new(),
+        }
+    }
+
+    /// Records one attempt that ended in `decision`; `occurred_at` is the source commit
+    /// time of the event.
+    pub fn record(&self, attempt: &Attempt, decision: &Decision, occurred_at: SystemTime) {
+        let sub = || self.subscription.clone();
+        let i = outcome(decision);
+        self.deliveries[i]
+            .get_or_init(|| counter!(DELIVERIES_TOTAL, label::SUBSCRIPTION => sub(), label::OUTCOME => OUTCOMES[i]))
+            .increment(1);
+        let code = attempt.outcome.label();
+        self.responses
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(code)
+            .or_insert_with_key(|code| {
+                counter!(HTTP_RESPONSES_TOTAL, label::SUBSCRIPTION => sub(), label::CODE => code.clone())
+            })
+            .increment(1);
+        self.attempt_seconds
+            .get_or_init(|| histogram!(DELIVERY_ATTEMPT_SECONDS, label::SUBSCRIPTION => sub()))
+            .record(attempt.elapsed.as_secs_f64());
+        if matches!(decision, Decision::Delivered) {
+            let latency = SystemTime::now()
+                .duration_since(occurred_at)
+                .unwrap_or_default();
+            self.latency_seconds
+                .get_or_init(|| histogram!(DELIVERY_LATENCY_SECONDS, label::SUBSCRIPTION => sub()))
+                .record(latency.as_secs_f64());
+        }
     }
 }

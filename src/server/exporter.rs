@@ -142,7 +142,7 @@ mod tests {
     use std::time::SystemTime;
 
     use super::*;
-    use crate::delivery::measure::record_attempt;
+    use crate::delivery::measure::AttemptMetrics;
     use crate::delivery::{Attempt, AttemptOutcome, Decision};
     use crate::telemetry::*;
 
@@ -202,8 +202,9 @@ mod tests {
                 at: SystemTime::now(),
                 reason: "http 500".into(),
             };
-            record_attempt("crm", &attempt, &retry, SystemTime::now());
-            record_attempt("crm", &attempt, &Decision::Delivered, SystemTime::now());
+            let crm = AttemptMetrics::new("crm");
+            crm.record(&attempt, &retry, SystemTime::now());
+            crm.record(&attempt, &Decision::Delivered, SystemTime::now());
             exporter.render()
         });
         for name in [

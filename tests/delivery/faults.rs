@@ -416,3 +416,43 @@ events = ["user.*"]
     daemon.signal(libc::SIGTERM);
     assert!(daemon.wait_exit(WAIT).success(), "{}", daemon.log());
 }
+
+/// A retry sends the bytes of the first attempt, although the first came from the
+/// events this process just ingested (`store::live`) and the retry from the store:
+/// only the signature headers change. (`data` keeps column order in both: the store's
+/// column is `json`, not `jsonb`, which would sort the keys.)
+#[tokio::test]
+async fn a_retry_sends_the_same_body_bytes_as_the_first_attempt() {
+    let db = users_db().await;
+    let healed = Arc::new(AtomicBool::new(false));
+    let flaky = failing_until(&healed, |_| Reply::status(503)).await;
+    let subs = format!(
+        "[[subscriptions]]\nname = \"flaky\"\nurl = \"{}\"\nevents = [\"user.*\"]\n[subscriptions.retry]\nbackoff = [\"300ms\"]\n",
+        flaky.url
+    );
+    let work = Workdir::new(&users_config(&db, &subs));
+    let mut daemon = work.spawn_run(0);
+    wait_leading(&db, &mut daemon).await;
+    // Column order (id, email, n) is not jsonb's key order (n, id, email).
+    db.batch("INSERT INTO users VALUES (1, 'a@x', 7)").await;
+    wait_for("a failed first attempt", WAIT, || async {
+        !flaky.received().is_empty()
+    })
+    .await;
+    healed.store(true, Ordering::SeqCst);
+    wait_for("the retry delivered", WAIT, || async {
+        flaky.received().iter().any(|r| r.status == 200)
+    })
+    .await;
+    let got = flaky.received();
+    assert_eq!(got[0].status, 503);
+    let retry = got.iter().find(|r| r.status == 200).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&retry.body),
+        String::from_utf8_lossy(&got[0].body),
+        "the retry's body differs from the first attempt's"
+    );
+    assert_eq!(retry.headers["webhook-id"], got[0].headers["webhook-id"]);
+    daemon.signal(libc::SIGTERM);
+    assert!(daemon.wait_exit(WAIT).success(), "{}", daemon.log());
+}

@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use self::machine::{Machine, Row, Sent};
+use super::measure::AttemptMetrics;
 use super::{Decision, HttpClients, body, decide, request_headers};
 use crate::config::{Ordering, SubscriptionConfig};
 use crate::routing::{Envelope, EventSource, Router};
@@ -77,6 +78,7 @@ pub async fn run(
     let serial = DISPATCHERS.fetch_add(1, AtomicOrdering::Relaxed);
     let mut d = Dispatcher {
         router: Arc::new(Router::new(std::slice::from_ref(&*sub))),
+        metrics: Arc::new(AttemptMetrics::new(sub.name.as_str())),
         ordered: sub.ordering == Ordering::Entity,
         sub,
         clients,
@@ -120,6 +122,7 @@ type Done = (DueEvent, Sent);
 struct Dispatcher {
     sub: Arc<SubscriptionConfig>,
     router: Arc<Router>,
+    metrics: Arc<AttemptMetrics>,
     clients: Arc<HttpClients>,
     store: Store,
     /// Bumped on new events; holds the newest this process ingested.
@@ -321,8 +324,11 @@ impl Dispatcher {
     /// Starts the attempt of `event`.
     fn start(&self, tasks: &mut JoinSet<Done>, event: DueEvent) {
         let (sub, clients, router) = (self.sub.clone(), self.clients.clone(), self.router.clone());
+        let metrics = self.metrics.clone();
         let valid_until = self.valid_until;
-        tasks.spawn(async move { attempt(&sub, &clients, &router, event, valid_until).await });
+        tasks.spawn(
+            async move { attempt(&sub, &clients, &router, &metrics, event, valid_until).await },
+        );
     }
 
     /// Hands finished attempts to the machine and writes what it settles (one
@@ -405,6 +411,7 @@ async fn attempt(
     sub: &SubscriptionConfig,
     clients: &HttpClients,
     router: &Router,
+    metrics: &AttemptMetrics,
     mut event: DueEvent,
     valid_until: Instant,
 ) -> (DueEvent, Sent) {
@@ -448,7 +455,7 @@ async fn attempt(
         fastrand::f64(),
     );
     tracing::Span::current().record("status", result.outcome.label().as_ref());
-    super::measure::record_attempt(sub.name.as_str(), &result, &decision, event.occurred_at);
+    metrics.record(&result, &decision, event.occurred_at);
     debug!(subscription = %sub.name, event = %event.id, attempt = event.attempts + 1, elapsed_ms = result.elapsed.as_millis() as u64, "attempt");
     (event, Sent::Attempted(result, decision))
 }
