@@ -461,3 +461,51 @@ impl Validator<'_> {
         ok.then_some(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Format, load_str};
+
+    fn load(keys: &str) -> Result<crate::config::Config, String> {
+        let toml = format!(
+            "[source]\nurl = \"postgres://x/app\"\nslot = \"app_slot\"\n[[subscriptions]]\nname = \"ce\"\nurl = \"https://ce.example.com/\"\nevents = [\"*\"]\n{keys}\n"
+        );
+        load_str(&toml, "walhook.toml", &|_| None).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn cloudevents_source_defaults_to_the_slot_and_needs_the_format() {
+        let c = load("format = \"cloudevents\"").unwrap();
+        let s = &c.subscriptions[0];
+        assert_eq!(s.format, Format::Cloudevents);
+        assert_eq!(s.cloudevents.as_ref().unwrap().source, "walhook://app_slot");
+        assert!(c.inactive_keys().is_empty(), "{:?}", c.inactive_keys());
+        let c =
+            load("format = \"cloudevents\"\ncloudevents = { source = \"/walhook/app\" }").unwrap();
+        assert_eq!(
+            c.subscriptions[0].cloudevents.as_ref().unwrap().source,
+            "/walhook/app"
+        );
+        assert_eq!(load("").unwrap().subscriptions[0].cloudevents, None);
+
+        let e = load("cloudevents = { source = \"/x\" }").unwrap_err();
+        assert!(e.contains("walhook.toml:8: subscriptions[0].cloudevents: cloudevents = {...} is only used with format = \"cloudevents\""), "{e}");
+        for bad in ["", "two words", "a{b}"] {
+            let e = load(&format!(
+                "format = \"cloudevents\"\ncloudevents = {{ source = \"{bad}\" }}"
+            ))
+            .unwrap_err();
+            assert!(
+                e.contains(
+                    "subscriptions[0].cloudevents.source: source must be a non-empty URI-reference"
+                ),
+                "{e}"
+            );
+        }
+        let e = load("format = \"cloudevents\"\nfields = { id = \"entity_id\" }").unwrap_err();
+        assert!(
+            e.contains("fields only applies to format = \"json\""),
+            "{e}"
+        );
+    }
+}
