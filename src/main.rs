@@ -19,6 +19,7 @@ fn main() -> ExitCode {
     match &cli.command {
         Command::Completions(args) => return walhook::cli::completions::run(args).into(),
         Command::Man(args) => return walhook::cli::man::run(args).into(),
+        Command::Keys(args) => return walhook::cli::keys::run(args).into(),
         _ => {}
     }
     // The daemon logs as its config says; other commands log warnings to stderr.
@@ -72,7 +73,7 @@ fn main() -> ExitCode {
                 .map(|()| Exit::Success),
             Command::Demo(args) => walhook::cli::demo::run(args).await.map(Exit::from_success),
             Command::Config(args) => walhook::cli::config_schema::run(args).map(|()| Exit::Success),
-            Command::Completions(_) | Command::Man(_) => Ok(Exit::Success),
+            Command::Completions(_) | Command::Man(_) | Command::Keys(_) => Ok(Exit::Success),
         }
     });
     match result {

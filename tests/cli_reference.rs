@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 use crate::support::walhook_bin;
 
 /// Every subcommand, as the completions and the man page must name them.
-const SUBCOMMANDS: [&str; 10] = [
+const SUBCOMMANDS: [&str; 11] = [
     "run",
     "setup",
     "tail",
@@ -16,6 +16,7 @@ const SUBCOMMANDS: [&str; 10] = [
     "subscriptions",
     "demo",
     "config",
+    "keys",
     "completions",
     "man",
 ];
@@ -46,7 +47,7 @@ fn completions_for_bash_zsh_and_fish_name_every_subcommand() {
             assert!(script.contains(sub), "{shell}: no `{sub}`");
         }
         // Nested subcommands and options are completed too (fish writes `-l print-sql`).
-        for word in ["replay", "pause", "print-sql", "reset-slot"] {
+        for word in ["replay", "pause", "print-sql", "reset-slot", "generate"] {
             assert!(script.contains(word), "{shell}: no `{word}`");
         }
     }

@@ -2,7 +2,7 @@
 //! checked with the independent `standardwebhooks` crate, per-entity order under random
 //! failures (G4, G5), and 410 Gone disabling one subscription while others flow. Leases
 //! across instances are in `lease`, a session restarted behind retry rows in `restart`,
-//! outbound proxies in `proxy`.
+//! outbound proxies in `proxy`, v1a signatures and CloudEvents bodies in `formats`.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -14,6 +14,7 @@ use crate::support::wait_for;
 
 mod backlog;
 mod faults;
+mod formats;
 mod lease;
 mod proxy;
 mod restart;

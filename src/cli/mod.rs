@@ -5,6 +5,7 @@ pub mod completions;
 pub mod config_schema;
 pub mod deliveries;
 pub mod demo;
+pub mod keys;
 pub mod man;
 pub mod operator;
 pub mod run;
@@ -76,6 +77,9 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Config tools: `walhook config schema` prints the JSON Schema of walhook.toml.
     Config(config_schema::ConfigArgs),
+    /// Key tools: `walhook keys generate` prints a new ed25519 key pair for
+    /// signature = "v1a" (no config needed).
+    Keys(keys::KeysArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions(completions::CompletionsArgs),
     /// Print the manual page (roff), e.g. `walhook man | man -l -`.

@@ -9,6 +9,7 @@ mod duration;
 mod env;
 mod error;
 mod expand;
+mod keys;
 mod locate;
 mod raw;
 mod schema;
@@ -25,6 +26,7 @@ use figment::value::{Dict, Value};
 
 pub use duration::parse_duration;
 pub use error::{ConfigError, ConfigErrors, Origin};
+pub use keys::{Ed25519Key, PUBLIC_KEY_PREFIX, SECRET_KEY_PREFIX, SigningKeys};
 pub use schema::{json_schema, keys as schema_keys};
 pub use secret::{DatabaseUrl, Secret};
 pub use types::*;
@@ -399,7 +401,7 @@ mod tests {
         assert_eq!(s.max_in_flight, 16);
         assert_eq!(s.ordering, Ordering::Entity);
         assert_eq!(s.payload, Payload::Full);
-        assert!(!s.tls_insecure && s.secrets.is_empty() && s.filter.is_none());
+        assert!(!s.tls_insecure && s.keys.is_empty() && s.filter.is_none());
         assert_eq!(s.retry.backoff.len(), 7);
         assert_eq!(s.retry.backoff[1], Duration::from_secs(300));
         assert_eq!(s.retry.max_age, Duration::from_secs(3 * 86_400));
@@ -659,7 +661,9 @@ headers = { webhook-signature = "x", X-Token = "line\nbreak-top-secret" }
         assert!(p.matches("organisation.member.deleted"));
         assert!(!p.matches("users.created"));
         assert!(!p.matches("organisation.created"));
-        assert_eq!(c.subscriptions[0].secrets[0].expose().len(), 24);
+        assert!(
+            matches!(&c.subscriptions[0].keys, SigningKeys::V1(k) if k[0].expose().len() == 24)
+        );
     }
 
     #[test]
@@ -718,7 +722,6 @@ events = ["orders.*"]
 format = "slack"
 slack = { text = "new order" }
 batch_size = 10
-signature = "v1a"
 "#;
         let c = load_ok(toml, &[]);
         assert_eq!(
@@ -727,7 +730,6 @@ signature = "v1a"
                 "tables[0].snapshot",
                 "tables[0].context",
                 "tables[0].aggregate",
-                "subscriptions[0].signature",
                 "subscriptions[0].format",
                 "subscriptions[0].batch_size",
                 "subscriptions[0].slack",

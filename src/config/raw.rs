@@ -162,6 +162,8 @@ pub(crate) struct RawSubscription {
     pub filter: Option<String>,
     pub headers: Option<BTreeMap<String, String>>,
     pub secret: Option<OneOrMany>,
+    /// Files each holding one key, in the form `secret` takes (instead of `secret`).
+    pub secret_file: Option<OneOrMany>,
     pub payload: Option<Payload>,
     pub fields: Option<BTreeMap<String, String>>,
     pub timeout: Option<String>,
@@ -171,6 +173,7 @@ pub(crate) struct RawSubscription {
     pub signature: Option<Signature>,
     pub format: Option<Format>,
     pub batch_size: Option<u64>,
+    pub cloudevents: Option<RawCloudEvents>,
     pub set: Option<RawSet>,
     pub slack: Option<RawSlack>,
     pub retry: Option<RawRetry>,
@@ -181,6 +184,13 @@ pub(crate) struct RawSubscription {
 pub(crate) struct RawRetry {
     pub backoff: Option<Vec<String>>,
     pub max_age: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCloudEvents {
+    /// The `source` attribute (a URI-reference); default `walhook://<source.slot>`.
+    pub source: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]

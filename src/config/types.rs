@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::keys::SigningKeys;
 use super::secret::{DatabaseUrl, Secret};
 
 /// The whole validated config.
@@ -384,7 +385,7 @@ pub enum Ordering {
     None,
 }
 
-/// `signature` (only `v1` is active yet).
+/// `signature`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Signature {
@@ -395,7 +396,7 @@ pub enum Signature {
     V1a,
 }
 
-/// `format` (only `json` is active yet).
+/// `format` (`json` and `cloudevents` are active yet).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
@@ -417,6 +418,14 @@ pub struct FieldMapping {
     pub output: String,
     /// Path into the envelope, split on dots: `["data", "email"]`.
     pub path: Vec<String>,
+}
+
+/// `cloudevents = { source }`, with its default filled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloudEventsConfig {
+    /// The `source` attribute of every event: `cloudevents.source`, by default
+    /// `walhook://<source.slot>`.
+    pub source: String,
 }
 
 /// `set = { ... }` (not active yet).
@@ -461,8 +470,8 @@ pub struct SubscriptionConfig {
     pub filter: Option<Filter>,
     /// Extra request headers; values may hold tokens, so they are secret.
     pub headers: BTreeMap<String, Secret<String>>,
-    /// Decoded signing keys (from `whsec_<base64>`), first is newest; empty = unsigned.
-    pub secrets: Vec<Secret<Vec<u8>>>,
+    /// Signing keys (`secret` or `secret_file`), of the kind `signature` names.
+    pub keys: SigningKeys,
     /// Full or thin envelope.
     pub payload: Payload,
     /// Custom body built from envelope paths.
@@ -475,10 +484,12 @@ pub struct SubscriptionConfig {
     pub ordering: Ordering,
     /// Skip certificate checks (explicit, logged at start).
     pub tls_insecure: bool,
-    /// Signature scheme (only `v1` active yet).
+    /// Signature scheme; `keys` holds keys of this scheme.
     pub signature: Signature,
-    /// Body format (only `json` active yet).
+    /// Body format (`json` and `cloudevents` active yet).
     pub format: Format,
+    /// CloudEvents attributes; `Some` exactly when `format = "cloudevents"`.
+    pub cloudevents: Option<CloudEventsConfig>,
     /// Events per POST (not active yet).
     pub batch_size: Option<u32>,
     /// SET options (not active yet).
@@ -518,10 +529,7 @@ impl Config {
             }
         }
         for (i, s) in self.subscriptions.iter().enumerate() {
-            if s.signature != Signature::V1 {
-                keys.push(format!("subscriptions[{i}].signature"));
-            }
-            if s.format != Format::Json {
+            if matches!(s.format, Format::Set | Format::Slack) {
                 keys.push(format!("subscriptions[{i}].format"));
             }
             if s.batch_size.is_some() {

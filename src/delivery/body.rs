@@ -1,20 +1,37 @@
-//! The bytes a subscription is sent for one event: the full or thin envelope, or a
-//! custom object built from envelope paths (`fields`).
+//! The bytes a subscription is sent for one event: the full or thin envelope, a
+//! custom object built from envelope paths (`fields`), or a CloudEvent; and their
+//! content type.
 
 use bytes::Bytes;
 use serde_json::{Map, Value};
 
-use crate::config::{FieldMapping, Payload, SubscriptionConfig};
+use crate::config::{CloudEventsConfig, FieldMapping, Format, Payload, SubscriptionConfig};
 use crate::routing::Envelope;
 
 /// Envelope keys left out of a `payload = "thin"` body.
 const THIN_OMITS: [&str; 3] = ["data", "previous", "changed"];
 
-/// The request body of `envelope` for `sub` (its `payload` and `fields`).
+/// Envelope keys that become CloudEvents attributes (`id`, `type`, `subject`, `time`)
+/// and so are not repeated in the event's `data`.
+const CLOUDEVENTS_ATTRIBUTES: [&str; 4] = ["id", "type", "entity_id", "occurred_at"];
+
+/// The `content-type` of `format`'s bodies.
+pub fn content_type(format: Format) -> &'static str {
+    match format {
+        Format::Cloudevents => "application/cloudevents+json",
+        Format::Json | Format::Set | Format::Slack => "application/json",
+    }
+}
+
+/// The request body of `envelope` for `sub` (its `format`, `payload` and `fields`).
 ///
 /// Deterministic: the same envelope and subscription give the same bytes, so every
 /// retry signs and sends the same body.
 pub fn render(envelope: &Envelope, sub: &SubscriptionConfig) -> Result<Bytes, serde_json::Error> {
+    if let Some(ce) = &sub.cloudevents {
+        let event = cloudevent(serde_json::to_value(envelope)?, sub.payload, ce);
+        return serde_json::to_vec(&event).map(Bytes::from);
+    }
     if sub.fields.is_none() && sub.payload == Payload::Full {
         // Same bytes as going through a `Value`, one serialisation instead of two.
         return serde_json::to_vec(envelope).map(Bytes::from);
@@ -47,6 +64,43 @@ pub fn render_value(
         },
     };
     serde_json::to_vec(&body).map(Bytes::from)
+}
+
+/// A CloudEvents 1.0 event in structured JSON mode: `specversion` "1.0", `id` (the
+/// event id), `source` (the subscription's), `type` (the event type), `subject` (the
+/// entity id), `time` (`occurred_at`), `datacontenttype` "application/json", and
+/// `data`: the envelope without the four keys that became attributes, i.e. `entity`,
+/// `revision`, `data`, `previous` and `changed` (when known, and not with `payload =
+/// "thin"`), and `source` (table, LSN, xid), in the envelope's order.
+fn cloudevent(full: Value, payload: Payload, ce: &CloudEventsConfig) -> Value {
+    let Value::Object(mut envelope) = full else {
+        return full;
+    };
+    let mut take = |key: &str| envelope.remove(key).unwrap_or(Value::Null);
+    let (id, event_type, subject, time) = (
+        take("id"),
+        take("type"),
+        take("entity_id"),
+        take("occurred_at"),
+    );
+    debug_assert!(
+        CLOUDEVENTS_ATTRIBUTES
+            .iter()
+            .all(|k| !envelope.contains_key(*k))
+    );
+    if payload == Payload::Thin {
+        envelope.retain(|k, _| !THIN_OMITS.contains(&k.as_str()));
+    }
+    let mut event = Map::with_capacity(8);
+    event.insert("specversion".into(), Value::from("1.0"));
+    event.insert("id".into(), id);
+    event.insert("source".into(), Value::from(ce.source.as_str()));
+    event.insert("type".into(), event_type);
+    event.insert("subject".into(), subject);
+    event.insert("time".into(), time);
+    event.insert("datacontenttype".into(), Value::from("application/json"));
+    event.insert("data".into(), Value::Object(envelope));
+    Value::Object(event)
 }
 
 fn pick(full: &Value, fields: &[FieldMapping]) -> Map<String, Value> {
@@ -176,5 +230,71 @@ mod tests {
             std::str::from_utf8(&out).unwrap(),
             r#"{"k_revision":7,"k_id":"evt_01JDX5","k_entity":"user"}"#
         );
+    }
+
+    #[test]
+    fn cloudevents_structured_mode() {
+        let v = body("format = \"cloudevents\"");
+        assert_eq!(
+            v,
+            json!({
+                "specversion": "1.0",
+                "id": "evt_01JDX5",
+                "source": "walhook://walhook",
+                "type": "user.updated",
+                "subject": "42",
+                "time": "2026-11-25T19:15:30.123456Z",
+                "datacontenttype": "application/json",
+                "data": {
+                    "entity": "user",
+                    "revision": 7,
+                    "data": {"id": 42, "email": "a@example.com", "status": "active"},
+                    "previous": {"id": 42, "email": "old@example.com", "status": "active"},
+                    "changed": ["email"],
+                    "source": {"table": "public.users", "lsn": "0/16B3748", "xid": 7345}
+                }
+            })
+        );
+        // Attributes first, in this order, then data.
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            [
+                "specversion",
+                "id",
+                "source",
+                "type",
+                "subject",
+                "time",
+                "datacontenttype",
+                "data"
+            ]
+        );
+    }
+
+    #[test]
+    fn cloudevents_source_and_thin_payload() {
+        let v = body(
+            "format = \"cloudevents\"\npayload = \"thin\"\ncloudevents = { source = \"https://app.example.com/db\" }",
+        );
+        assert_eq!(v["source"], "https://app.example.com/db");
+        assert_eq!(
+            v["data"],
+            json!({
+                "entity": "user", "revision": 7,
+                "source": {"table": "public.users", "lsn": "0/16B3748", "xid": 7345}
+            })
+        );
+        let c = config(
+            "[[subscriptions]]\nname = \"s\"\nurl = \"http://127.0.0.1:1/\"\nevents = [\"*\"]\nformat = \"cloudevents\"\n",
+        );
+        let sub = &c.subscriptions[0];
+        assert_eq!(content_type(sub.format), "application/cloudevents+json");
+        // The same envelope gives the same bytes: retries sign and send the same body.
+        assert_eq!(
+            render(&example(), sub).unwrap(),
+            render(&example(), sub).unwrap()
+        );
+        assert_eq!(content_type(Format::Json), "application/json");
     }
 }

@@ -30,7 +30,8 @@ const WEBHOOK_ID: HeaderName = HeaderName::from_static("webhook-id");
 const WEBHOOK_TIMESTAMP: HeaderName = HeaderName::from_static("webhook-timestamp");
 const WEBHOOK_SIGNATURE: HeaderName = HeaderName::from_static("webhook-signature");
 
-/// All headers of one attempt: `content-type: application/json`, `user-agent`,
+/// All headers of one attempt: `content-type` (`application/json`, or
+/// `application/cloudevents+json` with `format = "cloudevents"`), `user-agent`,
 /// `webhook-id` (`msg_id`, the event id), `webhook-timestamp` (`timestamp`, unix
 /// seconds of this attempt), `webhook-signature` (when the subscription has keys),
 /// then the subscription's own headers.
@@ -47,7 +48,7 @@ pub fn request_headers(
     let mut out = Vec::with_capacity(5 + sub.headers.len());
     out.push((
         header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
+        HeaderValue::from_static(super::body::content_type(sub.format)),
     ));
     out.push((header::USER_AGENT, HeaderValue::from_static(USER_AGENT)));
     match HeaderValue::from_str(msg_id) {
@@ -55,7 +56,7 @@ pub fn request_headers(
         Err(_) => tracing::warn!(subscription = %sub.name, "event id is not a valid header value"),
     }
     out.push((WEBHOOK_TIMESTAMP, HeaderValue::from(timestamp)));
-    if let Some(signature) = sign(&sub.secrets, msg_id, timestamp, body)
+    if let Some(signature) = sign(&sub.keys, msg_id, timestamp, body)
         && let Ok(mut v) = HeaderValue::from_str(&signature)
     {
         v.set_sensitive(true);

@@ -22,4 +22,4 @@ pub use http::{
     request_headers,
 };
 pub use policy::{Decision, ErrorKind, Outcome, decide};
-pub use signing::sign;
+pub use signing::{sign, sign_v1, sign_v1a};

@@ -128,7 +128,7 @@ pub fn verify(
         return Err(format!("webhook-timestamp is {}s off", now - timestamp));
     }
     let expected =
-        signing::sign(std::slice::from_ref(key), id, timestamp, body).ok_or("no signing key")?;
+        signing::sign_v1(std::slice::from_ref(key), id, timestamp, body).ok_or("no signing key")?;
     let expected = expected.as_bytes();
     let matches = signature
         .split(' ')
@@ -155,7 +155,7 @@ mod tests {
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap()
             .as_secs() as i64;
-        let sig = signing::sign(std::slice::from_ref(&key), "evt_1", now, b"{}").unwrap();
+        let sig = signing::sign_v1(std::slice::from_ref(&key), "evt_1", now, b"{}").unwrap();
         let ts = now.to_string();
         assert!(verify(&key, Some("evt_1"), Some(&ts), Some(&sig), b"{}").is_ok());
         assert!(verify(&key, Some("evt_1"), Some(&ts), Some(&sig), b"{ }").is_err());

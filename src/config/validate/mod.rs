@@ -52,7 +52,8 @@ pub(crate) fn validate(raw: RawConfig, loc: &Locator) -> Result<Config, Vec<Conf
     };
     let delivery = v.delivery(raw.delivery);
     let tables = v.tables(raw.tables);
-    let subscriptions = v.subscriptions(raw.subscriptions);
+    let subscriptions =
+        v.subscriptions(raw.subscriptions, source.as_ref().map(|s| s.slot.as_str()));
     match (source, store, server, log) {
         (Some(source), Some(store), Some(server), Some(log)) if v.errors.is_empty() => Ok(Config {
             source,
@@ -410,5 +411,6 @@ impl Validator<'_> {
     }
 }
 
+mod keys;
 mod subscriptions;
 mod tables;

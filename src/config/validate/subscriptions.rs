@@ -3,8 +3,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use base64::Engine as _;
-
 use super::super::duration::parse_duration;
 use super::super::locate::{index, join};
 use super::super::raw::*;
@@ -36,7 +34,13 @@ const RESERVED_HEADERS: &[&str] = &[
     "webhook-signature",
 ];
 impl Validator<'_> {
-    pub(super) fn subscriptions(&mut self, raw: Vec<RawSubscription>) -> Vec<SubscriptionConfig> {
+    /// The subscriptions; `slot` (`source.slot`, when valid) names the default
+    /// CloudEvents source.
+    pub(super) fn subscriptions(
+        &mut self,
+        raw: Vec<RawSubscription>,
+        slot: Option<&str>,
+    ) -> Vec<SubscriptionConfig> {
         let mut seen: HashMap<String, String> = HashMap::new();
         let mut out = Vec::new();
         for (i, s) in raw.into_iter().enumerate() {
@@ -53,14 +57,19 @@ impl Validator<'_> {
                     seen.insert(name.clone(), key.clone());
                 }
             }
-            if let Some(sub) = self.subscription(&key, s) {
+            if let Some(sub) = self.subscription(&key, s, slot) {
                 out.push(sub);
             }
         }
         out
     }
 
-    fn subscription(&mut self, key: &str, s: RawSubscription) -> Option<SubscriptionConfig> {
+    fn subscription(
+        &mut self,
+        key: &str,
+        s: RawSubscription,
+        slot: Option<&str>,
+    ) -> Option<SubscriptionConfig> {
         let before = self.errors.len();
         let k = |name: &str| join(key, name);
 
@@ -125,25 +134,8 @@ impl Validator<'_> {
             }
         }
 
-        let secrets = match s.secret {
-            None => Vec::new(),
-            Some(OneOrMany::One(secret)) => self
-                .signing_key(&k("secret"), &secret)
-                .into_iter()
-                .collect(),
-            Some(OneOrMany::Many(list)) => {
-                if list.is_empty() {
-                    self.err(
-                        &k("secret"),
-                        "empty list: give at least one key, or remove secret",
-                    );
-                }
-                list.iter()
-                    .enumerate()
-                    .filter_map(|(j, secret)| self.signing_key(&index(&k("secret"), j), secret))
-                    .collect()
-            }
-        };
+        let signature = s.signature.unwrap_or_default();
+        let keys = self.signing_keys(key, name.as_deref(), signature, s.secret, s.secret_file);
 
         let payload = s.payload.unwrap_or_default();
         let format = s.format.unwrap_or_default();
@@ -206,6 +198,7 @@ impl Validator<'_> {
             }
             _ => {}
         }
+        let cloudevents = self.cloudevents(&k("cloudevents"), format, s.cloudevents, slot);
         if set.is_some() && format != Format::Set {
             self.err(&k("set"), "set = {...} is only used with format = \"set\"");
         }
@@ -253,15 +246,16 @@ impl Validator<'_> {
             events: events?,
             filter,
             headers,
-            secrets,
+            keys: keys?,
             payload,
             fields,
             timeout: timeout?,
             max_in_flight,
             ordering: s.ordering.unwrap_or_default(),
             tls_insecure: s.tls_insecure.unwrap_or(false),
-            signature: s.signature.unwrap_or_default(),
+            signature,
             format,
+            cloudevents,
             batch_size,
             set,
             slack,
@@ -270,6 +264,47 @@ impl Validator<'_> {
                 max_age: max_age?,
             },
         })
+    }
+
+    /// `cloudevents = { source }`: only with `format = "cloudevents"`, which always
+    /// gets one (default source `walhook://<slot>`).
+    fn cloudevents(
+        &mut self,
+        key: &str,
+        format: Format,
+        raw: Option<RawCloudEvents>,
+        slot: Option<&str>,
+    ) -> Option<CloudEventsConfig> {
+        if format != Format::Cloudevents {
+            if raw.is_some() {
+                self.err(
+                    key,
+                    "cloudevents = {...} is only used with format = \"cloudevents\"",
+                );
+            }
+            return None;
+        }
+        let source = match raw.and_then(|r| r.source) {
+            None => format!("walhook://{}", slot.unwrap_or("walhook")),
+            Some(source) => {
+                // A URI-reference (RFC 3986): non-empty, no spaces or control characters.
+                if source.is_empty()
+                    || source.chars().any(|c| {
+                        c.is_whitespace()
+                            || c.is_control()
+                            || matches!(c, '"' | '<' | '>' | '\\' | '^' | '`' | '{' | '|' | '}')
+                    })
+                {
+                    self.err(
+                        &join(key, "source"),
+                        "source must be a non-empty URI-reference without spaces, e.g. \"https://app.example.com/db\" or \"/walhook/app\"",
+                    );
+                    return None;
+                }
+                source
+            }
+        };
+        Some(CloudEventsConfig { source })
     }
 
     fn receiver_url(&mut self, key: &str, raw: &str) -> Option<Secret<url::Url>> {
@@ -360,31 +395,6 @@ impl Validator<'_> {
         }
     }
 
-    fn signing_key(&mut self, key: &str, raw: &str) -> Option<Secret<Vec<u8>>> {
-        // Never echo the value, nor decoder errors (they quote characters of it).
-        const FIX: &str = "a Standard Webhooks key \"whsec_<base64 of 24 to 64 random bytes>\", e.g. from: echo \"whsec_$(openssl rand -base64 32)\"";
-        let decoded = raw
-            .strip_prefix("whsec_")
-            .and_then(|b64| base64::engine::general_purpose::STANDARD.decode(b64).ok());
-        match decoded {
-            Some(bytes) if (24..=64).contains(&bytes.len()) => Some(Secret::new(bytes)),
-            Some(bytes) => {
-                self.err(
-                    key,
-                    format!("secret decodes to {} bytes; expected {FIX}", bytes.len()),
-                );
-                None
-            }
-            None => {
-                self.err(
-                    key,
-                    format!("secret is not of the form whsec_<base64>; expected {FIX}"),
-                );
-                None
-            }
-        }
-    }
-
     fn fields(
         &mut self,
         key: &str,
@@ -449,5 +459,53 @@ impl Validator<'_> {
             }
         }
         ok.then_some(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Format, load_str};
+
+    fn load(keys: &str) -> Result<crate::config::Config, String> {
+        let toml = format!(
+            "[source]\nurl = \"postgres://x/app\"\nslot = \"app_slot\"\n[[subscriptions]]\nname = \"ce\"\nurl = \"https://ce.example.com/\"\nevents = [\"*\"]\n{keys}\n"
+        );
+        load_str(&toml, "walhook.toml", &|_| None).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn cloudevents_source_defaults_to_the_slot_and_needs_the_format() {
+        let c = load("format = \"cloudevents\"").unwrap();
+        let s = &c.subscriptions[0];
+        assert_eq!(s.format, Format::Cloudevents);
+        assert_eq!(s.cloudevents.as_ref().unwrap().source, "walhook://app_slot");
+        assert!(c.inactive_keys().is_empty(), "{:?}", c.inactive_keys());
+        let c =
+            load("format = \"cloudevents\"\ncloudevents = { source = \"/walhook/app\" }").unwrap();
+        assert_eq!(
+            c.subscriptions[0].cloudevents.as_ref().unwrap().source,
+            "/walhook/app"
+        );
+        assert_eq!(load("").unwrap().subscriptions[0].cloudevents, None);
+
+        let e = load("cloudevents = { source = \"/x\" }").unwrap_err();
+        assert!(e.contains("walhook.toml:8: subscriptions[0].cloudevents: cloudevents = {...} is only used with format = \"cloudevents\""), "{e}");
+        for bad in ["", "two words", "a{b}"] {
+            let e = load(&format!(
+                "format = \"cloudevents\"\ncloudevents = {{ source = \"{bad}\" }}"
+            ))
+            .unwrap_err();
+            assert!(
+                e.contains(
+                    "subscriptions[0].cloudevents.source: source must be a non-empty URI-reference"
+                ),
+                "{e}"
+            );
+        }
+        let e = load("format = \"cloudevents\"\nfields = { id = \"entity_id\" }").unwrap_err();
+        assert!(
+            e.contains("fields only applies to format = \"json\""),
+            "{e}"
+        );
     }
 }
