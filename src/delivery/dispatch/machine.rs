@@ -156,8 +156,10 @@ pub(super) struct Machine {
     cursor_written_at: Instant,
     /// Fetched events not settled yet.
     unsettled: BTreeSet<i64>,
-    /// Events ready to be attempted, in order.
-    ready: VecDeque<(DueEvent, Kind)>,
+    /// Retry rows ready to be attempted, oldest first; they go before new events.
+    ready_retries: VecDeque<DueEvent>,
+    /// New events ready to be attempted, in order.
+    ready_new: VecDeque<DueEvent>,
     chains: Chains,
     /// Attempts started and not answered, by event.
     in_flight: HashMap<i64, Kind>,
@@ -180,7 +182,8 @@ impl Machine {
             cursor,
             cursor_written_at: now,
             unsettled: BTreeSet::new(),
-            ready: VecDeque::new(),
+            ready_retries: VecDeque::new(),
+            ready_new: VecDeque::new(),
             chains: Chains::default(),
             in_flight: HashMap::new(),
             want_new: true,
@@ -205,8 +208,8 @@ impl Machine {
 
     /// Whether to query due retry rows now: asked for, and none taken still out.
     pub fn wants_retries(&self) -> bool {
-        let out = self.ready.iter().any(|(_, k)| *k == Kind::Retry)
-            || self.in_flight.values().any(|k| *k == Kind::Retry);
+        let out =
+            !self.ready_retries.is_empty() || self.in_flight.values().any(|k| *k == Kind::Retry);
         !self.stopping && (self.want_retries || self.more_retries) && !out
     }
 
@@ -226,14 +229,14 @@ impl Machine {
             if self.ordered && self.chains.contains(&key(&event)) {
                 continue;
             }
-            self.ready.push_front((event, Kind::Retry));
+            self.ready_retries.push_front(event);
         }
         self.more_retries = more;
     }
 
     /// Fetch new events past this position, when asked for and room is left.
     pub fn wants_new(&self) -> Option<i64> {
-        let waiting = self.ready.len() + self.chains.waiting;
+        let waiting = self.ready_retries.len() + self.ready_new.len() + self.chains.waiting;
         (!self.stopping && self.want_new && waiting < WAITING_MAX).then_some(self.fetched_upto)
     }
 
@@ -264,8 +267,7 @@ impl Machine {
         self.fetched_upto = self.fetched_upto.max(read_upto);
         self.unsettled.extend(events.iter().map(|e| e.seq));
         if !self.ordered {
-            self.ready
-                .extend(events.into_iter().map(|e| (e, Kind::New)));
+            self.ready_new.extend(events);
             return Vec::new();
         }
         // Entities with a chain get these events appended to it; the others start one
@@ -291,7 +293,7 @@ impl Machine {
                 continue;
             }
             let head = group.pop_front().expect("groups are not empty");
-            self.ready.push_back((head, Kind::New));
+            self.ready_new.push_back(head);
             self.chains.start(k, group);
         }
         self.settle_all(&queued);
@@ -303,7 +305,10 @@ impl Machine {
         if self.stopping || self.in_flight.len() >= limit {
             return None;
         }
-        let (event, kind) = self.ready.pop_front()?;
+        let (event, kind) = match self.ready_retries.pop_front() {
+            Some(retry) => (retry, Kind::Retry),
+            None => (self.ready_new.pop_front()?, Kind::New),
+        };
         self.in_flight.insert(event.seq, kind);
         Some(event)
     }
@@ -341,7 +346,7 @@ impl Machine {
                     if matches!(sent, Sent::Attempted(_, Decision::Retry { .. })) {
                         out.queue_behind.extend(self.chains.take(&k));
                     } else if let Some(next) = self.chains.advance(&k) {
-                        self.ready.push_back((next, Kind::New));
+                        self.ready_new.push_back(next);
                     }
                 }
             }
@@ -363,7 +368,8 @@ impl Machine {
     /// attempts in flight are still taken.
     pub fn stop(&mut self) {
         self.stopping = true;
-        self.ready.clear();
+        self.ready_retries.clear();
+        self.ready_new.clear();
         self.chains.clear();
     }
 
