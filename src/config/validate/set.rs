@@ -56,8 +56,8 @@ impl Validator<'_> {
             );
             return None;
         };
-        let issuer = self.claim(&key, "issuer", raw.issuer, &who, "the `iss` claim");
-        let audience = self.claim(&key, "audience", raw.audience, &who, "the `aud` claim");
+        let issuer = self.claim(&key, "issuer", raw.issuer, &who, "the iss claim");
+        let audience = self.claim(&key, "audience", raw.audience, &who, "the aud claim");
         let event_uri_prefix = match raw.event_uri_prefix {
             None => DEFAULT_EVENT_URI_PREFIX.to_string(),
             Some(p) if p.is_empty() || p.chars().any(|c| c.is_whitespace() || c.is_control()) => {
