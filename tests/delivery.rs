@@ -2,7 +2,8 @@
 //! checked with the independent `standardwebhooks` crate, per-entity order under random
 //! failures (G4, G5), and 410 Gone disabling one subscription while others flow. Leases
 //! across instances are in `lease`, a session restarted behind retry rows in `restart`,
-//! outbound proxies in `proxy`, v1a signatures and CloudEvents bodies in `formats`.
+//! outbound proxies in `proxy`, v1a signatures and CloudEvents bodies in `formats`,
+//! Security Event Tokens and their JWKS in `set`.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -18,6 +19,7 @@ mod formats;
 mod lease;
 mod proxy;
 mod restart;
+mod set;
 
 const WAIT: Duration = Duration::from_secs(60);
 /// `whsec_` + base64 of 32 bytes.

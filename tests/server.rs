@@ -1,5 +1,6 @@
 //! The ops server of the real `walhook run`: metrics present and moving after a workload,
-//! readiness following a store that goes away and comes back, `/healthz` throughout; and
+//! readiness following a store that goes away and comes back, `/healthz` throughout, an
+//! empty `/.well-known/jwks.json` without `format = "set"` subscriptions; and
 //! JSON logs at debug level that carry no secret, auth header, row value or body.
 
 use std::collections::HashMap;
@@ -7,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crate::support::daemon::{Daemon, Workdir};
+use crate::support::daemon::{Daemon, Workdir, server_url};
 use crate::support::pg::{Cluster, StopMode, TestDb, create_db};
 use crate::support::receiver::Receiver;
 use crate::support::{wait_for, wait_for_some};
@@ -53,25 +54,6 @@ async fn users_db() -> TestDb {
     db.batch("CREATE TABLE users (id int PRIMARY KEY, email text, n int)")
         .await;
     db
-}
-
-/// The address the daemon's server bound (it logs it, text or JSON), as `http://ip:port`.
-async fn server_url(daemon: &mut Daemon) -> String {
-    wait_for_some("the daemon to log its server address", WAIT, || {
-        let running = daemon.is_running();
-        let log = daemon.log();
-        async move {
-            assert!(running, "walhook exited:\n{log}");
-            let line = log.lines().find(|l| l.contains("serving /metrics"))?;
-            let at = line.find("127.0.0.1:")?;
-            let port: String = line[at + "127.0.0.1:".len()..]
-                .chars()
-                .take_while(char::is_ascii_digit)
-                .collect();
-            Some(format!("http://127.0.0.1:{port}"))
-        }
-    })
-    .await
 }
 
 /// GET `url`: status and body.
@@ -142,6 +124,9 @@ async fn metrics_are_present_and_move_after_a_workload() {
     let base = wait_streaming(&mut daemon).await;
     let (status, body) = get(&format!("{base}/healthz")).await;
     assert_eq!((status, body.as_str()), (200, r#"{"status":"ok"}"#));
+    // No format = "set" subscription: an empty JWK Set (tests/delivery/set.rs has keys).
+    let (status, body) = get(&format!("{base}/.well-known/jwks.json")).await;
+    assert_eq!((status, body.as_str()), (200, r#"{"keys":[]}"#));
     let before = scrape(&base).await;
     assert_eq!(
         value(&before, "walhook_build_info{version=\"0.1.0\"}"),

@@ -5,12 +5,18 @@
 //! `webhook_asymmetric.go`) reads it: the prefix, then standard base64 (with padding)
 //! of the HMAC secret (24 to 64 bytes), of the 32-byte ed25519 seed, or of the 32-byte
 //! ed25519 public key.
+//!
+//! The same ed25519 keys sign Security Event Tokens (`format = "set"`); their public
+//! halves are published as JWKs (RFC 8037) whose `kid` is the RFC 7638 thumbprint, so
+//! a `kid` always matches its key and needs no configuration.
 
 use std::fmt;
 
 use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use ed25519_dalek::SigningKey;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 
 use super::secret::Secret;
 
@@ -60,6 +66,34 @@ impl Ed25519Key {
             "{PUBLIC_KEY_PREFIX}{}",
             STANDARD.encode(self.0.verifying_key().to_bytes())
         )
+    }
+
+    /// The public key as the JWK `x` member: base64url (no padding) of its 32 bytes.
+    fn jwk_x(&self) -> String {
+        URL_SAFE_NO_PAD.encode(self.0.verifying_key().to_bytes())
+    }
+
+    /// The key id of tokens this key signs: the RFC 7638 JWK thumbprint of the public
+    /// key (base64url, no padding, of the SHA-256 of
+    /// `{"crv":"Ed25519","kty":"OKP","x":"..."}`, members in that order). Derived, so
+    /// it cannot disagree with the key; stable, so a receiver's cached JWKS stays
+    /// valid. Not secret.
+    pub fn kid(&self) -> String {
+        let canonical = format!(r#"{{"crv":"Ed25519","kty":"OKP","x":"{}"}}"#, self.jwk_x());
+        URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes()))
+    }
+
+    /// The public key as a JWK (RFC 8037): `kty` OKP, `crv` Ed25519, `x`, with `kid`
+    /// ([`Ed25519Key::kid`]), `use` "sig" and `alg` "EdDSA". Not secret.
+    pub fn public_jwk(&self) -> Value {
+        json!({
+            "kty": "OKP",
+            "crv": "Ed25519",
+            "x": self.jwk_x(),
+            "kid": self.kid(),
+            "use": "sig",
+            "alg": "EdDSA",
+        })
     }
 }
 
@@ -214,6 +248,33 @@ mod tests {
         assert_eq!(KeyKind::of("whsk_abc"), KeyKind::Ed25519Secret);
         assert_eq!(KeyKind::of("whpk_abc"), KeyKind::Ed25519Public);
         assert_eq!(KeyKind::of("abc"), KeyKind::Unknown);
+    }
+
+    #[test]
+    fn kid_is_the_rfc7638_thumbprint() {
+        // RFC 8037 appendix A.1-A.3: its example key, public `x` and thumbprint.
+        let seed: [u8; 32] = URL_SAFE_NO_PAD
+            .decode("nWGxne_9WmC6hEr0kuwsxERJxWl7MmkZcDusAxyuf2A")
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let key = Ed25519Key::from_seed(&seed);
+        let jwk = key.public_jwk();
+        assert_eq!(jwk["x"], "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo");
+        assert_eq!(key.kid(), "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k");
+        assert_eq!(jwk["kid"], key.kid());
+        assert_eq!(
+            (&jwk["kty"], &jwk["crv"], &jwk["use"], &jwk["alg"]),
+            (
+                &json!("OKP"),
+                &json!("Ed25519"),
+                &json!("sig"),
+                &json!("EdDSA")
+            )
+        );
+        assert!(jwk.get("d").is_none(), "the JWK is the public key only");
+        // Another key, another kid.
+        assert_ne!(Ed25519Key::generate().unwrap().kid(), key.kid());
     }
 
     #[test]

@@ -196,8 +196,12 @@ pub(crate) struct RawCloudEvents {
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawSet {
+    /// The `iss` claim of every token (required).
     pub issuer: Option<String>,
+    /// The `aud` claim of every token (required).
     pub audience: Option<String>,
+    /// Prefix of the `events` claim's key, followed by the event type; default
+    /// `urn:walhook:event:`.
     pub event_uri_prefix: Option<String>,
 }
 

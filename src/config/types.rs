@@ -396,7 +396,7 @@ pub enum Signature {
     V1a,
 }
 
-/// `format` (`json` and `cloudevents` are active yet).
+/// `format` (`json`, `cloudevents` and `set` are active yet).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
@@ -428,16 +428,21 @@ pub struct CloudEventsConfig {
     pub source: String,
 }
 
-/// `set = { ... }` (not active yet).
+/// `set = { issuer, audience, event_uri_prefix }`, with its default filled in; only
+/// with `format = "set"`, which always has one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SetConfig {
-    /// `iss` claim.
+    /// The `iss` claim of every token. Non-empty.
     pub issuer: String,
-    /// `aud` claim.
-    pub audience: Option<String>,
-    /// Prefix of event URIs in the `events` claim.
-    pub event_uri_prefix: Option<String>,
+    /// The `aud` claim of every token. Non-empty.
+    pub audience: String,
+    /// Prefix of the event URI, the key of the `events` claim: the URI is the prefix
+    /// followed by the event type. Default [`DEFAULT_EVENT_URI_PREFIX`].
+    pub event_uri_prefix: String,
 }
+
+/// The default `set.event_uri_prefix`: `urn:walhook:event:user.created`.
+pub const DEFAULT_EVENT_URI_PREFIX: &str = "urn:walhook:event:";
 
 /// `slack = { text }` (not active yet).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -486,13 +491,14 @@ pub struct SubscriptionConfig {
     pub tls_insecure: bool,
     /// Signature scheme; `keys` holds keys of this scheme.
     pub signature: Signature,
-    /// Body format (`json` and `cloudevents` active yet).
+    /// Body format (`json`, `cloudevents` and `set` active yet).
     pub format: Format,
     /// CloudEvents attributes; `Some` exactly when `format = "cloudevents"`.
     pub cloudevents: Option<CloudEventsConfig>,
     /// Events per POST (not active yet).
     pub batch_size: Option<u32>,
-    /// SET options (not active yet).
+    /// Security Event Token claims; `Some` exactly when `format = "set"` (which also
+    /// means `keys` is [`SigningKeys::V1a`]: the newest key signs the tokens).
     pub set: Option<SetConfig>,
     /// Slack options (not active yet).
     pub slack: Option<SlackConfig>,
@@ -529,14 +535,11 @@ impl Config {
             }
         }
         for (i, s) in self.subscriptions.iter().enumerate() {
-            if matches!(s.format, Format::Set | Format::Slack) {
+            if s.format == Format::Slack {
                 keys.push(format!("subscriptions[{i}].format"));
             }
             if s.batch_size.is_some() {
                 keys.push(format!("subscriptions[{i}].batch_size"));
-            }
-            if s.set.is_some() {
-                keys.push(format!("subscriptions[{i}].set"));
             }
             if s.slack.is_some() {
                 keys.push(format!("subscriptions[{i}].slack"));

@@ -45,7 +45,11 @@ pub async fn run(
     let health = Arc::new(Health::default());
     let server_stop = CancellationToken::new();
     let _stop_server = server_stop.clone().drop_guard();
-    tokio::spawn(server.serve(health.clone(), server_stop.clone()));
+    let config = Arc::new(config);
+    // The live config (subscriptions, retention, the JWKS) and table rules; a reload
+    // replaces them.
+    let (config_tx, config_rx) = watch::channel(config.clone());
+    tokio::spawn(server.serve(health.clone(), config_rx.clone(), server_stop.clone()));
     systemd::spawn_watchdog(server_stop.clone());
 
     let prepared = prepare::prepare(&config).await?;
@@ -57,9 +61,6 @@ pub async fn run(
         config.source.slot.clone(),
         server_stop.clone(),
     ));
-    let config = Arc::new(config);
-    // The live config (subscriptions, retention) and table rules; a reload replaces them.
-    let (config_tx, config_rx) = watch::channel(config.clone());
     tokio::spawn(refresh::store_loop(
         prepared.store_params.clone(),
         config.store.schema.clone(),

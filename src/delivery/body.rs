@@ -1,15 +1,19 @@
 //! The bytes a subscription is sent for one event: the full or thin envelope, a
-//! custom object built from envelope paths (`fields`), or a CloudEvent; and their
-//! content type.
+//! custom object built from envelope paths (`fields`), a CloudEvent, or a Security
+//! Event Token ([`super::set`]); and their content type.
 
 use bytes::Bytes;
 use serde_json::{Map, Value};
 
-use crate::config::{CloudEventsConfig, FieldMapping, Format, Payload, SubscriptionConfig};
+use super::error::DeliveryError;
+use super::set;
+use crate::config::{
+    CloudEventsConfig, FieldMapping, Format, Payload, SigningKeys, SubscriptionConfig,
+};
 use crate::routing::Envelope;
 
 /// Envelope keys left out of a `payload = "thin"` body.
-const THIN_OMITS: [&str; 3] = ["data", "previous", "changed"];
+pub(super) const THIN_OMITS: [&str; 3] = ["data", "previous", "changed"];
 
 /// Envelope keys that become CloudEvents attributes (`id`, `type`, `subject`, `time`)
 /// and so are not repeated in the event's `data`.
@@ -19,25 +23,40 @@ const CLOUDEVENTS_ATTRIBUTES: [&str; 4] = ["id", "type", "entity_id", "occurred_
 pub fn content_type(format: Format) -> &'static str {
     match format {
         Format::Cloudevents => "application/cloudevents+json",
-        Format::Json | Format::Set | Format::Slack => "application/json",
+        Format::Set => set::CONTENT_TYPE,
+        Format::Json | Format::Slack => "application/json",
     }
 }
 
 /// The request body of `envelope` for `sub` (its `format`, `payload` and `fields`).
 ///
 /// Deterministic: the same envelope and subscription give the same bytes, so every
-/// retry signs and sends the same body.
-pub fn render(envelope: &Envelope, sub: &SubscriptionConfig) -> Result<Bytes, serde_json::Error> {
+/// retry signs and sends the same body (a SET too: see [`super::set`]).
+pub fn render(envelope: &Envelope, sub: &SubscriptionConfig) -> Result<Bytes, DeliveryError> {
+    if let Some(options) = &sub.set {
+        // Validation gives every `format = "set"` subscription at least one v1a key.
+        let SigningKeys::V1a(keys) = &sub.keys else {
+            return Err(DeliveryError::NoSetKey);
+        };
+        let key = keys.first().ok_or(DeliveryError::NoSetKey)?;
+        let token = set::token(envelope, sub.payload, options, key).map_err(DeliveryError::Body)?;
+        return Ok(Bytes::from(token));
+    }
     if let Some(ce) = &sub.cloudevents {
-        let event = cloudevent(serde_json::to_value(envelope)?, sub.payload, ce);
-        return serde_json::to_vec(&event).map(Bytes::from);
+        let envelope = serde_json::to_value(envelope).map_err(DeliveryError::Body)?;
+        let event = cloudevent(envelope, sub.payload, ce);
+        return serde_json::to_vec(&event)
+            .map(Bytes::from)
+            .map_err(DeliveryError::Body);
     }
     if sub.fields.is_none() && sub.payload == Payload::Full {
         // Same bytes as going through a `Value`, one serialisation instead of two.
-        return serde_json::to_vec(envelope).map(Bytes::from);
+        return serde_json::to_vec(envelope)
+            .map(Bytes::from)
+            .map_err(DeliveryError::Body);
     }
-    let full = serde_json::to_value(envelope)?;
-    render_value(&full, sub.payload, sub.fields.as_deref())
+    let full = serde_json::to_value(envelope).map_err(DeliveryError::Body)?;
+    render_value(&full, sub.payload, sub.fields.as_deref()).map_err(DeliveryError::Body)
 }
 
 /// Like [`render`], from the envelope already as JSON (the `full` payload, e.g. as
@@ -296,5 +315,30 @@ mod tests {
             render(&example(), sub).unwrap()
         );
         assert_eq!(content_type(Format::Json), "application/json");
+    }
+
+    #[test]
+    fn set_is_a_token_signed_with_the_newest_key() {
+        let c = config(
+            "[[subscriptions]]\nname = \"s\"\nurl = \"http://127.0.0.1:1/\"\nevents = [\"*\"]\nformat = \"set\"\nset = { issuer = \"i\", audience = \"a\" }\nsignature = \"v1a\"\nsecret = [\"whsk_VEVTVFNJR05JTkdLRVlET05PVFVTRVRISVNGT1JBTlk=\", \"whsk_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\"]\n",
+        );
+        let sub = &c.subscriptions[0];
+        assert_eq!(content_type(sub.format), "application/secevent+jwt");
+        let bytes = render(&example(), sub).unwrap();
+        let SigningKeys::V1a(keys) = &sub.keys else {
+            panic!("v1a keys")
+        };
+        let expected = set::token(
+            &example(),
+            Payload::Full,
+            sub.set.as_ref().unwrap(),
+            &keys[0],
+        );
+        assert_eq!(std::str::from_utf8(&bytes).unwrap(), expected.unwrap());
+        assert_eq!(
+            bytes,
+            render(&example(), sub).unwrap(),
+            "same bytes on a retry"
+        );
     }
 }

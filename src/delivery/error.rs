@@ -14,4 +14,8 @@ pub enum DeliveryError {
     /// An event could not be turned into a request body.
     #[error("cannot serialize the event body")]
     Body(#[source] serde_json::Error),
+    /// A `format = "set"` subscription without an ed25519 key (config validation
+    /// prevents it).
+    #[error("format = \"set\" has no ed25519 key to sign the token with")]
+    NoSetKey,
 }

@@ -30,8 +30,9 @@ const WEBHOOK_ID: HeaderName = HeaderName::from_static("webhook-id");
 const WEBHOOK_TIMESTAMP: HeaderName = HeaderName::from_static("webhook-timestamp");
 const WEBHOOK_SIGNATURE: HeaderName = HeaderName::from_static("webhook-signature");
 
-/// All headers of one attempt: `content-type` (`application/json`, or
-/// `application/cloudevents+json` with `format = "cloudevents"`), `user-agent`,
+/// All headers of one attempt: `content-type` (`application/json`,
+/// `application/cloudevents+json` with `format = "cloudevents"`, or
+/// `application/secevent+jwt` with `format = "set"`), `user-agent`,
 /// `webhook-id` (`msg_id`, the event id), `webhook-timestamp` (`timestamp`, unix
 /// seconds of this attempt), `webhook-signature` (when the subscription has keys),
 /// then the subscription's own headers.

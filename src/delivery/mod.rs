@@ -1,5 +1,6 @@
-//! The delivery stage: request bodies, Standard Webhooks signatures, the shared
-//! outbound HTTP client and the retry decision.
+//! The delivery stage: request bodies (Security Event Tokens and their JWKS among
+//! them), Standard Webhooks signatures, the shared outbound HTTP client and the retry
+//! decision.
 //!
 //! One attempt, as a dispatcher runs it:
 //! 1. [`body::render`] the envelope for the subscription (same bytes on every retry);
@@ -13,6 +14,7 @@ mod error;
 mod http;
 pub mod measure;
 mod policy;
+pub mod set;
 mod signing;
 pub mod supervise;
 

@@ -1,7 +1,8 @@
 //! The operations HTTP server on `[server] listen`: `/metrics` (Prometheus text),
-//! `/healthz` (200 while the process runs) and `/readyz` (200 when the source streams or
+//! `/healthz` (200 while the process runs), `/readyz` (200 when the source streams or
 //! stands by and the store answers; 503 with a JSON body saying which part is not and
-//! why).
+//! why) and `/.well-known/jwks.json` (the public keys of `format = "set"`
+//! subscriptions, from the live config: a reload updates it).
 
 pub mod exporter;
 pub mod health;
@@ -18,9 +19,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::json;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::config::Config;
 use crate::pg::ErrorChain;
 
 pub use exporter::Exporter;
@@ -51,6 +54,8 @@ pub struct Server {
 struct AppState {
     health: Arc<Health>,
     exporter: Exporter,
+    /// The live config (replaced by each reload), for the JWKS.
+    config: watch::Receiver<Arc<Config>>,
 }
 
 impl Server {
@@ -82,17 +87,25 @@ impl Server {
         self.exporter.clone()
     }
 
-    /// Serves until `stop`.
-    pub async fn serve(self, health: Arc<Health>, stop: CancellationToken) {
-        info!(addr = %self.addr, "serving /metrics, /healthz and /readyz");
+    /// Serves until `stop`; `/.well-known/jwks.json` reads the keys of `config`'s
+    /// current value on each request.
+    pub async fn serve(
+        self,
+        health: Arc<Health>,
+        config: watch::Receiver<Arc<Config>>,
+        stop: CancellationToken,
+    ) {
+        info!(addr = %self.addr, "serving /metrics, /healthz, /readyz and /.well-known/jwks.json");
         tokio::spawn(self.exporter.clone().upkeep(stop.clone()));
         let app = Router::new()
             .route("/metrics", get(metrics_handler))
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
+            .route(JWKS_PATH, get(jwks))
             .with_state(AppState {
                 health,
                 exporter: self.exporter,
+                config,
             });
         if let Err(e) = axum::serve(self.listener, app)
             .with_graceful_shutdown(stop.cancelled_owned())
@@ -109,6 +122,16 @@ async fn metrics_handler(State(state): State<AppState>) -> Response {
         state.exporter.render(),
     )
         .into_response()
+}
+
+/// Where the JWKS is served (RFC 8615 well-known URI, as identity providers use it).
+pub const JWKS_PATH: &str = "/.well-known/jwks.json";
+
+/// The JWK Set of the live config ([`crate::delivery::set::jwks`]): public keys only,
+/// `{"keys": []}` when no subscription sends tokens.
+async fn jwks(State(state): State<AppState>) -> Response {
+    let set = crate::delivery::set::jwks(&state.config.borrow());
+    axum::Json(set).into_response()
 }
 
 async fn healthz() -> Response {

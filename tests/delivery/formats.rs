@@ -24,7 +24,7 @@ fn repo(path: &str) -> PathBuf {
 
 /// Runs `python3 tests/python/SCRIPT ARGS` with `stdin`; returns stdout, panicking
 /// (with stderr) when it fails.
-fn python(script: &str, args: &[&str], stdin: &str) -> String {
+pub(super) fn python(script: &str, args: &[&str], stdin: &str) -> String {
     let mut child = Command::new("python3")
         .arg(repo(&format!("tests/python/{script}")))
         .args(args)
@@ -32,7 +32,9 @@ fn python(script: &str, args: &[&str], stdin: &str) -> String {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("run python3 (apt-get install python3 python3-cryptography python3-jsonschema)");
+        .expect(
+            "run python3 (apt-get install python3 python3-cryptography python3-jsonschema python3-jwt)",
+        );
     child
         .stdin
         .take()
@@ -50,7 +52,7 @@ fn python(script: &str, args: &[&str], stdin: &str) -> String {
 }
 
 /// A new key pair from `walhook keys generate`: (whsk, whpk).
-fn generate_pair() -> (String, String) {
+pub(super) fn generate_pair() -> (String, String) {
     let out = Command::new(walhook_bin())
         .args(["keys", "generate"])
         .env_remove("WALHOOK_CONFIG")

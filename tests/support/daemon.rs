@@ -6,7 +6,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use super::pg::TestDb;
-use super::walhook_bin;
+use super::{wait_for_some, walhook_bin};
 
 /// A temp dir holding `walhook.toml` and the daemon logs.
 pub struct Workdir {
@@ -235,4 +235,27 @@ entity = "user"
         port = db.port,
         name = db.name
     )
+}
+
+/// The address the daemon's server bound (it logs it, text or JSON), as `http://ip:port`.
+pub async fn server_url(daemon: &mut Daemon) -> String {
+    wait_for_some(
+        "the daemon to log its server address",
+        Duration::from_secs(60),
+        || {
+            let running = daemon.is_running();
+            let log = daemon.log();
+            async move {
+                assert!(running, "walhook exited:\n{log}");
+                let line = log.lines().find(|l| l.contains("serving /metrics"))?;
+                let at = line.find("127.0.0.1:")?;
+                let port: String = line[at + "127.0.0.1:".len()..]
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                Some(format!("http://127.0.0.1:{port}"))
+            }
+        },
+    )
+    .await
 }

@@ -412,5 +412,6 @@ impl Validator<'_> {
 }
 
 mod keys;
+mod set;
 mod subscriptions;
 mod tables;

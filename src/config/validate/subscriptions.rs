@@ -166,15 +166,7 @@ impl Validator<'_> {
             }
         };
 
-        let set = s.set.and_then(|set| {
-            let issuer =
-                self.required(&join(&k("set"), "issuer"), set.issuer, ": the `iss` claim")?;
-            Some(SetConfig {
-                issuer,
-                audience: set.audience,
-                event_uri_prefix: set.event_uri_prefix,
-            })
-        });
+        let set = self.set_options(key, name.as_deref(), format, signature, s.set);
         let slack = s.slack.and_then(|slack| {
             let text = self.required(
                 &join(&k("slack"), "text"),
@@ -183,25 +175,13 @@ impl Validator<'_> {
             )?;
             Some(SlackConfig { text })
         });
-        match format {
-            Format::Set if set.is_none() && self.errors.len() == before => {
-                self.err(
-                    &k("format"),
-                    "format = \"set\" needs set = { issuer = \"...\" }",
-                );
-            }
-            Format::Slack if slack.is_none() && self.errors.len() == before => {
-                self.err(
-                    &k("format"),
-                    "format = \"slack\" needs slack = { text = \"...\" }",
-                );
-            }
-            _ => {}
+        if format == Format::Slack && slack.is_none() && self.errors.len() == before {
+            self.err(
+                &k("format"),
+                "format = \"slack\" needs slack = { text = \"...\" }",
+            );
         }
         let cloudevents = self.cloudevents(&k("cloudevents"), format, s.cloudevents, slot);
-        if set.is_some() && format != Format::Set {
-            self.err(&k("set"), "set = {...} is only used with format = \"set\"");
-        }
         if slack.is_some() && format != Format::Slack {
             self.err(
                 &k("slack"),

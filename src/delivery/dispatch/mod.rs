@@ -424,7 +424,10 @@ async fn attempt(
         Err(e) => {
             return (
                 event,
-                Sent::Unsendable(format!("cannot render the body: {e}")),
+                Sent::Unsendable(format!(
+                    "cannot render the body: {}",
+                    crate::pg::ErrorChain(&e)
+                )),
             );
         }
     };
