@@ -721,7 +721,6 @@ url = "https://hooks.example.com/x"
 events = ["orders.*"]
 format = "slack"
 slack = { text = "new order" }
-batch_size = 10
 "#;
         let c = load_ok(toml, &[]);
         assert_eq!(
@@ -731,7 +730,6 @@ batch_size = 10
                 "tables[0].context",
                 "tables[0].aggregate",
                 "subscriptions[0].format",
-                "subscriptions[0].batch_size",
                 "subscriptions[0].slack",
             ]
         );

@@ -495,8 +495,9 @@ pub struct SubscriptionConfig {
     pub format: Format,
     /// CloudEvents attributes; `Some` exactly when `format = "cloudevents"`.
     pub cloudevents: Option<CloudEventsConfig>,
-    /// Events per POST (not active yet).
-    pub batch_size: Option<u32>,
+    /// Events per POST (1: one event per POST, its body the event's; more: a JSON
+    /// array, or a CloudEvents batch).
+    pub batch_size: u32,
     /// Security Event Token claims; `Some` exactly when `format = "set"` (which also
     /// means `keys` is [`SigningKeys::V1a`]: the newest key signs the tokens).
     pub set: Option<SetConfig>,
@@ -537,9 +538,6 @@ impl Config {
         for (i, s) in self.subscriptions.iter().enumerate() {
             if s.format == Format::Slack {
                 keys.push(format!("subscriptions[{i}].format"));
-            }
-            if s.batch_size.is_some() {
-                keys.push(format!("subscriptions[{i}].batch_size"));
             }
             if s.slack.is_some() {
                 keys.push(format!("subscriptions[{i}].slack"));

@@ -1,6 +1,7 @@
 //! The bytes a subscription is sent for one event: the full or thin envelope, a
 //! custom object built from envelope paths (`fields`), a CloudEvent, or a Security
-//! Event Token ([`super::set`]); and their content type.
+//! Event Token ([`super::set`]); and their content type. With `batch_size > 1`, the
+//! body is a JSON array of those bodies (the CloudEvents batch mode for CloudEvents).
 
 use bytes::Bytes;
 use serde_json::{Map, Value};
@@ -26,6 +27,30 @@ pub fn content_type(format: Format) -> &'static str {
         Format::Set => set::CONTENT_TYPE,
         Format::Json | Format::Slack => "application/json",
     }
+}
+
+/// The `content-type` of `format`'s batch bodies (`batch_size > 1`): a JSON array, in
+/// CloudEvents batch mode with `format = "cloudevents"`.
+pub fn batch_content_type(format: Format) -> &'static str {
+    match format {
+        Format::Cloudevents => "application/cloudevents-batch+json",
+        _ => "application/json",
+    }
+}
+
+/// A batch body: the JSON array of `bodies` (each as [`render`] gives it), in order.
+pub fn batch(bodies: &[Bytes]) -> Bytes {
+    let len = bodies.iter().map(|b| b.len() + 1).sum::<usize>() + 1;
+    let mut out = Vec::with_capacity(len);
+    out.push(b'[');
+    for (i, body) in bodies.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(body);
+    }
+    out.push(b']');
+    Bytes::from(out)
 }
 
 /// The request body of `envelope` for `sub` (its `format`, `payload` and `fields`).
@@ -158,6 +183,34 @@ mod tests {
         ));
         let bytes = render(&example(), &c.subscriptions[0]).unwrap();
         serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[test]
+    fn a_batch_is_the_array_of_the_bodies_in_order() {
+        let c = config(
+            "[[subscriptions]]\nname = \"s\"\nurl = \"http://127.0.0.1:1/\"\nevents = [\"*\"]\nformat = \"cloudevents\"\nbatch_size = 10",
+        );
+        let sub = &c.subscriptions[0];
+        let (mut first, mut second) = (example(), example());
+        first.id = "evt_1".into();
+        second.id = "evt_2".into();
+        let bodies = [render(&first, sub).unwrap(), render(&second, sub).unwrap()];
+        let array: Value = serde_json::from_slice(&batch(&bodies)).unwrap();
+        let ids: Vec<&str> = array
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, ["evt_1", "evt_2"]);
+        assert_eq!(array[0]["specversion"], "1.0");
+        assert_eq!(batch(&bodies[..1]).len(), bodies[0].len() + 2);
+        assert_eq!(&batch(&[])[..], b"[]");
+        assert_eq!(
+            batch_content_type(sub.format),
+            "application/cloudevents-batch+json"
+        );
+        assert_eq!(batch_content_type(Format::Json), "application/json");
     }
 
     #[test]

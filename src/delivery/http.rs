@@ -30,10 +30,9 @@ const WEBHOOK_ID: HeaderName = HeaderName::from_static("webhook-id");
 const WEBHOOK_TIMESTAMP: HeaderName = HeaderName::from_static("webhook-timestamp");
 const WEBHOOK_SIGNATURE: HeaderName = HeaderName::from_static("webhook-signature");
 
-/// All headers of one attempt: `content-type` (`application/json`,
-/// `application/cloudevents+json` with `format = "cloudevents"`, or
-/// `application/secevent+jwt` with `format = "set"`), `user-agent`,
-/// `webhook-id` (`msg_id`, the event id), `webhook-timestamp` (`timestamp`, unix
+/// All headers of one attempt: `content-type` (the body's: see
+/// [`super::body::content_type`]), `user-agent`, `webhook-id` (`msg_id`, the event
+/// id or a batch's id), `webhook-timestamp` (`timestamp`, unix
 /// seconds of this attempt), `webhook-signature` (when the subscription has keys),
 /// then the subscription's own headers.
 ///
@@ -42,15 +41,15 @@ const WEBHOOK_SIGNATURE: HeaderName = HeaderName::from_static("webhook-signature
 /// left out with a warning naming only the header.
 pub fn request_headers(
     sub: &SubscriptionConfig,
+    content_type: &str,
     msg_id: &str,
     timestamp: i64,
     body: &[u8],
 ) -> Vec<(HeaderName, HeaderValue)> {
     let mut out = Vec::with_capacity(5 + sub.headers.len());
-    out.push((
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(super::body::content_type(sub.format)),
-    ));
+    let content_type =
+        HeaderValue::from_str(content_type).unwrap_or(HeaderValue::from_static("application/json"));
+    out.push((header::CONTENT_TYPE, content_type));
     out.push((header::USER_AGENT, HeaderValue::from_static(USER_AGENT)));
     match HeaderValue::from_str(msg_id) {
         Ok(v) => out.push((WEBHOOK_ID, v)),

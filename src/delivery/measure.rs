@@ -55,14 +55,21 @@ impl AttemptMetrics {
         }
     }
 
-    /// Records one attempt that ended in `decision`; `occurred_at` is the source commit
-    /// time of the event.
-    pub fn record(&self, attempt: &Attempt, decision: &Decision, occurred_at: SystemTime) {
+    /// Records one request of `events` events that ended in `decision`: each event is
+    /// a delivery (`deliveries_total`, and its latency from `occurred_at`, the source
+    /// commit time of the oldest), the request one response and one attempt duration.
+    pub fn record(
+        &self,
+        attempt: &Attempt,
+        decision: &Decision,
+        occurred_at: SystemTime,
+        events: u64,
+    ) {
         let sub = || self.subscription.clone();
         let i = outcome(decision);
         self.deliveries[i]
             .get_or_init(|| counter!(DELIVERIES_TOTAL, label::SUBSCRIPTION => sub(), label::OUTCOME => OUTCOMES[i]))
-            .increment(1);
+            .increment(events);
         let code = attempt.outcome.label();
         self.responses
             .lock()
@@ -81,7 +88,7 @@ impl AttemptMetrics {
                 .unwrap_or_default();
             self.latency_seconds
                 .get_or_init(|| histogram!(DELIVERY_LATENCY_SECONDS, label::SUBSCRIPTION => sub()))
-                .record(latency.as_secs_f64());
+                .record_many(latency.as_secs_f64(), events as usize);
         }
     }
 }

@@ -203,8 +203,8 @@ mod tests {
                 reason: "http 500".into(),
             };
             let crm = AttemptMetrics::new("crm");
-            crm.record(&attempt, &retry, SystemTime::now());
-            crm.record(&attempt, &Decision::Delivered, SystemTime::now());
+            crm.record(&attempt, &retry, SystemTime::now(), 1);
+            crm.record(&attempt, &Decision::Delivered, SystemTime::now(), 1);
             exporter.render()
         });
         for name in [

@@ -11,9 +11,11 @@
 //! nothing. Owners are unique per dispatcher (an instance's random id and a serial), so a
 //! stale dispatcher of the same process is fenced out too.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::SystemTime;
 
+use bytes::Bytes;
 use serde_json::Value;
 use tokio_postgres::Row;
 
@@ -39,6 +41,18 @@ pub struct DueEvent {
     pub attempts: i32,
     /// When the delivery first became due (its age counts from here).
     pub first_due_at: SystemTime,
+    /// The stored batch this retry row was sent in: a retry sends the whole batch
+    /// again, and its answer settles every event of it.
+    pub batch: Option<Arc<StoredBatch>>,
+}
+
+/// A batch POST (`batch_size > 1`) kept when its first attempt did not deliver it, so
+/// that every retry sends the same bytes under the same `webhook-id`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct StoredBatch {
+    pub id: String,
+    pub content_type: String,
+    pub body: Bytes,
 }
 
 /// Events fetched past a subscription's cursor.
@@ -68,6 +82,9 @@ pub struct AttemptRecord<'a> {
     pub last_status: Option<i32>,
     pub last_error: Option<&'a str>,
     pub last_response: Option<&'a str>,
+    /// The batch the event was sent in, when it was sent in one with others: the row
+    /// of every event of that batch gets this record.
+    pub batch_id: Option<&'a str>,
 }
 
 pub(super) const EVENT_FIELDS: &str = "e.seq, e.id, e.type, e.entity, e.entity_id, e.revision, e.occurred_at, e.data, e.previous, e.changed, e.source_table, e.source_lsn::text, e.source_xid";
@@ -89,6 +106,7 @@ pub(super) fn due_event(r: &Row, attempts: i32, first_due_at: SystemTime) -> Due
         xid: r.get(12),
         attempts,
         first_due_at,
+        batch: None,
     }
 }
 
@@ -233,14 +251,16 @@ impl Store {
         })
     }
 
-    /// Retry rows whose time has come. With `ordered`, only the oldest pending row of
-    /// each entity (a later revision waits for the earlier one: G5).
+    /// Retry rows whose time has come, and whether there may be more (the query filled
+    /// its `limit`). With `ordered`, only the oldest pending row of each entity (a later
+    /// revision waits for the earlier one: G5). The rows of a stored batch come as one
+    /// item, the first of them, carrying the batch.
     pub async fn due_retries(
         &self,
         subscription: &str,
         ordered: bool,
         limit: i64,
-    ) -> Result<Vec<DueEvent>, StoreError> {
+    ) -> Result<(Vec<DueEvent>, bool), StoreError> {
         let s = &self.s;
         let order_clause = if ordered {
             // A scalar subquery, not NOT EXISTS: it is always one probe of the entity
@@ -259,7 +279,7 @@ impl Store {
             .client
             .query(
                 &format!(
-                    "SELECT {EVENT_FIELDS}, r.attempts, r.first_due_at FROM {s}.delivery_retries r
+                    "SELECT {EVENT_FIELDS}, r.attempts, r.first_due_at, r.batch_id FROM {s}.delivery_retries r
                      JOIN {s}.events e ON e.seq = r.seq
                      WHERE r.subscription = $1 AND r.status = 'pending' AND r.next_attempt_at <= now() {order_clause}
                        AND {active}
@@ -269,9 +289,67 @@ impl Store {
                 &[&subscription, &limit],
             )
             .await?;
+        let full = rows.len() as i64 == limit;
+        let mut seen = HashSet::new();
+        let mut due = Vec::with_capacity(rows.len());
+        let mut batch_ids = Vec::new();
+        for r in &rows {
+            let batch: Option<String> = r.get(15);
+            if let Some(id) = batch {
+                if !seen.insert(id.clone()) {
+                    continue;
+                }
+                batch_ids.push(id);
+            }
+            due.push((
+                due_event(r, r.get(13), r.get(14)),
+                r.get::<_, Option<String>>(15),
+            ));
+        }
+        let mut batches = self.stored_batches(subscription, &batch_ids).await?;
+        Ok((
+            due.into_iter()
+                .map(|(mut event, batch)| {
+                    // A row whose batch is gone (which the store never does) is sent on
+                    // its own.
+                    event.batch = batch.and_then(|id| batches.remove(&id));
+                    event
+                })
+                .collect(),
+            full,
+        ))
+    }
+
+    /// The stored batches of `subscription` with these ids.
+    async fn stored_batches(
+        &self,
+        subscription: &str,
+        ids: &[String],
+    ) -> Result<HashMap<String, Arc<StoredBatch>>, StoreError> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let rows = self
+            .client
+            .query(
+                &format!(
+                    "SELECT batch_id, content_type, body FROM {}.delivery_batches
+                     WHERE subscription = $1 AND batch_id = ANY ($2)",
+                    self.s
+                ),
+                &[&subscription, &ids],
+            )
+            .await?;
         Ok(rows
             .iter()
-            .map(|r| due_event(r, r.get(13), r.get(14)))
+            .map(|r| {
+                let batch = StoredBatch {
+                    id: r.get(0),
+                    content_type: r.get(1),
+                    body: Bytes::from(r.get::<_, Vec<u8>>(2)),
+                };
+                (batch.id.clone(), Arc::new(batch))
+            })
             .collect())
     }
 
@@ -304,15 +382,18 @@ impl Store {
     }
 
     /// Creates or updates the retry rows of `subscription` for attempts that need one
-    /// (a retry, a dead delivery, or a retried delivery that finally arrived), in one
-    /// statement, as lease holder `owner`. An event listed twice is written once, with
-    /// its last record (PostgreSQL refuses an `ON CONFLICT DO UPDATE` that would touch
-    /// one row twice).
+    /// (a retry, a dead delivery, or a retried delivery that finally arrived), and keeps
+    /// `batches` (batch POSTs whose first attempt did not deliver them), in one
+    /// statement, as lease holder `owner`. A record with a `batch_id` is the record of
+    /// every row of that batch. An event listed twice is written once, with its last
+    /// record (PostgreSQL refuses an `ON CONFLICT DO UPDATE` that would touch one row
+    /// twice).
     pub async fn record_attempts(
         &self,
         subscription: &str,
         owner: &str,
         attempts: &[(&DueEvent, AttemptRecord<'_>)],
+        batches: &[&StoredBatch],
     ) -> Result<(), StoreError> {
         if attempts.is_empty() {
             return Ok(());
@@ -341,7 +422,11 @@ impl Store {
             Vec::with_capacity(n),
             Vec::with_capacity(n),
         );
-        let (mut heads, mut delivered) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut heads, mut delivered, mut in_batch) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
         for (event, rec) in attempts {
             seqs.push(event.seq);
             entities.push(event.entity.as_str());
@@ -354,21 +439,44 @@ impl Store {
             errors.push(rec.last_error);
             heads.push(rec.last_response);
             delivered.push((rec.status == "delivered").then_some(now));
+            in_batch.push(rec.batch_id);
         }
+        let batch_ids: Vec<&str> = batches.iter().map(|b| b.id.as_str()).collect();
+        let types: Vec<&str> = batches.iter().map(|b| b.content_type.as_str()).collect();
+        let bodies: Vec<&[u8]> = batches.iter().map(|b| b.body.as_ref()).collect();
+        // `m` gives the other rows of a stored batch the record of the one retried (rows
+        // inserted by `w` are not in its snapshot: a new batch's rows are all in `w`).
         let held: bool = self
             .client
             .query_one(
                 &format!(
-                    "WITH {lease}, w AS (
+                    "WITH {lease}, b AS (
+                        INSERT INTO {s}.delivery_batches (subscription, batch_id, content_type, body)
+                        SELECT $1, * FROM unnest($15::text[], $16::text[], $17::bytea[])
+                        WHERE EXISTS (SELECT 1 FROM lease)
+                        ON CONFLICT (subscription, batch_id) DO NOTHING
+                        RETURNING 1),
+                     w AS (
                         INSERT INTO {s}.delivery_retries AS r (subscription, seq, entity, entity_id, status, attempts, next_attempt_at,
-                            first_due_at, last_status, last_error, last_response, delivered_at)
+                            first_due_at, last_status, last_error, last_response, delivered_at, batch_id)
                         SELECT $1, * FROM unnest($3::int8[], $4::text[], $5::text[], $6::text[], $7::int4[], $8::timestamptz[],
-                            $9::timestamptz[], $10::int4[], $11::text[], $12::text[], $13::timestamptz[])
+                            $9::timestamptz[], $10::int4[], $11::text[], $12::text[], $13::timestamptz[], $14::text[])
                         WHERE EXISTS (SELECT 1 FROM lease)
                         ON CONFLICT (subscription, seq) DO UPDATE SET status = excluded.status, attempts = excluded.attempts,
                             next_attempt_at = excluded.next_attempt_at, last_status = excluded.last_status,
                             last_error = excluded.last_error, last_response = excluded.last_response,
-                            delivered_at = excluded.delivered_at, updated_at = now()
+                            delivered_at = excluded.delivered_at, batch_id = COALESCE(excluded.batch_id, r.batch_id),
+                            updated_at = now()
+                        RETURNING 1),
+                     m AS (
+                        UPDATE {s}.delivery_retries x SET status = k.status, attempts = k.attempts,
+                            next_attempt_at = k.next_attempt_at, last_status = k.last_status, last_error = k.last_error,
+                            last_response = k.last_response, delivered_at = k.delivered_at, updated_at = now()
+                        FROM unnest($3::int8[], $6::text[], $7::int4[], $8::timestamptz[], $10::int4[], $11::text[],
+                            $12::text[], $13::timestamptz[], $14::text[])
+                            k(seq, status, attempts, next_attempt_at, last_status, last_error, last_response, delivered_at, batch_id)
+                        WHERE EXISTS (SELECT 1 FROM lease) AND x.subscription = $1 AND k.batch_id IS NOT NULL
+                          AND x.batch_id = k.batch_id AND x.seq <> k.seq
                         RETURNING 1)
                      SELECT EXISTS (SELECT 1 FROM lease)",
                     s = self.s,
@@ -376,7 +484,7 @@ impl Store {
                 ),
                 &[
                     &subscription, &owner, &seqs, &entities, &ids, &states, &counts, &nexts, &firsts, &codes, &errors,
-                    &heads, &delivered,
+                    &heads, &delivered, &in_batch, &batch_ids, &types, &bodies,
                 ],
             )
             .await?

@@ -91,6 +91,7 @@ impl LiveLog {
                     xid: i64::from(change.xid),
                     attempts: 0,
                     first_due_at: SystemTime::UNIX_EPOCH,
+                    batch: None,
                 };
                 events.push(Some(Arc::new(LiveEvent {
                     event,

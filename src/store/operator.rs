@@ -425,7 +425,7 @@ impl Store {
                 INSERT INTO {s}.delivery_retries AS r (subscription, seq, entity, entity_id, status, attempts, next_attempt_at, first_due_at)
                 SELECT subscription, seq, entity, entity_id, 'pending', 1, now(), now() FROM picked
                 ON CONFLICT (subscription, seq) DO UPDATE SET status = 'pending', next_attempt_at = now(),
-                    first_due_at = now(), delivered_at = NULL, updated_at = now()
+                    first_due_at = now(), delivered_at = NULL, batch_id = NULL, updated_at = now()
                 RETURNING 1)
              SELECT (SELECT count(*) FROM queued),
                     (SELECT seq FROM picked ORDER BY seq DESC, subscription DESC LIMIT 1),
@@ -512,7 +512,7 @@ impl Store {
                      FROM unnest($1::text[], $2::int8[]) k(subscription, seq) JOIN {s}.events e ON e.seq = k.seq
                      ORDER BY e.seq
                      ON CONFLICT (subscription, seq) DO UPDATE SET status = 'pending', next_attempt_at = now(),
-                         first_due_at = now(), delivered_at = NULL, updated_at = now()",
+                         first_due_at = now(), delivered_at = NULL, batch_id = NULL, updated_at = now()",
                     s = self.s
                 ),
                 &[&subs, &seqs],

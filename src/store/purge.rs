@@ -36,6 +36,20 @@ impl Store {
                 &[&retention, &dead_retention, &PURGE_BATCH],
             )
             .await?;
+        // A kept batch goes once no row of it is pending or dead (a replay sends its
+        // event on its own and leaves the batch).
+        self.client
+            .execute(
+                &format!(
+                    "DELETE FROM {s}.delivery_batches WHERE ctid IN (
+                        SELECT b.ctid FROM {s}.delivery_batches b
+                        WHERE NOT EXISTS (SELECT 1 FROM {s}.delivery_retries r WHERE r.subscription = b.subscription
+                                            AND r.batch_id = b.batch_id AND r.status <> 'delivered')
+                        LIMIT $1)"
+                ),
+                &[&PURGE_BATCH],
+            )
+            .await?;
         let events = self
             .client
             .execute(

@@ -78,6 +78,7 @@ fn due(seq: i64) -> DueEvent {
         xid: 1,
         attempts: 0,
         first_due_at: SystemTime::now(),
+        batch: None,
     }
 }
 
@@ -89,6 +90,7 @@ fn retry_record() -> AttemptRecord<'static> {
         last_status: Some(500),
         last_error: Some("http 500"),
         last_response: None,
+        batch_id: None,
     }
 }
 
@@ -101,7 +103,7 @@ async fn assert_all_writes_refused(store: &Store, owner: &str) {
     };
     lost(
         store
-            .record_attempts("s", owner, &[(&event, retry_record())])
+            .record_attempts("s", owner, &[(&event, retry_record())], &[])
             .await,
         "record_attempts",
     );
@@ -192,7 +194,7 @@ async fn a_lease_is_refused_to_another_instance_on_the_same_host_and_pid_and_fen
     // The holder writes; then its lease runs out, the other takes it, and the first
     // one's writes are refused.
     store
-        .record_attempts("s", &a, &[(&due(5), retry_record())])
+        .record_attempts("s", &a, &[(&due(5), retry_record())], &[])
         .await
         .expect("the holder records an attempt");
     store.advance_cursor("s", &a, 6, true).await.unwrap();
@@ -226,7 +228,7 @@ async fn a_lease_is_refused_to_another_instance_on_the_same_host_and_pid_and_fen
     let (e, mut last) = (due(9), retry_record());
     last.attempts = 2;
     store
-        .record_attempts("s", &b, &[(&e, retry_record()), (&e, last)])
+        .record_attempts("s", &b, &[(&e, retry_record()), (&e, last)], &[])
         .await
         .expect("one event twice in one statement");
     let attempts: i32 = client

@@ -154,17 +154,27 @@ impl Validator<'_> {
                 1
             }
         };
-        let batch_size = match s.batch_size {
-            None => None,
-            Some(n @ 1..=10_000) => Some(n as u32),
-            Some(n) => {
+        let batch_size = match s.batch_size.unwrap_or(1) {
+            n @ 1..=10_000 => n as u32,
+            n => {
                 self.err(
                     &k("batch_size"),
                     format!("batch_size = {n} is out of range 1..=10000"),
                 );
-                None
+                1
             }
         };
+        if batch_size > 1 && matches!(format, Format::Set | Format::Slack) {
+            let why = if format == Format::Set {
+                "format = \"set\": a Security Event Token holds one event"
+            } else {
+                "format = \"slack\": a Slack message is one event's text"
+            };
+            self.err(
+                &k("batch_size"),
+                format!("batch_size = {batch_size} cannot be used with {why}; remove batch_size, or use format = \"json\" or \"cloudevents\""),
+            );
+        }
 
         let set = self.set_options(key, name.as_deref(), format, signature, s.set);
         let slack = s.slack.and_then(|slack| {

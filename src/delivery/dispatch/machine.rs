@@ -13,12 +13,13 @@
 //! its new events queued behind that row.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
 use crate::delivery::{Attempt, AttemptOutcome, Decision};
-use crate::store::deliveries::{AttemptRecord, DueEvent, NewEvents};
+use crate::store::deliveries::{AttemptRecord, DueEvent, NewEvents, StoredBatch};
 
 /// Fetched events waiting in memory at most (their number, not the backlog's, bounds
 /// the memory a dispatcher uses: G6).
@@ -39,7 +40,7 @@ pub(super) enum Kind {
 }
 
 /// What became of an event handed to an attempt.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(super) enum Sent {
     /// Nothing was sent: the attempt started after the lease may have run out.
     Lapsed,
@@ -51,10 +52,22 @@ pub(super) enum Sent {
     Attempted(Attempt, Decision),
 }
 
+/// The answer to one request (or to none, when nothing of it was sent): what became of
+/// each of its events, in the order they were handed out.
+#[derive(Debug)]
+pub(super) struct Answer {
+    pub events: Vec<(DueEvent, Sent)>,
+    /// A batch of several new events sent in this request, to keep if the request
+    /// did not deliver it.
+    pub batch: Option<Arc<StoredBatch>>,
+}
+
 /// A retry row to write for an answered attempt.
 #[derive(Debug)]
 pub(super) struct Row {
     pub event: DueEvent,
+    /// The batch the event was sent in, with others.
+    pub batch: Option<Arc<StoredBatch>>,
     pub status: &'static str,
     pub attempts: i32,
     pub next_attempt_at: SystemTime,
@@ -73,6 +86,7 @@ impl Row {
             last_status: self.last_status,
             last_error: self.last_error.as_deref(),
             last_response: self.last_response.as_deref(),
+            batch_id: self.batch.as_ref().map(|b| b.id.as_str()),
         };
         (&self.event, record)
     }
@@ -85,6 +99,8 @@ pub(super) struct Settlement {
     pub disable: Option<String>,
     /// Retry rows to create or update.
     pub rows: Vec<Row>,
+    /// Batches the rows refer to that are not kept yet.
+    pub batches: Vec<Arc<StoredBatch>>,
     /// Pending rows the filter now rejects: delete them.
     pub forget: Vec<i64>,
     /// Events to queue behind their entity's pending retry row.
@@ -161,8 +177,10 @@ pub(super) struct Machine {
     /// New events ready to be attempted, in order.
     ready_new: VecDeque<DueEvent>,
     chains: Chains,
-    /// Attempts started and not answered, by event.
+    /// Events handed to attempts and not answered, and where they came from.
     in_flight: HashMap<i64, Kind>,
+    /// Requests started and not answered.
+    requests: usize,
     want_new: bool,
     want_retries: bool,
     /// The last retry query filled its batch: look again once those are done.
@@ -186,6 +204,7 @@ impl Machine {
             ready_new: VecDeque::new(),
             chains: Chains::default(),
             in_flight: HashMap::new(),
+            requests: 0,
             want_new: true,
             want_retries: true,
             more_retries: false,
@@ -300,63 +319,105 @@ impl Machine {
         queued
     }
 
-    /// The next attempt to start, while fewer than `limit` are in flight.
-    pub fn next_start(&mut self, limit: usize) -> Option<DueEvent> {
-        if self.stopping || self.in_flight.len() >= limit {
+    /// The next request to start, while fewer than `limit` are in flight: one due
+    /// retry row (a stored batch is one row), or else up to `batch` new events. With
+    /// ordering, only the head of each entity's chain is ready, so a batch holds at
+    /// most one event per entity and never revision n+1 before n is answered.
+    pub fn next_start(&mut self, limit: usize, batch: usize) -> Option<Vec<DueEvent>> {
+        if self.stopping || self.requests >= limit {
             return None;
         }
-        let (event, kind) = match self.ready_retries.pop_front() {
-            Some(retry) => (retry, Kind::Retry),
-            None => (self.ready_new.pop_front()?, Kind::New),
+        let events: Vec<DueEvent> = match self.ready_retries.pop_front() {
+            Some(retry) => {
+                self.in_flight.insert(retry.seq, Kind::Retry);
+                vec![retry]
+            }
+            None => {
+                let n = batch.max(1).min(self.ready_new.len());
+                if n == 0 {
+                    return None;
+                }
+                let events: Vec<DueEvent> = self.ready_new.drain(..n).collect();
+                for e in &events {
+                    self.in_flight.insert(e.seq, Kind::New);
+                }
+                events
+            }
         };
-        self.in_flight.insert(event.seq, kind);
-        Some(event)
+        self.requests += 1;
+        Some(events)
     }
 
-    /// Takes the answers to attempts started by [`Machine::next_start`], answered at
+    /// Takes the answers to requests started by [`Machine::next_start`], answered at
     /// `now`: moves chains on and says what to write. A 410 stops the session.
-    pub fn answered(&mut self, done: Vec<(DueEvent, Sent)>, now: SystemTime) -> Settlement {
+    pub fn answered(&mut self, done: Vec<Answer>, now: SystemTime) -> Settlement {
         let mut out = Settlement::default();
-        for (event, sent) in done {
-            let kind = self
-                .in_flight
-                .remove(&event.seq)
-                .expect("an answer to an attempt this session started");
-            match &sent {
-                // Unsettled: the session starts again and fetches it anew.
-                Sent::Lapsed => {
-                    self.lapsed = true;
-                    continue;
-                }
-                // A pending row the filter rejects (queued behind a retry, or after a
-                // reload changed the filter) is not due: it goes, or it would block
-                // its entity for ever. A new event it rejects needs no row.
-                Sent::Filtered if kind == Kind::Retry => out.forget.push(event.seq),
-                Sent::Attempted(_, Decision::DeadAndDisable { reason }) => {
-                    out.disable = Some(reason.clone());
-                }
-                _ => {}
-            }
-            if kind == Kind::New {
-                self.unsettled.remove(&event.seq);
-                if self.ordered {
-                    // The entity's chain: the next event is ready, or all of it queues
-                    // behind the retry.
-                    let k = key(&event);
-                    if matches!(sent, Sent::Attempted(_, Decision::Retry { .. })) {
-                        out.queue_behind.extend(self.chains.take(&k));
-                    } else if let Some(next) = self.chains.advance(&k) {
-                        self.ready_new.push_back(next);
-                    }
+        for answer in done {
+            self.requests -= 1;
+            let mut keep = false;
+            for (event, sent) in answer.events {
+                let attempted = matches!(sent, Sent::Attempted(..));
+                let batch = attempted
+                    .then(|| answer.batch.clone().or_else(|| event.batch.clone()))
+                    .flatten();
+                if let Some(mut row) = self.answered_one(event, sent, now, &mut out) {
+                    keep |= answer.batch.is_some() && batch.is_some();
+                    row.batch = batch;
+                    out.rows.push(row);
                 }
             }
-            out.rows.extend(row(event, kind, sent, now));
+            if keep && let Some(batch) = answer.batch {
+                out.batches.push(batch);
+            }
         }
         self.settle_all(&out.queue_behind);
         if out.disable.is_some() {
             self.stop();
         }
         out
+    }
+
+    /// One event's answer; the retry row it needs, if any.
+    fn answered_one(
+        &mut self,
+        event: DueEvent,
+        sent: Sent,
+        now: SystemTime,
+        out: &mut Settlement,
+    ) -> Option<Row> {
+        let kind = self
+            .in_flight
+            .remove(&event.seq)
+            .expect("an answer to an attempt this session started");
+        match &sent {
+            // Unsettled: the session starts again and fetches it anew.
+            Sent::Lapsed => {
+                self.lapsed = true;
+                return None;
+            }
+            // A pending row the filter rejects (queued behind a retry, or after a
+            // reload changed the filter) is not due: it goes, or it would block its
+            // entity for ever. A new event it rejects needs no row.
+            Sent::Filtered if kind == Kind::Retry => out.forget.push(event.seq),
+            Sent::Attempted(_, Decision::DeadAndDisable { reason }) => {
+                out.disable = Some(reason.clone());
+            }
+            _ => {}
+        }
+        if kind == Kind::New {
+            self.unsettled.remove(&event.seq);
+            if self.ordered {
+                // The entity's chain: the next event is ready, or all of it queues
+                // behind the retry.
+                let k = key(&event);
+                if matches!(sent, Sent::Attempted(_, Decision::Retry { .. })) {
+                    out.queue_behind.extend(self.chains.take(&k));
+                } else if let Some(next) = self.chains.advance(&k) {
+                    self.ready_new.push_back(next);
+                }
+            }
+        }
+        row(event, kind, sent, now)
     }
 
     /// Whether an attempt found the lease possibly expired (cleared by asking).
@@ -417,6 +478,7 @@ fn row(event: DueEvent, kind: Kind, sent: Sent, now: SystemTime) -> Option<Row> 
         Sent::Lapsed | Sent::Filtered => return None,
         Sent::Unsendable(error) => {
             return Some(Row {
+                batch: None,
                 status: "dead",
                 attempts: event.attempts,
                 next_attempt_at: now,
@@ -439,6 +501,7 @@ fn row(event: DueEvent, kind: Kind, sent: Sent, now: SystemTime) -> Option<Row> 
         }
     };
     Some(Row {
+        batch: None,
         status,
         attempts: event.attempts + 1,
         next_attempt_at,

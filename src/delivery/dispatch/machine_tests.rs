@@ -23,6 +23,7 @@ fn event(seq: i64, entity_id: &str) -> DueEvent {
         xid: 7,
         attempts: 0,
         first_due_at: UNIX_EPOCH,
+        batch: None,
     }
 }
 
@@ -78,9 +79,23 @@ fn now() -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(500)
 }
 
-/// Starts attempts up to `limit` in flight; their sequence numbers.
+/// Starts attempts of one event each up to `limit` in flight; their events.
 fn start(m: &mut Machine, limit: usize) -> Vec<DueEvent> {
-    std::iter::from_fn(|| m.next_start(limit)).collect()
+    std::iter::from_fn(|| m.next_start(limit, 1))
+        .flatten()
+        .collect()
+}
+
+/// Answers requests of one event each.
+fn answer_each(m: &mut Machine, done: Vec<(DueEvent, Sent)>, now: SystemTime) -> Settlement {
+    let done = done
+        .into_iter()
+        .map(|e| Answer {
+            events: vec![e],
+            batch: None,
+        })
+        .collect();
+    m.answered(done, now)
 }
 
 fn seqs(events: &[DueEvent]) -> Vec<i64> {
@@ -110,16 +125,16 @@ fn unordered_attempts_start_up_to_the_limit_and_the_cursor_stops_before_the_olde
     );
     assert_eq!(m.wants_new(), None, "the log had no more");
     assert_eq!(seqs(&start(&mut m, 2)), [11, 12]);
-    assert!(m.next_start(2).is_none(), "two in flight is the limit");
+    assert!(m.next_start(2, 1).is_none(), "two in flight is the limit");
 
-    let s = m.answered(vec![delivered(event(12, "a"))], now());
+    let s = answer_each(&mut m, vec![delivered(event(12, "a"))], now());
     assert!(s.rows.is_empty(), "delivered at once needs no row");
     assert_eq!(m.settled_upto(), 10, "11 is still in flight");
     assert_eq!(seqs(&start(&mut m, 2)), [13]);
 
-    m.answered(vec![delivered(event(11, "a"))], now());
+    answer_each(&mut m, vec![delivered(event(11, "a"))], now());
     assert_eq!(m.settled_upto(), 12, "13 is in flight");
-    m.answered(vec![delivered(event(13, "b"))], now());
+    answer_each(&mut m, vec![delivered(event(13, "b"))], now());
     assert_eq!(
         m.settled_upto(),
         15,
@@ -137,7 +152,7 @@ fn the_cursor_is_written_every_interval_while_attempts_are_in_flight() {
         &HashSet::new(),
     );
     start(&mut m, 10);
-    m.answered(vec![delivered(event(1, "a"))], now());
+    answer_each(&mut m, vec![delivered(event(1, "a"))], now());
     assert_eq!(m.cursor_due(t0, false), None, "2 is in flight: wait");
     assert_eq!(m.cursor_deadline(), Some(t0 + CURSOR_EVERY));
     assert_eq!(m.cursor_due(t0 + CURSOR_EVERY, false), Some(1));
@@ -155,11 +170,11 @@ fn with_ordering_an_entity_has_one_attempt_at_a_time_in_order() {
         vec![event(1, "a"), event(2, "a"), event(3, "b"), event(4, "a")],
     );
     assert_eq!(seqs(&start(&mut m, 10)), [1, 3], "one head per entity");
-    m.answered(vec![delivered(event(1, "a"))], now());
+    answer_each(&mut m, vec![delivered(event(1, "a"))], now());
     assert_eq!(seqs(&start(&mut m, 10)), [2]);
-    m.answered(vec![delivered(event(3, "b"))], now());
+    answer_each(&mut m, vec![delivered(event(3, "b"))], now());
     assert!(start(&mut m, 10).is_empty(), "b's chain ended");
-    m.answered(vec![delivered(event(2, "a"))], now());
+    answer_each(&mut m, vec![delivered(event(2, "a"))], now());
     assert_eq!(seqs(&start(&mut m, 10)), [4]);
 
     // A later fetch appends to a chain in memory.
@@ -169,7 +184,7 @@ fn with_ordering_an_entity_has_one_attempt_at_a_time_in_order() {
         &HashSet::new(),
     );
     assert_eq!(seqs(&start(&mut m, 10)), [6], "5 waits behind 4");
-    m.answered(vec![delivered(event(4, "a"))], now());
+    answer_each(&mut m, vec![delivered(event(4, "a"))], now());
     assert_eq!(seqs(&start(&mut m, 10)), [5]);
 }
 
@@ -181,7 +196,7 @@ fn with_ordering_a_retry_queues_the_rest_of_its_chain_and_later_events_behind_it
         vec![event(1, "a"), event(2, "a"), event(3, "a"), event(4, "b")],
     );
     assert_eq!(seqs(&start(&mut m, 10)), [1, 4]);
-    let s = m.answered(vec![retried(event(1, "a"))], now());
+    let s = answer_each(&mut m, vec![retried(event(1, "a"))], now());
     let row = &s.rows[0];
     assert_eq!(
         (row.event.seq, row.status, row.attempts),
@@ -226,7 +241,7 @@ fn with_ordering_a_retry_queues_the_rest_of_its_chain_and_later_events_behind_it
 fn without_ordering_a_retry_holds_nothing_back() {
     let mut m = with_new(0, false, vec![event(1, "a"), event(2, "a")]);
     assert_eq!(seqs(&start(&mut m, 1)), [1]);
-    let s = m.answered(vec![retried(event(1, "a"))], now());
+    let s = answer_each(&mut m, vec![retried(event(1, "a"))], now());
     assert_eq!(s.rows.len(), 1);
     assert!(s.queue_behind.is_empty());
     assert_eq!(seqs(&start(&mut m, 1)), [2]);
@@ -245,11 +260,11 @@ fn retry_rows_go_first_and_are_not_fetched_again_while_out() {
         "retries first, oldest first"
     );
 
-    let s = m.answered(vec![delivered(retry_row(-5, "a", 2))], now());
+    let s = answer_each(&mut m, vec![delivered(retry_row(-5, "a", 2))], now());
     let row = &s.rows[0];
     assert_eq!((row.status, row.attempts), ("delivered", 3), "{row:?}");
     assert!(!m.wants_retries(), "-3 is still out");
-    let s = m.answered(vec![retried(retry_row(-3, "b", 4))], now());
+    let s = answer_each(&mut m, vec![retried(retry_row(-3, "b", 4))], now());
     assert_eq!((s.rows[0].status, s.rows[0].attempts), ("pending", 5));
     assert!(!m.wants_retries(), "until the next poll");
     m.poll();
@@ -267,7 +282,7 @@ fn a_full_batch_of_retries_is_followed_by_the_next_without_waiting_for_a_poll() 
     m.retries_fetched(vec![retry_row(-1, "a", 1)], true);
     start(&mut m, 10);
     assert!(!m.wants_retries());
-    m.answered(vec![retried(retry_row(-1, "a", 1))], now());
+    answer_each(&mut m, vec![retried(retry_row(-1, "a", 1))], now());
     assert!(m.wants_retries(), "the last query filled its batch");
 }
 
@@ -281,7 +296,7 @@ fn a_retry_row_of_an_unsettled_new_event_or_of_an_entity_with_a_chain_waits() {
         true,
     );
     assert_eq!(seqs(&start(&mut m, 10)), [-8]);
-    m.answered(vec![delivered(retry_row(-8, "c", 1))], now());
+    answer_each(&mut m, vec![delivered(retry_row(-8, "c", 1))], now());
     assert!(
         !m.wants_retries(),
         "a skipped row means the batch's end is not the table's"
@@ -297,7 +312,11 @@ fn a_dead_delivery_lets_its_entity_go_on() {
     let dead = Decision::Dead {
         reason: "http 400 is not retried".into(),
     };
-    let s = m.answered(vec![(event(1, "a"), Sent::Attempted(answer, dead))], now());
+    let s = answer_each(
+        &mut m,
+        vec![(event(1, "a"), Sent::Attempted(answer, dead))],
+        now(),
+    );
     let row = &s.rows[0];
     assert_eq!(
         (row.status, row.attempts, row.last_status),
@@ -327,7 +346,8 @@ fn a_failure_without_an_answer_records_its_error_before_the_policy_reason() {
         at: retry_at(),
         reason: "timeout".into(),
     };
-    let s = m.answered(
+    let s = answer_each(
+        &mut m,
         vec![(event(1, "a"), Sent::Attempted(attempt, decision))],
         now(),
     );
@@ -347,19 +367,20 @@ fn gone_410_disables_the_subscription_and_stops_the_session() {
     let gone = Decision::DeadAndDisable {
         reason: "http 410".into(),
     };
-    let s = m.answered(
+    let s = answer_each(
+        &mut m,
         vec![(event(1, "a"), Sent::Attempted(status(410), gone))],
         now(),
     );
     assert_eq!(s.disable.as_deref(), Some("http 410"));
     assert_eq!((s.rows[0].status, s.rows[0].event.seq), ("dead", 1));
     assert!(m.is_stopping());
-    assert!(m.next_start(10).is_none(), "3 and 4 are not attempted");
+    assert!(m.next_start(10, 1).is_none(), "3 and 4 are not attempted");
     assert_eq!(m.wants_new(), None);
     assert!(!m.wants_retries());
 
     // The attempt in flight is still recorded; the cursor stops before 3.
-    m.answered(vec![delivered(event(2, "b"))], now());
+    answer_each(&mut m, vec![delivered(event(2, "b"))], now());
     assert_eq!(m.settled_upto(), 2);
 }
 
@@ -369,8 +390,9 @@ fn a_paused_session_starts_nothing_and_leaves_what_waited_past_the_cursor() {
     m.retries_fetched(vec![retry_row(-1, "d", 1)], false);
     assert_eq!(seqs(&start(&mut m, 2)), [-1, 1]);
     m.stop();
-    assert!(m.next_start(10).is_none());
-    let s = m.answered(
+    assert!(m.next_start(10, 1).is_none());
+    let s = answer_each(
+        &mut m,
         vec![delivered(event(1, "a")), retried(retry_row(-1, "d", 1))],
         now(),
     );
@@ -384,7 +406,8 @@ fn filtered_events_need_no_row_and_filtered_retry_rows_are_forgotten() {
     let mut m = with_new(0, true, vec![event(1, "a"), event(2, "a")]);
     m.retries_fetched(vec![retry_row(-4, "b", 0)], false);
     assert_eq!(seqs(&start(&mut m, 10)), [-4, 1]);
-    let s = m.answered(
+    let s = answer_each(
+        &mut m,
         vec![
             (event(1, "a"), Sent::Filtered),
             (retry_row(-4, "b", 0), Sent::Filtered),
@@ -402,7 +425,8 @@ fn an_unsendable_event_is_dead_without_an_attempt() {
     let mut m = Machine::new(0, false, Instant::now());
     m.retries_fetched(vec![retry_row(-2, "a", 3)], false);
     start(&mut m, 10);
-    let s = m.answered(
+    let s = answer_each(
+        &mut m,
         vec![(
             retry_row(-2, "a", 3),
             Sent::Unsendable("cannot render the body: x".into()),
@@ -423,7 +447,7 @@ fn an_unsendable_event_is_dead_without_an_attempt() {
 fn a_lapsed_attempt_stays_unsettled_and_is_reported_once() {
     let mut m = with_new(0, true, vec![event(1, "a"), event(2, "a")]);
     start(&mut m, 10);
-    let s = m.answered(vec![(event(1, "a"), Sent::Lapsed)], now());
+    let s = answer_each(&mut m, vec![(event(1, "a"), Sent::Lapsed)], now());
     assert!(s.rows.is_empty());
     assert!(m.take_lapsed());
     assert!(!m.take_lapsed());
@@ -437,11 +461,128 @@ fn fetching_stops_while_the_waiting_events_fill_memory() {
     let mut m = Machine::new(0, false, Instant::now());
     m.new_fetched(fetched(events, WAITING_MAX as i64, true), &HashSet::new());
     assert_eq!(m.wants_new(), None, "full, though the log has more");
-    m.next_start(1);
+    m.next_start(1, 1);
     assert_eq!(m.wants_new(), Some(WAITING_MAX as i64));
 
     let mut m = with_new(0, false, vec![event(1, "a")]);
     assert_eq!(m.wants_new(), None);
     m.woken();
     assert_eq!(m.wants_new(), Some(1));
+}
+
+/// A stored batch of `id` (its body does not matter to the machine).
+fn stored(id: &str) -> Arc<StoredBatch> {
+    Arc::new(StoredBatch {
+        id: id.into(),
+        content_type: "application/json".into(),
+        body: bytes::Bytes::from_static(b"[]"),
+    })
+}
+
+/// The answer to one request of `events`, all with `sent`, sent as `batch`.
+fn batch_answer(events: Vec<DueEvent>, sent: &Sent, batch: Option<Arc<StoredBatch>>) -> Answer {
+    Answer {
+        events: events.into_iter().map(|e| (e, sent.clone())).collect(),
+        batch,
+    }
+}
+
+#[test]
+fn batches_take_up_to_batch_size_new_events_and_count_as_one_request() {
+    let mut m = with_new(0, false, (1..=7).map(|s| event(s, "a")).collect());
+    let first = m.next_start(2, 3).expect("a batch");
+    assert_eq!(seqs(&first), [1, 2, 3]);
+    let second = m.next_start(2, 3).expect("a second batch");
+    assert_eq!(seqs(&second), [4, 5, 6]);
+    assert!(m.next_start(2, 3).is_none(), "two requests in flight");
+    let (_, ok) = delivered(event(0, "a"));
+    let s = m.answered(vec![batch_answer(first, &ok, Some(stored("bat_1")))], now());
+    assert!(
+        s.rows.is_empty() && s.batches.is_empty(),
+        "a delivered batch writes nothing"
+    );
+    assert_eq!(m.settled_upto(), 3);
+    assert_eq!(seqs(&m.next_start(2, 3).expect("the rest")), [7]);
+}
+
+#[test]
+fn with_ordering_a_batch_holds_one_event_per_entity_and_the_next_revision_waits() {
+    let mut m = with_new(
+        0,
+        true,
+        vec![
+            event(1, "a"),
+            event(2, "a"),
+            event(3, "b"),
+            event(4, "c"),
+            event(5, "b"),
+        ],
+    );
+    let batch = m.next_start(10, 100).expect("a batch");
+    assert_eq!(seqs(&batch), [1, 3, 4], "the heads of a, b and c only");
+    assert!(m.next_start(10, 100).is_none(), "2 and 5 wait for 1 and 3");
+    let (_, ok) = delivered(event(0, "a"));
+    m.answered(vec![batch_answer(batch, &ok, Some(stored("bat_1")))], now());
+    assert_eq!(
+        seqs(&m.next_start(10, 100).expect("the next revisions")),
+        [2, 5]
+    );
+}
+
+#[test]
+fn a_failed_batch_is_kept_its_rows_name_it_and_the_entities_queue_behind() {
+    let mut m = with_new(
+        0,
+        true,
+        vec![event(1, "a"), event(2, "b"), event(3, "a"), event(4, "b")],
+    );
+    let batch = m.next_start(10, 100).expect("a batch");
+    assert_eq!(seqs(&batch), [1, 2]);
+    let (_, failed) = retried(event(0, "a"));
+    let s = m.answered(
+        vec![batch_answer(batch, &failed, Some(stored("bat_1")))],
+        now(),
+    );
+    assert_eq!(s.batches, vec![stored("bat_1")], "kept for its retries");
+    let rows: Vec<(i64, &str, Option<&str>)> = s
+        .rows
+        .iter()
+        .map(|r| (r.event.seq, r.status, r.record().1.batch_id))
+        .collect();
+    assert_eq!(
+        rows,
+        [(1, "pending", Some("bat_1")), (2, "pending", Some("bat_1"))]
+    );
+    assert_eq!(
+        seqs(&s.queue_behind),
+        [3, 4],
+        "later revisions wait behind it"
+    );
+    assert!(m.next_start(10, 100).is_none());
+    assert_eq!(m.settled_upto(), 4);
+}
+
+#[test]
+fn a_stored_batch_is_retried_alone_and_its_answer_names_it() {
+    let mut m = Machine::new(10, true, Instant::now());
+    let mut row = retry_row(3, "a", 1);
+    row.batch = Some(stored("bat_1"));
+    m.retries_fetched(vec![row], false);
+    let new = vec![event(11, "x"), event(12, "y")];
+    m.new_fetched(fetched(new, 12, false), &HashSet::new());
+    let retry = m.next_start(10, 100).expect("the retry first");
+    assert_eq!(seqs(&retry), [3], "a retry is not batched with new events");
+    assert_eq!(
+        seqs(&m.next_start(10, 100).expect("then new ones")),
+        [11, 12]
+    );
+    let (_, ok) = delivered(event(0, "a"));
+    let s = m.answered(vec![batch_answer(retry, &ok, None)], now());
+    assert!(s.batches.is_empty(), "already kept");
+    assert_eq!(s.rows.len(), 1);
+    let (_, record) = s.rows[0].record();
+    assert_eq!(
+        (record.status, record.batch_id),
+        ("delivered", Some("bat_1"))
+    );
 }

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -31,13 +32,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use self::machine::{Machine, Row, Sent};
+use self::machine::{Answer, Machine, Row, Sent};
 use super::measure::AttemptMetrics;
 use super::{Decision, HttpClients, body, decide, request_headers};
 use crate::config::{Ordering, SubscriptionConfig};
 use crate::routing::{Envelope, EventSource, Router};
 use crate::source::decoder::TableName;
-use crate::store::deliveries::{DueEvent, NewEvents, SubscriptionLease};
+use crate::store::deliveries::{DueEvent, NewEvents, StoredBatch, SubscriptionLease};
 use crate::store::wake::Wake;
 use crate::store::{Store, StoreError};
 
@@ -117,7 +118,7 @@ pub async fn run(
 }
 
 /// A finished attempt task.
-type Done = (DueEvent, Sent);
+type Done = Answer;
 
 struct Dispatcher {
     sub: Arc<SubscriptionConfig>,
@@ -254,11 +255,10 @@ impl Dispatcher {
                 }
             }
             if m.wants_retries() {
-                let retries = self
+                let (retries, full) = self
                     .store
                     .due_retries(self.name(), self.ordered, BATCH)
                     .await?;
-                let full = retries.len() as i64 == BATCH;
                 m.retries_fetched(retries, full);
             }
             if let Some(after) = m.wants_new() {
@@ -286,8 +286,9 @@ impl Dispatcher {
                 let queued = m.new_fetched(new, &blocked);
                 self.queue_behind(&queued).await?;
             }
-            while let Some(event) = m.next_start(limit) {
-                self.start(tasks, event);
+            let batch = self.sub.batch_size.max(1) as usize;
+            while let Some(events) = m.next_start(limit, batch) {
+                self.start(tasks, events);
             }
             self.write_cursor(m, false).await?;
             if m.is_stopping() {
@@ -321,22 +322,22 @@ impl Dispatcher {
         }
     }
 
-    /// Starts the attempt of `event`.
-    fn start(&self, tasks: &mut JoinSet<Done>, event: DueEvent) {
+    /// Starts the request of `events`.
+    fn start(&self, tasks: &mut JoinSet<Done>, events: Vec<DueEvent>) {
         let (sub, clients, router) = (self.sub.clone(), self.clients.clone(), self.router.clone());
         let metrics = self.metrics.clone();
         let valid_until = self.valid_until;
-        tasks.spawn(
-            async move { attempt(&sub, &clients, &router, &metrics, event, valid_until).await },
-        );
+        tasks.spawn(async move {
+            attempt(&sub, &clients, &router, &metrics, events, valid_until).await
+        });
     }
 
     /// Hands finished attempts to the machine and writes what it settles (one
     /// statement for the rows).
     async fn settle(&mut self, m: &mut Machine, done: Vec<Done>) -> Result<(), StoreError> {
         let name = self.sub.name.as_str();
-        for (event, sent) in &done {
-            log_answer(name, event, sent);
+        for answer in &done {
+            log_answer(name, answer);
         }
         let settled = m.answered(done, SystemTime::now());
         let owner = self.owner.as_str();
@@ -345,7 +346,10 @@ impl Dispatcher {
             warn!(subscription = %name, "receiver answered 410 Gone: subscription disabled until resumed");
         }
         let rows: Vec<_> = settled.rows.iter().map(Row::record).collect();
-        self.store.record_attempts(name, owner, &rows).await?;
+        let batches: Vec<&StoredBatch> = settled.batches.iter().map(|b| &**b).collect();
+        self.store
+            .record_attempts(name, owner, &rows, &batches)
+            .await?;
         self.store
             .forget_pending(name, owner, &settled.forget)
             .await?;
@@ -385,82 +389,198 @@ fn finished(joined: Result<Done, tokio::task::JoinError>) -> Done {
 }
 
 /// Logs what an operator should hear of an answer (never a body or a URL).
-fn log_answer(subscription: &str, event: &DueEvent, sent: &Sent) {
-    match sent {
-        Sent::Unsendable(error) => {
-            warn!(subscription = %subscription, event = %event.id, error = %error, "cannot build the request; the delivery is dead");
-        }
-        Sent::Attempted(attempt, decision) => {
-            if let Some(location) = &attempt.location {
-                warn!(subscription = %subscription, event = %event.id, location = %location, "receiver redirected; redirects are not followed");
+fn log_answer(subscription: &str, answer: &Answer) {
+    let batch = answer
+        .batch
+        .as_ref()
+        .or_else(|| answer.events.first().and_then(|(e, _)| e.batch.as_ref()))
+        .map(|b| b.id.as_str());
+    for (event, sent) in &answer.events {
+        match sent {
+            Sent::Unsendable(error) => {
+                warn!(subscription = %subscription, event = %event.id, error = %error, "cannot build the request; the delivery is dead");
             }
-            if matches!(
-                decision,
-                Decision::Dead { .. } | Decision::DeadAndDisable { .. }
-            ) {
-                warn!(subscription = %subscription, event = %event.id, attempts = event.attempts + 1, "delivery is dead");
+            Sent::Attempted(attempt, decision) => {
+                if let Some(location) = &attempt.location {
+                    warn!(subscription = %subscription, event = %event.id, batch = ?batch, location = %location, "receiver redirected; redirects are not followed");
+                }
+                if matches!(
+                    decision,
+                    Decision::Dead { .. } | Decision::DeadAndDisable { .. }
+                ) {
+                    warn!(subscription = %subscription, event = %event.id, batch = ?batch, attempts = event.attempts + 1, "delivery is dead");
+                }
             }
+            Sent::Lapsed | Sent::Filtered => {}
         }
-        Sent::Lapsed | Sent::Filtered => {}
+        if batch.is_some() && matches!(sent, Sent::Attempted(..)) {
+            // One line per request is enough for a batch.
+            break;
+        }
     }
 }
 
-/// One HTTP attempt of `event`, unless the subscription's filter rejects it.
-#[tracing::instrument(name = "delivery", skip_all, fields(event = %event.id, attempt = event.attempts + 1, status = tracing::field::Empty))]
+/// What to send for a request: the `webhook-id`, the body and its content type.
+struct Request {
+    id: String,
+    body: Bytes,
+    content_type: &'static str,
+}
+
+/// One HTTP request for `events` (one due retry row, or up to `batch_size` new
+/// events), leaving out those the subscription's filter rejects or whose body does
+/// not render. A stored batch is sent again as stored.
+#[tracing::instrument(name = "delivery", skip_all, fields(event = %events[0].id, events = events.len(), attempt = events[0].attempts + 1, status = tracing::field::Empty))]
 async fn attempt(
     sub: &SubscriptionConfig,
     clients: &HttpClients,
     router: &Router,
     metrics: &AttemptMetrics,
-    mut event: DueEvent,
+    events: Vec<DueEvent>,
     valid_until: Instant,
-) -> (DueEvent, Sent) {
-    let envelope = envelope(&mut event);
-    if sub.filter.is_some() && router.route(&envelope).subscriptions.is_empty() {
-        return (event, Sent::Filtered);
+) -> Answer {
+    let mut out: Vec<(DueEvent, Option<Sent>)> = Vec::with_capacity(events.len());
+    let mut bodies = Vec::with_capacity(events.len());
+    let mut stored = None;
+    for mut event in events {
+        if let Some(batch) = &event.batch {
+            stored = Some(batch.clone());
+            out.push((event, None));
+            continue;
+        }
+        let envelope = envelope(&mut event);
+        if sub.filter.is_some() && router.route(&envelope).subscriptions.is_empty() {
+            out.push((event, Some(Sent::Filtered)));
+            continue;
+        }
+        match body::render(&envelope, sub) {
+            Ok(body) => {
+                bodies.push(body);
+                out.push((event, None));
+            }
+            Err(e) => {
+                let error = format!("cannot render the body: {}", crate::pg::ErrorChain(&e));
+                out.push((event, Some(Sent::Unsendable(error))));
+            }
+        }
     }
-    let body = match body::render(&envelope, sub) {
-        Ok(b) => b,
-        Err(e) => {
-            return (
-                event,
-                Sent::Unsendable(format!(
-                    "cannot render the body: {}",
-                    crate::pg::ErrorChain(&e)
-                )),
-            );
+    let mut sending = out.iter().filter(|(_, s)| s.is_none()).map(|(e, _)| e);
+    let Some(first) = sending.next() else {
+        return finish(out, None, None);
+    };
+    let several = sending.next().is_some();
+    let (request, batch) = match stored {
+        Some(batch) => {
+            let content_type = match batch.content_type.as_str() {
+                t if t == body::batch_content_type(sub.format) => {
+                    body::batch_content_type(sub.format)
+                }
+                "application/cloudevents-batch+json" => "application/cloudevents-batch+json",
+                _ => "application/json",
+            };
+            let request = Request {
+                id: batch.id.clone(),
+                body: batch.body.clone(),
+                content_type,
+            };
+            (request, None)
+        }
+        // With batch_size > 1 every body is an array; one event's keeps its own id, so
+        // its retries (which need no stored batch) send the same bytes.
+        None if sub.batch_size > 1 => {
+            let content_type = body::batch_content_type(sub.format);
+            let body = body::batch(&bodies);
+            if several {
+                let id = format!("bat_{}", ulid::Ulid::new());
+                let batch = Arc::new(StoredBatch {
+                    id: id.clone(),
+                    content_type: content_type.to_owned(),
+                    body: body.clone(),
+                });
+                (
+                    Request {
+                        id,
+                        body,
+                        content_type,
+                    },
+                    Some(batch),
+                )
+            } else {
+                (
+                    Request {
+                        id: first.id.clone(),
+                        body,
+                        content_type,
+                    },
+                    None,
+                )
+            }
+        }
+        None => {
+            let request = Request {
+                id: first.id.clone(),
+                body: bodies.pop().expect("one body per event sent"),
+                content_type: body::content_type(sub.format),
+            };
+            (request, None)
         }
     };
-    drop(envelope);
+    // The oldest event sent decides the attempt count and the age (a batch's events
+    // share their fate).
+    let (attempts, first_due_at, occurred_at) =
+        (first.attempts, first.first_due_at, first.occurred_at);
+    let count = out.iter().filter(|(_, s)| s.is_none()).count();
     let now = SystemTime::now();
     let timestamp = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
-    let headers = request_headers(sub, &event.id, timestamp, &body);
+    let headers = request_headers(
+        sub,
+        request.content_type,
+        &request.id,
+        timestamp,
+        &request.body,
+    );
     // The last moment to hold back: after it, the request may be on its way.
     if Instant::now() >= valid_until {
-        return (event, Sent::Lapsed);
+        return finish(out, Some(Sent::Lapsed), None);
     }
     let result = clients
         .for_subscription(sub)
-        .post(sub.url.expose(), &headers, body, sub.timeout)
+        .post(sub.url.expose(), &headers, request.body, sub.timeout)
         .await;
     // Retry-After and the backoff count from the answer, not from the request: a slow
     // answer must not bring the next attempt forward.
     let answered = SystemTime::now();
-    let age = answered
-        .duration_since(event.first_due_at)
-        .unwrap_or_default();
+    let age = answered.duration_since(first_due_at).unwrap_or_default();
     let decision = decide(
         result.outcome(),
-        event.attempts as u32 + 1,
+        attempts as u32 + 1,
         age,
         &sub.retry,
         answered,
         fastrand::f64(),
     );
     tracing::Span::current().record("status", result.outcome.label().as_ref());
-    metrics.record(&result, &decision, event.occurred_at);
-    debug!(subscription = %sub.name, event = %event.id, attempt = event.attempts + 1, elapsed_ms = result.elapsed.as_millis() as u64, "attempt");
-    (event, Sent::Attempted(result, decision))
+    metrics.record(&result, &decision, occurred_at, count as u64);
+    debug!(subscription = %sub.name, webhook_id = %request.id, events = count, attempt = attempts + 1, elapsed_ms = result.elapsed.as_millis() as u64, "attempt");
+    finish(out, Some(Sent::Attempted(result, decision)), batch)
+}
+
+/// The answer of a request: `sent` for every event that was in it.
+fn finish(
+    events: Vec<(DueEvent, Option<Sent>)>,
+    sent: Option<Sent>,
+    batch: Option<Arc<StoredBatch>>,
+) -> Answer {
+    let events = events
+        .into_iter()
+        .map(|(event, own)| {
+            let sent = own
+                .or_else(|| sent.clone())
+                .expect("every event sent has the request's outcome");
+            (event, sent)
+        })
+        .collect();
+    Answer { events, batch }
 }
 
 /// The envelope of a stored event; takes the event's row values (it needs only its

@@ -293,7 +293,13 @@ async fn headers_arrive_and_the_signature_verifies() {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64;
-    let headers = request_headers(sub, "evt_1", ts, &body);
+    let headers = request_headers(
+        sub,
+        super::super::body::content_type(sub.format),
+        "evt_1",
+        ts,
+        &body,
+    );
     // Secret values are marked sensitive (hidden by `Debug`).
     for (name, value) in &headers {
         let secret = ["authorization", "x-tenant", "webhook-signature"].contains(&name.as_str());
@@ -344,7 +350,7 @@ fn unsigned_subscription_sends_no_signature() {
     let c = config(
         "[[subscriptions]]\nname = \"s\"\nurl = \"http://127.0.0.1:1/\"\nevents = [\"*\"]\n",
     );
-    let headers = request_headers(&c.subscriptions[0], "evt_1", 1, b"{}");
+    let headers = request_headers(&c.subscriptions[0], "application/json", "evt_1", 1, b"{}");
     let names: Vec<&str> = headers.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(
         names,
