@@ -14,6 +14,7 @@ use crate::support::receiver::{Received, Receiver};
 use crate::support::wait_for;
 
 mod backlog;
+mod batches;
 mod faults;
 mod formats;
 mod lease;
