@@ -221,6 +221,7 @@ fn delivery_json(d: &Delivery, with_response: bool) -> serde_json::Value {
         "last_error": d.last_error,
         "occurred_at": json_time(Some(d.occurred_at)),
         "ingested_at": json_time(Some(d.ingested_at)),
+        "batch_id": d.batch_id,
     });
     if with_response {
         v["response_head"] = json!(d.last_response);
@@ -269,7 +270,7 @@ async fn show(args: ShowArgs) -> anyhow::Result<()> {
             println!();
         }
         let opt = |t: Option<std::time::SystemTime>| t.map_or("-".into(), human_time);
-        let fields: [(&str, String); 15] = [
+        let fields: [(&str, String); 16] = [
             ("id", d.id()),
             ("subscription", d.subscription.clone()),
             ("event", d.event_id.clone()),
@@ -291,6 +292,7 @@ async fn show(args: ShowArgs) -> anyhow::Result<()> {
             ("occurred at", human_time(d.occurred_at)),
             ("ingested at", human_time(d.ingested_at)),
             ("log position", d.seq.to_string()),
+            ("batch", d.batch_id.clone().unwrap_or_else(|| "-".into())),
         ];
         for (k, v) in fields {
             println!("{:<14}{v}", format!("{k}:"));

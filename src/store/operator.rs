@@ -144,6 +144,8 @@ pub struct Delivery {
     pub delivered_at: Option<SystemTime>,
     pub occurred_at: SystemTime,
     pub ingested_at: SystemTime,
+    /// The batch it was sent in, when that batch needed a retry (`batch_size > 1`).
+    pub batch_id: Option<String>,
 }
 
 impl Delivery {
@@ -173,7 +175,7 @@ pub struct SubscriptionOverview {
 /// Columns of a candidate delivery row (`d`, from retry rows or from the cursor) joined
 /// with its event (`e`).
 const DELIVERY_COLUMNS: &str = "d.subscription, d.seq, e.id, e.type, e.entity, e.entity_id, e.revision, d.status, d.attempts, \
-     d.next_attempt_at, d.last_status, d.last_error, d.last_response, d.delivered_at, e.occurred_at, e.ingested_at";
+     d.next_attempt_at, d.last_status, d.last_error, d.last_response, d.delivered_at, e.occurred_at, e.ingested_at, d.batch_id";
 
 /// SQL parameters shared by every selection query, in this order:
 /// $1 subscriptions text[], $2 entity text, $3 entity_id text, $4 since, $5 until,
@@ -221,7 +223,7 @@ fn candidates_sql(s: &str, ascending: bool, single: bool) -> String {
         "SELECT * FROM (
            (SELECT r.subscription, r.seq, r.status, r.attempts,
                    CASE WHEN r.status = 'pending' THEN r.next_attempt_at END AS next_attempt_at,
-                   r.last_status, r.last_error, r.last_response, r.delivered_at, true AS from_row
+                   r.last_status, r.last_error, r.last_response, r.delivered_at, true AS from_row, r.batch_id
             FROM {s}.delivery_retries r JOIN {s}.events e ON e.seq = r.seq
             WHERE r.status = ANY ($8) AND {na} {keyset_a}
             ORDER BY r.seq {dir}, r.subscription {dir} LIMIT $13)
@@ -230,7 +232,7 @@ fn candidates_sql(s: &str, ascending: bool, single: bool) -> String {
                    CASE WHEN e.seq <= st.cursor THEN 'delivered' ELSE 'pending' END,
                    CASE WHEN e.seq <= st.cursor THEN 1 ELSE 0 END,
                    CASE WHEN e.seq > st.cursor THEN e.ingested_at END,
-                   NULL::int4, NULL::text, NULL::text, NULL::timestamptz, false
+                   NULL::int4, NULL::text, NULL::text, NULL::timestamptz, false, NULL::text
             FROM {s}.subscription_state st JOIN {s}.events e ON st.subscription = ANY (e.subscriptions)
             WHERE ($9 OR $10) AND {nb} {keyset_b}
               AND ((e.seq <= st.cursor AND $9) OR (e.seq > st.cursor AND $10))
@@ -328,6 +330,7 @@ fn delivery(r: &tokio_postgres::Row) -> Delivery {
         delivered_at: r.get(13),
         occurred_at: r.get(14),
         ingested_at: r.get(15),
+        batch_id: r.get(16),
     }
 }
 

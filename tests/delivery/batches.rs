@@ -138,6 +138,23 @@ backoff = ["500ms"]
         .unwrap();
     let (done, all): (i64, i64) = (row.get(0), row.get(1));
     assert_eq!((done, all), (events as i64, events as i64));
+    // The operator sees which batch an event went in.
+    let event: String = client
+        .query_one(
+            "SELECT event_id FROM walhook.deliveries WHERE batch_id = $1 LIMIT 1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let (status, out, err) =
+        work.run_to_end(&["deliveries", "show", &format!("{event}:bulk")], WAIT);
+    assert!(status.success(), "{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("batch:") && l.ends_with(&id)),
+        "{out}"
+    );
     daemon.signal(libc::SIGTERM);
     assert!(daemon.wait_exit(WAIT).success(), "{}", daemon.log());
 }

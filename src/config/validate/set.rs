@@ -153,6 +153,27 @@ mod tests {
     }
 
     #[test]
+    fn batch_size_is_refused_with_one_event_formats() {
+        let e = load(&format!(
+            "{}\nbatch_size = 10",
+            set_sub("{ issuer = \"i\", audience = \"a\" }")
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("subscriptions[0].batch_size: subscription \"idp\": batch_size = 10 cannot be used with format = \"set\""),
+            "{e}"
+        );
+        let e = load("batch_size = 0").unwrap_err();
+        assert!(
+            e.contains("batch_size = 0 is out of range 1..=10000"),
+            "{e}"
+        );
+        let c = load("format = \"cloudevents\"\nbatch_size = 100").unwrap();
+        assert_eq!(c.subscriptions[0].batch_size, 100);
+        assert_eq!(load("").unwrap().subscriptions[0].batch_size, 1);
+    }
+
+    #[test]
     fn set_errors_name_the_subscription_and_key() {
         let e = load(&set_sub("{ audience = \"a\" }")).unwrap_err();
         assert!(

@@ -170,9 +170,13 @@ impl Validator<'_> {
             } else {
                 "format = \"slack\": a Slack message is one event's text"
             };
+            let who = name
+                .as_deref()
+                .map(|n| format!("subscription \"{n}\": "))
+                .unwrap_or_default();
             self.err(
                 &k("batch_size"),
-                format!("batch_size = {batch_size} cannot be used with {why}; remove batch_size, or use format = \"json\" or \"cloudevents\""),
+                format!("{who}batch_size = {batch_size} cannot be used with {why}; remove batch_size, or use format = \"json\" or \"cloudevents\""),
             );
         }
 
