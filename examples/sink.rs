@@ -1,5 +1,6 @@
 //! The webhook receiver of `bench/run`: an HTTP/1.1 keep-alive server on 127.0.0.1 that
-//! answers every POST at once with 204 and records its arrival: a count, arrivals per
+//! answers every POST at once with 204 and records its arrival (each event of a JSON
+//! array, a walhook batch, as one arrival): a count, arrivals per
 //! 100 ms since start, and, when the body has an `occurred_at` (walhook's envelope: the
 //! commit time of the source transaction), the commit-to-receiver latency.
 //!
@@ -73,15 +74,31 @@ impl Record {
     }
 }
 
-/// The value of `"occurred_at":"..."` in a JSON body, without parsing the whole body.
-fn occurred_at(body: &[u8]) -> Option<SystemTime> {
+/// The events of a body: one per `"occurred_at":"..."` value in a JSON array (a walhook
+/// batch), else the body is one event, with the first such value if it has one. Found
+/// without parsing the whole body.
+fn events(body: &[u8]) -> Vec<Option<SystemTime>> {
     const KEY: &[u8] = b"\"occurred_at\":\"";
-    let start = body.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
-    let len = body[start..].iter().position(|&b| b == b'"')?;
-    let text = std::str::from_utf8(&body[start..start + len]).ok()?;
-    chrono::DateTime::parse_from_rfc3339(text)
-        .ok()
-        .map(SystemTime::from)
+    let mut found = Vec::new();
+    let mut rest = body;
+    while let Some(at) = rest.windows(KEY.len()).position(|w| w == KEY) {
+        rest = &rest[at + KEY.len()..];
+        let Some(len) = rest.iter().position(|&b| b == b'"') else {
+            break;
+        };
+        let time = std::str::from_utf8(&rest[..len])
+            .ok()
+            .and_then(|text| chrono::DateTime::parse_from_rfc3339(text).ok())
+            .map(SystemTime::from);
+        found.push(time);
+        if body.first() != Some(&b'[') {
+            break;
+        }
+    }
+    if found.is_empty() {
+        found.push(None);
+    }
+    found
 }
 
 /// Serves one keep-alive connection until the peer closes it or sends garbage.
@@ -129,7 +146,9 @@ async fn serve(socket: TcpStream, record: Arc<Record>) {
                 b"HTTP/1.1 204 No Content\r\n\r\n".to_vec()
             }
             ("POST", _) => {
-                record.arrival(occurred_at(&body));
+                for occurred_at in events(&body) {
+                    record.arrival(occurred_at);
+                }
                 b"HTTP/1.1 204 No Content\r\n\r\n".to_vec()
             }
             _ => b"HTTP/1.1 405 Method Not Allowed\r\ncontent-length: 0\r\n\r\n".to_vec(),
