@@ -20,6 +20,7 @@
 //! stall or a SIGSTOP longer than the lease): the lease is renewed first, and an attempt
 //! task that was delayed past that moment sends nothing.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -424,7 +425,7 @@ fn log_answer(subscription: &str, answer: &Answer) {
 struct Request {
     id: String,
     body: Bytes,
-    content_type: &'static str,
+    content_type: Cow<'static, str>,
 }
 
 /// One HTTP request for `events` (one due retry row, or up to `batch_size` new
@@ -471,30 +472,23 @@ async fn attempt(
     let several = sending.next().is_some();
     let (request, batch) = match stored {
         Some(batch) => {
-            let content_type = match batch.content_type.as_str() {
-                t if t == body::batch_content_type(sub.format) => {
-                    body::batch_content_type(sub.format)
-                }
-                "application/cloudevents-batch+json" => "application/cloudevents-batch+json",
-                _ => "application/json",
-            };
             let request = Request {
                 id: batch.id.clone(),
                 body: batch.body.clone(),
-                content_type,
+                content_type: Cow::Owned(batch.content_type.clone()),
             };
             (request, None)
         }
         // With batch_size > 1 every body is an array; one event's keeps its own id, so
         // its retries (which need no stored batch) send the same bytes.
         None if sub.batch_size > 1 => {
-            let content_type = body::batch_content_type(sub.format);
+            let content_type = Cow::Borrowed(body::batch_content_type(sub.format));
             let body = body::batch(&bodies);
             if several {
                 let id = format!("bat_{}", ulid::Ulid::new());
                 let batch = Arc::new(StoredBatch {
                     id: id.clone(),
-                    content_type: content_type.to_owned(),
+                    content_type: content_type.clone().into_owned(),
                     body: body.clone(),
                 });
                 (
@@ -520,7 +514,7 @@ async fn attempt(
             let request = Request {
                 id: first.id.clone(),
                 body: bodies.pop().expect("one body per event sent"),
-                content_type: body::content_type(sub.format),
+                content_type: Cow::Borrowed(body::content_type(sub.format)),
             };
             (request, None)
         }
@@ -534,7 +528,7 @@ async fn attempt(
     let timestamp = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
     let headers = request_headers(
         sub,
-        request.content_type,
+        &request.content_type,
         &request.id,
         timestamp,
         &request.body,
