@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use super::keys::SigningKeys;
 use super::secret::{DatabaseUrl, Secret};
+use super::template::TextTemplate;
 
 /// The whole validated config.
 #[derive(Debug, Clone, PartialEq)]
@@ -396,7 +397,7 @@ pub enum Signature {
     V1a,
 }
 
-/// `format` (`json`, `cloudevents` and `set` are active yet).
+/// `format`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
@@ -444,11 +445,11 @@ pub struct SetConfig {
 /// The default `set.event_uri_prefix`: `urn:walhook:event:user.created`.
 pub const DEFAULT_EVENT_URI_PREFIX: &str = "urn:walhook:event:";
 
-/// `slack = { text }` (not active yet).
+/// `slack = { text }`; only with `format = "slack"`, which always has one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlackConfig {
-    /// Message template.
-    pub text: String,
+    /// The message template; every placeholder names an envelope path that can exist.
+    pub text: TextTemplate,
 }
 
 /// `[subscriptions.retry]`.
@@ -491,7 +492,7 @@ pub struct SubscriptionConfig {
     pub tls_insecure: bool,
     /// Signature scheme; `keys` holds keys of this scheme.
     pub signature: Signature,
-    /// Body format (`json`, `cloudevents` and `set` active yet).
+    /// Body format.
     pub format: Format,
     /// CloudEvents attributes; `Some` exactly when `format = "cloudevents"`.
     pub cloudevents: Option<CloudEventsConfig>,
@@ -500,7 +501,7 @@ pub struct SubscriptionConfig {
     /// Security Event Token claims; `Some` exactly when `format = "set"` (which also
     /// means `keys` is [`SigningKeys::V1a`]: the newest key signs the tokens).
     pub set: Option<SetConfig>,
-    /// Slack options (not active yet).
+    /// Slack message template; `Some` exactly when `format = "slack"`.
     pub slack: Option<SlackConfig>,
     /// Retry schedule.
     pub retry: RetryPolicy,
@@ -535,14 +536,8 @@ impl Config {
             }
         }
         for (i, s) in self.subscriptions.iter().enumerate() {
-            if s.format == Format::Slack {
-                keys.push(format!("subscriptions[{i}].format"));
-            }
             if s.batch_size.is_some() {
                 keys.push(format!("subscriptions[{i}].batch_size"));
-            }
-            if s.slack.is_some() {
-                keys.push(format!("subscriptions[{i}].slack"));
             }
         }
         keys
