@@ -284,13 +284,22 @@ pub struct AggregateConfig {
     pub event: String,
     /// Which row operation is aggregated.
     pub op: AggregateOp,
-    /// Fewest rows in one transaction that trigger the aggregate (default 1).
+    /// Fewest rows in one transaction that trigger the aggregate (default
+    /// [`DEFAULT_MIN_ROWS`]).
     pub min_rows: u64,
-    /// Most rows folded into one aggregate event.
+    /// Most rows folded into one aggregate event (default [`DEFAULT_MAX_ROWS`], at
+    /// most [`MAX_MAX_ROWS`]); always `Some` after validation.
     pub max_rows: Option<u64>,
     /// Whether the aggregate replaces the per-row events.
     pub replace: bool,
 }
+
+/// Default `aggregate.min_rows`.
+pub const DEFAULT_MIN_ROWS: u64 = 2;
+/// Default `aggregate.max_rows`.
+pub const DEFAULT_MAX_ROWS: u64 = 1000;
+/// Largest `aggregate.max_rows`: the rows of one bulk event are held in memory.
+pub const MAX_MAX_ROWS: u64 = 100_000;
 
 /// `aggregate.op`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
@@ -302,6 +311,17 @@ pub enum AggregateOp {
     Update,
     /// Deleted rows.
     Delete,
+}
+
+impl AggregateOp {
+    /// `"insert"`, `"update"` or `"delete"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AggregateOp::Insert => "insert",
+            AggregateOp::Update => "update",
+            AggregateOp::Delete => "delete",
+        }
+    }
 }
 
 /// A subscription name: unique, `[a-z0-9_-]+`.
