@@ -26,6 +26,21 @@
 //!   stored position `(commit, k)`, feeding rows `1..=k` again and discarding what
 //!   comes out rebuilds the state, and what comes out after is exactly what was not
 //!   stored (see the `replay_*` tests).
+//!
+//! Not wired in yet (`[[tables.aggregate]]` is still reported as not active). What the
+//! wiring needs, beyond calling this from the source task between the mapper and
+//! ingest:
+//! - the stream must hand the source task the rows of a partly stored transaction that
+//!   it skips on the first connection after a start (marked as replayed: mapped and fed
+//!   here, their output dropped), but not those it skips after a reconnect within one
+//!   run (the state still has them);
+//! - a [`Bulk`] goes to ingest as one message, so its rows and its event land in one
+//!   store batch: each row consumes one revision even when it has no events (`replace
+//!   = true`), and the bulk event's `data` ([`Bulk::data`]) is filled with the
+//!   revisions the store gives those rows, in the store write and in the live log;
+//! - the bulk event's own entity is the table's entity with an id unique to the part
+//!   (e.g. built from the commit LSN, the op and the part), revision 1 of it, so it
+//!   never waits behind, or holds up, the entities it lists.
 
 use std::collections::HashSet;
 use std::sync::Arc;
