@@ -731,7 +731,6 @@ batch_size = 10
             vec![
                 "tables[0].snapshot",
                 "tables[0].context",
-                "tables[0].aggregate",
                 "subscriptions[0].batch_size",
             ]
         );

@@ -143,7 +143,7 @@ pub struct TableConfig {
     pub snapshot: bool,
     /// `[[tables.context]]` (not active yet).
     pub context: Vec<ContextConfig>,
-    /// `[[tables.aggregate]]` (not active yet).
+    /// `[[tables.aggregate]]`: bulk events per source transaction.
     pub aggregates: Vec<AggregateConfig>,
 }
 
@@ -277,7 +277,7 @@ pub struct ContextConfig {
     pub columns: Option<Vec<String>>,
 }
 
-/// A `[[tables.aggregate]]` entry (not active yet).
+/// A `[[tables.aggregate]]` entry.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AggregateConfig {
     /// Full event name.
@@ -550,9 +550,6 @@ impl Config {
             }
             if !t.context.is_empty() {
                 keys.push(format!("tables[{i}].context"));
-            }
-            if !t.aggregates.is_empty() {
-                keys.push(format!("tables[{i}].aggregate"));
             }
         }
         for (i, s) in self.subscriptions.iter().enumerate() {

@@ -27,20 +27,15 @@
 //!   comes out rebuilds the state, and what comes out after is exactly what was not
 //!   stored (see the `replay_*` tests).
 //!
-//! Not wired in yet (`[[tables.aggregate]]` is still reported as not active). What the
-//! wiring needs, beyond calling this from the source task between the mapper and
-//! ingest:
-//! - the stream must hand the source task the rows of a partly stored transaction that
-//!   it skips on the first connection after a start (marked as replayed: mapped and fed
-//!   here, their output dropped), but not those it skips after a reconnect within one
-//!   run (the state still has them);
-//! - a [`Bulk`] goes to ingest as one message, so its rows and its event land in one
-//!   store batch: each row consumes one revision even when it has no events (`replace
-//!   = true`), and the bulk event's `data` ([`Bulk::data`]) is filled with the
-//!   revisions the store gives those rows, in the store write and in the live log;
-//! - the bulk event's own entity is the table's entity with an id unique to the part
-//!   (e.g. built from the commit LSN, the op and the part), revision 1 of it, so it
-//!   never waits behind, or holds up, the entities it lists.
+//! Wiring (`daemon::source_task`): the stream hands the rows of a partly stored
+//! transaction that it skips on the first connection after a start to the source task
+//! marked as replayed (`ReplicationStream::replay_covered_rows`), which feeds them here
+//! and drops the output; a [`Bulk`] goes to ingest as one message, so its rows and its
+//! event land in one store batch: each row consumes one revision even without events
+//! (`replace = true`), and the store fills the bulk event's `data.items` revisions in
+//! (`store::ingest::fill_bulk`). The bulk event's own entity is the table's entity with
+//! an id naming the part, `<table>/<op>/<commit LSN>/<part>`, at revision 1, so it
+//! never waits behind, or holds up, the entities it lists.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -55,7 +50,7 @@ use super::EventDraft;
 /// One aggregate of one table, ready to use.
 #[derive(Debug, Clone)]
 struct Spec {
-    table: TableName,
+    table: Arc<TableName>,
     op: Op,
     event: String,
     entity: Arc<str>,
@@ -77,10 +72,10 @@ impl Aggregates {
         for t in tables {
             for a in &t.aggregates {
                 specs.push(Spec {
-                    table: TableName {
+                    table: Arc::new(TableName {
                         schema: t.schema.clone(),
                         name: t.name.clone(),
-                    },
+                    }),
                     op: match a.op {
                         AggregateOp::Insert => Op::Insert,
                         AggregateOp::Update => Op::Update,
@@ -105,7 +100,7 @@ impl Aggregates {
     fn find(&self, table: &TableName, op: Op) -> Option<usize> {
         self.specs
             .iter()
-            .position(|s| s.op == op && s.table == *table)
+            .position(|s| s.op == op && *s.table == *table)
     }
 }
 
@@ -130,6 +125,8 @@ pub struct Bulk {
     pub event: String,
     /// The entity of the rows (and of the bulk event).
     pub entity: Arc<str>,
+    /// The rows' table.
+    pub table: Arc<TableName>,
     /// The aggregated op.
     pub op: Op,
     /// Which part of this aggregate in this transaction, from 1.
@@ -288,6 +285,7 @@ fn take_part(spec: &Spec, group: &mut Group) -> Bulk {
     Bulk {
         event: spec.event.clone(),
         entity: spec.entity.clone(),
+        table: spec.table.clone(),
         op: spec.op,
         part: group.parts,
         rows,
