@@ -3,7 +3,7 @@
 //! failures (G4, G5), and 410 Gone disabling one subscription while others flow. Leases
 //! across instances are in `lease`, a session restarted behind retry rows in `restart`,
 //! outbound proxies in `proxy`, v1a signatures and CloudEvents bodies in `formats`,
-//! Security Event Tokens and their JWKS in `set`.
+//! Security Event Tokens and their JWKS in `set`, Slack messages in `slack`.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -21,6 +21,7 @@ mod lease;
 mod proxy;
 mod restart;
 mod set;
+mod slack;
 
 const WAIT: Duration = Duration::from_secs(60);
 /// `whsec_` + base64 of 32 bytes.

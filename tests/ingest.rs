@@ -39,6 +39,7 @@ fn batch(lsn: u64, ids: &[&str]) -> IngestBatch {
             commit_lsn: Lsn(lsn),
             xid: 7,
             commit_time: 0,
+            bulk: None,
             events: vec![PendingEvent {
                 id: walhook::store::ingest::new_event_id(),
                 event_type: "user.created".into(),

@@ -15,6 +15,7 @@ mod raw;
 mod schema;
 mod secret;
 mod size;
+mod template;
 mod types;
 mod validate;
 
@@ -29,6 +30,7 @@ pub use error::{ConfigError, ConfigErrors, Origin};
 pub use keys::{Ed25519Key, PUBLIC_KEY_PREFIX, SECRET_KEY_PREFIX, SigningKeys};
 pub use schema::{json_schema, keys as schema_keys};
 pub use secret::{DatabaseUrl, Secret};
+pub use template::{TemplateError, TemplatePart, TextTemplate};
 pub use types::*;
 pub use validate::{DEFAULT_BACKOFF, DEFAULT_LISTEN};
 
@@ -728,9 +730,6 @@ slack = { text = "new order" }
             vec![
                 "tables[0].snapshot",
                 "tables[0].context",
-                "tables[0].aggregate",
-                "subscriptions[0].format",
-                "subscriptions[0].slack",
             ]
         );
     }

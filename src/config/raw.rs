@@ -208,6 +208,8 @@ pub(crate) struct RawSet {
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawSlack {
+    /// The message template: text and `{envelope.path}` placeholders (`{{`, `}}` for
+    /// literal braces), e.g. "{type} {entity_id} is now {data.status}" (required).
     pub text: Option<String>,
 }
 

@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use super::keys::SigningKeys;
 use super::secret::{DatabaseUrl, Secret};
+use super::template::TextTemplate;
 
 /// The whole validated config.
 #[derive(Debug, Clone, PartialEq)]
@@ -142,7 +143,7 @@ pub struct TableConfig {
     pub snapshot: bool,
     /// `[[tables.context]]` (not active yet).
     pub context: Vec<ContextConfig>,
-    /// `[[tables.aggregate]]` (not active yet).
+    /// `[[tables.aggregate]]`: bulk events per source transaction.
     pub aggregates: Vec<AggregateConfig>,
 }
 
@@ -276,20 +277,29 @@ pub struct ContextConfig {
     pub columns: Option<Vec<String>>,
 }
 
-/// A `[[tables.aggregate]]` entry (not active yet).
+/// A `[[tables.aggregate]]` entry.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AggregateConfig {
     /// Full event name.
     pub event: String,
     /// Which row operation is aggregated.
     pub op: AggregateOp,
-    /// Fewest rows in one transaction that trigger the aggregate (default 1).
+    /// Fewest rows in one transaction that trigger the aggregate (default
+    /// [`DEFAULT_MIN_ROWS`]).
     pub min_rows: u64,
-    /// Most rows folded into one aggregate event.
+    /// Most rows folded into one aggregate event (default [`DEFAULT_MAX_ROWS`], at
+    /// most [`MAX_MAX_ROWS`]); always `Some` after validation.
     pub max_rows: Option<u64>,
     /// Whether the aggregate replaces the per-row events.
     pub replace: bool,
 }
+
+/// Default `aggregate.min_rows`.
+pub const DEFAULT_MIN_ROWS: u64 = 2;
+/// Default `aggregate.max_rows`.
+pub const DEFAULT_MAX_ROWS: u64 = 1000;
+/// Largest `aggregate.max_rows`: the rows of one bulk event are held in memory.
+pub const MAX_MAX_ROWS: u64 = 100_000;
 
 /// `aggregate.op`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
@@ -301,6 +311,17 @@ pub enum AggregateOp {
     Update,
     /// Deleted rows.
     Delete,
+}
+
+impl AggregateOp {
+    /// `"insert"`, `"update"` or `"delete"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AggregateOp::Insert => "insert",
+            AggregateOp::Update => "update",
+            AggregateOp::Delete => "delete",
+        }
+    }
 }
 
 /// A subscription name: unique, `[a-z0-9_-]+`.
@@ -396,7 +417,7 @@ pub enum Signature {
     V1a,
 }
 
-/// `format` (`json`, `cloudevents` and `set` are active yet).
+/// `format`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
@@ -444,11 +465,11 @@ pub struct SetConfig {
 /// The default `set.event_uri_prefix`: `urn:walhook:event:user.created`.
 pub const DEFAULT_EVENT_URI_PREFIX: &str = "urn:walhook:event:";
 
-/// `slack = { text }` (not active yet).
+/// `slack = { text }`; only with `format = "slack"`, which always has one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlackConfig {
-    /// Message template.
-    pub text: String,
+    /// The message template; every placeholder names an envelope path that can exist.
+    pub text: TextTemplate,
 }
 
 /// `[subscriptions.retry]`.
@@ -491,7 +512,7 @@ pub struct SubscriptionConfig {
     pub tls_insecure: bool,
     /// Signature scheme; `keys` holds keys of this scheme.
     pub signature: Signature,
-    /// Body format (`json`, `cloudevents` and `set` active yet).
+    /// Body format.
     pub format: Format,
     /// CloudEvents attributes; `Some` exactly when `format = "cloudevents"`.
     pub cloudevents: Option<CloudEventsConfig>,
@@ -501,7 +522,7 @@ pub struct SubscriptionConfig {
     /// Security Event Token claims; `Some` exactly when `format = "set"` (which also
     /// means `keys` is [`SigningKeys::V1a`]: the newest key signs the tokens).
     pub set: Option<SetConfig>,
-    /// Slack options (not active yet).
+    /// Slack message template; `Some` exactly when `format = "slack"`.
     pub slack: Option<SlackConfig>,
     /// Retry schedule.
     pub retry: RetryPolicy,
@@ -530,17 +551,6 @@ impl Config {
             }
             if !t.context.is_empty() {
                 keys.push(format!("tables[{i}].context"));
-            }
-            if !t.aggregates.is_empty() {
-                keys.push(format!("tables[{i}].aggregate"));
-            }
-        }
-        for (i, s) in self.subscriptions.iter().enumerate() {
-            if s.format == Format::Slack {
-                keys.push(format!("subscriptions[{i}].format"));
-            }
-            if s.slack.is_some() {
-                keys.push(format!("subscriptions[{i}].slack"));
             }
         }
         keys

@@ -227,16 +227,21 @@ fn add(pending: &mut Pending, msg: SourceMsg) {
                 (all, held) => *all = all.take().or(held),
             }
             pending.batch.position = position;
-            if let Some(events) = events {
-                pending.events += events.events.len();
-                pending.batch.changes.push(events);
+            for change in events {
+                pending.events += change.events.len();
+                pending.batch.changes.push(change);
             }
         }
         SourceMsg::Commit {
+            events,
             end_lsn,
             commit_time,
             position,
         } => {
+            for change in events {
+                pending.events += change.events.len();
+                pending.batch.changes.push(change);
+            }
             pending.last_commit = Some(end_lsn);
             pending.last_commit_time = Some(commit_time);
             pending.batch.position = position;
@@ -365,7 +370,7 @@ mod tests {
 
     fn change() -> SourceMsg {
         SourceMsg::Change {
-            events: None,
+            events: Vec::new(),
             position: Position::default(),
             held: None,
         }
@@ -373,6 +378,7 @@ mod tests {
 
     fn commit(lsn: u64) -> SourceMsg {
         SourceMsg::Commit {
+            events: Vec::new(),
             end_lsn: Lsn(lsn),
             commit_time: 0,
             position: Position::default(),

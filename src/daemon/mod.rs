@@ -71,6 +71,7 @@ pub async fn run(
     ));
     let (rules_tx, rules_rx) = watch::channel(Arc::new(reload::Rules {
         mapper: prepared.mapper,
+        aggregates: crate::mapping::aggregate::Aggregates::new(&config.tables),
         routes: prepared.routes,
     }));
 

@@ -60,6 +60,8 @@ pub const RESTART_KEYS: [&str; 10] = [
 pub struct Rules {
     /// The table rules.
     pub mapper: Mapper,
+    /// The tables' bulk events (`[[tables.aggregate]]`).
+    pub aggregates: crate::mapping::aggregate::Aggregates,
     /// Which subscriptions each event type is due to.
     pub routes: Arc<Routes>,
 }
@@ -198,6 +200,7 @@ async fn reload(
 
     let new_rules = Arc::new(Rules {
         mapper,
+        aggregates: crate::mapping::aggregate::Aggregates::new(&next.tables),
         routes: Arc::new(Routes::new(&next)),
     });
     publish(

@@ -18,11 +18,12 @@ use tokio_util::sync::CancellationToken;
 use super::prepare::Routes;
 use super::reload::Rules;
 use crate::mapping::EventDraft;
+use crate::mapping::aggregate::{Emit, TxnAggregates};
 use crate::source::Lsn;
 use crate::source::SourceError;
 use crate::source::decoder::{Decoded, Op, TableName};
 use crate::source::stream::{Position, ReplicationStream};
-use crate::store::{ChangeEvents, PendingEvent};
+use crate::store::{BulkRole, ChangeEvents, PendingEvent};
 use crate::telemetry::{SOURCE_CHANGES_TOTAL, label};
 
 /// How long the source task waits for ingest to take one message before it closes the
@@ -35,16 +36,19 @@ const BLOCKED_LIMIT: Duration = Duration::from_secs(5);
 /// What the source hands to ingest.
 #[derive(Debug)]
 pub enum SourceMsg {
-    /// A row change (with its events, if it produced any) and the position after it.
+    /// A row change (with its events, if it produced any; with bulk events, held
+    /// rows or a bulk part) and the position after it.
     Change {
-        events: Option<ChangeEvents>,
+        events: Vec<ChangeEvents>,
         position: Position,
         /// The change's share of the ingest buffer, given back once it is stored (G6).
         held: Option<OwnedSemaphorePermit>,
     },
     /// A transaction committed; `end_lsn` may be confirmed once it is stored.
-    /// `commit_time` is in microseconds since 2000-01-01 UTC.
+    /// `commit_time` is in microseconds since 2000-01-01 UTC. `events` are what bulk
+    /// events held back to the commit (rows short of `min_rows`, last bulk parts).
     Commit {
+        events: Vec<ChangeEvents>,
         end_lsn: Lsn,
         commit_time: i64,
         position: Position,
@@ -56,6 +60,8 @@ struct Txn {
     xid: u32,
     commit_lsn: Lsn,
     commit_time: i64,
+    /// Row changes seen so far (replayed ones included).
+    rows: u64,
 }
 
 /// How the source task is tied to ingest.
@@ -90,6 +96,13 @@ pub async fn run(
     let mut drafts: Vec<EventDraft> = Vec::new();
     let mut names = NameCache::default();
     let mut current = rules.borrow_and_update().clone();
+    let mut bulks = TxnAggregates::default();
+    let mut emits: Vec<Emit> = Vec::new();
+    if !current.aggregates.is_empty() {
+        // Bulk events depend on a transaction's earlier rows: after a restart in the
+        // middle of one, its stored rows are fed again (their output dropped).
+        stream.replay_covered_rows();
+    }
     loop {
         let item = tokio::select! {
             biased;
@@ -115,25 +128,60 @@ pub async fn run(
                     xid,
                     commit_lsn: final_lsn,
                     commit_time,
+                    rows: 0,
                 });
+                bulks = TxnAggregates::default();
                 continue;
             }
             Decoded::Change(change) => {
-                names.count_change(&change.table, change.op);
+                let replayed = stream.replayed();
+                if !replayed {
+                    names.count_change(&change.table, change.op);
+                }
                 drafts.clear();
                 current.mapper.map(&change, &mut drafts);
-                let events = match (&txn, drafts.is_empty()) {
-                    (Some(t), false) => Some(to_change_events(
-                        t,
-                        &mut drafts,
-                        &current.routes,
-                        &mut names,
-                    )),
-                    _ => None,
-                };
+                let mut events = Vec::new();
+                if let Some(t) = &mut txn {
+                    t.rows += 1;
+                    if current.aggregates.is_empty() {
+                        if !drafts.is_empty() {
+                            let first = &drafts[0];
+                            let (entity, id) = (first.entity.clone(), first.entity_id.clone());
+                            let d = std::mem::take(&mut drafts);
+                            events.push(change_events(
+                                t,
+                                entity,
+                                id,
+                                d,
+                                None,
+                                &current.routes,
+                                &mut names,
+                            ));
+                        }
+                    } else {
+                        let d = std::mem::take(&mut drafts);
+                        bulks.row(
+                            &current.aggregates,
+                            t.rows,
+                            &change.table,
+                            change.op,
+                            d,
+                            &mut emits,
+                        );
+                        if replayed {
+                            emits.clear();
+                        }
+                        for e in emits.drain(..) {
+                            push_emit(t, e, &current.routes, &mut names, &mut events);
+                        }
+                    }
+                }
+                if replayed {
+                    continue;
+                }
                 let cost = change_cost(
                     stream.last_size(),
-                    events.as_ref().map_or(0, |e| e.events.len()),
+                    events.iter().map(|e| e.events.len()).sum(),
                     capacity,
                 );
                 match hold(&buffer, cost, &mut stream, &mut stalled, &stop).await {
@@ -150,8 +198,16 @@ pub async fn run(
                 commit_time,
                 ..
             } => {
+                let mut events = Vec::new();
+                if let Some(t) = &txn {
+                    bulks.commit(&current.aggregates, &mut emits);
+                    for e in emits.drain(..) {
+                        push_emit(t, e, &current.routes, &mut names, &mut events);
+                    }
+                }
                 txn = None;
                 SourceMsg::Commit {
+                    events,
                     end_lsn,
                     commit_time,
                     position: stream.position(),
@@ -161,7 +217,7 @@ pub async fn run(
                 let names: Vec<String> = tables.iter().map(|t| t.to_string()).collect();
                 tracing::warn!(tables = ?names, "tables truncated; walhook emits no events for TRUNCATE");
                 SourceMsg::Change {
-                    events: None,
+                    events: Vec::new(),
                     position: stream.position(),
                     held: None,
                 }
@@ -171,7 +227,7 @@ pub async fn run(
                     continue;
                 }
                 SourceMsg::Change {
-                    events: None,
+                    events: Vec::new(),
                     position: stream.position(),
                     held: None,
                 }
@@ -292,18 +348,23 @@ impl NameCache {
     }
 }
 
-fn to_change_events(
+/// The events of one row change (or bulk event) with `drafts`, due to the
+/// subscriptions their types route to.
+fn change_events(
     txn: &Txn,
-    drafts: &mut Vec<EventDraft>,
+    entity: Arc<str>,
+    entity_id: String,
+    drafts: Vec<EventDraft>,
+    bulk: Option<BulkRole>,
     routes: &Routes,
     names: &mut NameCache,
 ) -> ChangeEvents {
-    let first = &drafts[0];
-    let entity = first.entity.clone();
-    let entity_id = first.entity_id.clone();
-    let table = names.table(&first.table);
+    let table = match drafts.first() {
+        Some(d) => names.table(&d.table),
+        None => Arc::from(""),
+    };
     let events = drafts
-        .drain(..)
+        .into_iter()
         .map(|d| PendingEvent {
             id: crate::store::ingest::new_event_id(),
             subscriptions: names.routes(routes, &d.event_type),
@@ -321,6 +382,75 @@ fn to_change_events(
         xid: txn.xid,
         commit_time: txn.commit_time,
         events,
+        bulk,
+    }
+}
+
+/// Appends what one [`Emit`] hands on: a row change, or a bulk part's rows (each
+/// taking a revision, with or without events) and then its bulk event, whose entity
+/// id names the part (`<table>/<op>/<commit LSN>/<part>`: revision 1 of an entity of
+/// its own, so it neither waits behind nor holds up the entities it lists) and whose
+/// `data.items` revisions the store fills in.
+fn push_emit(
+    txn: &Txn,
+    emit: Emit,
+    routes: &Routes,
+    names: &mut NameCache,
+    out: &mut Vec<ChangeEvents>,
+) {
+    match emit {
+        Emit::Row(r) => out.push(change_events(
+            txn,
+            r.entity,
+            r.entity_id,
+            r.drafts,
+            None,
+            routes,
+            names,
+        )),
+        Emit::Bulk(b) => {
+            let rows = b.rows.len();
+            let data = b.data(&vec![0; rows]);
+            let table = names.table(&b.table);
+            for r in b.rows {
+                let mut c = change_events(
+                    txn,
+                    r.entity,
+                    r.entity_id,
+                    r.drafts,
+                    Some(BulkRole::Row),
+                    routes,
+                    names,
+                );
+                c.table = table.clone();
+                out.push(c);
+            }
+            let entity_id = format!(
+                "{}/{}/{}/{}",
+                b.table,
+                b.op.as_str(),
+                txn.commit_lsn,
+                b.part
+            );
+            let draft = EventDraft {
+                event_type: b.event,
+                entity: b.entity.clone(),
+                entity_id: entity_id.clone(),
+                data,
+                previous: None,
+                changed: None,
+                table: b.table,
+            };
+            out.push(change_events(
+                txn,
+                b.entity,
+                entity_id,
+                vec![draft],
+                Some(BulkRole::Event { rows }),
+                routes,
+                names,
+            ));
+        }
     }
 }
 

@@ -1,13 +1,14 @@
 //! The bytes a subscription is sent for one event: the full or thin envelope, a
-//! custom object built from envelope paths (`fields`), a CloudEvent, or a Security
-//! Event Token ([`super::set`]); and their content type. With `batch_size > 1`, the
-//! body is a JSON array of those bodies (the CloudEvents batch mode for CloudEvents).
+//! custom object built from envelope paths (`fields`), a CloudEvent, a Security
+//! Event Token ([`super::set`]) or a Slack message ([`super::slack`]); and their
+//! content type. With `batch_size > 1`, the body is a JSON array of those bodies (the
+//! CloudEvents batch mode for CloudEvents).
 
 use bytes::Bytes;
 use serde_json::{Map, Value};
 
 use super::error::DeliveryError;
-use super::set;
+use super::{set, slack};
 use crate::config::{
     CloudEventsConfig, FieldMapping, Format, Payload, SigningKeys, SubscriptionConfig,
 };
@@ -66,6 +67,11 @@ pub fn render(envelope: &Envelope, sub: &SubscriptionConfig) -> Result<Bytes, De
         let key = keys.first().ok_or(DeliveryError::NoSetKey)?;
         let token = set::token(envelope, sub.payload, options, key).map_err(DeliveryError::Body)?;
         return Ok(Bytes::from(token));
+    }
+    if let Some(options) = &sub.slack {
+        return slack::message(envelope, options)
+            .map(Bytes::from)
+            .map_err(DeliveryError::Body);
     }
     if let Some(ce) = &sub.cloudevents {
         let envelope = serde_json::to_value(envelope).map_err(DeliveryError::Body)?;
@@ -157,7 +163,8 @@ fn pick(full: &Value, fields: &[FieldMapping]) -> Map<String, Value> {
     out
 }
 
-fn lookup<'a>(mut value: &'a Value, path: &[String]) -> Option<&'a Value> {
+/// The value at `path` in `value`: object keys, or array indexes for number parts.
+pub(super) fn lookup<'a>(mut value: &'a Value, path: &[String]) -> Option<&'a Value> {
     for part in path {
         value = match value {
             Value::Object(m) => m.get(part)?,
@@ -393,5 +400,12 @@ mod tests {
             render(&example(), sub).unwrap(),
             "same bytes on a retry"
         );
+    }
+
+    #[test]
+    fn slack_is_a_text_message_sent_as_json() {
+        let v = body("format = \"slack\"\nslack = { text = \"{type} {entity_id}: {data.email}\" }");
+        assert_eq!(v, json!({"text": "user.updated 42: a@example.com"}));
+        assert_eq!(content_type(Format::Slack), "application/json");
     }
 }

@@ -16,6 +16,7 @@ pub mod measure;
 mod policy;
 pub mod set;
 mod signing;
+pub mod slack;
 pub mod supervise;
 
 pub use error::DeliveryError;

@@ -2,6 +2,7 @@
 //! into entity [`EventDraft`]s (default events, `update_columns`, CEL rules,
 //! redaction, entity ids).
 
+pub mod aggregate;
 mod condition;
 mod entity_id;
 mod error;

@@ -110,6 +110,14 @@ pub struct ReplicationStream {
     confirmations: Option<watch::Receiver<Lsn>>,
     backoff: Duration,
     link: watch::Sender<Link>,
+    /// Hand on, marked as replayed, the rows of the resume transaction that the
+    /// resume position covers: set from a partial resume position, until its commit
+    /// or the first reconnect (whose consumer has them already).
+    replay_rows: bool,
+    /// The last item handed on was such a replayed row.
+    last_replayed: bool,
+    /// `connect` ran before in this stream's life.
+    connected_once: bool,
 }
 
 impl ReplicationStream {
@@ -136,7 +144,26 @@ impl ReplicationStream {
             confirmations: None,
             backoff: Duration::from_millis(100),
             link: watch::Sender::new(Link::Connecting),
+            replay_rows: false,
+            last_replayed: false,
+            connected_once: false,
         }
+    }
+
+    /// From now on until the resume transaction commits (or the stream reconnects),
+    /// also hand on the row changes of the resume transaction that the resume position
+    /// covers, each marked by [`replayed`](Self::replayed): a consumer whose state
+    /// depends on a transaction's earlier rows (bulk events) rebuilds it from them
+    /// after a restart in the middle of a transaction. Call before the first `next`.
+    pub fn replay_covered_rows(&mut self) {
+        self.replay_rows = !self.handed.complete && self.handed.rows_done > 0;
+    }
+
+    /// Whether the last item handed on is a row change the resume position covers
+    /// (see [`replay_covered_rows`](Self::replay_covered_rows)): its events are stored
+    /// already, and the position does not move past it.
+    pub fn replayed(&self) -> bool {
+        self.last_replayed
     }
 
     /// Follows the consumer's confirmations (the end LSN of the last transaction it made
@@ -180,6 +207,11 @@ impl ReplicationStream {
             .start_replication(&command)
             .await
             .map_err(|e| slot_error(&self.opts.slot, e))?;
+        if self.connected_once {
+            // The consumer has every row handed on before this reconnect.
+            self.replay_rows = false;
+        }
+        self.connected_once = true;
         self.decoder = Decoder::new();
         self.in_txn = false;
         self.skip_txn = false;
@@ -420,7 +452,12 @@ impl ReplicationStream {
                     return None;
                 }
                 self.rows_in_txn += 1;
+                self.last_replayed = false;
                 if self.rows_in_txn <= self.handed.rows_done {
+                    if self.replay_rows && matches!(decoded, Decoded::Change(_)) {
+                        self.last_replayed = true;
+                        return Some(decoded);
+                    }
                     return None;
                 }
                 self.handed.rows_done = self.rows_in_txn;
@@ -428,6 +465,8 @@ impl ReplicationStream {
             }
             Decoded::Commit { end_lsn, .. } => {
                 self.in_txn = false;
+                self.replay_rows = false;
+                self.last_replayed = false;
                 if self.skip_txn {
                     self.skip_txn = false;
                     return None;

@@ -39,6 +39,38 @@ pub struct ChangeEvents {
     /// Commit time, microseconds since 2000-01-01 UTC.
     pub commit_time: i64,
     pub events: Vec<PendingEvent>,
+    /// Its part in a bulk (`[[tables.aggregate]]`); `None` for a plain row change.
+    pub bulk: Option<BulkRole>,
+}
+
+/// What a change is in a bulk part, whose rows and bulk event are in one batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BulkRole {
+    /// A row of the part: it consumes a revision of its entity even without events.
+    Row,
+    /// The bulk event, after its `rows` rows: `data.items[i].revision` is filled in
+    /// with the revision of the i-th of them when the batch is written.
+    Event { rows: usize },
+}
+
+impl ChangeEvents {
+    /// Whether the change consumes a revision of its entity: it has events, or is a
+    /// row of a bulk part.
+    pub fn takes_revision(&self) -> bool {
+        !self.events.is_empty() || self.bulk == Some(BulkRole::Row)
+    }
+}
+
+/// Fills `data.items[i].revision` of a bulk event with `revisions[i]`, the revisions
+/// its rows got (the last `rows` before it).
+pub(crate) fn fill_bulk(data: &mut Map<String, Value>, revisions: &[i64]) {
+    if let Some(Value::Array(items)) = data.get_mut("items") {
+        for (item, rev) in items.iter_mut().zip(revisions) {
+            if let Value::Object(item) = item {
+                item.insert("revision".into(), Value::from(*rev));
+            }
+        }
+    }
 }
 
 /// A batch: the events of many source changes, and the source position it reaches.
@@ -229,7 +261,7 @@ async fn write_changes(
     // Revisions: one upsert row per entity in the batch, adding its change count,
     // in a fixed order.
     let mut counts: HashMap<(&str, &str), i64> = HashMap::new();
-    for c in changes.iter().filter(|c| !c.events.is_empty()) {
+    for c in changes.iter().filter(|c| c.takes_revision()) {
         *counts.entry((&c.entity, &c.entity_id)).or_default() += 1;
     }
     let mut next_rev: HashMap<(&str, &str), i64> = HashMap::with_capacity(counts.len());
@@ -272,18 +304,29 @@ async fn write_changes(
             .await?;
         let writer = BinaryCopyInWriter::new(sink, &EVENT_TYPES);
         pin_mut!(writer);
-        for change in changes.iter().filter(|c| !c.events.is_empty()) {
+        for change in changes.iter().filter(|c| c.takes_revision()) {
             let key = (&*change.entity, change.entity_id.as_str());
             let revision = next_rev.get_mut(&key).expect("every entity got a revision");
             let rev = *revision;
             *revision += 1;
+            let bulk_data = match change.bulk {
+                Some(BulkRole::Event { rows }) => change.events.first().map(|e| {
+                    let mut data = e.data.clone();
+                    fill_bulk(
+                        &mut data,
+                        &revisions[revisions.len().saturating_sub(rows)..],
+                    );
+                    data
+                }),
+                _ => None,
+            };
             revisions.push(rev);
             let occurred = pg_time(change.commit_time);
             let lsn = PgLsn::from(change.commit_lsn.0);
             let xid = i64::from(change.xid);
             for event in &change.events {
                 seq += 1;
-                let data = Json(&event.data);
+                let data = Json(bulk_data.as_ref().unwrap_or(&event.data));
                 let previous = event.previous.as_ref().map(Json);
                 let subscriptions: &[String] = &event.subscriptions;
                 let values: [&(dyn ToSql + Sync); 14] = [

@@ -65,12 +65,21 @@ impl LiveLog {
     pub fn publish(&self, batch: IngestBatch, seq_base: i64, revisions: &[i64], cost: usize) {
         let mut events = Vec::with_capacity(batch.event_count());
         let mut seq = seq_base;
-        let changes = batch.changes.into_iter().filter(|c| !c.events.is_empty());
-        for (change, &revision) in changes.zip(revisions) {
+        let changes = batch.changes.into_iter().filter(|c| c.takes_revision());
+        for (i, (change, &revision)) in changes.zip(revisions).enumerate() {
             let occurred_at = pg_time(change.commit_time);
             let lsn = change.commit_lsn.to_string();
-            for e in change.events {
+            let bulk_rows = match change.bulk {
+                Some(crate::store::BulkRole::Event { rows }) => {
+                    &revisions[i.saturating_sub(rows)..i]
+                }
+                _ => &[],
+            };
+            for mut e in change.events {
                 seq += 1;
+                if !bulk_rows.is_empty() {
+                    crate::store::ingest::fill_bulk(&mut e.data, bulk_rows);
+                }
                 if e.subscriptions.is_empty() {
                     events.push(None);
                     continue;
@@ -178,6 +187,7 @@ mod tests {
                     commit_lsn: Lsn(0x16B3748),
                     xid: 9,
                     commit_time: 0,
+                    bulk: None,
                     events: vec![PendingEvent {
                         id: format!("evt_{id}"),
                         event_type: "user.updated".into(),

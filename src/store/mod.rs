@@ -17,7 +17,7 @@ pub mod wake;
 
 use tokio_postgres::Client;
 
-pub use ingest::{ChangeEvents, IngestBatch, PendingEvent};
+pub use ingest::{BulkRole, ChangeEvents, IngestBatch, PendingEvent};
 
 use crate::pg::quote_ident;
 use crate::pg::{ConnInfo, ErrorChain, PgError};

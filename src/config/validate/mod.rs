@@ -413,5 +413,6 @@ impl Validator<'_> {
 
 mod keys;
 mod set;
+mod slack;
 mod subscriptions;
 mod tables;

@@ -181,28 +181,8 @@ impl Validator<'_> {
         }
 
         let set = self.set_options(key, name.as_deref(), format, signature, s.set);
-        let slack = s.slack.and_then(|slack| {
-            let text = self.required(
-                &join(&k("slack"), "text"),
-                slack.text,
-                ": the message template",
-            )?;
-            Some(SlackConfig { text })
-        });
-        if format == Format::Slack && slack.is_none() && self.errors.len() == before {
-            self.err(
-                &k("format"),
-                "format = \"slack\" needs slack = { text = \"...\" }",
-            );
-        }
+        let slack = self.slack_options(key, name.as_deref(), format, payload, s.slack);
         let cloudevents = self.cloudevents(&k("cloudevents"), format, s.cloudevents, slot);
-        if slack.is_some() && format != Format::Slack {
-            self.err(
-                &k("slack"),
-                "slack = {...} is only used with format = \"slack\"",
-            );
-        }
-
         let retry_raw = s.retry.unwrap_or_default();
         let rkey = k("retry");
         let backoff_key = join(&rkey, "backoff");
@@ -406,41 +386,12 @@ impl Validator<'_> {
         if format != Format::Json {
             self.err(key, "fields only applies to format = \"json\"");
         }
-        let roots: Vec<&str> = ENVELOPE_ROOTS.iter().map(|(r, _)| *r).collect();
         let mut out = Vec::new();
         let mut ok = true;
         for (output, path) in raw {
             let fkey = join(key, &output);
             let parts: Vec<String> = path.split('.').map(str::to_string).collect();
-            let root = ENVELOPE_ROOTS.iter().find(|(r, _)| *r == parts[0]);
-            let problem = match root {
-                None => Some(format!(
-                    "unknown envelope field \"{path}\"; use one of {}, or data.<column>",
-                    roots.join(", ")
-                )),
-                Some((_, false)) if parts.len() > 1 => {
-                    Some(format!("\"{}\" has no sub-fields", parts[0]))
-                }
-                Some(_) if parts.iter().any(String::is_empty) => {
-                    Some(format!("bad path \"{path}\": empty part"))
-                }
-                Some(_)
-                    if parts[0] == "source"
-                        && parts.len() == 2
-                        && !["table", "lsn", "xid"].contains(&parts[1].as_str()) =>
-                {
-                    Some(format!("\"{path}\": source has table, lsn and xid"))
-                }
-                Some(_)
-                    if payload == Payload::Thin
-                        && ["data", "previous", "changed"].contains(&parts[0].as_str()) =>
-                {
-                    Some(format!(
-                        "\"{path}\" is never present with payload = \"thin\"; use payload = \"full\""
-                    ))
-                }
-                Some(_) => None,
-            };
+            let problem = envelope_path_problem(&parts, payload);
             match problem {
                 Some(p) => {
                     self.err(&fkey, p);
@@ -453,6 +404,43 @@ impl Validator<'_> {
             }
         }
         ok.then_some(out)
+    }
+}
+
+/// Why `parts` (an envelope path split on dots) can never name a value of the
+/// envelope of a subscription with `payload`, or `None` when it can. Columns are not
+/// known here: any `data.<column>` passes.
+pub(super) fn envelope_path_problem(parts: &[String], payload: Payload) -> Option<String> {
+    let path = parts.join(".");
+    let root = ENVELOPE_ROOTS.iter().find(|(r, _)| *r == parts[0]);
+    match root {
+        None => {
+            let roots: Vec<&str> = ENVELOPE_ROOTS.iter().map(|(r, _)| *r).collect();
+            Some(format!(
+                "unknown envelope field \"{path}\"; use one of {}, or data.<column>",
+                roots.join(", ")
+            ))
+        }
+        Some((_, false)) if parts.len() > 1 => Some(format!("\"{}\" has no sub-fields", parts[0])),
+        Some(_) if parts.iter().any(String::is_empty) => {
+            Some(format!("bad path \"{path}\": empty part"))
+        }
+        Some(_)
+            if parts[0] == "source"
+                && parts.len() == 2
+                && !["table", "lsn", "xid"].contains(&parts[1].as_str()) =>
+        {
+            Some(format!("\"{path}\": source has table, lsn and xid"))
+        }
+        Some(_)
+            if payload == Payload::Thin
+                && ["data", "previous", "changed"].contains(&parts[0].as_str()) =>
+        {
+            Some(format!(
+                "\"{path}\" is never present with payload = \"thin\"; use payload = \"full\""
+            ))
+        }
+        Some(_) => None,
     }
 }
 

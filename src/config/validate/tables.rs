@@ -262,6 +262,7 @@ impl Validator<'_> {
 
     fn aggregates(&mut self, key: &str, raw: Vec<RawAggregate>) -> Vec<AggregateConfig> {
         let mut out = Vec::new();
+        let mut ops: Vec<(AggregateOp, String)> = Vec::new();
         for (j, a) in raw.into_iter().enumerate() {
             let akey = index(&join(key, "aggregate"), j);
             let event = self.full_event_name(&join(&akey, "event"), a.event);
@@ -270,24 +271,39 @@ impl Validator<'_> {
                 a.op,
                 ": \"insert\", \"update\" or \"delete\"",
             );
-            let min_rows = a.min_rows.unwrap_or(1);
+            let min_rows = a.min_rows.unwrap_or(DEFAULT_MIN_ROWS);
             if min_rows == 0 {
                 self.err(&join(&akey, "min_rows"), "min_rows must be at least 1");
             }
-            if let Some(max) = a.max_rows
-                && max < min_rows.max(1)
-            {
+            let max_rows = a.max_rows.unwrap_or(DEFAULT_MAX_ROWS);
+            if !(1..=MAX_MAX_ROWS).contains(&max_rows) {
                 self.err(
                     &join(&akey, "max_rows"),
-                    format!("max_rows ({max}) must be at least min_rows ({min_rows})"),
+                    format!("max_rows = {max_rows} is out of range 1..={MAX_MAX_ROWS} (rows of one bulk event, held in memory)"),
                 );
+            } else if max_rows < min_rows.max(1) {
+                self.err(
+                    &join(&akey, "max_rows"),
+                    format!("max_rows ({max_rows}) must be at least min_rows ({min_rows})"),
+                );
+            }
+            if let Some(op) = op {
+                if let Some(first) = ops.iter().find(|(o, _)| *o == op) {
+                    let first = self.describe_key(&join(&first.1, "op"));
+                    self.err(
+                        &join(&akey, "op"),
+                        format!("this table already has an aggregate for op = \"{}\" ({first}); one per op", op.as_str()),
+                    );
+                } else {
+                    ops.push((op, akey.clone()));
+                }
             }
             if let (Some(event), Some(op)) = (event, op) {
                 out.push(AggregateConfig {
                     event,
                     op,
                     min_rows,
-                    max_rows: a.max_rows,
+                    max_rows: Some(max_rows),
                     replace: a.replace.unwrap_or(false),
                 });
             }
