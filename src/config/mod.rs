@@ -30,7 +30,7 @@ pub use keys::{Ed25519Key, PUBLIC_KEY_PREFIX, SECRET_KEY_PREFIX, SigningKeys};
 pub use schema::{json_schema, keys as schema_keys};
 pub use secret::{DatabaseUrl, Secret};
 pub use types::*;
-pub use validate::{DEFAULT_BACKOFF, DEFAULT_LISTEN};
+pub use validate::{DEFAULT_BACKOFF, DEFAULT_LISTEN, MAX_CONTEXT_DEPTH};
 
 use env::EnvOverrides;
 use locate::{Locator, index, join, line_of};
@@ -728,7 +728,6 @@ batch_size = 10
             c.inactive_keys(),
             vec![
                 "tables[0].snapshot",
-                "tables[0].context",
                 "tables[0].aggregate",
                 "subscriptions[0].format",
                 "subscriptions[0].batch_size",

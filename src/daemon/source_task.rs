@@ -123,12 +123,12 @@ pub async fn run(
                 drafts.clear();
                 current.mapper.map(&change, &mut drafts);
                 let events = match (&txn, drafts.is_empty()) {
-                    (Some(t), false) => Some(to_change_events(
-                        t,
-                        &mut drafts,
-                        &current.routes,
-                        &mut names,
-                    )),
+                    (Some(t), false) => {
+                        let mut events =
+                            to_change_events(t, &mut drafts, &current.routes, &mut names);
+                        events.context_keys = current.mapper.context_keys(&change);
+                        Some(events)
+                    }
                     _ => None,
                 };
                 let cost = change_cost(
@@ -321,6 +321,8 @@ fn to_change_events(
         xid: txn.xid,
         commit_time: txn.commit_time,
         events,
+        context_keys: None,
+        context: None,
     }
 }
 

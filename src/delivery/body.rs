@@ -13,7 +13,7 @@ use crate::config::{
 use crate::routing::Envelope;
 
 /// Envelope keys left out of a `payload = "thin"` body.
-pub(super) const THIN_OMITS: [&str; 3] = ["data", "previous", "changed"];
+pub(super) const THIN_OMITS: [&str; 4] = ["data", "previous", "changed", "context"];
 
 /// Envelope keys that become CloudEvents attributes (`id`, `type`, `subject`, `time`)
 /// and so are not repeated in the event's `data`.

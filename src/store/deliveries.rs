@@ -35,6 +35,8 @@ pub struct DueEvent {
     pub table: String,
     pub lsn: String,
     pub xid: i64,
+    /// The context the event carried (`[[tables.context]]`), if its table has any.
+    pub context: Option<Value>,
     /// Attempts made so far (0 for a new event).
     pub attempts: i32,
     /// When the delivery first became due (its age counts from here).
@@ -70,7 +72,7 @@ pub struct AttemptRecord<'a> {
     pub last_response: Option<&'a str>,
 }
 
-pub(super) const EVENT_FIELDS: &str = "e.seq, e.id, e.type, e.entity, e.entity_id, e.revision, e.occurred_at, e.data, e.previous, e.changed, e.source_table, e.source_lsn::text, e.source_xid";
+pub(super) const EVENT_FIELDS: &str = "e.seq, e.id, e.type, e.entity, e.entity_id, e.revision, e.occurred_at, e.data, e.previous, e.changed, e.source_table, e.source_lsn::text, e.source_xid, e.context";
 
 pub(super) fn due_event(r: &Row, attempts: i32, first_due_at: SystemTime) -> DueEvent {
     DueEvent {
@@ -87,6 +89,7 @@ pub(super) fn due_event(r: &Row, attempts: i32, first_due_at: SystemTime) -> Due
         table: r.get(10),
         lsn: r.get(11),
         xid: r.get(12),
+        context: r.get(13),
         attempts,
         first_due_at,
     }

@@ -69,6 +69,7 @@ impl LiveLog {
         for (change, &revision) in changes.zip(revisions) {
             let occurred_at = pg_time(change.commit_time);
             let lsn = change.commit_lsn.to_string();
+            let context = change.context.map(|c| Value::Object((*c).clone()));
             for e in change.events {
                 seq += 1;
                 if e.subscriptions.is_empty() {
@@ -89,6 +90,7 @@ impl LiveLog {
                     table: change.table.to_string(),
                     lsn: lsn.clone(),
                     xid: i64::from(change.xid),
+                    context: context.clone(),
                     attempts: 0,
                     first_due_at: SystemTime::UNIX_EPOCH,
                 };
@@ -185,6 +187,8 @@ mod tests {
                         changed: None,
                         subscriptions: subscriptions.clone(),
                     }],
+                    context_keys: None,
+                    context: None,
                 })
                 .collect(),
             position: Default::default(),
