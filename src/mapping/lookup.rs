@@ -404,7 +404,7 @@ mod tests {
         };
         assert_eq!(
             query(&parent, &[col("id"), col("region"), col("name")], 2),
-            r#"SELECT p.id::text, p.region::text, p.name::text FROM public."Orgs" p WHERE (p.id, p.region) IN (SELECT k.id, k.region FROM json_populate_recordset(NULL::public."Orgs", $1::json) k)"#
+            r#"SELECT p."id"::text, p."region"::text, p."name"::text FROM "public"."Orgs" p WHERE (p."id", p."region") IN (SELECT k."id", k."region" FROM json_populate_recordset(NULL::"public"."Orgs", $1::json) k)"#
         );
     }
 }

@@ -144,6 +144,8 @@ pub struct Delivery {
     pub delivered_at: Option<SystemTime>,
     pub occurred_at: SystemTime,
     pub ingested_at: SystemTime,
+    /// The context the event carried (`[[tables.context]]`), if its table has any.
+    pub context: Option<serde_json::Value>,
 }
 
 impl Delivery {
@@ -173,7 +175,7 @@ pub struct SubscriptionOverview {
 /// Columns of a candidate delivery row (`d`, from retry rows or from the cursor) joined
 /// with its event (`e`).
 const DELIVERY_COLUMNS: &str = "d.subscription, d.seq, e.id, e.type, e.entity, e.entity_id, e.revision, d.status, d.attempts, \
-     d.next_attempt_at, d.last_status, d.last_error, d.last_response, d.delivered_at, e.occurred_at, e.ingested_at";
+     d.next_attempt_at, d.last_status, d.last_error, d.last_response, d.delivered_at, e.occurred_at, e.ingested_at, e.context";
 
 /// SQL parameters shared by every selection query, in this order:
 /// $1 subscriptions text[], $2 entity text, $3 entity_id text, $4 since, $5 until,
@@ -328,6 +330,7 @@ fn delivery(r: &tokio_postgres::Row) -> Delivery {
         delivered_at: r.get(13),
         occurred_at: r.get(14),
         ingested_at: r.get(15),
+        context: r.get(16),
     }
 }
 
