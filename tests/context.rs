@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::daemon::config;
+use crate::support::cli::{self, ConfigFile};
 use crate::support::daemon::{Workdir, server_url, wait_leading};
 use crate::support::pg::create_db;
 use crate::support::receiver::Receiver;
@@ -259,4 +260,69 @@ payload = "thin"
         "deliveries show without the context:\n{out}"
     );
     drop(daemon);
+}
+
+#[tokio::test]
+async fn check_names_every_context_problem_and_a_missing_select_privilege() {
+    let db = create_db().await;
+    let role = format!("{}_ctx", db.name);
+    db.batch(&format!(
+        "CREATE TABLE orgs (id int PRIMARY KEY, name text);
+         CREATE TABLE regions (code text, country text, PRIMARY KEY (code, country));
+         CREATE TABLE apps (id int PRIMARY KEY, org_id int, region text);
+         CREATE ROLE {role} LOGIN REPLICATION;
+         GRANT SELECT ON apps TO {role};"
+    ))
+    .await;
+    let bad = ConfigFile::new(
+        r#"[source]
+url = "${DATABASE_URL}"
+[[tables]]
+table = "public.apps"
+[[tables.context]]
+name = "nothing"
+table = "public.no_such_table"
+key = "org_id"
+[[tables.context]]
+name = "region"
+table = "public.regions"
+key = "region"
+[[tables.context]]
+name = "organisation"
+table = "public.orgs"
+key = "org_id"
+columns = ["id", "nmae"]
+"#,
+    );
+    let out = cli::run(&["check"], &bad, &db.url()).await;
+    // Every problem at once, one line each.
+    for needle in [
+        "`tables[0].context[0].table`: table `public.no_such_table` was not found in the database",
+        "`tables[0].context[1].key` names 1 column(s), but the id of `public.regions` has 2 (code, country)",
+        "`tables[0].context[2].columns`: table `public.orgs` has no column `nmae`",
+    ] {
+        out.assert_failed_with("walhook check", &out.stdout, &[needle]);
+    }
+
+    let good = ConfigFile::new(
+        r#"[source]
+url = "${DATABASE_URL}"
+[[tables]]
+table = "public.apps"
+[[tables.context]]
+name = "organisation"
+table = "public.orgs"
+key = "org_id"
+"#,
+    );
+    let url = format!("postgres://{role}@127.0.0.1:{}/{}", db.port, db.name);
+    let out = cli::run(&["check"], &good, &url).await;
+    out.assert_failed_with(
+        "walhook check without SELECT on the parent",
+        &out.stdout,
+        &[
+            "`tables[0].context[0]`: reading `public.orgs` fails: permission denied for table orgs",
+            "GRANT SELECT ON public.orgs TO <role>;",
+        ],
+    );
 }
