@@ -326,3 +326,111 @@ key = "org_id"
         ],
     );
 }
+
+/// GET `url`: status and body.
+async fn get_status(url: &str) -> (u16, String) {
+    let resp = reqwest::Client::new()
+        .get(url)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = resp.status().as_u16();
+    (status, resp.text().await.expect("response body"))
+}
+
+#[tokio::test]
+async fn a_failing_lookup_holds_its_batch_unconfirmed_until_it_works_then_stores_it_once() {
+    let db = create_db().await;
+    db.batch(
+        "CREATE TABLE orgs (id int PRIMARY KEY, name text);
+         CREATE TABLE apps (id int PRIMARY KEY, org_id int);
+         INSERT INTO orgs VALUES (1, 'Acme');",
+    )
+    .await;
+    let work = Workdir::new(&config(
+        &db,
+        r#"
+[[tables]]
+table = "public.apps"
+entity = "application"
+
+[[tables.context]]
+name = "organisation"
+table = "public.orgs"
+key = "org_id"
+columns = ["id", "name"]
+"#,
+    ));
+    let mut daemon = work.spawn_run(0);
+    wait_leading(&db, &mut daemon).await;
+    let base = server_url(&mut daemon).await;
+
+    // The lookup's column disappears under it: the lookup fails at the server.
+    db.batch("ALTER TABLE orgs RENAME COLUMN name TO title")
+        .await;
+    db.batch("INSERT INTO apps VALUES (1, 1), (2, 1), (3, 1)")
+        .await;
+    let lsn: String = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .get(0);
+    let why = wait_for_some("/readyz to name the failing lookup", WAIT, || {
+        let url = format!("{base}/readyz");
+        async move {
+            let (status, body) = get_status(&url).await;
+            (status == 503 && body.contains("context lookup")).then_some(body)
+        }
+    })
+    .await;
+    assert!(why.contains("column p.name does not exist"), "{why}");
+    let client = db.client().await;
+    assert_eq!(
+        crate::daemon::event_count(&client).await,
+        0,
+        "stored without context"
+    );
+    let confirmed_past: bool = db
+        .query_one(
+            "SELECT coalesce(confirmed_flush_lsn >= $2::text::pg_lsn, false) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&db.name, &lsn],
+        )
+        .await
+        .get(0);
+    assert!(
+        !confirmed_past,
+        "the slot was confirmed past a batch that is not stored"
+    );
+
+    db.batch("ALTER TABLE orgs RENAME COLUMN title TO name")
+        .await;
+    wait_for("the held batch stored", WAIT, || async {
+        crate::daemon::event_count(&client).await >= 3
+    })
+    .await;
+    let rows = client
+        .query(
+            "SELECT entity_id, context::text FROM walhook.events ORDER BY entity_id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(String, Value)> = rows
+        .iter()
+        .map(|r| (r.get(0), serde_json::from_str(r.get::<_, &str>(1)).unwrap()))
+        .collect();
+    let acme = json!({"organisation": {"id": 1, "name": "Acme"}});
+    assert_eq!(
+        got,
+        vec![
+            ("1".to_owned(), acme.clone()),
+            ("2".to_owned(), acme.clone()),
+            ("3".to_owned(), acme)
+        ]
+    );
+    wait_for("/readyz ready again", WAIT, || async {
+        get_status(&format!("{base}/readyz")).await.0 == 200
+    })
+    .await;
+    drop(daemon);
+}
