@@ -183,6 +183,32 @@ mod tests {
         );
     }
 
+    /// The body `subscription` gives for an event with context.
+    fn body_with_context(subscription: &str) -> Value {
+        let c = config(&format!(
+            "[[subscriptions]]\nname = \"s\"\nurl = \"http://127.0.0.1:1/\"\nevents = [\"*\"]\n{subscription}"
+        ));
+        let e = crate::routing::envelope::tests::with_context();
+        serde_json::from_slice(&render(&e, &c.subscriptions[0]).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn context_is_in_full_bodies_reachable_by_fields_and_left_out_of_thin_ones() {
+        let full = body_with_context("");
+        assert_eq!(full["context"]["organisation"]["name"], "Acme & <Co>");
+        assert!(full["context"]["team"].is_null());
+        let thin = body_with_context("payload = \"thin\"");
+        assert!(thin.get("context").is_none(), "{thin}");
+        let ce = body_with_context(
+            "format = \"cloudevents\"\ncloudevents = { source = \"/x\" }\npayload = \"thin\"",
+        );
+        assert!(ce["data"].get("context").is_none(), "{ce}");
+        let picked = body_with_context(
+            r#"fields = { org = "context.organisation.name", team = "context.team", gone = "context.team.name" }"#,
+        );
+        assert_eq!(picked, json!({"org": "Acme & <Co>", "team": null}));
+    }
+
     #[test]
     fn fields_api_resource_shape() {
         let v = body(
