@@ -72,6 +72,8 @@ pub struct AttemptRecord<'a> {
     pub last_response: Option<&'a str>,
 }
 
+/// The event columns [`due_event`] reads, in its order (14 columns: a query's own
+/// columns after them start at index 14).
 pub(super) const EVENT_FIELDS: &str = "e.seq, e.id, e.type, e.entity, e.entity_id, e.revision, e.occurred_at, e.data, e.previous, e.changed, e.source_table, e.source_lsn::text, e.source_xid, e.context";
 
 pub(super) fn due_event(r: &Row, attempts: i32, first_due_at: SystemTime) -> DueEvent {
@@ -214,7 +216,7 @@ impl Store {
             )
             .await?;
         let (head, upto) = rows.first().map_or((None, None), |r| {
-            (r.get::<_, Option<i64>>(13), r.get::<_, Option<i64>>(14))
+            (r.get::<_, Option<i64>>(14), r.get::<_, Option<i64>>(15))
         });
         let now = SystemTime::now();
         let events: Vec<DueEvent> = rows
@@ -274,7 +276,7 @@ impl Store {
             .await?;
         Ok(rows
             .iter()
-            .map(|r| due_event(r, r.get(13), r.get(14)))
+            .map(|r| due_event(r, r.get(14), r.get(15)))
             .collect())
     }
 
