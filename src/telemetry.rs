@@ -31,6 +31,8 @@ pub const SLOT_ACTIVE: &str = "walhook_slot_active";
 pub const INGEST_BATCH_SECONDS: &str = "walhook_ingest_batch_seconds";
 /// Ingest batches the store did not take, `{kind}`.
 pub const INGEST_ERRORS_TOTAL: &str = "walhook_ingest_errors_total";
+/// Context parents not found at ingest, `{table, context}`: the event carries `null`.
+pub const CONTEXT_MISSING_TOTAL: &str = "walhook_context_missing_total";
 /// Delivery attempts, `{subscription, outcome}`.
 pub const DELIVERIES_TOTAL: &str = "walhook_deliveries_total";
 /// Duration of one delivery attempt, `{subscription}`.
@@ -54,6 +56,8 @@ pub const BUILD_INFO: &str = "walhook_build_info";
 
 /// Label keys.
 pub mod label {
+    /// A `[[tables.context]]` name.
+    pub const CONTEXT: &str = "context";
     /// A source table, `schema.name`.
     pub const TABLE: &str = "table";
     /// `insert`, `update` or `delete`.
@@ -99,6 +103,10 @@ pub fn describe() {
     describe_counter!(
         INGEST_ERRORS_TOTAL,
         "Failed ingest store transactions by kind: unavailable (retried at once when the store is back) or the store's refusal (limit, constraint, privilege, read_only, resources, other; retried with backoff, /readyz not ready meanwhile)."
+    );
+    describe_counter!(
+        CONTEXT_MISSING_TOTAL,
+        "Context lookups ([[tables.context]]) whose parent row was not found at ingest (deleted, or not yet visible); the event carries null under that context name."
     );
     describe_counter!(
         DISPATCHER_RESTARTS_TOTAL,

@@ -48,6 +48,8 @@ fn batch(lsn: u64, ids: &[&str]) -> IngestBatch {
                 changed: None,
                 subscriptions: Arc::from(Vec::<String>::new()),
             }],
+            context_keys: None,
+            context: None,
         })
         .collect::<Vec<_>>();
     IngestBatch {

@@ -11,6 +11,7 @@ mod cli_reference;
 mod cli_tail;
 mod config_docs;
 mod connect;
+mod context;
 mod daemon;
 mod delivery;
 mod demo;

@@ -225,6 +225,9 @@ fn delivery_json(d: &Delivery, with_response: bool) -> serde_json::Value {
     });
     if with_response {
         v["response_head"] = json!(d.last_response);
+        if let Some(context) = &d.context {
+            v["context"] = context.clone();
+        }
     }
     v
 }
@@ -297,6 +300,7 @@ async fn show(args: ShowArgs) -> anyhow::Result<()> {
         for (k, v) in fields {
             println!("{:<14}{v}", format!("{k}:"));
         }
+        print_context(d.context.as_ref());
         match d.last_response.as_deref() {
             Some(head) if !head.is_empty() => {
                 println!("response head (first 1 KiB of the last response body):");
@@ -308,6 +312,18 @@ async fn show(args: ShowArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The context the event carried, one line per context name (its parent row as
+/// compact JSON, or `null` when the parent was not found at ingest).
+fn print_context(context: Option<&serde_json::Value>) {
+    let Some(serde_json::Value::Object(context)) = context else {
+        return;
+    };
+    println!("context (parent rows when the event was ingested):");
+    for (name, row) in context {
+        println!("  {name}: {row}");
+    }
 }
 
 fn when_delivered(d: &Delivery) -> String {

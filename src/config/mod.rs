@@ -32,7 +32,7 @@ pub use schema::{json_schema, keys as schema_keys};
 pub use secret::{DatabaseUrl, Secret};
 pub use template::{TemplateError, TemplatePart, TextTemplate};
 pub use types::*;
-pub use validate::{DEFAULT_BACKOFF, DEFAULT_LISTEN};
+pub use validate::{DEFAULT_BACKOFF, DEFAULT_LISTEN, MAX_CONTEXT_DEPTH};
 
 use env::EnvOverrides;
 use locate::{Locator, index, join, line_of};
@@ -729,7 +729,6 @@ slack = { text = "new order" }
             c.inactive_keys(),
             vec![
                 "tables[0].snapshot",
-                "tables[0].context",
             ]
         );
     }

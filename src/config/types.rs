@@ -141,7 +141,7 @@ pub struct TableConfig {
     pub rules: Vec<Rule>,
     /// `snapshot = true` (not active yet).
     pub snapshot: bool,
-    /// `[[tables.context]]` (not active yet).
+    /// `[[tables.context]]`: parent rows read at ingest.
     pub context: Vec<ContextConfig>,
     /// `[[tables.aggregate]]`: bulk events per source transaction.
     pub aggregates: Vec<AggregateConfig>,
@@ -264,14 +264,16 @@ pub struct Rule {
     pub reads_changed: bool,
 }
 
-/// A `[[tables.context]]` entry (not active yet).
+/// A `[[tables.context]]` entry: a parent row read from the source database when the
+/// event is ingested, shown under `context.<name>`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ContextConfig {
     /// Name under which the looked-up row appears.
     pub name: String,
     /// Schema-qualified table to look up.
     pub table: String,
-    /// Column(s) of this table holding the looked-up row's key.
+    /// Column(s) of this table holding the parent's id (its `id` when it is a watched
+    /// table that sets one, else its primary key), in id order.
     pub key: Vec<String>,
     /// Columns to take; `None` = all.
     pub columns: Option<Vec<String>>,
@@ -548,9 +550,6 @@ impl Config {
         for (i, t) in self.tables.iter().enumerate() {
             if t.snapshot {
                 keys.push(format!("tables[{i}].snapshot"));
-            }
-            if !t.context.is_empty() {
-                keys.push(format!("tables[{i}].context"));
             }
         }
         keys

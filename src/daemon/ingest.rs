@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::DaemonError;
+use super::context::{ContextReader, Signals};
 use super::source_task::SourceMsg;
 use crate::pg::ErrorChain;
 use crate::pg::PG_EPOCH_OFFSET_MICROS;
@@ -100,6 +101,7 @@ pub async fn run(
     mut rx: mpsc::Receiver<SourceMsg>,
     confirm: watch::Sender<Lsn>,
     stalled: watch::Sender<bool>,
+    mut context: ContextReader,
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
     let mut last_closed = Instant::now();
@@ -111,7 +113,7 @@ pub async fn run(
         let collected = collect(&mut rx, last_closed + MIN_BATCH_INTERVAL, &shutdown).await;
         last_closed = Instant::now();
         telemetry::ingest_idle(false);
-        let Some(pending) = collected else {
+        let Some(mut pending) = collected else {
             return Ok(());
         };
         // A batch without events (changes of unwatched rows, bare commits) writes
@@ -123,6 +125,16 @@ pub async fn run(
         // server sends after a restart (all past the confirmed LSN, hence past the
         // checkpoint) is handed on.
         if pending.events > 0 {
+            // Context is read before the batch is stored, and a batch is stored only
+            // with it (G1, G2).
+            let signals = Signals {
+                health,
+                stalled: &stalled,
+                shutdown: &shutdown,
+            };
+            if !context.fill(&mut pending.batch, &signals).await {
+                return Ok(());
+            }
             let started = Instant::now();
             let Some(outcome) = commit_with_retry(
                 &mut store,

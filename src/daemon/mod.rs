@@ -2,6 +2,7 @@
 //! source -> mapping -> group-committed ingest until SIGTERM; SIGHUP reloads the config
 //! (see [`reload`]).
 
+mod context;
 mod error;
 pub mod ingest;
 pub mod prepare;
@@ -211,6 +212,7 @@ async fn lead_once(
     shutdown: &CancellationToken,
 ) -> Result<(), DaemonError> {
     let slot = config.source.slot.clone();
+    let context = context::ContextReader::new(source_params.clone());
     let mut stream = ReplicationStream::new(
         source_params,
         StreamOptions {
@@ -293,6 +295,7 @@ async fn lead_once(
         rx,
         confirm_tx,
         stalled_tx,
+        context,
         shutdown.clone(),
     )
     .instrument(info_span!("ingest", slot = %slot))

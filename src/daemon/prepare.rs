@@ -89,7 +89,8 @@ pub async fn table_rules(
         }
     }
     let mapper = Mapper::new(&config.tables, &infos)?;
-    Ok((mapper, infos))
+    let plan = crate::mapping::lookup::plan(sql, config).await?;
+    Ok((mapper.with_context(plan), infos))
 }
 
 /// `walhook setup --reset-slot`: drops what is left of the slot, replaces the store's

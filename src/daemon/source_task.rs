@@ -148,7 +148,7 @@ pub async fn run(
                             let first = &drafts[0];
                             let (entity, id) = (first.entity.clone(), first.entity_id.clone());
                             let d = std::mem::take(&mut drafts);
-                            events.push(change_events(
+                            let mut row = change_events(
                                 t,
                                 entity,
                                 id,
@@ -156,7 +156,9 @@ pub async fn run(
                                 None,
                                 &current.routes,
                                 &mut names,
-                            ));
+                            );
+                            row.context_keys = current.mapper.context_keys(&change);
+                            events.push(row);
                         }
                     } else {
                         let d = std::mem::take(&mut drafts);
@@ -383,6 +385,8 @@ fn change_events(
         commit_time: txn.commit_time,
         events,
         bulk,
+        context_keys: None,
+        context: None,
     }
 }
 

@@ -15,7 +15,7 @@ use crate::config::{
 use crate::routing::Envelope;
 
 /// Envelope keys left out of a `payload = "thin"` body.
-pub(super) const THIN_OMITS: [&str; 3] = ["data", "previous", "changed"];
+pub(super) const THIN_OMITS: [&str; 4] = ["data", "previous", "changed", "context"];
 
 /// Envelope keys that become CloudEvents attributes (`id`, `type`, `subject`, `time`)
 /// and so are not repeated in the event's `data`.
@@ -241,6 +241,32 @@ mod tests {
                 "source": {"table": "public.users", "lsn": "0/16B3748", "xid": 7345}
             })
         );
+    }
+
+    /// The body `subscription` gives for an event with context.
+    fn body_with_context(subscription: &str) -> Value {
+        let c = config(&format!(
+            "[[subscriptions]]\nname = \"s\"\nurl = \"http://127.0.0.1:1/\"\nevents = [\"*\"]\n{subscription}"
+        ));
+        let e = crate::routing::envelope::tests::with_context();
+        serde_json::from_slice(&render(&e, &c.subscriptions[0]).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn context_is_in_full_bodies_reachable_by_fields_and_left_out_of_thin_ones() {
+        let full = body_with_context("");
+        assert_eq!(full["context"]["organisation"]["name"], "Acme & <Co>");
+        assert!(full["context"]["team"].is_null());
+        let thin = body_with_context("payload = \"thin\"");
+        assert!(thin.get("context").is_none(), "{thin}");
+        let ce = body_with_context(
+            "format = \"cloudevents\"\ncloudevents = { source = \"/x\" }\npayload = \"thin\"",
+        );
+        assert!(ce["data"].get("context").is_none(), "{ce}");
+        let picked = body_with_context(
+            r#"fields = { org = "context.organisation.name", team = "context.team", gone = "context.team.name" }"#,
+        );
+        assert_eq!(picked, json!({"org": "Acme & <Co>", "team": null}));
     }
 
     #[test]

@@ -54,6 +54,62 @@ pub enum TableError {
         /// The id column.
         column: String,
     },
+    /// A context's parent table is not in the database.
+    #[error(
+        "`{key}`: table `{table}` was not found in the database. Fix: create it, or correct `{key}`"
+    )]
+    ContextParent {
+        /// The config key, e.g. `tables[0].context[1].table`.
+        key: String,
+        /// `schema.name` of the parent.
+        table: String,
+    },
+    /// A context's parent has neither a configured `id` nor a primary key.
+    #[error(
+        "`{key}`: table `{table}` has no primary key (and is not a watched table with `id`), so its rows cannot be looked up by key. Fix: add a primary key, or watch it with `id = [\"...\"]`"
+    )]
+    ContextNoId {
+        /// The config key.
+        key: String,
+        /// `schema.name` of the parent.
+        table: String,
+    },
+    /// `key` has not as many columns as the parent's id.
+    #[error(
+        "`{key}` names {count} column(s), but the id of `{table}` has {expected} ({id}). Fix: list one column of this table per id column, in that order"
+    )]
+    ContextKeyCount {
+        /// The config key.
+        key: String,
+        /// `schema.name` of the parent.
+        table: String,
+        /// The parent's id columns, comma-separated.
+        id: String,
+        expected: usize,
+        count: usize,
+    },
+    /// A column a context reads is not in its parent table.
+    #[error("`{key}`: table `{table}` has no column `{column}`. Fix: correct `{key}`")]
+    ContextColumn {
+        /// The config key.
+        key: String,
+        /// `schema.name` of the parent.
+        table: String,
+        column: String,
+    },
+    /// A context's lookup query fails when tried (no SELECT privilege, types that do
+    /// not compare).
+    #[error(
+        "`{key}`: reading `{table}` fails: {reason}. Fix: let walhook's role read it (`GRANT SELECT ON {table} TO <role>;`), or correct `{key}`"
+    )]
+    ContextQuery {
+        /// The config key.
+        key: String,
+        /// `schema.name` of the parent.
+        table: String,
+        /// The server's message.
+        reason: String,
+    },
 }
 
 /// Every problem found while building a mapper.

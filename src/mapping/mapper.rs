@@ -77,6 +77,8 @@ pub struct MapStats {
 #[derive(Debug)]
 pub struct Mapper {
     tables: HashMap<TableName, TableMapping>,
+    /// `[[tables.context]]` lookups, per table.
+    context: super::ContextPlan,
 }
 
 impl Mapper {
@@ -97,10 +99,34 @@ impl Mapper {
             }
         }
         if errors.is_empty() {
-            Ok(Mapper { tables: map })
+            Ok(Mapper {
+                tables: map,
+                context: super::ContextPlan::default(),
+            })
         } else {
             Err(MappingError { errors })
         }
+    }
+
+    /// The mapper with `plan`'s context lookups.
+    pub fn with_context(self, plan: super::ContextPlan) -> Mapper {
+        Mapper {
+            context: plan,
+            ..self
+        }
+    }
+
+    /// What the context lookup stage reads for `change` (its new row, or its old row
+    /// for a delete); `None` when its table has no context.
+    pub fn context_keys(&self, change: &Change) -> Option<super::ContextKeys> {
+        if self.context.is_empty() {
+            return None;
+        }
+        let row = match change.op {
+            Op::Delete => change.old.as_ref(),
+            Op::Insert | Op::Update => change.new.as_ref(),
+        };
+        self.context.keys(&change.table, row)
     }
 
     /// Whether `table` is watched.

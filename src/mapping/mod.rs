@@ -4,14 +4,17 @@
 
 pub mod aggregate;
 mod condition;
+pub mod context;
 mod entity_id;
 mod error;
+pub mod lookup;
 mod mapper;
 mod rows;
 mod table;
 
 pub use condition::EvalError;
 pub(crate) use condition::{FailureCount, eval_bool, row_to_cel, scope, string, to_cel};
+pub use context::{ContextKeys, ContextPlan};
 pub use entity_id::MissingId;
 pub use error::{MappingError, TableError};
 pub use mapper::{EventDraft, MapStats, Mapper, Skip};

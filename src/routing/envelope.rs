@@ -37,6 +37,10 @@ pub struct Envelope {
     /// Changed columns, on updates under REPLICA IDENTITY FULL.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub changed: Option<Vec<String>>,
+    /// Parent rows read at ingest (`[[tables.context]]`), by context name; `null` for
+    /// a parent that was not found. Left out when the table has no context.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context: Option<Row>,
     /// Where the change came from.
     pub source: EventSource,
 }
@@ -74,6 +78,7 @@ impl Envelope {
             data: draft.data,
             previous: draft.previous,
             changed: draft.changed,
+            context: None,
             source: EventSource {
                 table: draft.table,
                 lsn,
@@ -107,6 +112,12 @@ impl Envelope {
         if let Some(changed) = &self.changed {
             let list = changed.iter().map(|c| string(c)).collect();
             m.insert(key("changed"), cel::Value::List(Arc::new(list)));
+        }
+        if let Some(context) = &self.context {
+            m.insert(
+                key("context"),
+                row_to_cel(context, &crate::config::Columns::All),
+            );
         }
         let mut source = std::collections::HashMap::with_capacity(3);
         source.insert(key("table"), string(&self.source.table.to_string()));
@@ -163,6 +174,7 @@ pub(crate) mod tests {
                 json!({"id": 42, "email": "old@example.com", "status": "active"}),
             )),
             changed: Some(vec!["email".into()]),
+            context: None,
             source: EventSource {
                 table: Arc::new(TableName {
                     schema: "public".into(),
@@ -183,6 +195,31 @@ pub(crate) mod tests {
         );
     }
 
+    /// The example with a context: an organisation found, a team missing.
+    pub(crate) fn with_context() -> Envelope {
+        let Value::Object(context) = json!({
+            "organisation": {"id": 7, "name": "Acme & <Co>", "status": "active"},
+            "team": null,
+        }) else {
+            unreachable!()
+        };
+        Envelope {
+            context: Some(context),
+            ..example()
+        }
+    }
+
+    #[test]
+    fn context_comes_before_source_and_only_when_the_table_has_one() {
+        let text = serde_json::to_string(&with_context()).unwrap();
+        assert!(
+            text.ends_with(r#""changed":["email"],"context":{"organisation":{"id":7,"name":"Acme & <Co>","status":"active"},"team":null},"source":{"table":"public.users","lsn":"0/16B3748","xid":7345}}"#),
+            "{text}"
+        );
+        let plain = serde_json::to_value(example()).unwrap();
+        assert!(plain.get("context").is_none());
+    }
+
     #[test]
     fn unknown_previous_and_changed_are_left_out() {
         let mut e = example();
@@ -201,6 +238,7 @@ pub(crate) mod tests {
                 changed: None,
                 ..example()
             },
+            with_context(),
         ] {
             let json = serde_json::to_value(&e).unwrap();
             assert_eq!(e.to_cel(), to_cel(&json));

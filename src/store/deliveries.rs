@@ -37,6 +37,8 @@ pub struct DueEvent {
     pub table: String,
     pub lsn: String,
     pub xid: i64,
+    /// The context the event carried (`[[tables.context]]`), if its table has any.
+    pub context: Option<Value>,
     /// Attempts made so far (0 for a new event).
     pub attempts: i32,
     /// When the delivery first became due (its age counts from here).
@@ -87,7 +89,9 @@ pub struct AttemptRecord<'a> {
     pub batch_id: Option<&'a str>,
 }
 
-pub(super) const EVENT_FIELDS: &str = "e.seq, e.id, e.type, e.entity, e.entity_id, e.revision, e.occurred_at, e.data, e.previous, e.changed, e.source_table, e.source_lsn::text, e.source_xid";
+/// The event columns [`due_event`] reads, in its order (14 columns: a query's own
+/// columns after them start at index 14).
+pub(super) const EVENT_FIELDS: &str = "e.seq, e.id, e.type, e.entity, e.entity_id, e.revision, e.occurred_at, e.data, e.previous, e.changed, e.source_table, e.source_lsn::text, e.source_xid, e.context";
 
 pub(super) fn due_event(r: &Row, attempts: i32, first_due_at: SystemTime) -> DueEvent {
     DueEvent {
@@ -104,6 +108,7 @@ pub(super) fn due_event(r: &Row, attempts: i32, first_due_at: SystemTime) -> Due
         table: r.get(10),
         lsn: r.get(11),
         xid: r.get(12),
+        context: r.get(13),
         attempts,
         first_due_at,
         batch: None,
@@ -229,7 +234,7 @@ impl Store {
             )
             .await?;
         let (head, upto) = rows.first().map_or((None, None), |r| {
-            (r.get::<_, Option<i64>>(13), r.get::<_, Option<i64>>(14))
+            (r.get::<_, Option<i64>>(14), r.get::<_, Option<i64>>(15))
         });
         let now = SystemTime::now();
         let events: Vec<DueEvent> = rows
@@ -294,17 +299,14 @@ impl Store {
         let mut due = Vec::with_capacity(rows.len());
         let mut batch_ids = Vec::new();
         for r in &rows {
-            let batch: Option<String> = r.get(15);
-            if let Some(id) = batch {
+            let batch: Option<String> = r.get(16);
+            if let Some(id) = &batch {
                 if !seen.insert(id.clone()) {
                     continue;
                 }
-                batch_ids.push(id);
+                batch_ids.push(id.clone());
             }
-            due.push((
-                due_event(r, r.get(13), r.get(14)),
-                r.get::<_, Option<String>>(15),
-            ));
+            due.push((due_event(r, r.get(14), r.get(15)), batch));
         }
         let mut batches = self.stored_batches(subscription, &batch_ids).await?;
         Ok((

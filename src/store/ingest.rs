@@ -41,6 +41,12 @@ pub struct ChangeEvents {
     pub events: Vec<PendingEvent>,
     /// Its part in a bulk (`[[tables.aggregate]]`); `None` for a plain row change.
     pub bulk: Option<BulkRole>,
+    /// What the context lookup stage reads for this change (`[[tables.context]]`);
+    /// `None` when its table has no context.
+    pub context_keys: Option<crate::mapping::ContextKeys>,
+    /// The change's context, filled by the lookup stage before the batch is stored;
+    /// every event of the change carries it.
+    pub context: Option<Arc<Map<String, Value>>>,
 }
 
 /// What a change is in a bulk part, whose rows and bulk event are in one batch.
@@ -107,8 +113,8 @@ pub struct IngestOutcome {
     pub already_stored: bool,
 }
 
-const EVENT_COLUMNS: &str = "seq, id, type, entity, entity_id, revision, occurred_at, data, previous, changed, source_table, source_lsn, source_xid, subscriptions";
-const EVENT_TYPES: [Type; 14] = [
+const EVENT_COLUMNS: &str = "seq, id, type, entity, entity_id, revision, occurred_at, data, previous, changed, source_table, source_lsn, source_xid, subscriptions, context";
+const EVENT_TYPES: [Type; 15] = [
     Type::INT8,
     Type::TEXT,
     Type::TEXT,
@@ -123,6 +129,7 @@ const EVENT_TYPES: [Type; 14] = [
     Type::PG_LSN,
     Type::INT8,
     Type::TEXT_ARRAY,
+    Type::JSON,
 ];
 
 impl Store {
@@ -324,12 +331,13 @@ async fn write_changes(
             let occurred = pg_time(change.commit_time);
             let lsn = PgLsn::from(change.commit_lsn.0);
             let xid = i64::from(change.xid);
+            let context = change.context.as_deref().map(Json);
             for event in &change.events {
                 seq += 1;
                 let data = Json(bulk_data.as_ref().unwrap_or(&event.data));
                 let previous = event.previous.as_ref().map(Json);
                 let subscriptions: &[String] = &event.subscriptions;
-                let values: [&(dyn ToSql + Sync); 14] = [
+                let values: [&(dyn ToSql + Sync); 15] = [
                     &seq,
                     &event.id,
                     &event.event_type,
@@ -344,6 +352,7 @@ async fn write_changes(
                     &lsn,
                     &xid,
                     &subscriptions,
+                    &context,
                 ];
                 writer.as_mut().write(&values).await?;
                 written += 1;

@@ -75,6 +75,7 @@ impl LiveLog {
                 }
                 _ => &[],
             };
+            let context = change.context.map(|c| Value::Object((*c).clone()));
             for mut e in change.events {
                 seq += 1;
                 if !bulk_rows.is_empty() {
@@ -98,6 +99,7 @@ impl LiveLog {
                     table: change.table.to_string(),
                     lsn: lsn.clone(),
                     xid: i64::from(change.xid),
+                    context: context.clone(),
                     attempts: 0,
                     first_due_at: SystemTime::UNIX_EPOCH,
                     batch: None,
@@ -196,6 +198,8 @@ mod tests {
                         changed: None,
                         subscriptions: subscriptions.clone(),
                     }],
+                    context_keys: None,
+                    context: None,
                 })
                 .collect(),
             position: Default::default(),

@@ -36,6 +36,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0004_batches",
         sql: include_str!("../../sql/0004_batches.sql"),
     },
+    Migration {
+        version: 5,
+        name: "0005_context",
+        sql: include_str!("../../sql/0005_context.sql"),
+    },
 ];
 
 /// Advisory lock key for migrations ("walhook" in ASCII).

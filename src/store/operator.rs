@@ -146,6 +146,8 @@ pub struct Delivery {
     pub ingested_at: SystemTime,
     /// The batch it was sent in, when that batch needed a retry (`batch_size > 1`).
     pub batch_id: Option<String>,
+    /// The context the event carried (`[[tables.context]]`), if its table has any.
+    pub context: Option<serde_json::Value>,
 }
 
 impl Delivery {
@@ -175,7 +177,7 @@ pub struct SubscriptionOverview {
 /// Columns of a candidate delivery row (`d`, from retry rows or from the cursor) joined
 /// with its event (`e`).
 const DELIVERY_COLUMNS: &str = "d.subscription, d.seq, e.id, e.type, e.entity, e.entity_id, e.revision, d.status, d.attempts, \
-     d.next_attempt_at, d.last_status, d.last_error, d.last_response, d.delivered_at, e.occurred_at, e.ingested_at, d.batch_id";
+     d.next_attempt_at, d.last_status, d.last_error, d.last_response, d.delivered_at, e.occurred_at, e.ingested_at, e.context, d.batch_id";
 
 /// SQL parameters shared by every selection query, in this order:
 /// $1 subscriptions text[], $2 entity text, $3 entity_id text, $4 since, $5 until,
@@ -330,7 +332,8 @@ fn delivery(r: &tokio_postgres::Row) -> Delivery {
         delivered_at: r.get(13),
         occurred_at: r.get(14),
         ingested_at: r.get(15),
-        batch_id: r.get(16),
+        context: r.get(16),
+        batch_id: r.get(17),
     }
 }
 

@@ -76,6 +76,7 @@ fn due(seq: i64) -> DueEvent {
         table: "public.users".into(),
         lsn: "0/0".into(),
         xid: 1,
+        context: None,
         attempts: 0,
         first_due_at: SystemTime::now(),
         batch: None,

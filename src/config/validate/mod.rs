@@ -13,6 +13,8 @@ use super::size::parse_size;
 use super::types::*;
 use crate::pg::ConnInfo;
 
+pub use context::MAX_CONTEXT_DEPTH;
+
 /// Default retry schedule of a subscription.
 pub const DEFAULT_BACKOFF: &[&str] = &["5s", "5m", "30m", "2h", "5h", "10h", "10h"];
 
@@ -411,6 +413,7 @@ impl Validator<'_> {
     }
 }
 
+mod context;
 mod keys;
 mod set;
 mod slack;

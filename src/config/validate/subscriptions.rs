@@ -21,6 +21,7 @@ const ENVELOPE_ROOTS: &[(&str, bool)] = &[
     ("data", true),
     ("previous", true),
     ("changed", false),
+    ("context", true),
     ("source", true),
 ];
 
@@ -434,7 +435,7 @@ pub(super) fn envelope_path_problem(parts: &[String], payload: Payload) -> Optio
         }
         Some(_)
             if payload == Payload::Thin
-                && ["data", "previous", "changed"].contains(&parts[0].as_str()) =>
+                && ["data", "previous", "changed", "context"].contains(&parts[0].as_str()) =>
         {
             Some(format!(
                 "\"{path}\" is never present with payload = \"thin\"; use payload = \"full\""

@@ -11,6 +11,7 @@ impl Validator<'_> {
     pub(super) fn tables(&mut self, raw: Vec<RawTable>) -> Vec<TableConfig> {
         let mut seen: HashMap<String, String> = HashMap::new();
         let mut out = Vec::new();
+        let mut keys = Vec::new();
         for (i, t) in raw.into_iter().enumerate() {
             let key = index("tables", i);
             let table_key = join(&key, "table");
@@ -38,8 +39,10 @@ impl Validator<'_> {
             }
             if let Some(t) = self.table(&key, qualified, t) {
                 out.push(t);
+                keys.push(key);
             }
         }
+        self.context_chains(&keys, &out);
         out
     }
 
@@ -203,22 +206,17 @@ impl Validator<'_> {
     }
 
     fn contexts(&mut self, key: &str, raw: Vec<RawContext>) -> Vec<ContextConfig> {
-        let mut out: Vec<ContextConfig> = Vec::new();
+        let mut out = Vec::new();
         for (j, c) in raw.into_iter().enumerate() {
             let ckey = index(&join(key, "context"), j);
             let name = self.required(&join(&ckey, "name"), c.name, "");
-            if let Some(n) = &name {
-                if !is_ident(n) {
-                    self.err(
-                        &join(&ckey, "name"),
-                        format!("bad context name \"{n}\": use letters, digits and _"),
-                    );
-                } else if out.iter().any(|o| &o.name == n) {
-                    self.err(
-                        &join(&ckey, "name"),
-                        format!("context \"{n}\" is declared twice for this table"),
-                    );
-                }
+            if let Some(n) = &name
+                && !is_ident(n)
+            {
+                self.err(
+                    &join(&ckey, "name"),
+                    format!("bad context name \"{n}\": use letters, digits and _"),
+                );
             }
             let table_key = join(&ckey, "table");
             let table = self

@@ -21,6 +21,7 @@ fn event(seq: i64, entity_id: &str) -> DueEvent {
         table: "public.users".into(),
         lsn: "0/1".into(),
         xid: 7,
+        context: None,
         attempts: 0,
         first_due_at: UNIX_EPOCH,
         batch: None,

@@ -595,6 +595,7 @@ pub(crate) fn envelope(e: &mut DueEvent) -> Envelope {
         data: as_row(std::mem::take(&mut e.data)),
         previous: e.previous.take().map(as_row),
         changed: e.changed.clone(),
+        context: e.context.take().map(as_row),
         source: EventSource {
             table: Arc::new(TableName {
                 schema: schema.to_owned(),
