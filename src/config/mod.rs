@@ -727,7 +727,6 @@ batch_size = 10
         assert_eq!(
             c.inactive_keys(),
             vec![
-                "tables[0].snapshot",
                 "tables[0].context",
                 "tables[0].aggregate",
                 "subscriptions[0].format",

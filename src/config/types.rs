@@ -138,7 +138,7 @@ pub struct TableConfig {
     pub events: EventNames,
     /// Derived events (`[[tables.rules]]`), in file order.
     pub rules: Vec<Rule>,
-    /// `snapshot = true` (not active yet).
+    /// `snapshot = true`: backfill the table once, the first time walhook runs with it.
     pub snapshot: bool,
     /// `[[tables.context]]` (not active yet).
     pub context: Vec<ContextConfig>,
@@ -520,13 +520,10 @@ impl SubscriptionConfig {
 
 impl Config {
     /// Keys present in this config whose behaviour is accepted and validated but not
-    /// implemented yet, e.g. `tables[0].snapshot`, `subscriptions[1].format`.
+    /// implemented yet, e.g. `tables[0].context`, `subscriptions[1].format`.
     pub fn inactive_keys(&self) -> Vec<String> {
         let mut keys = Vec::new();
         for (i, t) in self.tables.iter().enumerate() {
-            if t.snapshot {
-                keys.push(format!("tables[{i}].snapshot"));
-            }
             if !t.context.is_empty() {
                 keys.push(format!("tables[{i}].context"));
             }

@@ -7,6 +7,7 @@ mod entity_id;
 mod error;
 mod mapper;
 mod rows;
+mod snapshot;
 mod table;
 
 pub use condition::EvalError;

@@ -188,6 +188,7 @@ mod tests {
                 })
                 .collect(),
             position: Default::default(),
+            backfills: Vec::new(),
         }
     }
 

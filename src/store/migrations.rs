@@ -31,6 +31,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0003_operator",
         sql: include_str!("../../sql/0003_operator.sql"),
     },
+    Migration {
+        version: 4,
+        name: "0004_backfills",
+        sql: include_str!("../../sql/0004_backfills.sql"),
+    },
 ];
 
 /// Advisory lock key for migrations ("walhook" in ASCII).
