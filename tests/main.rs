@@ -3,6 +3,7 @@
 
 mod support;
 
+mod backfill;
 mod bench_smoke;
 mod chaos;
 mod cli_check;
