@@ -421,3 +421,57 @@ async fn a_table_added_by_reload_with_snapshot_true_is_backfilled_once() {
     }
     assert_eq!(stored["1"][1].kind, "extra.updated");
 }
+
+/// Speed: rows/s backfilled into the store against walhook's ingest rate of the same
+/// number of row changes, on this machine in this run. Ignored (a minute or more):
+/// `WALHOOK_BACKFILL_BENCH_ROWS=1000000 cargo test --release --test main --
+/// backfill::bench_backfill_against_ingest --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn bench_backfill_against_ingest() {
+    let n: i64 = std::env::var("WALHOOK_BACKFILL_BENCH_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let db = items_db(n).await;
+    let work = Workdir::new(&config(&db, ""));
+    let _daemon = start(&db, &work, 1).await;
+    let client = db.client().await;
+    let last_seq = || async {
+        client
+            .query_one("SELECT last_seq FROM walhook.checkpoints", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+
+    // Ingest: one transaction updating every row, stored as n events.
+    client
+        .batch_execute("UPDATE items SET ver = nextval('ver')")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    wait_for(
+        "the update of every row to be ingested",
+        Duration::from_secs(600),
+        || async { last_seq().await >= n },
+    )
+    .await;
+    let ingest = n as f64 / started.elapsed().as_secs_f64();
+
+    let started = Instant::now();
+    let (code, out) = backfill(&work, &["--table", "public.items", "--detach"]);
+    assert_eq!(code, 0, "{out}");
+    wait_for(
+        "the backfill to be done",
+        Duration::from_secs(600),
+        || async { backfill_state(&client, 1).await.0 == "done" },
+    )
+    .await;
+    let backfilled = n as f64 / started.elapsed().as_secs_f64();
+    assert_eq!(last_seq().await, 2 * n);
+    eprintln!(
+        "{n} rows: ingest {ingest:.0} events/s, backfill {backfilled:.0} rows/s, ratio {:.2}",
+        backfilled / ingest
+    );
+}

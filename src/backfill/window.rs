@@ -17,7 +17,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde_json::Value;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use crate::source::decoder::{Change, Row, TableName};
 
@@ -95,11 +95,23 @@ struct Window {
 }
 
 /// The open window, if any (one chunk at a time). See the module docs.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Watermarks {
     window: Mutex<Option<Window>>,
     /// Whether a window records changes (checked without the lock on every change).
     recording: AtomicBool,
+    /// Counts windows closed, for a worker waiting to open the next one.
+    closed: watch::Sender<u64>,
+}
+
+impl Default for Watermarks {
+    fn default() -> Watermarks {
+        Watermarks {
+            window: Mutex::default(),
+            recording: AtomicBool::new(false),
+            closed: watch::Sender::new(0),
+        }
+    }
 }
 
 impl Watermarks {
@@ -131,7 +143,18 @@ impl Watermarks {
         if w.as_ref().is_some_and(|w| w.tag == tag) {
             *w = None;
             self.recording.store(false, Ordering::Release);
+            drop(w);
+            self.closed.send_modify(|n| *n += 1);
         }
+    }
+
+    /// Waits until the window of `tag` is closed (the source task reached its high
+    /// watermark and took the chunk). Its events may not be stored yet.
+    pub async fn closed(&self, tag: &str) {
+        let mut rx = self.closed.subscribe();
+        let _ = rx
+            .wait_for(|_| self.lock().as_ref().is_none_or(|w| w.tag != tag))
+            .await;
     }
 
     /// Notes a change seen by the stream (in commit order).
@@ -169,7 +192,9 @@ impl Watermarks {
             }
             Mark::High => {
                 let w = guard.take()?;
+                drop(guard);
                 self.recording.store(false, Ordering::Release);
+                self.closed.send_modify(|n| *n += 1);
                 let mut chunk = w.chunk?;
                 if !w.recording {
                     // The low watermark was not seen: nothing is known about the

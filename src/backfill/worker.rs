@@ -5,6 +5,7 @@
 //! the next chunk. An interrupted backfill (`running` in the store) goes on after its
 //! stored cursor when a daemon next holds the slot.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +23,9 @@ use crate::store::backfills::Backfill;
 
 /// Rows per chunk.
 pub const CHUNK_ROWS: usize = 5_000;
+/// Chunks handed over whose events are not stored yet, at most: the next chunk is read
+/// while ingest stores the one before (bounded memory, G6).
+const IN_FLIGHT: usize = 2;
 /// How often an idle worker looks for a new request.
 const IDLE_POLL: Duration = Duration::from_millis(250);
 /// Wait before trying again after a lost connection.
@@ -199,9 +203,15 @@ async fn run_one(
             .await?;
     }
     let key = shape.key_names();
+    let mut in_flight: VecDeque<oneshot::Receiver<Result<(), String>>> = VecDeque::new();
     loop {
         if stop.is_cancelled() {
             return Err(Stop::Cancelled);
+        }
+        if in_flight.len() >= IN_FLIGHT
+            && let Some(done) = in_flight.pop_front()
+        {
+            stored(done, stop).await?;
         }
         *chunk_no += 1;
         let tag = format!("{}:{instance}:{chunk_no}", b.id);
@@ -220,6 +230,10 @@ async fn run_one(
             Ok(Some(pair)) => pair,
             Ok(None) => {
                 watermarks.abandon(&tag);
+                // Done once every chunk handed over is stored.
+                while let Some(done) = in_flight.pop_front() {
+                    stored(done, stop).await?;
+                }
                 return Ok(());
             }
             Err(e) => {
@@ -227,16 +241,30 @@ async fn run_one(
                 return Err(e);
             }
         };
-        // The chunk is merged at its high watermark and stored by ingest.
-        let stored = tokio::select! {
+        // The next window opens once the source task took this chunk at its high
+        // watermark; ingest stores it meanwhile.
+        tokio::select! {
             _ = stop.cancelled() => return Err(Stop::Cancelled),
-            stored = done => stored,
-        };
-        match stored {
-            Ok(Ok(())) => cursor = Some(next),
-            Ok(Err(why)) => return Err(Stop::Refused(why)),
-            Err(_) => return Err(Stop::Cancelled),
+            _ = watermarks.closed(&tag) => {}
         }
+        in_flight.push_back(done);
+        cursor = Some(next);
+    }
+}
+
+/// Waits until a chunk's events are stored.
+async fn stored(
+    done: oneshot::Receiver<Result<(), String>>,
+    stop: &CancellationToken,
+) -> Result<(), Stop> {
+    let stored = tokio::select! {
+        _ = stop.cancelled() => return Err(Stop::Cancelled),
+        stored = done => stored,
+    };
+    match stored {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(why)) => Err(Stop::Refused(why)),
+        Err(_) => Err(Stop::Cancelled),
     }
 }
 

@@ -14,7 +14,7 @@ use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::ConfigArg;
-use super::operator::{Table, check_subscription, configured, human_time, known_list, open_store};
+use super::operator::{Table, check_subscription, configured, human_time, open_store};
 use crate::backfill::worker::table_name;
 use crate::config::Config;
 use crate::pg::ErrorChain;
@@ -83,7 +83,7 @@ async fn request(config: &Config, store: &Store, args: &BackfillArgs) -> anyhow:
     };
     if let Some(name) = &args.subscription {
         let names = configured(config);
-        check_subscription(name, &names, &[]).with_context(|| known_list(&names))?;
+        check_subscription(name, &names, &[])?;
     }
     if let Some(event) = &args.event
         && (event.is_empty() || event.contains(char::is_whitespace))
