@@ -280,6 +280,7 @@ async fn chunk(
     watermarks: &Watermarks,
 ) -> Result<Option<(oneshot::Receiver<Result<(), String>>, Vec<String>)>, Stop> {
     emit(client, &message(tag, Mark::Low)).await?;
+    settle(client).await?;
     let sql = read::chunk_sql(
         table,
         shape,
@@ -305,6 +306,31 @@ async fn chunk(
     );
     emit(client, &message(tag, Mark::High)).await?;
     Ok(Some((rx, last)))
+}
+
+/// Waits until no transaction that committed before now is still invisible to new
+/// snapshots. A commit is written to the WAL (and the commit log) a moment before it
+/// becomes visible; a transaction committed just before the low watermark could
+/// otherwise be missing from the chunk's snapshot while the stream hands it on before
+/// the window opens, and the chunk would carry an older state of its row. Transactions
+/// still running are not waited for: they commit after the low watermark, inside the
+/// window. Bounded (a commit becomes visible within microseconds).
+async fn settle(client: &Client) -> Result<(), tokio_postgres::Error> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let racing: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_snapshot_xip(pg_current_snapshot()) x
+                 WHERE pg_xact_status(x) = 'committed'",
+                &[],
+            )
+            .await?
+            .get(0);
+        if racing == 0 || tokio::time::Instant::now() >= deadline {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 /// Writes a watermark into the WAL, in a transaction of its own.
