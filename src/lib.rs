@@ -1,6 +1,7 @@
 //! walhook: PostgreSQL logical replication (pgoutput) to entity events delivered as
 //! signed webhooks. `main.rs` only wires these stages together.
 
+pub mod backfill;
 pub mod cli;
 pub mod config;
 pub mod daemon;

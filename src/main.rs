@@ -71,6 +71,9 @@ fn main() -> ExitCode {
             Command::Subscriptions(args) => walhook::cli::subscriptions::run(args)
                 .await
                 .map(|()| Exit::Success),
+            Command::Backfill(args) => walhook::cli::backfill::run(args)
+                .await
+                .map(Exit::from_success),
             Command::Demo(args) => walhook::cli::demo::run(args).await.map(Exit::from_success),
             Command::Config(args) => walhook::cli::config_schema::run(args).map(|()| Exit::Success),
             Command::Completions(_) | Command::Man(_) | Command::Keys(_) => Ok(Exit::Success),

@@ -7,13 +7,14 @@ use std::process::{Command, Output};
 use crate::support::walhook_bin;
 
 /// Every subcommand, as the completions and the man page must name them.
-const SUBCOMMANDS: [&str; 11] = [
+const SUBCOMMANDS: [&str; 12] = [
     "run",
     "setup",
     "tail",
     "check",
     "deliveries",
     "subscriptions",
+    "backfill",
     "demo",
     "config",
     "keys",

@@ -59,6 +59,7 @@ fn batch(lsn: u64, ids: &[&str]) -> IngestBatch {
             complete: true,
         },
         changes,
+        backfills: Vec::new(),
     }
 }
 

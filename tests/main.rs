@@ -4,6 +4,7 @@
 mod support;
 
 mod aggregate;
+mod backfill;
 mod bench_smoke;
 mod chaos;
 mod cli_check;

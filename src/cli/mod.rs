@@ -1,5 +1,6 @@
 //! The `walhook` command line: argument parsing and one module per subcommand.
 
+pub mod backfill;
 pub mod check;
 pub mod completions;
 pub mod config_schema;
@@ -73,6 +74,9 @@ pub enum Command {
     Deliveries(deliveries::DeliveriesArgs),
     /// List subscriptions with their queues; pause or resume one.
     Subscriptions(subscriptions::SubscriptionsArgs),
+    /// Send a table's existing rows as events (`{entity}.snapshot`), consistent with
+    /// the live stream; `--status` lists backfills, `--resume` continues one.
+    Backfill(backfill::BackfillArgs),
     /// Show walhook working end to end on a throwaway local PostgreSQL (no config needed).
     Demo(demo::DemoArgs),
     /// Config tools: `walhook config schema` prints the JSON Schema of walhook.toml.

@@ -703,7 +703,7 @@ secret = ["{KEY}", "${{OLD_KEY}}"]
     }
 
     #[test]
-    fn inactive_keys_listed() {
+    fn every_key_of_the_syntax_is_active() {
         let toml = r#"[source]
 url = "postgres://x/app"
 [[tables]]
@@ -725,12 +725,7 @@ format = "slack"
 slack = { text = "new order" }
 "#;
         let c = load_ok(toml, &[]);
-        assert_eq!(
-            c.inactive_keys(),
-            vec![
-                "tables[0].snapshot",
-            ]
-        );
+        assert!(c.inactive_keys().is_empty(), "{:?}", c.inactive_keys());
     }
 
     #[test]

@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use metrics::{counter, histogram};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -60,6 +60,8 @@ struct Pending {
     at_commit: bool,
     /// The batch's share of the ingest buffer, given back when it is dropped (stored).
     held: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Backfill chunks in the batch, told once it is stored.
+    chunks_done: Vec<oneshot::Sender<Result<(), String>>>,
 }
 
 impl Pending {
@@ -124,7 +126,8 @@ pub async fn run(
         // skips only transactions at or below the checkpoint, so everything the
         // server sends after a restart (all past the confirmed LSN, hence past the
         // checkpoint) is handed on.
-        if pending.events > 0 {
+        // A backfill chunk is written even without events: its cursor moves.
+        if pending.events > 0 || !pending.batch.backfills.is_empty() {
             // Context is read before the batch is stored, and a batch is stored only
             // with it (G1, G2).
             let signals = Signals {
@@ -158,6 +161,9 @@ pub async fn run(
             );
             if let Some(end) = pending.last_commit {
                 confirm.send_replace(end);
+            }
+            for done in std::mem::take(&mut pending.chunks_done) {
+                let _ = done.send(Ok(()));
             }
             // Dispatchers in this process learn of new events at once, and take them
             // from memory (a batch stored before is not published: they read it from
@@ -195,6 +201,7 @@ async fn collect(
         events: 0,
         at_commit: false,
         held: None,
+        chunks_done: Vec::new(),
     };
     let mut messages = 1;
     add(&mut pending, first);
@@ -257,6 +264,19 @@ fn add(pending: &mut Pending, msg: SourceMsg) {
             pending.last_commit = Some(end_lsn);
             pending.last_commit_time = Some(commit_time);
             pending.batch.position = position;
+        }
+        // A chunk is never split across batches: its events and cursor move together.
+        SourceMsg::Chunk {
+            changes,
+            progress,
+            position,
+            done,
+        } => {
+            pending.batch.position = position;
+            pending.events += changes.len();
+            pending.batch.changes.extend(changes);
+            pending.batch.backfills.push(progress);
+            pending.chunks_done.push(done);
         }
     }
 }

@@ -102,6 +102,13 @@ pub async fn run(
         config_rx.clone(),
         dispatch_stop.clone(),
     ));
+    // `snapshot = true` tables get their backfill requested once, by any instance.
+    dispatchers.spawn(crate::backfill::snapshot::request_snapshots(
+        config_rx.clone(),
+        prepared.store_params.clone(),
+        config.store.schema.clone(),
+        dispatch_stop.clone(),
+    ));
     dispatchers.spawn(reload::run(
         reloads,
         config.clone(),
@@ -170,6 +177,7 @@ async fn ingest_until_shutdown(
         let term = lead_once(
             config,
             source_params.clone(),
+            &store_params,
             store,
             rules.clone(),
             owner,
@@ -204,6 +212,7 @@ async fn ingest_until_shutdown(
 async fn lead_once(
     config: &Config,
     source_params: crate::pg::ConnInfo,
+    store_params: &crate::pg::ConnInfo,
     mut store: Store,
     rules: watch::Receiver<Arc<reload::Rules>>,
     owner: &str,
@@ -214,7 +223,7 @@ async fn lead_once(
     let slot = config.source.slot.clone();
     let context = context::ContextReader::new(source_params.clone());
     let mut stream = ReplicationStream::new(
-        source_params,
+        source_params.clone(),
         StreamOptions {
             slot: slot.clone(),
             publication: config.source.publication.clone(),
@@ -272,6 +281,19 @@ async fn lead_once(
             .unwrap_or(usize::MAX)
             .min(tokio::sync::Semaphore::MAX_PERMITS),
     ));
+    // Backfills run in the holder of the slot, merged into its stream.
+    let watermarks = Arc::new(crate::backfill::Watermarks::default());
+    let backfills = tokio::spawn(
+        crate::backfill::worker::run(
+            source_params,
+            store_params.clone(),
+            config.store.schema.clone(),
+            watermarks.clone(),
+            ulid::Ulid::new().to_string(),
+            source_stop.clone(),
+        )
+        .instrument(info_span!("backfill")),
+    );
     let source = tokio::spawn(
         source_task::run(
             source_task::Links {
@@ -279,6 +301,7 @@ async fn lead_once(
                 buffer,
                 confirmed: confirm_rx,
                 stalled: stalled_rx,
+                watermarks,
             },
             stream,
             rules,
@@ -301,6 +324,7 @@ async fn lead_once(
     .instrument(info_span!("ingest", slot = %slot))
     .await;
     source_stop.cancel();
+    let _ = backfills.await;
     match tokio::time::timeout(Duration::from_secs(10), source).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => {

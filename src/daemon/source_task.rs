@@ -12,17 +12,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use metrics::{Counter, counter};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::prepare::Routes;
 use super::reload::Rules;
+use crate::backfill::{self, Watermarks};
 use crate::mapping::EventDraft;
 use crate::mapping::aggregate::{Emit, TxnAggregates};
 use crate::source::Lsn;
 use crate::source::SourceError;
 use crate::source::decoder::{Decoded, Op, TableName};
 use crate::source::stream::{Position, ReplicationStream};
+use crate::store::backfills::BackfillProgress;
 use crate::store::{BulkRole, ChangeEvents, PendingEvent};
 use crate::telemetry::{SOURCE_CHANGES_TOTAL, label};
 
@@ -53,6 +55,14 @@ pub enum SourceMsg {
         commit_time: i64,
         position: Position,
     },
+    /// A backfill chunk merged at its high watermark (see [`crate::backfill`]): its
+    /// events and progress are stored in one batch, then `done` is told.
+    Chunk {
+        changes: Vec<ChangeEvents>,
+        progress: BackfillProgress,
+        position: Position,
+        done: oneshot::Sender<Result<(), String>>,
+    },
 }
 
 /// The current transaction's context, from its Begin message.
@@ -75,6 +85,8 @@ pub struct Links {
     /// Whether ingest is retrying a batch it cannot store: the replication connection
     /// is then closed at once while the source task waits for ingest (G9).
     pub stalled: watch::Receiver<bool>,
+    /// The backfill worker's watermark window (see [`crate::backfill::window`]).
+    pub watermarks: Arc<Watermarks>,
 }
 
 /// Runs until `stop` is cancelled or the stream fails.
@@ -89,6 +101,7 @@ pub async fn run(
         buffer,
         confirmed,
         mut stalled,
+        watermarks,
     } = links;
     let capacity = buffer.available_permits();
     stream.follow_confirmations(confirmed);
@@ -134,6 +147,7 @@ pub async fn run(
                 continue;
             }
             Decoded::Change(change) => {
+                watermarks.observe(&change);
                 let replayed = stream.replayed();
                 if !replayed {
                     names.count_change(&change.table, change.op);
@@ -148,15 +162,8 @@ pub async fn run(
                             let first = &drafts[0];
                             let (entity, id) = (first.entity.clone(), first.entity_id.clone());
                             let d = std::mem::take(&mut drafts);
-                            let mut row = change_events(
-                                t,
-                                entity,
-                                id,
-                                d,
-                                None,
-                                &current.routes,
-                                &mut names,
-                            );
+                            let mut row =
+                                change_events(t, entity, id, d, None, &current.routes, &mut names);
                             row.context_keys = current.mapper.context_keys(&change);
                             events.push(row);
                         }
@@ -224,14 +231,28 @@ pub async fn run(
                     held: None,
                 }
             }
-            Decoded::LogicalMessage { transactional, .. } => {
+            Decoded::LogicalMessage {
+                transactional,
+                prefix,
+                content,
+                ..
+            } => {
                 if !transactional {
                     continue;
                 }
-                SourceMsg::Change {
-                    events: Vec::new(),
-                    position: stream.position(),
-                    held: None,
+                let closed = match (&txn, prefix == backfill::window::PREFIX) {
+                    (Some(t), true) => watermarks.on_message(&content).map(|c| (c, t)),
+                    _ => None,
+                };
+                match closed {
+                    Some((closed, t)) => {
+                        chunk_msg(closed, t, &current, &mut names, stream.position())
+                    }
+                    None => SourceMsg::Change {
+                        events: Vec::new(),
+                        position: stream.position(),
+                        held: None,
+                    },
                 }
             }
         };
@@ -454,6 +475,43 @@ fn push_emit(
                 routes,
                 names,
             ));
+        }
+    }
+}
+
+/// The message of a backfill chunk at its high watermark: its rows' events (mapped and
+/// routed by the current rules), or, when the rules do not watch its table, a plain
+/// position and the backfill told why.
+fn chunk_msg(
+    closed: backfill::Closed,
+    txn: &Txn,
+    rules: &Rules,
+    names: &mut NameCache,
+    position: Position,
+) -> SourceMsg {
+    let at = backfill::At {
+        commit_lsn: txn.commit_lsn,
+        xid: txn.xid,
+        commit_time: txn.commit_time,
+    };
+    let mut route = |event_type: &str| names.routes(&rules.routes, event_type);
+    match backfill::chunk_events(&closed, &rules.mapper, at, &mut route) {
+        Some((changes, progress)) => SourceMsg::Chunk {
+            changes,
+            progress,
+            position,
+            done: closed.chunk.done,
+        },
+        None => {
+            let _ = closed.chunk.done.send(Err(format!(
+                "table {} is not in the running config's [[tables]]",
+                closed.table
+            )));
+            SourceMsg::Change {
+                events: Vec::new(),
+                position,
+                held: None,
+            }
         }
     }
 }

@@ -76,7 +76,7 @@ pub struct MapStats {
 /// value as is; only composite ids percent-encode `:` and `%` inside their parts.
 #[derive(Debug)]
 pub struct Mapper {
-    tables: HashMap<TableName, TableMapping>,
+    pub(super) tables: HashMap<TableName, TableMapping>,
     /// `[[tables.context]]` lookups, per table.
     context: super::ContextPlan,
 }

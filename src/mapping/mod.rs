@@ -10,6 +10,7 @@ mod error;
 pub mod lookup;
 mod mapper;
 mod rows;
+mod snapshot;
 mod table;
 
 pub use condition::EvalError;

@@ -85,6 +85,8 @@ pub struct IngestBatch {
     pub changes: Vec<ChangeEvents>,
     /// The stream position after the last change of the batch.
     pub position: Position,
+    /// Backfill chunks among `changes`: their cursors move in the same transaction.
+    pub backfills: Vec<super::backfills::BackfillProgress>,
 }
 
 impl IngestBatch {
@@ -190,6 +192,7 @@ impl Store {
         ))
         .await?;
         let (written, seq, revisions) = write_changes(&tx, &s, &batch.changes, seq_base).await?;
+        super::backfills::advance(&tx, &s, &batch.backfills).await?;
         let p = batch.position;
         tx.execute(
             &format!(

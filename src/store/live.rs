@@ -203,6 +203,7 @@ mod tests {
                 })
                 .collect(),
             position: Default::default(),
+            backfills: Vec::new(),
         }
     }
 

@@ -41,6 +41,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0005_context",
         sql: include_str!("../../sql/0005_context.sql"),
     },
+    Migration {
+        version: 6,
+        name: "0006_backfills",
+        sql: include_str!("../../sql/0006_backfills.sql"),
+    },
 ];
 
 /// Advisory lock key for migrations ("walhook" in ASCII).

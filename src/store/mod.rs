@@ -6,6 +6,7 @@
 //! source changes are stored (G2), and revisions stay gap-free (G3). Callers confirm a
 //! flush LSN to the slot only after `ingest` returned (G1).
 
+pub mod backfills;
 pub mod deliveries;
 pub mod ingest;
 pub mod live;
