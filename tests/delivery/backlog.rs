@@ -233,8 +233,12 @@ max_age = "1h"
     // +10 MiB, most of it a fixed cost (allocator arenas, buffers) that does not grow
     // with the backlog. With 250 entities x 16 revisions (a sixteenth held) the same
     // test measured +10 to +19 MiB, too close to the backlog to tell the two apart.
+    // Alone it measures +3 to +4 MiB; in the fresh-clone CI, beside the other tests, it
+    // once measured +16 MiB (allocator pages released after ingest and touched again),
+    // so the bound is three quarters of the backlog's text: holding the backlog would
+    // take the whole text and more (parsed values are larger than their JSON).
     assert!(
-        grown < backlog_kib / 2,
+        grown < backlog_kib * 3 / 4,
         "peak RSS grew by {grown} KiB delivering a {backlog_kib} KiB backlog (from {before} KiB to {large} KiB) (G6)"
     );
     wait_for("no pending delivery left", WAIT, || async {
