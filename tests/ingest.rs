@@ -12,7 +12,7 @@ use walhook::source::Lsn;
 use walhook::source::stream::Position;
 use walhook::store::{ChangeEvents, IngestBatch, PendingEvent, Store};
 
-use crate::support::daemon::{Daemon, Workdir, users_config, wait_leading};
+use crate::support::daemon::{Workdir, server_url, users_config, wait_leading};
 use crate::support::pg::{TestDb, create_db, users_db};
 use crate::support::{wait_for, wait_for_some};
 
@@ -270,25 +270,6 @@ events = ["doc.*"]
         port = db.port,
         name = db.name
     )
-}
-
-/// The address the daemon's server bound, as `http://127.0.0.1:port`.
-async fn server_url(daemon: &mut Daemon) -> String {
-    wait_for_some("the daemon to log its server address", WAIT, || {
-        let running = daemon.is_running();
-        let log = daemon.log();
-        async move {
-            assert!(running, "walhook exited:\n{log}");
-            let line = log.lines().find(|l| l.contains("serving /metrics"))?;
-            let at = line.find("127.0.0.1:")?;
-            let port: String = line[at + "127.0.0.1:".len()..]
-                .chars()
-                .take_while(char::is_ascii_digit)
-                .collect();
-            Some(format!("http://127.0.0.1:{port}"))
-        }
-    })
-    .await
 }
 
 async fn get(url: &str) -> (u16, String) {

@@ -348,19 +348,8 @@ async fn bad_signing_keys_are_config_errors_naming_the_subscription() {
             "{file}:28: subscriptions[3].secret: subscription \"public\": the key is a public key (whpk_)"
         ),
     ];
-    let url = "postgres://postgres@127.0.0.1:1/db";
-    for args in [&["check"][..], &["run"]] {
-        let out = cli::run(args, &config, url).await;
-        let text = if args[0] == "check" {
-            &out.stdout
-        } else {
-            &out.stderr
-        };
-        let what = format!("walhook {}", args[0]);
-        out.assert_config_error(&what, text, &["4 config errors"]);
-        for needle in &expected {
-            out.assert_config_error(&what, text, &[needle]);
-        }
+    let outcomes = cli::assert_check_and_run_refuse(&config, "4 config errors", &expected).await;
+    for (what, out) in &outcomes {
         for key in [&whsk, &short, &whpk] {
             let b64 = &key[5..];
             assert!(

@@ -384,19 +384,8 @@ async fn set_config_errors_name_the_subscription() {
             "{file}:23: subscriptions[2].format: subscription \"keyless\": format = \"set\" signs each token with an ed25519 key"
         ),
     ];
-    let url = "postgres://postgres@127.0.0.1:1/db";
-    for args in [&["check"][..], &["run"]] {
-        let out = cli::run(args, &config, url).await;
-        let text = if args[0] == "check" {
-            &out.stdout
-        } else {
-            &out.stderr
-        };
-        let what = format!("walhook {}", args[0]);
-        out.assert_config_error(&what, text, &["3 config errors"]);
-        for needle in &expected {
-            out.assert_config_error(&what, text, &[needle]);
-        }
+    let outcomes = cli::assert_check_and_run_refuse(&config, "3 config errors", &expected).await;
+    for (what, out) in &outcomes {
         let b64 = &whsk[5..];
         assert!(
             !out.stdout.contains(b64) && !out.stderr.contains(b64),

@@ -85,18 +85,5 @@ async fn slack_template_errors_name_the_subscription_and_placeholder() {
             "{file}:22: subscriptions[2].format: subscription \"nothing\": format = \"slack\" needs slack = {{ text"
         ),
     ];
-    let url = "postgres://postgres@127.0.0.1:1/db";
-    for args in [&["check"][..], &["run"]] {
-        let out = cli::run(args, &config, url).await;
-        let text = if args[0] == "check" {
-            &out.stdout
-        } else {
-            &out.stderr
-        };
-        let what = format!("walhook {}", args[0]);
-        out.assert_config_error(&what, text, &["3 config errors"]);
-        for needle in &expected {
-            out.assert_config_error(&what, text, &[needle]);
-        }
-    }
+    cli::assert_check_and_run_refuse(&config, "3 config errors", &expected).await;
 }

@@ -129,6 +129,34 @@ pub async fn run(args: &[&str], config: &ConfigFile, database_url: &str) -> Outc
     run_env(args, config, database_url, &[]).await
 }
 
+/// Runs `walhook check` and `walhook run` on `config` (the database is never reached)
+/// and asserts that each exits 78 with `summary` (e.g. "3 config errors") and every
+/// one of `expected` in its report (stdout for check, stderr for run). Returns what
+/// each printed, as ("walhook check" or "walhook run", outcome), for further checks.
+pub async fn assert_check_and_run_refuse(
+    config: &ConfigFile,
+    summary: &str,
+    expected: &[String],
+) -> Vec<(String, Outcome)> {
+    let url = "postgres://postgres@127.0.0.1:1/db";
+    let mut outcomes = Vec::new();
+    for args in [&["check"][..], &["run"]] {
+        let out = run(args, config, url).await;
+        let text = if args[0] == "check" {
+            &out.stdout
+        } else {
+            &out.stderr
+        };
+        let what = format!("walhook {}", args[0]);
+        out.assert_config_error(&what, text, &[summary]);
+        for needle in expected {
+            out.assert_config_error(&what, text, &[needle]);
+        }
+        outcomes.push((what, out));
+    }
+    outcomes
+}
+
 /// Like [`run`], with these environment variables set too.
 pub async fn run_env(
     args: &[&str],
