@@ -470,9 +470,9 @@ async fn replay_selection(
                 .events_at(&unrowed)
                 .await?
                 .into_iter()
-                .filter_map(|mut e| {
+                .filter_map(|e| {
                     let passes = !router
-                        .route(&dispatch::envelope(&mut e))
+                        .route(&dispatch::envelope(&e))
                         .subscriptions
                         .is_empty();
                     passes.then_some(e.seq)

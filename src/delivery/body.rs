@@ -5,6 +5,9 @@
 //! CloudEvents batch mode for CloudEvents).
 
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::error::DeliveryError;
@@ -13,6 +16,9 @@ use crate::config::{
     CloudEventsConfig, FieldMapping, Format, Payload, SigningKeys, SubscriptionConfig,
 };
 use crate::routing::Envelope;
+use crate::routing::envelope::format_time;
+use crate::source::Lsn;
+use crate::store::deliveries::DueEvent;
 
 /// Envelope keys left out of a `payload = "thin"` body.
 pub(super) const THIN_OMITS: [&str; 4] = ["data", "previous", "changed", "context"];
@@ -88,6 +94,68 @@ pub fn render(envelope: &Envelope, sub: &SubscriptionConfig) -> Result<Bytes, De
     }
     let full = serde_json::to_value(envelope).map_err(DeliveryError::Body)?;
     render_value(&full, sub.payload, sub.fields.as_deref()).map_err(DeliveryError::Body)
+}
+
+/// Whether `sub`'s bodies are the JSON envelope (full or thin), which
+/// [`render_stored`] writes from a stored event's text without parsing its values.
+pub fn renders_stored(sub: &SubscriptionConfig) -> bool {
+    sub.set.is_none() && sub.slack.is_none() && sub.cloudevents.is_none() && sub.fields.is_none()
+}
+
+/// The JSON envelope of a stored event, its values copied as stored: the same bytes as
+/// [`render`] gives for the parsed envelope (the store keeps the compact JSON that
+/// serialising them gives), without parsing and serialising every row value again.
+pub fn render_stored(e: &DueEvent, payload: Payload) -> Result<Bytes, DeliveryError> {
+    let thin = payload == Payload::Thin;
+    let (schema, name) = e.table.split_once('.').unwrap_or(("", &e.table));
+    let body = StoredEnvelope {
+        id: &e.id,
+        event_type: &e.event_type,
+        entity: &e.entity,
+        entity_id: &e.entity_id,
+        revision: e.revision,
+        occurred_at: format_time(&DateTime::<Utc>::from(e.occurred_at)),
+        data: (!thin).then_some(&*e.data),
+        previous: e.previous.as_deref().filter(|_| !thin),
+        changed: e.changed.as_deref().filter(|_| !thin),
+        context: e.context.as_deref().filter(|_| !thin),
+        source: StoredSource {
+            table: format!("{schema}.{name}"),
+            lsn: e.lsn.parse::<Lsn>().unwrap_or_default().to_string(),
+            xid: e.xid as u32,
+        },
+    };
+    serde_json::to_vec(&body)
+        .map(Bytes::from)
+        .map_err(DeliveryError::Body)
+}
+
+/// [`Envelope`]'s JSON, its values borrowed from a stored event as text.
+#[derive(Serialize)]
+struct StoredEnvelope<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    event_type: &'a str,
+    entity: &'a str,
+    entity_id: &'a str,
+    revision: i64,
+    occurred_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    previous: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    changed: Option<&'a [String]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    context: Option<&'a RawValue>,
+    source: StoredSource,
+}
+
+#[derive(Serialize)]
+struct StoredSource {
+    table: String,
+    lsn: String,
+    xid: u32,
 }
 
 /// Like [`render`], from the envelope already as JSON (the `full` payload, e.g. as

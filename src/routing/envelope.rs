@@ -134,7 +134,7 @@ impl Envelope {
 }
 
 /// RFC 3339 in UTC with microseconds: `2026-11-26T05:00:00.123456Z`.
-fn format_time(t: &DateTime<Utc>) -> String {
+pub(crate) fn format_time(t: &DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 

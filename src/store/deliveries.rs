@@ -16,8 +16,9 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use serde_json::Value;
+use serde_json::value::RawValue;
 use tokio_postgres::Row;
+use tokio_postgres::types::Json;
 
 use super::{Store, StoreError};
 
@@ -31,14 +32,14 @@ pub struct DueEvent {
     pub entity_id: String,
     pub revision: i64,
     pub occurred_at: SystemTime,
-    pub data: Value,
-    pub previous: Option<Value>,
+    pub data: RawJson,
+    pub previous: Option<RawJson>,
     pub changed: Option<Vec<String>>,
     pub table: String,
     pub lsn: String,
     pub xid: i64,
     /// The context the event carried (`[[tables.context]]`), if its table has any.
-    pub context: Option<Value>,
+    pub context: Option<RawJson>,
     /// Attempts made so far (0 for a new event).
     pub attempts: i32,
     /// When the delivery first became due (its age counts from here).
@@ -47,6 +48,11 @@ pub struct DueEvent {
     /// again, and its answer settles every event of it.
     pub batch: Option<Arc<StoredBatch>>,
 }
+
+/// A JSON value of an event as stored (`data`, `previous`, `context`): its text, parsed
+/// only for what needs its values (a filter, `fields`, a format other than the JSON
+/// envelope); the JSON envelope copies it into the body as it is.
+pub type RawJson = Arc<RawValue>;
 
 /// A batch POST (`batch_size > 1`) kept when its first attempt did not deliver it, so
 /// that every retry sends the same bytes under the same `webhook-id`.
@@ -102,17 +108,21 @@ pub(super) fn due_event(r: &Row, attempts: i32, first_due_at: SystemTime) -> Due
         entity_id: r.get(4),
         revision: r.get(5),
         occurred_at: r.get(6),
-        data: r.get(7),
-        previous: r.get(8),
+        data: raw(r.get(7)),
+        previous: r.get::<_, Option<_>>(8).map(raw),
         changed: r.get(9),
         table: r.get(10),
         lsn: r.get(11),
         xid: r.get(12),
-        context: r.get(13),
+        context: r.get::<_, Option<_>>(13).map(raw),
         attempts,
         first_due_at,
         batch: None,
     }
+}
+
+fn raw(json: Json<Box<RawValue>>) -> RawJson {
+    Arc::from(json.0)
 }
 
 /// A CTE (`lease`) with one row while `$2` holds the lease of subscription `$1`; it

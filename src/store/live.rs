@@ -14,9 +14,9 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
-use super::deliveries::{DueEvent, NewEvents};
+use super::deliveries::{DueEvent, NewEvents, RawJson};
 use super::ingest::{IngestBatch, pg_time};
 
 /// An event as published: what a dispatcher needs, and the subscriptions it is due to.
@@ -75,7 +75,8 @@ impl LiveLog {
                 }
                 _ => &[],
             };
-            let context = change.context.map(|c| Value::Object((*c).clone()));
+            // Serialised once per change, shared by its events.
+            let context = change.context.as_deref().map(raw_json);
             for mut e in change.events {
                 seq += 1;
                 if !bulk_rows.is_empty() {
@@ -93,8 +94,8 @@ impl LiveLog {
                     entity_id: change.entity_id.clone(),
                     revision,
                     occurred_at,
-                    data: Value::Object(e.data),
-                    previous: e.previous.map(Value::Object),
+                    data: raw_json(&e.data),
+                    previous: e.previous.as_ref().map(raw_json),
                     changed: e.changed,
                     table: change.table.to_string(),
                     lsn: lsn.clone(),
@@ -168,6 +169,11 @@ impl LiveLog {
     }
 }
 
+/// A row as JSON text, as the store keeps it.
+fn raw_json(row: &Map<String, Value>) -> RawJson {
+    Arc::from(serde_json::value::to_raw_value(row).expect("a map with string keys serialises"))
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::Map;
@@ -229,7 +235,7 @@ mod tests {
             ("user", "public.users")
         );
         assert_eq!((e.lsn.as_str(), e.xid, e.attempts), ("0/16B3748", 9, 0));
-        assert_eq!(e.data["id"], "1");
+        assert_eq!(e.data.get(), r#"{"id":"1"}"#);
         assert_eq!(log.read("a", 41, 10).map(|n| seqs(&n)), Some(vec![42, 43]));
         assert!(log.read("a", 43, 10).is_none(), "caught up: ask the store");
         assert!(log.read("a", 39, 10).is_none(), "40 is not kept");

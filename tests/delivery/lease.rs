@@ -70,7 +70,9 @@ fn due(seq: i64) -> DueEvent {
         entity_id: seq.to_string(),
         revision: 1,
         occurred_at: SystemTime::now(),
-        data: serde_json::json!({}),
+        data: std::sync::Arc::from(
+            serde_json::value::RawValue::from_string("{}".to_owned()).unwrap(),
+        ),
         previous: None,
         changed: None,
         table: "public.users".into(),

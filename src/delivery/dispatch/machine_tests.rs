@@ -15,7 +15,7 @@ fn event(seq: i64, entity_id: &str) -> DueEvent {
         entity_id: entity_id.into(),
         revision: seq,
         occurred_at: UNIX_EPOCH,
-        data: serde_json::Value::Null,
+        data: Arc::from(serde_json::value::to_raw_value(&serde_json::json!({})).unwrap()),
         previous: None,
         changed: None,
         table: "public.users".into(),

@@ -39,7 +39,7 @@ use super::{Decision, HttpClients, body, decide, request_headers};
 use crate::config::{Ordering, SubscriptionConfig};
 use crate::routing::{Envelope, EventSource, Router};
 use crate::source::decoder::TableName;
-use crate::store::deliveries::{DueEvent, NewEvents, StoredBatch, SubscriptionLease};
+use crate::store::deliveries::{DueEvent, NewEvents, RawJson, StoredBatch, SubscriptionLease};
 use crate::store::wake::Wake;
 use crate::store::{Store, StoreError};
 
@@ -54,8 +54,11 @@ const RENEW: Duration = Duration::from_secs(1);
 /// Events fetched from the log, or retry rows taken, per query.
 const BATCH: i64 = 500;
 /// Positions of the log read per query at most (events due to other subscriptions
-/// included): bounds the cost of one query whatever plan it gets.
-const WINDOW: i64 = 5_000;
+/// included): bounds the cost of one query whatever plan it gets. A query reads
+/// [`BATCH`] positions while most events are due to the subscription, and a wider window
+/// while few are (see [`next_window`]): the server reads and sorts the whole window
+/// before the limit applies, so a window ten times the batch cost ten times as much.
+const WINDOW_MAX: i64 = 5_000;
 /// How often a dispatcher looks for work without being woken (retries coming due,
 /// events written by a process whose notification was lost).
 const POLL: Duration = Duration::from_millis(250);
@@ -87,6 +90,7 @@ pub async fn run(
         store,
         wake: wake.clone(),
         live_from: i64::MAX,
+        window: BATCH,
         owner: format!("{instance}/{serial}"),
         leased: false,
         valid_until: Instant::now(),
@@ -131,6 +135,8 @@ struct Dispatcher {
     wake: Arc<Wake>,
     /// New events are taken from the live log only past this one.
     live_from: i64,
+    /// Positions of the log the next query of new events reads.
+    window: i64,
     /// This dispatcher's lease owner: the instance id and a serial.
     owner: String,
     ordered: bool,
@@ -277,9 +283,12 @@ impl Dispatcher {
                     },
                     Some(new) => new,
                     None => {
-                        self.store
-                            .new_events(self.name(), after, BATCH, WINDOW)
-                            .await?
+                        let new = self
+                            .store
+                            .new_events(self.name(), after, BATCH, self.window)
+                            .await?;
+                        self.window = next_window(self.window, new.events.len(), new.more);
+                        new
                     }
                 };
                 let entities = m.unchained(&new.events);
@@ -379,6 +388,18 @@ impl Dispatcher {
     }
 }
 
+/// The window of the next query of new events, after one over `window` positions gave
+/// `found` events and `more` of the log lies past it: the batch while the log is dense
+/// with the subscription's events (or was read to its head), doubling up to
+/// [`WINDOW_MAX`] while it is sparse.
+fn next_window(window: i64, found: usize, more: bool) -> i64 {
+    if !more || found as i64 >= BATCH / 2 {
+        BATCH
+    } else {
+        (window * 2).min(WINDOW_MAX)
+    }
+}
+
 /// A joined attempt task. A panic in one is carried on: the supervisor restarts the
 /// dispatcher, which starts again from the stored cursor and retry rows.
 fn finished(joined: Result<Done, tokio::task::JoinError>) -> Done {
@@ -443,18 +464,25 @@ async fn attempt(
     let mut out: Vec<(DueEvent, Option<Sent>)> = Vec::with_capacity(events.len());
     let mut bodies = Vec::with_capacity(events.len());
     let mut stored = None;
-    for mut event in events {
+    // The JSON envelope, unfiltered, is written from the stored text (no parse).
+    let stored_text = sub.filter.is_none() && body::renders_stored(sub);
+    for event in events {
         if let Some(batch) = &event.batch {
             stored = Some(batch.clone());
             out.push((event, None));
             continue;
         }
-        let envelope = envelope(&mut event);
-        if sub.filter.is_some() && router.route(&envelope).subscriptions.is_empty() {
-            out.push((event, Some(Sent::Filtered)));
-            continue;
-        }
-        match body::render(&envelope, sub) {
+        let rendered = if stored_text {
+            body::render_stored(&event, sub.payload)
+        } else {
+            let envelope = envelope(&event);
+            if sub.filter.is_some() && router.route(&envelope).subscriptions.is_empty() {
+                out.push((event, Some(Sent::Filtered)));
+                continue;
+            }
+            body::render(&envelope, sub)
+        };
+        match rendered {
             Ok(body) => {
                 bodies.push(body);
                 out.push((event, None));
@@ -577,14 +605,11 @@ fn finish(
     Answer { events, batch }
 }
 
-/// The envelope of a stored event; takes the event's row values (it needs only its
-/// metadata afterwards).
-pub(crate) fn envelope(e: &mut DueEvent) -> Envelope {
+/// The envelope of a stored event, its JSON values parsed.
+pub(crate) fn envelope(e: &DueEvent) -> Envelope {
     let (schema, name) = e.table.split_once('.').unwrap_or(("", &e.table));
-    let as_row = |v: serde_json::Value| match v {
-        serde_json::Value::Object(m) => m,
-        _ => serde_json::Map::new(),
-    };
+    // Stored values are objects; anything else (never written) reads as empty.
+    let as_row = |v: &RawJson| serde_json::from_str(v.get()).unwrap_or_default();
     Envelope {
         id: e.id.clone(),
         event_type: e.event_type.clone(),
@@ -592,10 +617,10 @@ pub(crate) fn envelope(e: &mut DueEvent) -> Envelope {
         entity_id: e.entity_id.clone(),
         revision: e.revision,
         occurred_at: DateTime::<Utc>::from(e.occurred_at),
-        data: as_row(std::mem::take(&mut e.data)),
-        previous: e.previous.take().map(as_row),
+        data: as_row(&e.data),
+        previous: e.previous.as_ref().map(as_row),
         changed: e.changed.clone(),
-        context: e.context.take().map(as_row),
+        context: e.context.as_ref().map(as_row),
         source: EventSource {
             table: Arc::new(TableName {
                 schema: schema.to_owned(),
@@ -604,5 +629,83 @@ pub(crate) fn envelope(e: &mut DueEvent) -> Envelope {
             lsn: e.lsn.parse().unwrap_or_default(),
             xid: e.xid as u32,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mapping::test_support::config;
+    use serde_json::json;
+
+    fn raw(v: serde_json::Value) -> RawJson {
+        Arc::from(serde_json::value::to_raw_value(&v).unwrap())
+    }
+
+    /// A stored event, as the store reads it back, with or without its optional parts.
+    fn stored(full: bool) -> DueEvent {
+        DueEvent {
+            seq: 12,
+            id: "evt_01JDXYZ".into(),
+            event_type: "user.updated".into(),
+            entity: "user".into(),
+            entity_id: "42".into(),
+            revision: 7,
+            occurred_at: UNIX_EPOCH + Duration::from_micros(1_764_133_200_123_456),
+            data: raw(
+                json!({"id": 42, "email": "a\"b\u{1F600}<>&\n", "n": 1.5, "tags": ["x"], "z": null}),
+            ),
+            previous: full.then(|| raw(json!({"id": 42, "email": "old"}))),
+            changed: full.then(|| vec!["email".to_owned()]),
+            table: "public.users".into(),
+            lsn: "1A/B374D848".into(),
+            xid: 4_000_000_000,
+            context: full
+                .then(|| raw(json!({"organisation": {"id": 1, "name": "Acme"}, "gone": null}))),
+            attempts: 0,
+            first_due_at: UNIX_EPOCH,
+            batch: None,
+        }
+    }
+
+    #[test]
+    fn the_envelope_from_stored_text_is_the_parsed_envelope_byte_for_byte() {
+        for payload in ["full", "thin"] {
+            let c = config(&format!(
+                "[[subscriptions]]\nname = \"s\"\nurl = \"http://127.0.0.1:1/\"\nevents = [\"*\"]\npayload = \"{payload}\""
+            ));
+            let sub = &c.subscriptions[0];
+            assert!(body::renders_stored(sub));
+            for full in [true, false] {
+                let e = stored(full);
+                let parsed = body::render(&envelope(&e), sub).unwrap();
+                let copied = body::render_stored(&e, sub.payload).unwrap();
+                assert_eq!(
+                    String::from_utf8_lossy(&copied),
+                    String::from_utf8_lossy(&parsed),
+                    "payload {payload}, optional parts {full}"
+                );
+            }
+        }
+        for other in [
+            "format = \"cloudevents\"\ncloudevents = { source = \"/x\" }",
+            "fields = { id = \"id\" }",
+        ] {
+            let c = config(&format!(
+                "[[subscriptions]]\nname = \"s\"\nurl = \"http://127.0.0.1:1/\"\nevents = [\"*\"]\n{other}"
+            ));
+            assert!(!body::renders_stored(&c.subscriptions[0]), "{other}");
+        }
+    }
+
+    #[test]
+    fn the_window_widens_while_the_log_is_sparse_and_narrows_when_dense() {
+        // Sparse: 10 of 500 positions were the subscription's; more log lies past.
+        assert_eq!(next_window(BATCH, 10, true), 2 * BATCH);
+        assert_eq!(next_window(4 * BATCH, 10, true), 8 * BATCH);
+        assert_eq!(next_window(WINDOW_MAX, 0, true), WINDOW_MAX);
+        // Dense again, or read to the head: back to the batch.
+        assert_eq!(next_window(WINDOW_MAX, BATCH as usize, true), BATCH);
+        assert_eq!(next_window(WINDOW_MAX, 3, false), BATCH);
     }
 }
