@@ -224,10 +224,10 @@ impl Store {
         window: i64,
     ) -> Result<NewEvents, StoreError> {
         let s = &self.s;
-        let rows = self
-            .client
-            .query(
-                &format!(
+        let statement = self
+            .new_events
+            .get_or_try_init(|| async {
+                let sql = format!(
                     "SELECT {EVENT_FIELDS}, h.head, h.upto
                      FROM (SELECT (SELECT max(seq) FROM {s}.events) AS head,
                                   (SELECT min(seq) FROM {s}.events WHERE seq > $2) + $4 AS upto) h
@@ -239,9 +239,13 @@ impl Store {
                      WHERE {active}
                      ORDER BY e.seq",
                     active = active_clause(s)
-                ),
-                &[&subscription, &after, &limit, &window],
-            )
+                );
+                self.client.prepare(&sql).await
+            })
+            .await?;
+        let rows = self
+            .client
+            .query(statement, &[&subscription, &after, &limit, &window])
             .await?;
         let (head, upto) = rows.first().map_or((None, None), |r| {
             (r.get::<_, Option<i64>>(14), r.get::<_, Option<i64>>(15))

@@ -182,6 +182,10 @@ pub(super) struct Machine {
     /// Requests started and not answered.
     requests: usize,
     want_new: bool,
+    /// A query of new events is on its way ([`Machine::fetch_started`]).
+    fetching: bool,
+    /// Woken or polled while it was: look again after it, whatever it finds.
+    asked_while_fetching: bool,
     want_retries: bool,
     /// The last retry query filled its batch: look again once those are done.
     more_retries: bool,
@@ -206,6 +210,8 @@ impl Machine {
             in_flight: HashMap::new(),
             requests: 0,
             want_new: true,
+            fetching: false,
+            asked_while_fetching: false,
             want_retries: true,
             more_retries: false,
             stopping: false,
@@ -216,13 +222,14 @@ impl Machine {
     /// The periodic look for work: retries may have come due, events may have been
     /// written without a notification.
     pub fn poll(&mut self) {
-        self.want_new = true;
+        self.woken();
         self.want_retries = true;
     }
 
     /// New events were written.
     pub fn woken(&mut self) {
         self.want_new = true;
+        self.asked_while_fetching |= self.fetching;
     }
 
     /// Whether to query due retry rows now: asked for, and none taken still out.
@@ -256,7 +263,24 @@ impl Machine {
     /// Fetch new events past this position, when asked for and room is left.
     pub fn wants_new(&self) -> Option<i64> {
         let waiting = self.ready_retries.len() + self.ready_new.len() + self.chains.waiting;
-        (!self.stopping && self.want_new && waiting < WAITING_MAX).then_some(self.fetched_upto)
+        let ready = !self.stopping && !self.fetching && self.want_new && waiting < WAITING_MAX;
+        ready.then_some(self.fetched_upto)
+    }
+
+    /// A query of the new events [`Machine::wants_new`] asked for was sent; no other is
+    /// asked for until [`Machine::new_fetched`] takes its answer.
+    pub fn fetch_started(&mut self) {
+        self.fetching = true;
+        self.asked_while_fetching = false;
+    }
+
+    /// Where the next query of new events may start before `new` (the answer of the
+    /// query on its way) is taken: past it, when the log has more and taking it leaves
+    /// room.
+    pub fn room_after(&self, new: &NewEvents) -> Option<i64> {
+        let waiting = self.ready_retries.len() + self.ready_new.len() + self.chains.waiting;
+        let room = !self.stopping && waiting + new.events.len() < WAITING_MAX;
+        (new.more && room).then_some(new.read_upto)
     }
 
     /// With ordering, the entities of `events` with no chain in memory, in order: the
@@ -282,7 +306,8 @@ impl Machine {
             read_upto,
             more,
         } = new;
-        self.want_new = more;
+        self.want_new = more || std::mem::take(&mut self.asked_while_fetching);
+        self.fetching = false;
         self.fetched_upto = self.fetched_upto.max(read_upto);
         self.unsettled.extend(events.iter().map(|e| e.seq));
         if !self.ordered {

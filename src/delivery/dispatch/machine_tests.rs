@@ -587,3 +587,23 @@ fn a_stored_batch_is_retried_alone_and_its_answer_names_it() {
         ("delivered", Some("bat_1"))
     );
 }
+
+#[test]
+fn one_query_of_new_events_at_a_time_and_a_wake_during_it_asks_again() {
+    let mut m = Machine::new(10, true, Instant::now());
+    assert_eq!(m.wants_new(), Some(10));
+    m.fetch_started();
+    assert_eq!(m.wants_new(), None, "the first query is on its way");
+    m.woken();
+    m.poll();
+    assert_eq!(m.wants_new(), None, "still on its way");
+    m.new_fetched(fetched(vec![event(11, "a")], 11, false), &HashSet::new());
+    assert_eq!(
+        m.wants_new(),
+        Some(11),
+        "woken while the query ran: events written after it read may be missed"
+    );
+    m.fetch_started();
+    m.new_fetched(fetched(vec![], 11, false), &HashSet::new());
+    assert_eq!(m.wants_new(), None, "read to the head, nobody woke it");
+}

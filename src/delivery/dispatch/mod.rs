@@ -91,6 +91,7 @@ pub async fn run(
         wake: wake.clone(),
         live_from: i64::MAX,
         window: BATCH,
+        reader: None,
         owner: format!("{instance}/{serial}"),
         leased: false,
         valid_until: Instant::now(),
@@ -125,6 +126,9 @@ pub async fn run(
 /// A finished attempt task.
 type Done = Answer;
 
+/// A finished query of new events, and the connection it ran on.
+type Fetched = (Store, Result<NewEvents, StoreError>);
+
 struct Dispatcher {
     sub: Arc<SubscriptionConfig>,
     router: Arc<Router>,
@@ -137,6 +141,9 @@ struct Dispatcher {
     live_from: i64,
     /// Positions of the log the next query of new events reads.
     window: i64,
+    /// The second store connection, which reads new events while the first records
+    /// answers; opened when first needed.
+    reader: Option<Store>,
     /// This dispatcher's lease owner: the instance id and a serial.
     owner: String,
     ordered: bool,
@@ -242,6 +249,8 @@ impl Dispatcher {
         shutdown: &CancellationToken,
     ) -> Result<(), StoreError> {
         let limit = self.sub.max_in_flight.max(1) as usize;
+        // The query of new events on its way, if any (aborted when the session ends).
+        let mut fetching: JoinSet<Fetched> = JoinSet::new();
         let mut renew_at = Instant::now() + RENEW;
         let mut poll_at = Instant::now() + POLL;
         loop {
@@ -269,32 +278,33 @@ impl Dispatcher {
                 m.retries_fetched(retries, full);
             }
             if let Some(after) = m.wants_new() {
+                m.fetch_started();
                 // The newest events are in memory when this process ingested them.
                 let live = (after >= self.live_from)
                     .then(|| self.wake.live().read(self.name(), after, BATCH as usize))
                     .flatten();
-                let new = match live {
+                match live {
                     // As the store reads nothing for a paused or disabled subscription
                     // (the lease renewal notices only within a second).
-                    Some(_) if !self.store.subscription_active(self.name()).await? => NewEvents {
-                        events: Vec::new(),
-                        read_upto: after,
-                        more: false,
-                    },
-                    Some(new) => new,
-                    None => {
-                        let new = self
-                            .store
-                            .new_events(self.name(), after, BATCH, self.window)
-                            .await?;
-                        self.window = next_window(self.window, new.events.len(), new.more);
-                        new
+                    Some(_) if !self.store.subscription_active(self.name()).await? => {
+                        let none = NewEvents {
+                            events: Vec::new(),
+                            read_upto: after,
+                            more: false,
+                        };
+                        self.take_new(m, none).await?;
                     }
-                };
-                let entities = m.unchained(&new.events);
-                let blocked = self.store.blocked_entities(self.name(), &entities).await?;
-                let queued = m.new_fetched(new, &blocked);
-                self.queue_behind(&queued).await?;
+                    Some(new) => self.take_new(m, new).await?,
+                    // From the store, on the reading connection: answers are settled
+                    // and attempts started meanwhile.
+                    None => {
+                        let reader = match self.reader.take() {
+                            Some(reader) if !reader.is_closed() => reader,
+                            _ => self.store.connect_another().await?,
+                        };
+                        self.fetch(&mut fetching, reader, after);
+                    }
+                }
             }
             let batch = self.sub.batch_size.max(1) as usize;
             while let Some(events) = m.next_start(limit, batch) {
@@ -321,6 +331,25 @@ impl Dispatcher {
                     }
                     self.settle(m, done).await?;
                 }
+                Some(joined) = fetching.join_next(), if !fetching.is_empty() => {
+                    let (reader, new) = joined.unwrap_or_else(|e| match e.try_into_panic() {
+                        Ok(panic) => std::panic::resume_unwind(panic),
+                        Err(e) => panic!("the query of new events ended early: {e}"),
+                    });
+                    let new = new?;
+                    self.window = next_window(self.window, new.events.len(), new.more);
+                    // The next query goes out before these are taken (the log has more
+                    // and they leave room): one query is always on its way.
+                    match m.room_after(&new) {
+                        Some(after) => self.fetch(&mut fetching, reader, after),
+                        None => self.reader = Some(reader),
+                    }
+                    let again = !fetching.is_empty();
+                    self.take_new(m, new).await?;
+                    if again {
+                        m.fetch_started();
+                    }
+                }
                 Ok(()) = woken.changed() => m.woken(),
                 _ = tokio::time::sleep_until(tick) => {
                     if Instant::now() >= poll_at {
@@ -330,6 +359,24 @@ impl Dispatcher {
                 }
             }
         }
+    }
+
+    /// Sends a query of new events past `after` on the reading connection.
+    fn fetch(&self, fetching: &mut JoinSet<Fetched>, reader: Store, after: i64) {
+        let (name, window) = (self.sub.name.clone(), self.window);
+        fetching.spawn(async move {
+            let new = reader.new_events(name.as_str(), after, BATCH, window).await;
+            (reader, new)
+        });
+    }
+
+    /// Hands fetched new events to the machine, after asking the store which of their
+    /// entities wait behind a retry row, and queues those.
+    async fn take_new(&self, m: &mut Machine, new: NewEvents) -> Result<(), StoreError> {
+        let entities = m.unchained(&new.events);
+        let blocked = self.store.blocked_entities(self.name(), &entities).await?;
+        let queued = m.new_fetched(new, &blocked);
+        self.queue_behind(&queued).await
     }
 
     /// Starts the request of `events`.
