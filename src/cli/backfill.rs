@@ -81,16 +81,27 @@ async fn request(config: &Config, store: &Store, args: &BackfillArgs) -> anyhow:
             }
         );
     };
-    if let Some(name) = &args.subscription {
-        let names = configured(config);
-        check_subscription(name, &names, &[])?;
-    }
     if let Some(event) = &args.event
         && (event.is_empty() || event.contains(char::is_whitespace))
     {
         bail!(
             "--event `{event}`: an event name is a full name such as user.resent, without spaces"
         );
+    }
+    let event = args
+        .event
+        .clone()
+        .unwrap_or_else(|| format!("{}.snapshot", t.entity));
+    if let Some(name) = &args.subscription {
+        let names = configured(config);
+        check_subscription(name, &names, &[])?;
+        if let Some(s) = config
+            .subscriptions
+            .iter()
+            .find(|s| s.name.as_str() == name)
+        {
+            takes_event(name, s.events.patterns(), s.events.matches(&event), &event)?;
+        }
     }
     let name = table_name(table).context("a table name is schema.table")?;
     let client = config.source.url.expose().connect_sql().await?;
@@ -117,10 +128,6 @@ async fn request(config: &Config, store: &Store, args: &BackfillArgs) -> anyhow:
             subscription: args.subscription.clone(),
         })
         .await?;
-    let event = args
-        .event
-        .clone()
-        .unwrap_or_else(|| format!("{}.snapshot", t.entity));
     eprintln!(
         "backfill {id} requested: {table} as {event} events, to {}; the daemon that holds the slot runs it",
         args.subscription
@@ -129,6 +136,19 @@ async fn request(config: &Config, store: &Store, args: &BackfillArgs) -> anyhow:
             .unwrap_or_else(|| "every matching subscription".into())
     );
     Ok(id)
+}
+
+/// Refuses a backfill for subscription `name` whose `events` patterns never match the
+/// backfill's event name: it would read the whole table and deliver nothing.
+fn takes_event(name: &str, patterns: &[String], matches: bool, event: &str) -> anyhow::Result<()> {
+    if matches {
+        return Ok(());
+    }
+    let listed: Vec<String> = patterns.iter().map(|p| format!("\"{p}\"")).collect();
+    bail!(
+        "subscription `{name}` does not take `{event}` events (its events = [{}]), so this backfill would deliver it nothing; fix: pass --event with a name its events match, or add \"{event}\" (or \"*.snapshot\") to its events in walhook.toml",
+        listed.join(", ")
+    )
 }
 
 /// The backfill to follow for `--resume [ID]` (0: the newest unfinished or failed).
@@ -228,12 +248,17 @@ async fn follow(store: &Store, id: i64) -> anyhow::Result<bool> {
             .backfill(id)
             .await?
             .with_context(|| format!("backfill {id} is gone from the store"))?;
-        if first_rows.is_none() && b.status == BackfillStatus::Running {
+        let first = first_rows.is_none() && b.status == BackfillStatus::Running;
+        if first {
             first_rows = Some((Instant::now(), b.rows_done));
         }
         if let Some(bar) = &bar {
             bar.set_length(b.rows_total.unwrap_or(0).max(b.rows_done) as u64);
             bar.set_position(b.rows_done as u64);
+            if first {
+                // Rows done before (a resumed backfill) are not this run's rate.
+                bar.reset_eta();
+            }
             bar.set_message(waiting(&b));
         } else if last_line.is_none_or(|t| t.elapsed() >= LINE_EVERY) && !b.status.is_final() {
             eprintln!("{}", line(&b, first_rows));
