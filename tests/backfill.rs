@@ -473,9 +473,12 @@ async fn progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise() {
     let db = items_db(n).await;
     let work = Workdir::new(&config(&db, ""));
     let _daemon = start(&db, &work, 1).await;
-    // `slow` makes each backfill last over a second: several progress updates.
+    // A 1 ms sleep on every sixth row makes each backfill last about a second, over two
+    // chunks: progress moves while the command watches (pg_sleep is volatile: run for
+    // each such row, never folded away).
+    let slow = "id % 6 <> 0 OR pg_sleep(0.001) IS NOT NULL";
     let cmd = format!(
-        "{} backfill --table public.items --where 'slow(id)' -c {}",
+        "{} backfill --table public.items --where '{slow}' -c {}",
         crate::support::walhook_bin().display(),
         work.config().display()
     );
@@ -486,15 +489,29 @@ async fn progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise() {
         .expect("run script (util-linux) for a pseudo-terminal");
     let shown = String::from_utf8_lossy(&tty.stdout);
     assert!(tty.status.success(), "{shown}");
-    let bar = shown
-        .rfind("backfill 1 [")
-        .unwrap_or_else(|| panic!("no progress bar:\n{shown:?}"));
-    let frame = &shown[bar..];
-    let frame = &frame[..frame.find(['\r', '\n', '\u{1b}']).unwrap_or(frame.len())];
-    assert!(
-        frame.contains(&format!("/{n} rows, ")) && frame.contains("/s, ETA "),
-        "a bar frame without rows, rate and ETA: {frame:?}"
-    );
+    // Each frame of the bar, up to the next carriage return, newline or escape.
+    let frames: Vec<&str> = shown
+        .match_indices("backfill 1 [")
+        .map(|(at, _)| {
+            let frame = &shown[at..];
+            &frame[..frame.find(['\r', '\n', '\u{1b}']).unwrap_or(frame.len())]
+        })
+        .collect();
+    // `... 5000/6000 rows (83%), 3012 rows/s, ETA 0s`: whole rows per second.
+    let with_rate = |frame: &str| {
+        frame
+            .split_once(&format!("/{n} rows ("))
+            .and_then(|(_, rest)| rest.split_once("%), "))
+            .and_then(|(_, rest)| rest.split_once(" rows/s, ETA "))
+            .is_some_and(|(rate, _)| !rate.is_empty() && rate.bytes().all(|b| b.is_ascii_digit()))
+    };
+    let frame = frames
+        .iter()
+        .rev()
+        .find(|f| with_rate(f))
+        .unwrap_or_else(|| panic!("no bar frame with rows, rate and ETA: {frames:?}"));
+    let bar = shown.rfind("backfill 1 [").expect("frames found above");
+    eprintln!("last bar frame on the terminal: {frame:?}");
     let done = shown
         .find("backfill 1 done: 6000 rows read")
         .unwrap_or_else(|| panic!("no final line:\n{shown:?}"));
@@ -503,7 +520,7 @@ async fn progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise() {
         "the bar is drawn again after the end:\n{shown:?}"
     );
 
-    let (code, plain) = backfill(&work, &["--table", "public.items", "--where", "slow(id)"]);
+    let (code, plain) = backfill(&work, &["--table", "public.items", "--where", slow]);
     assert_eq!(code, 0, "{plain}");
     assert!(
         plain.contains("backfill 2: public.items ")

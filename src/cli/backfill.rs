@@ -231,11 +231,9 @@ async fn follow(store: &Store, id: i64) -> anyhow::Result<bool> {
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = ProgressBar::new(0);
         bar.set_style(
-            ProgressStyle::with_template(
-                "{prefix} [{bar:30}] {pos}/{len} rows, {per_sec}, ETA {eta} {msg}",
-            )
-            .expect("a valid template")
-            .progress_chars("=> "),
+            ProgressStyle::with_template("{prefix} [{bar:30}] {msg}")
+                .expect("a valid template")
+                .progress_chars("=> "),
         );
         bar.set_prefix(format!("backfill {id}"));
         bar
@@ -248,18 +246,15 @@ async fn follow(store: &Store, id: i64) -> anyhow::Result<bool> {
             .backfill(id)
             .await?
             .with_context(|| format!("backfill {id} is gone from the store"))?;
-        let first = first_rows.is_none() && b.status == BackfillStatus::Running;
-        if first {
+        if first_rows.is_none() && b.status == BackfillStatus::Running {
             first_rows = Some((Instant::now(), b.rows_done));
         }
         if let Some(bar) = &bar {
             bar.set_length(b.rows_total.unwrap_or(0).max(b.rows_done) as u64);
             bar.set_position(b.rows_done as u64);
-            if first {
-                // Rows done before (a resumed backfill) are not this run's rate.
-                bar.reset_eta();
-            }
-            bar.set_message(waiting(&b));
+            // The rate and ETA are the plain lines' (indicatif's own estimate jumps
+            // with the chunk-sized steps of the position).
+            bar.set_message(progress(&b, first_rows));
         } else if last_line.is_none_or(|t| t.elapsed() >= LINE_EVERY) && !b.status.is_final() {
             eprintln!("{}", line(&b, first_rows));
             last_line = Some(Instant::now());
@@ -282,21 +277,28 @@ fn waiting(b: &Backfill) -> String {
     }
 }
 
-/// One progress line: rows done of the total, rate and time left.
+/// One progress line: the backfill, its table and status, then [`progress`].
 fn line(b: &Backfill, first: Option<(Instant, i64)>) -> String {
-    let mut text = format!(
-        "backfill {}: {} {}",
+    format!(
+        "backfill {}: {} {}, {}",
         b.id,
         b.request.table,
-        b.status.as_str()
-    );
-    match b.rows_total {
+        b.status.as_str(),
+        progress(b, first)
+    )
+}
+
+/// Rows done of the total, rows per second since `first` (the first poll that saw the
+/// backfill running, and its rows done: a resumed backfill's earlier rows are not this
+/// run's rate) and the time left, once known.
+fn progress(b: &Backfill, first: Option<(Instant, i64)>) -> String {
+    let mut text = match b.rows_total {
         Some(total) if total > 0 => {
             let pct = b.rows_done as f64 * 100.0 / total as f64;
-            text.push_str(&format!(", {}/{total} rows ({pct:.0}%)", b.rows_done));
+            format!("{}/{total} rows ({pct:.0}%)", b.rows_done)
         }
-        _ => text.push_str(&format!(", {} rows", b.rows_done)),
-    }
+        _ => format!("{} rows", b.rows_done),
+    };
     if let Some((t0, r0)) = first {
         let secs = t0.elapsed().as_secs_f64();
         let rate = (b.rows_done - r0) as f64 / secs.max(0.001);
