@@ -34,7 +34,7 @@ async fn items_db(n: i64) -> TestDb {
          INSERT INTO items (id, body) SELECT i, 'row ' || i FROM generate_series(1, {n}) i;
          CREATE TABLE extra (id int PRIMARY KEY, name text);
          INSERT INTO extra SELECT i, 'e' || i FROM generate_series(1, 50) i;
-         CREATE FUNCTION slow(bigint) RETURNS bool LANGUAGE sql AS 'SELECT pg_sleep(0.0002) IS NOT NULL OR true';"
+         CREATE FUNCTION slow(bigint) RETURNS bool LANGUAGE sql AS 'SELECT $1 % 8 <> 0 OR pg_sleep(0.001) IS NOT NULL';"
     ))
     .await;
     db
@@ -276,7 +276,9 @@ async fn a_backfill_interrupted_by_kill_9_resumes_without_duplicates() {
     let work = Workdir::new(&config(&db, ""));
     let daemon = start(&db, &work, 1).await;
     let client = db.client().await;
-    // `slow` makes each chunk take a moment, so the kill lands mid-backfill.
+    // `slow` sleeps 1 ms on every eighth row (about 0.4 s for the second chunk), so the
+    // kill lands mid-backfill. (It used to end in `OR true`, which PostgreSQL folds
+    // away: no sleep at all.)
     let (code, out) = backfill(
         &work,
         &["--table", "public.items", "--where", "slow(id)", "--detach"],
