@@ -33,6 +33,11 @@ pub const INGEST_BATCH_SECONDS: &str = "walhook_ingest_batch_seconds";
 pub const INGEST_ERRORS_TOTAL: &str = "walhook_ingest_errors_total";
 /// Context parents not found at ingest, `{table, context}`: the event carries `null`.
 pub const CONTEXT_MISSING_TOTAL: &str = "walhook_context_missing_total";
+/// Rows a backfill read, in chunks stored (with their events, or dropped as changed
+/// between the watermarks), `{table}`.
+pub const BACKFILL_ROWS_TOTAL: &str = "walhook_backfill_rows_total";
+/// 1 while this process runs a backfill, else 0.
+pub const BACKFILL_RUNNING: &str = "walhook_backfill_running";
 /// Delivery attempts, `{subscription, outcome}`.
 pub const DELIVERIES_TOTAL: &str = "walhook_deliveries_total";
 /// Duration of one delivery attempt, `{subscription}`.
@@ -107,6 +112,14 @@ pub fn describe() {
     describe_counter!(
         CONTEXT_MISSING_TOTAL,
         "Context lookups ([[tables.context]]) whose parent row was not found at ingest (deleted, or not yet visible); the event carries null under that context name."
+    );
+    describe_counter!(
+        BACKFILL_ROWS_TOTAL,
+        "Rows a backfill read, counted once their chunk is stored: as snapshot events, or dropped because the stream carried a newer state of the row."
+    );
+    describe_gauge!(
+        BACKFILL_RUNNING,
+        "1 while this process runs a backfill (walhook backfill, snapshot = true), else 0."
     );
     describe_counter!(
         DISPATCHER_RESTARTS_TOTAL,

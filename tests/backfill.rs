@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tokio_postgres::Client;
 
-use crate::support::daemon::{Daemon, Workdir, wait_leading};
+use crate::support::daemon::{Daemon, Workdir, metric, server_url, wait_leading};
 use crate::support::pg::{TestDb, create_db};
 use crate::support::wait_for;
 use crate::support::workload::Rng;
@@ -34,7 +34,7 @@ async fn items_db(n: i64) -> TestDb {
          INSERT INTO items (id, body) SELECT i, 'row ' || i FROM generate_series(1, {n}) i;
          CREATE TABLE extra (id int PRIMARY KEY, name text);
          INSERT INTO extra SELECT i, 'e' || i FROM generate_series(1, 50) i;
-         CREATE FUNCTION slow(bigint) RETURNS bool LANGUAGE sql AS 'SELECT pg_sleep(0.0002) IS NOT NULL OR true';"
+         CREATE FUNCTION slow(bigint) RETURNS bool LANGUAGE sql AS 'SELECT $1 % 8 <> 0 OR pg_sleep(0.001) IS NOT NULL';"
     ))
     .await;
     db
@@ -276,7 +276,9 @@ async fn a_backfill_interrupted_by_kill_9_resumes_without_duplicates() {
     let work = Workdir::new(&config(&db, ""));
     let daemon = start(&db, &work, 1).await;
     let client = db.client().await;
-    // `slow` makes each chunk take a moment, so the kill lands mid-backfill.
+    // `slow` sleeps 1 ms on every eighth row (about 0.4 s for the second chunk), so the
+    // kill lands mid-backfill. (It used to end in `OR true`, which PostgreSQL folds
+    // away: no sleep at all.)
     let (code, out) = backfill(
         &work,
         &["--table", "public.items", "--where", "slow(id)", "--detach"],
@@ -324,8 +326,11 @@ async fn a_backfill_interrupted_by_kill_9_resumes_without_duplicates() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn where_and_subscription_narrow_a_backfill_and_bad_input_is_refused() {
     let db = items_db(1_000).await;
-    let work = Workdir::new(&config(&db, ""));
-    let _daemon = start(&db, &work, 1).await;
+    // Subscription `c` takes no snapshot events.
+    let only_changes = "\n[[subscriptions]]\nname = \"c\"\nurl = \"http://127.0.0.1:9/c\"\nevents = [\"item.created\"]\n";
+    let work = Workdir::new(&format!("{}{only_changes}", config(&db, "")));
+    let mut daemon = start(&db, &work, 1).await;
+    let base = server_url(&mut daemon).await;
     let client = db.client().await;
 
     let (code, out) = backfill(&work, &["--table", "public.nope"]);
@@ -346,6 +351,17 @@ async fn where_and_subscription_narrow_a_backfill_and_bad_input_is_refused() {
     let (code, out) = backfill(&work, &["--table", "public.items", "--subscription", "zzz"]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("unknown subscription `zzz`"), "{out}");
+    let (code, out) = backfill(&work, &["--table", "public.items", "--subscription", "c"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("subscription `c` does not take `item.snapshot` events")
+            && out.contains(r#"its events = ["item.created"]"#)
+            && out.contains("--event")
+            && out.contains(r#""*.snapshot""#),
+        "{out}"
+    );
+    let rows_series = r#"walhook_backfill_rows_total{table="public.items"}"#;
+    assert_eq!(metric(&base, rows_series).await, 0.0);
     let none: i64 = client
         .query_one("SELECT count(*) FROM walhook.backfills", &[])
         .await
@@ -375,6 +391,34 @@ async fn where_and_subscription_narrow_a_backfill_and_bad_input_is_refused() {
         assert_eq!(evs[0].kind, "item.resent");
         assert_eq!(evs[0].subscriptions, ["b"], "only subscription b");
     }
+    // The 250 rows --where selected, counted once their chunk was stored.
+    assert_eq!(metric(&base, rows_series).await, 250.0);
+    assert_eq!(metric(&base, "walhook_backfill_running").await, 0.0);
+    // `c` takes the backfill under a name its patterns match.
+    let (code, out) = backfill(
+        &work,
+        &[
+            "--table",
+            "public.items",
+            "--where",
+            "id <= 10",
+            "--subscription",
+            "c",
+            "--event",
+            "item.created",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    let created: i64 = client
+        .query_one(
+            "SELECT count(*) FROM walhook.events WHERE type = 'item.created' AND subscriptions = '{c}'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(created, 10, "only subscription c");
+    assert_eq!(metric(&base, rows_series).await, 260.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -420,6 +464,73 @@ async fn a_table_added_by_reload_with_snapshot_true_is_backfilled_once() {
         assert_eq!(evs.iter().filter(|e| e.kind == "extra.snapshot").count(), 1);
     }
     assert_eq!(stored["1"][1].kind, "extra.updated");
+}
+
+/// The progress display: under a pseudo-terminal (`script` from util-linux) an
+/// indicatif bar with rows done, rate and ETA, cleared before the final line; without
+/// a terminal, plain lines and no escape sequences.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise() {
+    let n = 6_000;
+    let db = items_db(n).await;
+    let work = Workdir::new(&config(&db, ""));
+    let _daemon = start(&db, &work, 1).await;
+    // A 1 ms sleep on every sixth row makes each backfill last about a second, over two
+    // chunks: progress moves while the command watches (pg_sleep is volatile: run for
+    // each such row, never folded away).
+    let slow = "id % 6 <> 0 OR pg_sleep(0.001) IS NOT NULL";
+    let cmd = format!(
+        "{} backfill --table public.items --where '{slow}' -c {}",
+        crate::support::walhook_bin().display(),
+        work.config().display()
+    );
+    let tty = std::process::Command::new("script")
+        .args(["-qfec", &cmd, "/dev/null"])
+        .env("TERM", "xterm")
+        .output()
+        .expect("run script (util-linux) for a pseudo-terminal");
+    let shown = String::from_utf8_lossy(&tty.stdout);
+    assert!(tty.status.success(), "{shown}");
+    // Each frame of the bar, up to the next carriage return, newline or escape.
+    let frames: Vec<&str> = shown
+        .match_indices("backfill 1 [")
+        .map(|(at, _)| {
+            let frame = &shown[at..];
+            &frame[..frame.find(['\r', '\n', '\u{1b}']).unwrap_or(frame.len())]
+        })
+        .collect();
+    // `... 5000/6000 rows (83%), 3012 rows/s, ETA 0s`: whole rows per second.
+    let with_rate = |frame: &str| {
+        frame
+            .split_once(&format!("/{n} rows ("))
+            .and_then(|(_, rest)| rest.split_once("%), "))
+            .and_then(|(_, rest)| rest.split_once(" rows/s, ETA "))
+            .is_some_and(|(rate, _)| !rate.is_empty() && rate.bytes().all(|b| b.is_ascii_digit()))
+    };
+    let frame = frames
+        .iter()
+        .rev()
+        .find(|f| with_rate(f))
+        .unwrap_or_else(|| panic!("no bar frame with rows, rate and ETA: {frames:?}"));
+    let bar = shown.rfind("backfill 1 [").expect("frames found above");
+    eprintln!("last bar frame on the terminal: {frame:?}");
+    let done = shown
+        .find("backfill 1 done: 6000 rows read")
+        .unwrap_or_else(|| panic!("no final line:\n{shown:?}"));
+    assert!(
+        bar < done,
+        "the bar is drawn again after the end:\n{shown:?}"
+    );
+
+    let (code, plain) = backfill(&work, &["--table", "public.items", "--where", slow]);
+    assert_eq!(code, 0, "{plain}");
+    assert!(
+        plain.contains("backfill 2: public.items ")
+            && !plain.contains('\u{1b}')
+            && !plain.contains("[="),
+        "plain lines without a terminal:\n{plain}"
+    );
+    assert!(plain.contains("backfill 2 done: 6000 rows read"), "{plain}");
 }
 
 /// Speed: rows/s backfilled into the store against walhook's ingest rate of the same

@@ -10,33 +10,12 @@ use serde_json::{Value, json};
 
 use crate::daemon::config;
 use crate::support::cli::{self, ConfigFile};
-use crate::support::daemon::{Workdir, server_url, wait_leading};
+use crate::support::daemon::{Workdir, metric, server_url, wait_leading};
 use crate::support::pg::create_db;
 use crate::support::receiver::Receiver;
 use crate::support::{wait_for, wait_for_some};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-async fn get(url: &str) -> String {
-    reqwest::Client::new()
-        .get(url)
-        .timeout(Duration::from_secs(10))
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
-        .text()
-        .await
-        .expect("response body")
-}
-
-/// The value of the series `name` (with its labels, as printed) in /metrics.
-async fn metric(base: &str, series: &str) -> f64 {
-    let body = get(&format!("{base}/metrics")).await;
-    body.lines()
-        .find_map(|l| l.strip_prefix(&format!("{series} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
-}
 
 /// Statements run on `table` that the server logged (`log_statement = all` for the
 /// test's database), counted by the text walhook's lookup query has.

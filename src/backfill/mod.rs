@@ -33,31 +33,34 @@ pub struct At {
     pub commit_time: i64,
 }
 
-/// The events of a closed chunk, one change per row (each its entity's next
+/// The events of a closed chunk (its rows taken), one change per row (each its entity's next
 /// revision), and the backfill's progress to store with them. `route` gives the
 /// subscriptions an event type is due to; a backfill for one subscription goes to
-/// that one only. `None` when the mapper does not watch the chunk's table.
+/// that one only, and only if its `events` patterns match the event type. `None` when
+/// the mapper does not watch the chunk's table.
 pub fn chunk_events(
-    closed: &Closed,
+    closed: &mut Closed,
     mapper: &Mapper,
     at: At,
     route: &mut dyn FnMut(&str) -> Arc<[String]>,
 ) -> Option<(Vec<ChangeEvents>, BackfillProgress)> {
-    let chunk = &closed.chunk;
+    let chunk = &mut closed.chunk;
     mapper.entity(&closed.table)?;
     let table: Arc<str> = Arc::from(closed.table.to_string());
-    let only: Option<Arc<[String]>> = chunk
-        .subscription
-        .as_ref()
-        .map(|s| Arc::from(vec![s.clone()]));
+    // Every row of a chunk has the same event type: routed once.
+    let mut routed: Option<(String, Arc<[String]>)> = None;
     let mut changes = Vec::with_capacity(chunk.rows.len());
-    for row in &chunk.rows {
+    for row in std::mem::take(&mut chunk.rows) {
         let Some(d) = mapper.snapshot(&closed.table, row, chunk.event.as_deref()) else {
             continue;
         };
-        let subscriptions = match &only {
-            Some(s) => s.clone(),
-            None => route(&d.event_type),
+        let subscriptions = match &routed {
+            Some((t, s)) if *t == d.event_type => s.clone(),
+            _ => {
+                let s = due_to(route(&d.event_type), chunk.subscription.as_deref());
+                routed = Some((d.event_type.clone(), s.clone()));
+                s
+            }
         };
         changes.push(ChangeEvents {
             entity: d.entity,
@@ -88,4 +91,27 @@ pub fn chunk_events(
         events: changes.len() as i64,
     };
     Some((changes, progress))
+}
+
+/// The subscriptions a backfill event is due to: those its type routes to, narrowed to
+/// `only` when the backfill names one (none when that one's patterns do not match).
+fn due_to(routed: Arc<[String]>, only: Option<&str>) -> Arc<[String]> {
+    match only {
+        None => routed,
+        Some(s) if routed.iter().any(|r| r == s) => Arc::from(vec![s.to_owned()]),
+        Some(_) => Arc::from(Vec::<String>::new()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backfill_for_one_subscription_goes_there_only_if_its_patterns_match() {
+        let routed: Arc<[String]> = Arc::from(vec!["a".to_owned(), "b".to_owned()]);
+        assert_eq!(&*due_to(routed.clone(), None), ["a", "b"]);
+        assert_eq!(&*due_to(routed.clone(), Some("b")), ["b"]);
+        assert!(due_to(routed, Some("c")).is_empty());
+    }
 }

@@ -146,34 +146,44 @@ pub fn count_sql(
     )
 }
 
-/// A chunk: its rows as JSON (as the stream converts them), and the key of its last
-/// row in text form (the next cursor).
+/// A chunk: its rows as JSON (as the stream converts them), the key of its last row in
+/// text form (the next cursor), and the size of its values' text.
 pub struct Chunk {
     pub rows: Vec<Row>,
     pub last_key: Option<Vec<String>>,
+    pub text_bytes: usize,
 }
 
-/// Runs `sql` (one statement: it is prepared first, which refuses several) and
-/// converts its rows by column type, from the server's text output as pgoutput sends
-/// it.
+/// The result columns' types (OID and name) of a chunk statement. Preparing it also
+/// refuses a statement that is several (a `--where` cannot smuggle in another one).
+pub async fn column_types(
+    client: &Client,
+    sql: &str,
+) -> Result<Vec<(u32, String)>, tokio_postgres::Error> {
+    let statement = client.prepare(sql).await?;
+    Ok(statement
+        .columns()
+        .iter()
+        .map(|c| (c.type_().oid(), c.type_().name().to_owned()))
+        .collect())
+}
+
+/// Runs `sql` (a statement [`column_types`] accepted, with another cursor) and converts
+/// its rows by column type, from the server's text output as pgoutput sends it.
 pub async fn read_chunk(
     client: &Client,
     sql: &str,
     shape: &Shape,
+    types: &[(u32, String)],
 ) -> Result<Chunk, tokio_postgres::Error> {
-    let statement = client.prepare(sql).await?;
-    let types: Vec<(u32, String)> = statement
-        .columns()
-        .iter()
-        .map(|c| (c.type_().oid(), c.type_().name().to_owned()))
-        .collect();
     let key_at: Vec<usize> = shape
         .key
         .iter()
         .filter_map(|(k, _)| shape.columns.iter().position(|c| c == k))
         .collect();
     let mut rows = Vec::new();
-    let mut last_key = None;
+    let mut last = None;
+    let mut text_bytes = 0;
     for message in client.simple_query(sql).await? {
         let SimpleQueryMessage::Row(r) = message else {
             continue;
@@ -181,20 +191,45 @@ pub async fn read_chunk(
         let mut row = Row::with_capacity(types.len());
         for (i, (oid, name)) in types.iter().enumerate() {
             let value = match r.get(i) {
-                Some(text) => values::to_json(*oid, Some(name), text),
+                Some(text) => {
+                    text_bytes += text.len();
+                    values::to_json(*oid, Some(name), text)
+                }
                 None => Value::Null,
             };
             row.insert(shape.columns[i].clone(), value);
         }
-        last_key = Some(
-            key_at
-                .iter()
-                .map(|&i| r.get(i).unwrap_or_default().to_owned())
-                .collect(),
-        );
         rows.push(row);
+        last = Some(r);
     }
-    Ok(Chunk { rows, last_key })
+    let last_key = last.map(|r| {
+        key_at
+            .iter()
+            .map(|&i| r.get(i).unwrap_or_default().to_owned())
+            .collect()
+    });
+    Ok(Chunk {
+        rows,
+        last_key,
+        text_bytes,
+    })
+}
+
+/// The planner's estimate of the table's rows (`pg_class.reltuples`), for the progress
+/// bar's total without counting every row; `None` before the table was ever vacuumed
+/// or analysed.
+pub async fn estimated_rows(
+    client: &Client,
+    table: &TableName,
+) -> Result<Option<i64>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT c.reltuples::bigint FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = $1 AND c.relname = $2",
+            &[&table.schema, &table.name],
+        )
+        .await?;
+    Ok(row.map(|r| r.get::<_, i64>(0)).filter(|n| *n >= 0))
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+use metrics::{counter, gauge};
 use serde_json::Value;
 use tokio::sync::oneshot;
 use tokio_postgres::Client;
@@ -20,11 +21,19 @@ use super::window::{ChunkRows, Mark, PREFIX, Watermarks, message};
 use crate::pg::{ConnInfo, ErrorChain, TableName};
 use crate::store::Store;
 use crate::store::backfills::Backfill;
+use crate::telemetry::{BACKFILL_ROWS_TOTAL, BACKFILL_RUNNING, label};
 
-/// Rows per chunk.
-pub const CHUNK_ROWS: usize = 5_000;
+/// Rows of a backfill's first chunk; later chunks take as many rows as fit in
+/// [`CHUNK_BYTES`] by the sizes read so far, between [`MIN_CHUNK_ROWS`] and
+/// [`MAX_CHUNK_ROWS`].
+pub const FIRST_CHUNK_ROWS: usize = 5_000;
+/// Memory a chunk's rows may take, estimated (see [`next_chunk_rows`]).
+const CHUNK_BYTES: usize = 6 << 20;
+const MIN_CHUNK_ROWS: usize = 100;
+const MAX_CHUNK_ROWS: usize = 20_000;
 /// Chunks handed over whose events are not stored yet, at most: the next chunk is read
-/// while ingest stores the one before (bounded memory, G6).
+/// while ingest stores the one before (bounded memory, G6: at most this many chunks of
+/// about [`CHUNK_BYTES`], plus the one being read).
 const IN_FLIGHT: usize = 2;
 /// How often an idle worker looks for a new request.
 const IDLE_POLL: Duration = Duration::from_millis(250);
@@ -105,7 +114,9 @@ pub async fn run(
             }
             continue;
         };
+        gauge!(BACKFILL_RUNNING).set(1.0);
         let outcome = run_one(client, st, &b, &watermarks, &instance, &mut chunk_no, &stop).await;
+        gauge!(BACKFILL_RUNNING).set(0.0);
         match outcome {
             Ok(()) => {
                 info!(backfill = b.id, table = %b.request.table, "backfill done");
@@ -193,9 +204,21 @@ async fn run_one(
     let where_sql = b.request.where_sql.as_deref();
     let mut cursor = cursor_of(b);
     if b.rows_total.is_none() {
-        let sql = read::count_sql(&table, &shape, cursor.as_deref(), where_sql);
-        let total: i64 = client.query_one(&sql, &[]).await?.get(0);
-        store.start_backfill(b.id, total + b.rows_done).await?;
+        // The planner's estimate gives the progress bar its total without a scan of
+        // the whole table; a `--where` (or a table never analysed) is counted.
+        let estimate = match where_sql {
+            None => read::estimated_rows(client, &table).await?,
+            Some(_) => None,
+        };
+        let total = match estimate {
+            Some(n) => n.max(b.rows_done),
+            None => {
+                let sql = read::count_sql(&table, &shape, cursor.as_deref(), where_sql);
+                let left: i64 = client.query_one(&sql, &[]).await?.get(0);
+                left + b.rows_done
+            }
+        };
+        store.start_backfill(b.id, total).await?;
         info!(backfill = b.id, table = %table, rows = total, "backfill started");
     } else if b.status == crate::store::backfills::BackfillStatus::Pending {
         store
@@ -203,36 +226,37 @@ async fn run_one(
             .await?;
     }
     let key = shape.key_names();
-    let mut in_flight: VecDeque<oneshot::Receiver<Result<(), String>>> = VecDeque::new();
+    let types = read::column_types(
+        client,
+        &read::chunk_sql(&table, &shape, cursor.as_deref(), where_sql, 1),
+    )
+    .await?;
+    let rows_total = counter!(BACKFILL_ROWS_TOTAL, label::TABLE => table.to_string());
+    let mut limit = FIRST_CHUNK_ROWS;
+    let mut in_flight: VecDeque<(oneshot::Receiver<Result<(), String>>, usize)> = VecDeque::new();
     loop {
         if stop.is_cancelled() {
             return Err(Stop::Cancelled);
         }
         if in_flight.len() >= IN_FLIGHT
-            && let Some(done) = in_flight.pop_front()
+            && let Some((done, rows)) = in_flight.pop_front()
         {
             stored(done, stop).await?;
+            rows_total.increment(rows as u64);
         }
         *chunk_no += 1;
         let tag = format!("{}:{instance}:{chunk_no}", b.id);
         watermarks.open(&tag, table.clone(), key.clone());
-        let result = chunk(
-            client,
-            b,
-            &table,
-            &shape,
-            cursor.as_deref(),
-            &tag,
-            watermarks,
-        )
-        .await;
-        let (done, next) = match result {
-            Ok(Some(pair)) => pair,
+        let sql = read::chunk_sql(&table, &shape, cursor.as_deref(), where_sql, limit);
+        let result = chunk(client, b, &sql, &shape, &types, &tag, watermarks).await;
+        let (done, next, read) = match result {
+            Ok(Some(handed)) => handed,
             Ok(None) => {
                 watermarks.abandon(&tag);
                 // Done once every chunk handed over is stored.
-                while let Some(done) = in_flight.pop_front() {
+                while let Some((done, rows)) = in_flight.pop_front() {
                     stored(done, stop).await?;
+                    rows_total.increment(rows as u64);
                 }
                 return Ok(());
             }
@@ -247,9 +271,28 @@ async fn run_one(
             _ = stop.cancelled() => return Err(Stop::Cancelled),
             _ = watermarks.closed(&tag) => {}
         }
-        in_flight.push_back(done);
+        in_flight.push_back((done, read.rows));
+        limit = next_chunk_rows(read.rows, read.text_bytes, shape.columns.len());
         cursor = Some(next);
     }
+}
+
+/// What a chunk read: its rows and their values' text size.
+struct Read {
+    rows: usize,
+    text_bytes: usize,
+}
+
+/// The rows of the next chunk: as many as fit in [`CHUNK_BYTES`] at the average size of
+/// the rows read (their text, plus about 64 bytes of JSON map and value per column and
+/// per row), between [`MIN_CHUNK_ROWS`] and [`MAX_CHUNK_ROWS`]. Fewer statements and
+/// watermark pairs for narrow rows; bounded memory for wide ones.
+fn next_chunk_rows(rows: usize, text_bytes: usize, columns: usize) -> usize {
+    if rows == 0 {
+        return FIRST_CHUNK_ROWS;
+    }
+    let per_row = text_bytes / rows + 64 * (columns + 1);
+    (CHUNK_BYTES / per_row).clamp(MIN_CHUNK_ROWS, MAX_CHUNK_ROWS)
 }
 
 /// Waits until a chunk's events are stored.
@@ -268,29 +311,27 @@ async fn stored(
     }
 }
 
-/// Reads and hands over one chunk between its watermarks; `None` when no row is left.
+/// Reads and hands over one chunk (`sql`) between its watermarks; `None` when no row
+/// is left.
 #[allow(clippy::type_complexity)]
 async fn chunk(
     client: &Client,
     b: &Backfill,
-    table: &TableName,
+    sql: &str,
     shape: &Shape,
-    cursor: Option<&[String]>,
+    types: &[(u32, String)],
     tag: &str,
     watermarks: &Watermarks,
-) -> Result<Option<(oneshot::Receiver<Result<(), String>>, Vec<String>)>, Stop> {
+) -> Result<Option<(oneshot::Receiver<Result<(), String>>, Vec<String>, Read)>, Stop> {
     emit(client, &message(tag, Mark::Low)).await?;
     settle(client).await?;
-    let sql = read::chunk_sql(
-        table,
-        shape,
-        cursor,
-        b.request.where_sql.as_deref(),
-        CHUNK_ROWS,
-    );
-    let read = read::read_chunk(client, &sql, shape).await?;
-    let Some(last) = read.last_key else {
+    let chunk = read::read_chunk(client, sql, shape, types).await?;
+    let Some(last) = chunk.last_key else {
         return Ok(None);
+    };
+    let read = Read {
+        rows: chunk.rows.len(),
+        text_bytes: chunk.text_bytes,
     };
     let (done, rx) = oneshot::channel();
     watermarks.fill(
@@ -299,13 +340,13 @@ async fn chunk(
             backfill: b.id,
             event: b.request.event.clone(),
             subscription: b.request.subscription.clone(),
-            rows: read.rows,
+            rows: chunk.rows,
             cursor: Value::from(last.clone()),
             done,
         },
     );
     emit(client, &message(tag, Mark::High)).await?;
-    Ok(Some((rx, last)))
+    Ok(Some((rx, last, read)))
 }
 
 /// Waits until no transaction that committed before now is still invisible to new
@@ -342,4 +383,21 @@ async fn emit(client: &Client, content: &str) -> Result<(), tokio_postgres::Erro
         )
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_grow_for_narrow_rows_and_shrink_for_wide_ones() {
+        // Three short columns: the largest chunks.
+        assert_eq!(next_chunk_rows(5_000, 5_000 * 30, 3), MAX_CHUNK_ROWS);
+        // 20 KiB rows: a few hundred per chunk, not thousands.
+        let wide = next_chunk_rows(5_000, 5_000 * 20_000, 10);
+        assert!(wide < 400, "{wide}");
+        // 2 MiB rows: the smallest chunk.
+        assert_eq!(next_chunk_rows(10, 10 * (2 << 20), 3), MIN_CHUNK_ROWS);
+        assert_eq!(next_chunk_rows(0, 0, 3), FIRST_CHUNK_ROWS);
+    }
 }

@@ -81,16 +81,27 @@ async fn request(config: &Config, store: &Store, args: &BackfillArgs) -> anyhow:
             }
         );
     };
-    if let Some(name) = &args.subscription {
-        let names = configured(config);
-        check_subscription(name, &names, &[])?;
-    }
     if let Some(event) = &args.event
         && (event.is_empty() || event.contains(char::is_whitespace))
     {
         bail!(
             "--event `{event}`: an event name is a full name such as user.resent, without spaces"
         );
+    }
+    let event = args
+        .event
+        .clone()
+        .unwrap_or_else(|| format!("{}.snapshot", t.entity));
+    if let Some(name) = &args.subscription {
+        let names = configured(config);
+        check_subscription(name, &names, &[])?;
+        if let Some(s) = config
+            .subscriptions
+            .iter()
+            .find(|s| s.name.as_str() == name)
+        {
+            takes_event(name, s.events.patterns(), s.events.matches(&event), &event)?;
+        }
     }
     let name = table_name(table).context("a table name is schema.table")?;
     let client = config.source.url.expose().connect_sql().await?;
@@ -117,10 +128,6 @@ async fn request(config: &Config, store: &Store, args: &BackfillArgs) -> anyhow:
             subscription: args.subscription.clone(),
         })
         .await?;
-    let event = args
-        .event
-        .clone()
-        .unwrap_or_else(|| format!("{}.snapshot", t.entity));
     eprintln!(
         "backfill {id} requested: {table} as {event} events, to {}; the daemon that holds the slot runs it",
         args.subscription
@@ -129,6 +136,19 @@ async fn request(config: &Config, store: &Store, args: &BackfillArgs) -> anyhow:
             .unwrap_or_else(|| "every matching subscription".into())
     );
     Ok(id)
+}
+
+/// Refuses a backfill for subscription `name` whose `events` patterns never match the
+/// backfill's event name: it would read the whole table and deliver nothing.
+fn takes_event(name: &str, patterns: &[String], matches: bool, event: &str) -> anyhow::Result<()> {
+    if matches {
+        return Ok(());
+    }
+    let listed: Vec<String> = patterns.iter().map(|p| format!("\"{p}\"")).collect();
+    bail!(
+        "subscription `{name}` does not take `{event}` events (its events = [{}]), so this backfill would deliver it nothing; fix: pass --event with a name its events match, or add \"{event}\" (or \"*.snapshot\") to its events in walhook.toml",
+        listed.join(", ")
+    )
 }
 
 /// The backfill to follow for `--resume [ID]` (0: the newest unfinished or failed).
@@ -211,11 +231,9 @@ async fn follow(store: &Store, id: i64) -> anyhow::Result<bool> {
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = ProgressBar::new(0);
         bar.set_style(
-            ProgressStyle::with_template(
-                "{prefix} [{bar:30}] {pos}/{len} rows, {per_sec}, ETA {eta} {msg}",
-            )
-            .expect("a valid template")
-            .progress_chars("=> "),
+            ProgressStyle::with_template("{prefix} [{bar:30}] {msg}")
+                .expect("a valid template")
+                .progress_chars("=> "),
         );
         bar.set_prefix(format!("backfill {id}"));
         bar
@@ -234,7 +252,9 @@ async fn follow(store: &Store, id: i64) -> anyhow::Result<bool> {
         if let Some(bar) = &bar {
             bar.set_length(b.rows_total.unwrap_or(0).max(b.rows_done) as u64);
             bar.set_position(b.rows_done as u64);
-            bar.set_message(waiting(&b));
+            // The rate and ETA are the plain lines' (indicatif's own estimate jumps
+            // with the chunk-sized steps of the position).
+            bar.set_message(progress(&b, first_rows));
         } else if last_line.is_none_or(|t| t.elapsed() >= LINE_EVERY) && !b.status.is_final() {
             eprintln!("{}", line(&b, first_rows));
             last_line = Some(Instant::now());
@@ -257,21 +277,28 @@ fn waiting(b: &Backfill) -> String {
     }
 }
 
-/// One progress line: rows done of the total, rate and time left.
+/// One progress line: the backfill, its table and status, then [`progress`].
 fn line(b: &Backfill, first: Option<(Instant, i64)>) -> String {
-    let mut text = format!(
-        "backfill {}: {} {}",
+    format!(
+        "backfill {}: {} {}, {}",
         b.id,
         b.request.table,
-        b.status.as_str()
-    );
-    match b.rows_total {
+        b.status.as_str(),
+        progress(b, first)
+    )
+}
+
+/// Rows done of the total, rows per second since `first` (the first poll that saw the
+/// backfill running, and its rows done: a resumed backfill's earlier rows are not this
+/// run's rate) and the time left, once known.
+fn progress(b: &Backfill, first: Option<(Instant, i64)>) -> String {
+    let mut text = match b.rows_total {
         Some(total) if total > 0 => {
             let pct = b.rows_done as f64 * 100.0 / total as f64;
-            text.push_str(&format!(", {}/{total} rows ({pct:.0}%)", b.rows_done));
+            format!("{}/{total} rows ({pct:.0}%)", b.rows_done)
         }
-        _ => text.push_str(&format!(", {} rows", b.rows_done)),
-    }
+        _ => format!("{} rows", b.rows_done),
+    };
     if let Some((t0, r0)) = first {
         let secs = t0.elapsed().as_secs_f64();
         let rate = (b.rows_done - r0) as f64 / secs.max(0.001);

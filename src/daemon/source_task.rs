@@ -483,7 +483,7 @@ fn push_emit(
 /// routed by the current rules), or, when the rules do not watch its table, a plain
 /// position and the backfill told why.
 fn chunk_msg(
-    closed: backfill::Closed,
+    mut closed: backfill::Closed,
     txn: &Txn,
     rules: &Rules,
     names: &mut NameCache,
@@ -495,7 +495,7 @@ fn chunk_msg(
         commit_time: txn.commit_time,
     };
     let mut route = |event_type: &str| names.routes(&rules.routes, event_type);
-    match backfill::chunk_events(&closed, &rules.mapper, at, &mut route) {
+    match backfill::chunk_events(&mut closed, &rules.mapper, at, &mut route) {
         Some((changes, progress)) => SourceMsg::Chunk {
             changes,
             progress,

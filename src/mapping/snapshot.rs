@@ -3,7 +3,7 @@
 
 use super::entity_id::entity_id;
 use super::mapper::{EventDraft, Mapper};
-use super::rows::redact;
+use crate::config::Columns;
 use crate::source::decoder::{Row, TableName};
 
 impl Mapper {
@@ -13,16 +13,16 @@ impl Mapper {
     }
 
     /// The draft of one existing row of `table`: event `event` (default
-    /// `{entity}.snapshot`), its entity id, the redacted row as `data`. `None` when the
+    /// `{entity}.snapshot`), its entity id, the redacted row (taken, not copied) as `data`. `None` when the
     /// table is not watched or the row has no entity id.
     pub fn snapshot(
         &self,
         table: &TableName,
-        row: &Row,
+        mut row: Row,
         event: Option<&str>,
     ) -> Option<EventDraft> {
         let t = self.tables.get(table)?;
-        let entity_id = entity_id(row, &t.id).ok()?;
+        let entity_id = entity_id(&row, &t.id).ok()?;
         Some(EventDraft {
             event_type: match event {
                 Some(name) => name.to_owned(),
@@ -30,7 +30,12 @@ impl Mapper {
             },
             entity: t.entity.clone(),
             entity_id,
-            data: redact(row, &t.columns),
+            data: if matches!(t.columns, Columns::All) {
+                row
+            } else {
+                row.retain(|name, _| t.columns.allows(name));
+                row
+            },
             previous: None,
             changed: None,
             table: t.table.clone(),
@@ -67,20 +72,22 @@ exclude_columns = ["pw"]
             .as_object()
             .unwrap()
             .clone();
-        let d = m.snapshot(&table, &row, None).unwrap();
+        let d = m.snapshot(&table, row.clone(), None).unwrap();
         assert_eq!(d.event_type, "user.snapshot");
         assert_eq!(d.entity_id, "7");
         assert_eq!(
             serde_json::Value::Object(d.data),
             json!({"id": 7, "email": "e"})
         );
-        let named = m.snapshot(&table, &row, Some("user.resent")).unwrap();
+        let named = m
+            .snapshot(&table, row.clone(), Some("user.resent"))
+            .unwrap();
         assert_eq!(named.event_type, "user.resent");
         let other = TableName {
             schema: "public".into(),
             name: "other".into(),
         };
-        assert!(m.snapshot(&other, &row, None).is_none());
+        assert!(m.snapshot(&other, row, None).is_none());
         assert_eq!(m.entity(&table), Some("user"));
     }
 }

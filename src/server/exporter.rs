@@ -24,8 +24,9 @@ use tracing::warn;
 use crate::pg::ErrorChain;
 use crate::store::stats::QueueStats;
 use crate::telemetry::{
-    self, BUILD_INFO, INGEST_BATCH_SECONDS, QUEUE_DEAD, QUEUE_OLDEST_PENDING_SECONDS,
-    QUEUE_PENDING, REPLICATION_LAG_BYTES, SLOT_ACTIVE, SUBSCRIPTION_ENABLED, label,
+    self, BACKFILL_RUNNING, BUILD_INFO, INGEST_BATCH_SECONDS, QUEUE_DEAD,
+    QUEUE_OLDEST_PENDING_SECONDS, QUEUE_PENDING, REPLICATION_LAG_BYTES, SLOT_ACTIVE,
+    SUBSCRIPTION_ENABLED, label,
 };
 
 /// Content type of the Prometheus text (exposition format 0.0.4) `/metrics` answers with.
@@ -65,6 +66,7 @@ fn register() {
     gauge!(BUILD_INFO, label::VERSION => env!("CARGO_PKG_VERSION")).set(1.0);
     gauge!(REPLICATION_LAG_BYTES).increment(0.0);
     gauge!(SLOT_ACTIVE).increment(0.0);
+    gauge!(BACKFILL_RUNNING).increment(0.0);
     // Registered, it is rendered with empty buckets until the first batch.
     let _ = metrics::histogram!(INGEST_BATCH_SECONDS);
     telemetry::update_replication_lag_seconds();
@@ -223,6 +225,7 @@ mod tests {
             QUEUE_OLDEST_PENDING_SECONDS,
             HTTP_RESPONSES_TOTAL,
             SUBSCRIPTION_ENABLED,
+            BACKFILL_RUNNING,
             BUILD_INFO,
         ] {
             assert_eq!(

@@ -259,3 +259,22 @@ pub async fn server_url(daemon: &mut Daemon) -> String {
     )
     .await
 }
+
+/// The value of the series `series` (with its labels, as printed) in the daemon's
+/// /metrics at `base`; 0 when absent.
+pub async fn metric(base: &str, series: &str) -> f64 {
+    let url = format!("{base}/metrics");
+    let body = reqwest::Client::new()
+        .get(&url)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .text()
+        .await
+        .expect("response body");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{series} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
