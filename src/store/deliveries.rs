@@ -121,6 +121,32 @@ pub(super) fn due_event(r: &Row, attempts: i32, first_due_at: SystemTime) -> Due
     }
 }
 
+/// Due retry rows, oldest first, with one row per stored batch (its first) and rows of
+/// at most `max_batches` batches; the batch ids to load, in order; and whether rows
+/// were left out for that limit.
+fn one_row_per_batch(
+    rows: Vec<(DueEvent, Option<String>)>,
+    max_batches: usize,
+) -> (Vec<(DueEvent, Option<String>)>, Vec<String>, bool) {
+    let mut seen = HashSet::new();
+    let mut due = Vec::with_capacity(rows.len());
+    let mut batch_ids = Vec::new();
+    for (event, batch) in rows {
+        if let Some(id) = &batch {
+            if seen.contains(id) {
+                continue;
+            }
+            if batch_ids.len() == max_batches.max(1) {
+                return (due, batch_ids, true);
+            }
+            seen.insert(id.clone());
+            batch_ids.push(id.clone());
+        }
+        due.push((event, batch));
+    }
+    (due, batch_ids, false)
+}
+
 fn raw(json: Json<Box<RawValue>>) -> RawJson {
     Arc::from(json.0)
 }
@@ -274,11 +300,16 @@ impl Store {
     /// its `limit`). With `ordered`, only the oldest pending row of each entity (a later
     /// revision waits for the earlier one: G5). The rows of a stored batch come as one
     /// item, the first of them, carrying the batch.
+    ///
+    /// At most `max_batches` stored batches are taken (each holds the bodies of up to
+    /// `batch_size` events, G6); the rows after the one that would exceed it are left
+    /// for the next query, and the answer then says there may be more.
     pub async fn due_retries(
         &self,
         subscription: &str,
         ordered: bool,
         limit: i64,
+        max_batches: usize,
     ) -> Result<(Vec<DueEvent>, bool), StoreError> {
         let s = &self.s;
         let order_clause = if ordered {
@@ -308,20 +339,12 @@ impl Store {
                 &[&subscription, &limit],
             )
             .await?;
+        let rows: Vec<(DueEvent, Option<String>)> = rows
+            .iter()
+            .map(|r| (due_event(r, r.get(14), r.get(15)), r.get(16)))
+            .collect();
         let full = rows.len() as i64 == limit;
-        let mut seen = HashSet::new();
-        let mut due = Vec::with_capacity(rows.len());
-        let mut batch_ids = Vec::new();
-        for r in &rows {
-            let batch: Option<String> = r.get(16);
-            if let Some(id) = &batch {
-                if !seen.insert(id.clone()) {
-                    continue;
-                }
-                batch_ids.push(id.clone());
-            }
-            due.push((due_event(r, r.get(14), r.get(15)), batch));
-        }
+        let (due, batch_ids, cut) = one_row_per_batch(rows, max_batches);
         let mut batches = self.stored_batches(subscription, &batch_ids).await?;
         Ok((
             due.into_iter()
@@ -332,7 +355,7 @@ impl Store {
                     event
                 })
                 .collect(),
-            full,
+            full || cut,
         ))
     }
 
@@ -659,5 +682,63 @@ impl Store {
             )
             .await?;
         fenced(n == 1, subscription)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(seq: i64, batch: Option<&str>) -> (DueEvent, Option<String>) {
+        let event = DueEvent {
+            seq,
+            id: format!("evt_{seq}"),
+            event_type: "user.updated".into(),
+            entity: "user".into(),
+            entity_id: seq.to_string(),
+            revision: 1,
+            occurred_at: SystemTime::UNIX_EPOCH,
+            data: Arc::from(RawValue::from_string("{}".into()).unwrap()),
+            previous: None,
+            changed: None,
+            table: "public.users".into(),
+            lsn: "0/1".into(),
+            xid: 1,
+            context: None,
+            attempts: 1,
+            first_due_at: SystemTime::UNIX_EPOCH,
+            batch: None,
+        };
+        (event, batch.map(str::to_owned))
+    }
+
+    fn seqs(due: &[(DueEvent, Option<String>)]) -> Vec<i64> {
+        due.iter().map(|(e, _)| e.seq).collect()
+    }
+
+    #[test]
+    fn due_retries_take_one_row_per_batch_and_at_most_the_batches_allowed() {
+        let rows = || {
+            vec![
+                row(1, Some("bat_a")),
+                row(2, None),
+                row(3, Some("bat_a")),
+                row(4, Some("bat_b")),
+                row(5, Some("bat_c")),
+                row(6, None),
+            ]
+        };
+        let (due, ids, cut) = one_row_per_batch(rows(), 5);
+        assert_eq!(seqs(&due), [1, 2, 4, 5, 6]);
+        assert_eq!(ids, ["bat_a", "bat_b", "bat_c"]);
+        assert!(!cut);
+        // Two batches' bodies at most: the rows from the third batch on wait.
+        let (due, ids, cut) = one_row_per_batch(rows(), 2);
+        assert_eq!(seqs(&due), [1, 2, 4]);
+        assert_eq!(ids, ["bat_a", "bat_b"]);
+        assert!(cut, "rows were left out: there may be more");
+        // A limit of 0 still takes one batch, or nothing would ever be retried.
+        let (due, _, cut) = one_row_per_batch(rows(), 0);
+        assert_eq!((seqs(&due), cut), (vec![1, 2], true));
     }
 }

@@ -273,7 +273,7 @@ impl Dispatcher {
             if m.wants_retries() {
                 let (retries, full) = self
                     .store
-                    .due_retries(self.name(), self.ordered, BATCH)
+                    .due_retries(self.name(), self.ordered, BATCH, retry_batches(&self.sub))
                     .await?;
                 m.retries_fetched(retries, full);
             }
@@ -445,6 +445,11 @@ fn next_window(window: i64, found: usize, more: bool) -> i64 {
     } else {
         (window * 2).min(WINDOW_MAX)
     }
+}
+
+/// Stored batches taken per query of due retries: about [`BATCH`] events' bodies.
+fn retry_batches(sub: &SubscriptionConfig) -> usize {
+    (BATCH as usize / sub.batch_size.max(1) as usize).max(1)
 }
 
 /// A joined attempt task. A panic in one is carried on: the supervisor restarts the
