@@ -121,13 +121,13 @@ pub(super) fn due_event(r: &Row, attempts: i32, first_due_at: SystemTime) -> Due
     }
 }
 
+/// A due retry row and the id of the stored batch it was sent in, if any.
+type DueRow = (DueEvent, Option<String>);
+
 /// Due retry rows, oldest first, with one row per stored batch (its first) and rows of
 /// at most `max_batches` batches; the batch ids to load, in order; and whether rows
 /// were left out for that limit.
-fn one_row_per_batch(
-    rows: Vec<(DueEvent, Option<String>)>,
-    max_batches: usize,
-) -> (Vec<(DueEvent, Option<String>)>, Vec<String>, bool) {
+fn one_row_per_batch(rows: Vec<DueRow>, max_batches: usize) -> (Vec<DueRow>, Vec<String>, bool) {
     let mut seen = HashSet::new();
     let mut due = Vec::with_capacity(rows.len());
     let mut batch_ids = Vec::new();
@@ -339,7 +339,7 @@ impl Store {
                 &[&subscription, &limit],
             )
             .await?;
-        let rows: Vec<(DueEvent, Option<String>)> = rows
+        let rows: Vec<DueRow> = rows
             .iter()
             .map(|r| (due_event(r, r.get(14), r.get(15)), r.get(16)))
             .collect();
