@@ -413,3 +413,97 @@ columns = ["id", "name"]
     .await;
     drop(daemon);
 }
+
+/// Row events an aggregate held back (`replace = false`: a transaction below
+/// `min_rows` and one above it) and backfill snapshot events carry context like a
+/// plain row event; the bulk event itself has none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_aggregate_rows_and_backfill_snapshots_carry_context() {
+    let db = create_db().await;
+    db.batch(
+        "CREATE TABLE orgs (id int PRIMARY KEY, name text);
+         CREATE TABLE apps (id int PRIMARY KEY, org_id int);
+         INSERT INTO orgs VALUES (1, 'Acme'), (2, 'Globex');
+         INSERT INTO apps VALUES (1, 1), (2, 2);",
+    )
+    .await;
+    let work = Workdir::new(&config(
+        &db,
+        r#"
+[[tables]]
+table = "public.apps"
+entity = "application"
+
+[[tables.context]]
+name = "organisation"
+table = "public.orgs"
+key = "org_id"
+columns = ["name"]
+
+[[tables.aggregate]]
+event = "application.bulk_created"
+op = "insert"
+min_rows = 3
+replace = false
+"#,
+    ));
+    let mut daemon = work.spawn_run(0);
+    wait_leading(&db, &mut daemon).await;
+
+    // The two rows that were there before the slot: snapshot events.
+    let (status, out, err) = work.run_to_end(
+        &["backfill", "--table", "public.apps"],
+        Duration::from_secs(120),
+    );
+    assert!(status.success(), "walhook backfill failed:\n{out}{err}");
+    // Below min_rows: held to the commit, then row events. Above: a bulk part whose
+    // rows keep their events.
+    db.batch("INSERT INTO apps VALUES (3, 1), (4, 2)").await;
+    db.batch("INSERT INTO apps VALUES (5, 2), (6, 1), (7, 1)")
+        .await;
+    let client = db.client().await;
+    wait_for("8 events stored", WAIT, || async {
+        crate::daemon::event_count(&client).await >= 8
+    })
+    .await;
+    let rows = client
+        .query(
+            "SELECT type, entity_id, coalesce(context::text, 'none') FROM walhook.events ORDER BY seq",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(String, String, Value)> = rows
+        .iter()
+        .map(|r| {
+            let context = r.get::<_, &str>(2);
+            let context = match context {
+                "none" => Value::Null,
+                c => serde_json::from_str(c).unwrap(),
+            };
+            (r.get(0), r.get(1), context)
+        })
+        .collect();
+    let org = |name: &str| json!({"organisation": {"name": name}});
+    let row = |kind: &str, id: &str, name: &str| (kind.to_owned(), id.to_owned(), org(name));
+    let bulk = got
+        .iter()
+        .find(|(kind, ..)| kind == "application.bulk_created")
+        .expect("a bulk event")
+        .clone();
+    assert_eq!(
+        got,
+        vec![
+            row("application.snapshot", "1", "Acme"),
+            row("application.snapshot", "2", "Globex"),
+            row("application.created", "3", "Acme"),
+            row("application.created", "4", "Globex"),
+            row("application.created", "5", "Globex"),
+            row("application.created", "6", "Acme"),
+            row("application.created", "7", "Acme"),
+            (bulk.0.clone(), bulk.1.clone(), Value::Null),
+        ],
+        "(type, entity id, context) of every stored event in log order"
+    );
+    drop(daemon);
+}

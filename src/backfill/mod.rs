@@ -78,9 +78,9 @@ pub fn chunk_events(
                 subscriptions,
             }],
             bulk: None,
-            // Snapshot events carry no context yet (the lookup keys come from a
-            // decoded change, not from a chunk row).
-            context_keys: None,
+            // Read like a change's new row: the parent as it is when the chunk is
+            // ingested.
+            context_keys: mapper.snapshot_context_keys(&closed.table, row),
             context: None,
         });
     }

@@ -211,6 +211,9 @@ pub(crate) struct RawSlack {
     /// The message template: text and `{envelope.path}` placeholders (`{{`, `}}` for
     /// literal braces), e.g. "{type} {entity_id} is now {data.status}" (required).
     pub text: Option<String>,
+    /// Optional Block Kit sections: each a template like `text`, sent as one mrkdwn
+    /// section block (`text` is then the notification fallback); at most 50.
+    pub blocks: Option<Vec<String>>,
 }
 
 /// A string or a list of strings (`secret`, `id`, `context.key`).

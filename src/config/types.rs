@@ -467,11 +467,14 @@ pub struct SetConfig {
 /// The default `set.event_uri_prefix`: `urn:walhook:event:user.created`.
 pub const DEFAULT_EVENT_URI_PREFIX: &str = "urn:walhook:event:";
 
-/// `slack = { text }`; only with `format = "slack"`, which always has one.
+/// `slack = { text, blocks }`; only with `format = "slack"`, which always has one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlackConfig {
     /// The message template; every placeholder names an envelope path that can exist.
     pub text: TextTemplate,
+    /// The texts of the message's mrkdwn section blocks, checked as `text` is; empty
+    /// when the message has no `blocks`.
+    pub blocks: Vec<TextTemplate>,
 }
 
 /// `[subscriptions.retry]`.

@@ -18,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 use super::prepare::Routes;
 use super::reload::Rules;
 use crate::backfill::{self, Watermarks};
-use crate::mapping::EventDraft;
 use crate::mapping::aggregate::{Emit, TxnAggregates};
+use crate::mapping::{ContextKeys, EventDraft};
 use crate::source::Lsn;
 use crate::source::SourceError;
 use crate::source::decoder::{Decoded, Op, TableName};
@@ -162,19 +162,33 @@ pub async fn run(
                             let first = &drafts[0];
                             let (entity, id) = (first.entity.clone(), first.entity_id.clone());
                             let d = std::mem::take(&mut drafts);
-                            let mut row =
-                                change_events(t, entity, id, d, None, &current.routes, &mut names);
-                            row.context_keys = current.mapper.context_keys(&change);
-                            events.push(row);
+                            let keys = current.mapper.context_keys(&change);
+                            events.push(change_events(
+                                t,
+                                (entity, id),
+                                d,
+                                keys,
+                                None,
+                                &current.routes,
+                                &mut names,
+                            ));
                         }
                     } else {
                         let d = std::mem::take(&mut drafts);
+                        // Keys are taken while the change is at hand: a held row's
+                        // events may go on at the commit, with its context.
+                        let keys = if d.is_empty() {
+                            None
+                        } else {
+                            current.mapper.context_keys(&change)
+                        };
                         bulks.row(
                             &current.aggregates,
                             t.rows,
                             &change.table,
                             change.op,
                             d,
+                            keys,
                             &mut emits,
                         );
                         if replayed {
@@ -371,13 +385,16 @@ impl NameCache {
     }
 }
 
-/// The events of one row change (or bulk event) with `drafts`, due to the
-/// subscriptions their types route to.
+/// The events of one row change (or bulk event) of entity `(entity, id)` with
+/// `drafts`, due to the subscriptions their types route to. `context_keys` is what the
+/// context stage reads for them (every row event's, however it got here: at once,
+/// held by an aggregate, or as a bulk row that keeps its events; a bulk event has
+/// none).
 fn change_events(
     txn: &Txn,
-    entity: Arc<str>,
-    entity_id: String,
+    (entity, entity_id): (Arc<str>, String),
     drafts: Vec<EventDraft>,
+    context_keys: Option<ContextKeys>,
     bulk: Option<BulkRole>,
     routes: &Routes,
     names: &mut NameCache,
@@ -386,6 +403,9 @@ fn change_events(
         Some(d) => names.table(&d.table),
         None => Arc::from(""),
     };
+    // A change without events has nothing to read context for (a bulk row that the
+    // bulk event replaces).
+    let context_keys = context_keys.filter(|_| !drafts.is_empty());
     let events = drafts
         .into_iter()
         .map(|d| PendingEvent {
@@ -406,7 +426,7 @@ fn change_events(
         commit_time: txn.commit_time,
         events,
         bulk,
-        context_keys: None,
+        context_keys,
         context: None,
     }
 }
@@ -426,9 +446,9 @@ fn push_emit(
     match emit {
         Emit::Row(r) => out.push(change_events(
             txn,
-            r.entity,
-            r.entity_id,
+            (r.entity, r.entity_id),
             r.drafts,
+            r.context_keys,
             None,
             routes,
             names,
@@ -440,9 +460,9 @@ fn push_emit(
             for r in b.rows {
                 let mut c = change_events(
                     txn,
-                    r.entity,
-                    r.entity_id,
+                    (r.entity, r.entity_id),
                     r.drafts,
+                    r.context_keys,
                     Some(BulkRole::Row),
                     routes,
                     names,
@@ -466,11 +486,12 @@ fn push_emit(
                 changed: None,
                 table: b.table,
             };
+            // A bulk event has no context: its rows may have different parents.
             out.push(change_events(
                 txn,
-                b.entity,
-                entity_id,
+                (b.entity, entity_id),
                 vec![draft],
+                None,
                 Some(BulkRole::Event { rows }),
                 routes,
                 names,

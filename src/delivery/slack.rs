@@ -1,5 +1,10 @@
 //! Slack incoming-webhook messages for `format = "slack"`: `{"text": "..."}`, the
-//! subscription's template with each `{path}` replaced by the envelope's value there.
+//! subscription's template with each `{path}` replaced by the envelope's value there,
+//! and with `slack.blocks` also `"blocks"`: one mrkdwn section block per template,
+//! rendered the same way (Slack then shows the blocks, and `text` in notifications).
+//! A section whose text comes out empty is left out (Slack refuses empty sections),
+//! and `blocks` with it when none is left; a longer section text than Slack takes
+//! ([`MAX_SECTION_CHARS`]) is cut, ending in `…`.
 //!
 //! Values are escaped for Slack's mrkdwn as Slack documents it (`&` -> `&amp;`, `<` ->
 //! `&lt;`, `>` -> `&gt;`), so a row value cannot open a link, a mention (`<@U123>`,
@@ -12,23 +17,44 @@
 //! value the envelope lacks (an unknown column, a delete's non-key column, no
 //! `previous`) or SQL NULL as nothing at all.
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
-use crate::config::{SlackConfig, TemplatePart};
+use crate::config::{SlackConfig, TemplatePart, TextTemplate};
 use crate::routing::Envelope;
+
+/// Most characters of a section block's text (Slack refuses the message beyond).
+pub const MAX_SECTION_CHARS: usize = 3000;
 
 /// The JSON body of the Slack message of `envelope`. Deterministic, so every retry
 /// sends the same bytes.
 pub fn message(envelope: &Envelope, slack: &SlackConfig) -> Result<Vec<u8>, serde_json::Error> {
     let full = serde_json::to_value(envelope)?;
     let text = text(&full, slack);
-    serde_json::to_vec(&serde_json::json!({ "text": text }))
+    if slack.blocks.is_empty() {
+        return serde_json::to_vec(&json!({ "text": text }));
+    }
+    let blocks: Vec<Value> = slack
+        .blocks
+        .iter()
+        .map(|b| cut(render(&full, b), MAX_SECTION_CHARS))
+        .filter(|t| !t.trim().is_empty())
+        .map(|t| json!({"type": "section", "text": {"type": "mrkdwn", "text": t}}))
+        .collect();
+    if blocks.is_empty() {
+        return serde_json::to_vec(&json!({ "text": text }));
+    }
+    serde_json::to_vec(&json!({ "text": text, "blocks": blocks }))
 }
 
 /// The message text: `slack.text` filled in from `full`, the envelope as JSON.
 pub fn text(full: &Value, slack: &SlackConfig) -> String {
-    let mut out = String::with_capacity(slack.text.source.len() + 64);
-    for part in &slack.text.parts {
+    render(full, &slack.text)
+}
+
+/// `template` filled in from `full`, values escaped.
+fn render(full: &Value, template: &TextTemplate) -> String {
+    let mut out = String::with_capacity(template.source.len() + 64);
+    for part in &template.parts {
         match part {
             TemplatePart::Literal(text) => out.push_str(text),
             TemplatePart::Path(path) => {
@@ -60,6 +86,27 @@ fn write_value(out: &mut String, value: &Value, top: bool) {
     }
 }
 
+/// `text` cut to at most `max` characters, the last one `…`; never inside an
+/// escape (`&amp;`, `&lt;`, `&gt;`), so no half entity is left.
+fn cut(text: String, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text;
+    }
+    let end = text
+        .char_indices()
+        .nth(max - 1)
+        .map_or(text.len(), |(i, _)| i);
+    let mut kept = &text[..end];
+    // A cut escape has at most 4 of its characters (`&amp`), all ASCII.
+    let tail = kept.len().saturating_sub(4);
+    if let Some(amp) = kept.as_bytes()[tail..].iter().rposition(|&b| b == b'&')
+        && !kept[tail + amp..].contains(';')
+    {
+        kept = &kept[..tail + amp];
+    }
+    format!("{kept}…")
+}
+
 /// Appends `s` with Slack's three control characters escaped.
 fn escape_into(out: &mut String, s: &str) {
     for c in s.chars() {
@@ -82,6 +129,7 @@ mod tests {
     fn slack(template: &str) -> SlackConfig {
         SlackConfig {
             text: TextTemplate::parse(template).unwrap(),
+            blocks: Vec::new(),
         }
     }
 
@@ -131,6 +179,81 @@ mod tests {
         assert_eq!(render("{data.tags}", &full), r#"a&lt;b, 2, , {"k":"v"}"#);
         assert_eq!(render("{data.doc}", &full), r#"{"x":"&lt;y&gt;"}"#);
         assert_eq!(render("{data.tags.0}", &full), "a&lt;b");
+    }
+
+    fn with_blocks(text: &str, blocks: &[&str]) -> SlackConfig {
+        SlackConfig {
+            blocks: blocks
+                .iter()
+                .map(|b| TextTemplate::parse(b).unwrap())
+                .collect(),
+            ..slack(text)
+        }
+    }
+
+    fn body(envelope: &Envelope, slack: &SlackConfig) -> Value {
+        serde_json::from_slice(&message(envelope, slack).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn blocks_are_mrkdwn_sections_rendered_and_escaped_like_text() {
+        let mut e = example();
+        e.data.insert("status".into(), json!("<!channel> & co"));
+        let s = with_blocks(
+            "{type} {entity_id}",
+            &[
+                "*{type}* <!here>",
+                "status: {data.status}",
+                "{data.nothing}",
+            ],
+        );
+        assert_eq!(
+            body(&e, &s),
+            json!({
+                "text": "user.updated 42",
+                "blocks": [
+                    {"type": "section", "text": {"type": "mrkdwn", "text": "*user.updated* <!here>"}},
+                    {"type": "section", "text": {"type": "mrkdwn", "text": "status: &lt;!channel&gt; &amp; co"}},
+                ]
+            }),
+            "the empty third section is left out"
+        );
+        // No section left: no blocks key.
+        let s = with_blocks("{type}", &["{data.nothing}", " {previous.x} "]);
+        assert_eq!(body(&e, &s), json!({"text": "user.updated"}));
+    }
+
+    #[test]
+    fn a_long_section_is_cut_at_slacks_limit_never_inside_an_escape() {
+        let mut e = example();
+        let s = with_blocks("{type}", &["{data.status}"]);
+        let section = |e: &Envelope| -> String {
+            body(e, &s)["blocks"][0]["text"]["text"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        e.data.insert("status".into(), json!("é".repeat(3000)));
+        assert_eq!(section(&e), "é".repeat(3000), "at the limit: whole");
+        e.data.insert("status".into(), json!("é".repeat(3001)));
+        let cut = section(&e);
+        assert_eq!(cut.chars().count(), MAX_SECTION_CHARS);
+        assert!(cut.ends_with("é…"), "{cut}");
+        // `&` becomes `&amp;`: a cut inside it drops the partial escape.
+        for pad in 2990..2999 {
+            let value = format!("{}{}", "x".repeat(pad), "&".repeat(10));
+            e.data.insert("status".into(), json!(value));
+            let cut = section(&e);
+            assert!(cut.chars().count() <= MAX_SECTION_CHARS, "{pad}");
+            let body = cut.strip_suffix('…').unwrap();
+            assert!(
+                body.trim_start_matches('x')
+                    .split("&amp;")
+                    .all(str::is_empty),
+                "{pad}: {}",
+                &body[pad.min(body.len())..]
+            );
+        }
     }
 
     #[test]

@@ -45,7 +45,7 @@ use serde_json::{Value, json};
 use crate::config::{AggregateOp, DEFAULT_MAX_ROWS, TableConfig};
 use crate::source::decoder::{Op, Row, TableName};
 
-use super::EventDraft;
+use super::{ContextKeys, EventDraft};
 
 /// One aggregate of one table, ready to use.
 #[derive(Debug, Clone)]
@@ -116,6 +116,9 @@ pub struct RowChange {
     pub entity_id: String,
     /// The row's events; empty for a bulk row that the bulk event replaces.
     pub drafts: Vec<EventDraft>,
+    /// What the context stage reads for the row's events (`None` when its table has
+    /// no context, or when it has no events).
+    pub context_keys: Option<ContextKeys>,
 }
 
 /// A part of an aggregate's rows in one transaction, and its bulk event.
@@ -189,7 +192,9 @@ pub struct TxnAggregates {
 impl TxnAggregates {
     /// Takes the row change at `index` (from 1) of the transaction with the drafts the
     /// mapper made of it (a change without drafts consumes no revision and is not
-    /// passed). Pushes what goes on now onto `out`.
+    /// passed) and its context keys, which stay with its events. Pushes what goes on
+    /// now onto `out`.
+    #[allow(clippy::too_many_arguments)]
     pub fn row(
         &mut self,
         aggs: &Aggregates,
@@ -197,6 +202,7 @@ impl TxnAggregates {
         table: &TableName,
         op: Op,
         drafts: Vec<EventDraft>,
+        context_keys: Option<ContextKeys>,
         out: &mut Vec<Emit>,
     ) {
         let Some(first) = drafts.first() else {
@@ -210,6 +216,7 @@ impl TxnAggregates {
             entity: first.entity.clone(),
             entity_id: first.entity_id.clone(),
             drafts,
+            context_keys,
         };
         let key = (row.entity.clone(), row.entity_id.clone());
         let joins = aggs.find(table, op);
@@ -280,6 +287,8 @@ fn take_part(spec: &Spec, group: &mut Group) -> Bulk {
     if spec.replace {
         for r in &mut rows {
             r.drafts.clear();
+            // No events, so no context to read.
+            r.context_keys = None;
         }
     }
     Bulk {
@@ -345,6 +354,7 @@ mod tests {
                 table,
                 *op,
                 draft(*id, &event, table),
+                None,
                 &mut out,
             );
             all.extend(out.drain(..).map(|e| (i as u64 + 1, e)));
@@ -481,7 +491,15 @@ mod tests {
                 for (i, (table, op, id)) in txn.iter().enumerate() {
                     let index = i as u64 + 1;
                     let event = format!("user.{}", op.as_str());
-                    state.row(&a, index, table, *op, draft(*id, &event, table), &mut out);
+                    state.row(
+                        &a,
+                        index,
+                        table,
+                        *op,
+                        draft(*id, &event, table),
+                        None,
+                        &mut out,
+                    );
                     if index <= k {
                         out.clear();
                     } else {

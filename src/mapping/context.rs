@@ -32,7 +32,7 @@ pub struct ParentColumn {
 
 /// One `[[tables.context]]` entry, ready to run: its query, and the entries of its
 /// parent table that are followed from the parent row.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub struct Lookup {
     /// Context name: the key under `context`.
     pub name: String,
@@ -93,7 +93,7 @@ impl ContextPlan {
 /// What a row change needs looked up: per context entry of its table, the parent's id
 /// values, or `None` when the row has no parent (a key column is NULL) or the key is
 /// unknown (not in a DELETE's key tuple): that context is then `null`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ContextKeys {
     pub lookups: Arc<[Arc<Lookup>]>,
     pub keys: Vec<Option<Vec<Value>>>,

@@ -129,6 +129,19 @@ impl Mapper {
         self.context.keys(&change.table, row)
     }
 
+    /// What the context stage reads for the snapshot event of `row`, an existing row
+    /// of `table` (as for a change's new row); `None` when the table has no context.
+    pub fn snapshot_context_keys(
+        &self,
+        table: &TableName,
+        row: &Row,
+    ) -> Option<super::ContextKeys> {
+        if self.context.is_empty() {
+            return None;
+        }
+        self.context.keys(table, Some(row))
+    }
+
     /// Whether `table` is watched.
     pub fn watches(&self, table: &TableName) -> bool {
         self.tables.contains_key(table)

@@ -1,5 +1,5 @@
 //! `format = "slack"`: Slack incoming-webhook messages rendered from the
-//! subscription's template, for each event type, with row values escaped for mrkdwn;
+//! subscription's templates (text and a section block), for each event type, with row values escaped for mrkdwn;
 //! and the config errors of bad templates.
 
 use super::{SECRET, WAIT, subscription};
@@ -9,8 +9,8 @@ use crate::support::pg::users_db;
 use crate::support::receiver::Receiver;
 use crate::support::wait_for;
 
-/// Created, updated and deleted each give one `{"text": ...}` message from the
-/// template: placeholders filled, row values with `<`, `>` and `&` escaped (no
+/// Created, updated and deleted each give one `{"text": ..., "blocks": [...]}` message
+/// from the templates: placeholders filled, row values with `<`, `>` and `&` escaped (no
 /// mention, link or `<!here>` can come from a row), the template's own text (its
 /// `<!here>`, its `{{`) as written, a value the event lacks (a delete's non-key
 /// column) as nothing. Signed as JSON bodies are.
@@ -20,7 +20,7 @@ async fn slack_messages_for_each_event_type_escape_row_values() {
     let receiver = Receiver::start(|_| 200).await;
     let template = "{type} {entity} {entity_id} is now {data.email} (revision {revision}, n={data.n}) {{x}} <!here>";
     let rest = format!(
-        "{}format = \"slack\"\nsecret = \"{SECRET}\"\nslack = {{ text = \"{template}\" }}\n",
+        "{}format = \"slack\"\nsecret = \"{SECRET}\"\nslack = {{ text = \"{template}\", blocks = [\"*{{type}}* {{data.email}}\"] }}\n",
         subscription("chat", &receiver.url, "[\"user.*\"]"),
     );
     let work = Workdir::new(&users_config(&db, &rest));
@@ -37,12 +37,22 @@ async fn slack_messages_for_each_event_type_escape_row_values() {
     let got = receiver.received();
     let escaped = "&lt;@U123&gt; &amp; &lt;https://evil.example|x&gt; &gt; me";
     let texts: Vec<serde_json::Value> = got.iter().map(|r| r.json()).collect();
+    let section = |text: String| serde_json::json!([{"type": "section", "text": {"type": "mrkdwn", "text": text}}]);
     assert_eq!(
         texts,
         [
-            serde_json::json!({"text": format!("user.created user 1 is now {escaped} (revision 1, n=0) {{x}} <!here>")}),
-            serde_json::json!({"text": format!("user.updated user 1 is now {escaped} (revision 2, n=1) {{x}} <!here>")}),
-            serde_json::json!({"text": "user.deleted user 1 is now  (revision 3, n=) {x} <!here>"}),
+            serde_json::json!({
+                "text": format!("user.created user 1 is now {escaped} (revision 1, n=0) {{x}} <!here>"),
+                "blocks": section(format!("*user.created* {escaped}")),
+            }),
+            serde_json::json!({
+                "text": format!("user.updated user 1 is now {escaped} (revision 2, n=1) {{x}} <!here>"),
+                "blocks": section(format!("*user.updated* {escaped}")),
+            }),
+            serde_json::json!({
+                "text": "user.deleted user 1 is now  (revision 3, n=) {x} <!here>",
+                "blocks": section("*user.deleted* ".into()),
+            }),
         ],
         "one message per event, in revision order"
     );
@@ -69,7 +79,7 @@ async fn slack_messages_for_each_event_type_escape_row_values() {
 async fn slack_template_errors_name_the_subscription_and_placeholder() {
     let config = ConfigFile::new(
         "[source]\nurl = \"${DATABASE_URL}\"\n\n\
-         [[subscriptions]]\nname = \"chat\"\nurl = \"https://hooks.example.com/a\"\nevents = [\"*\"]\nformat = \"slack\"\nslack = { text = \"{type} by {user.name}\" }\n\n\
+         [[subscriptions]]\nname = \"chat\"\nurl = \"https://hooks.example.com/a\"\nevents = [\"*\"]\nformat = \"slack\"\nslack = { text = \"{type} by {user.name}\", blocks = [\"{type}\", \"{data\"] }\n\n\
          [[subscriptions]]\nname = \"braces\"\nurl = \"https://hooks.example.com/b\"\nevents = [\"*\"]\nformat = \"slack\"\nslack = { text = \"{type\" }\n\n\
          [[subscriptions]]\nname = \"nothing\"\nurl = \"https://hooks.example.com/c\"\nevents = [\"*\"]\nformat = \"slack\"\n",
     );
@@ -79,11 +89,14 @@ async fn slack_template_errors_name_the_subscription_and_placeholder() {
             "{file}:9: subscriptions[0].slack.text: subscription \"chat\": unknown placeholder {{user.name}}: unknown envelope field \"user.name\""
         ),
         format!(
+            "{file}:9: subscriptions[0].slack.blocks[1]: subscription \"chat\": unclosed placeholder: the {{ at character 1 has no }}"
+        ),
+        format!(
             "{file}:16: subscriptions[1].slack.text: subscription \"braces\": unclosed placeholder: the {{ at character 1 has no }}"
         ),
         format!(
             "{file}:22: subscriptions[2].format: subscription \"nothing\": format = \"slack\" needs slack = {{ text"
         ),
     ];
-    cli::assert_check_and_run_refuse(&config, "3 config errors", &expected).await;
+    cli::assert_check_and_run_refuse(&config, "4 config errors", &expected).await;
 }

@@ -1,18 +1,23 @@
-//! Validation of `format = "slack"` and its `slack = { text = "..." }` table.
+//! Validation of `format = "slack"` and its `slack = { text = "...", blocks = [...] }`
+//! table.
 //!
 //! The rules: `slack` only with `format = "slack"`, which needs it; `text` is a
 //! required, non-empty template whose every placeholder names an envelope path that
 //! can exist for this subscription (the paths `fields` accepts: `data.<column>` for
 //! any column, since columns are known only from the database; nothing under `data`,
-//! `previous` or `changed` with `payload = "thin"`). `fields` does not apply (checked
-//! with `fields`). Every message names the subscription and the placeholder.
+//! `previous` or `changed` with `payload = "thin"`). `blocks`, when given, is a list of
+//! 1 to [`MAX_BLOCKS`] such templates. `fields` does not apply (checked with `fields`).
+//! Every message names the subscription and the placeholder.
 
-use super::super::locate::join;
+use super::super::locate::{index, join};
 use super::super::raw::RawSlack;
 use super::super::template::TextTemplate;
 use super::super::types::{Format, Payload, SlackConfig};
 use super::Validator;
 use super::subscriptions::envelope_path_problem;
+
+/// Most blocks in one Slack message (Slack refuses more).
+pub const MAX_BLOCKS: usize = 50;
 
 impl Validator<'_> {
     /// The Slack options of the subscription at `sub_key` (named `name`, when valid):
@@ -53,18 +58,58 @@ impl Validator<'_> {
             &text_key,
             raw.text,
             ": the message template, e.g. text = \"{type} {entity_id}\"",
-        )?;
+        );
+        let text = text.and_then(|t| self.slack_template(&text_key, &who, &t, payload, "message"));
+        let blocks_key = join(&key, "blocks");
+        let mut blocks = Vec::new();
+        let mut blocks_ok = true;
+        match raw.blocks {
+            None => {}
+            Some(list) if list.is_empty() || list.len() > MAX_BLOCKS => {
+                self.err(
+                    &blocks_key,
+                    format!(
+                        "{who}blocks has {} section texts; give 1 to {MAX_BLOCKS} (Slack takes at most {MAX_BLOCKS} blocks), or leave blocks out",
+                        list.len()
+                    ),
+                );
+                blocks_ok = false;
+            }
+            Some(list) => {
+                for (i, block) in list.iter().enumerate() {
+                    let block_key = index(&blocks_key, i);
+                    match self.slack_template(&block_key, &who, block, payload, "section") {
+                        Some(t) => blocks.push(t),
+                        None => blocks_ok = false,
+                    }
+                }
+            }
+        }
+        let text = text?;
+        blocks_ok.then_some(SlackConfig { text, blocks })
+    }
+
+    /// One template of `slack` at `key` (`what`: "message" or "section"), parsed and
+    /// with every placeholder checked; `None` after reporting what is wrong.
+    fn slack_template(
+        &mut self,
+        key: &str,
+        who: &str,
+        text: &str,
+        payload: Payload,
+        what: &str,
+    ) -> Option<TextTemplate> {
         if text.trim().is_empty() {
             self.err(
-                &text_key,
-                format!("{who}the message template is empty; Slack refuses empty messages"),
+                key,
+                format!("{who}the {what} template is empty; Slack refuses empty texts"),
             );
             return None;
         }
-        let template = match TextTemplate::parse(&text) {
+        let template = match TextTemplate::parse(text) {
             Ok(t) => t,
             Err(e) => {
-                let error = self.loc.error(&text_key, format!("{who}{e}")).with_cause(e);
+                let error = self.loc.error(key, format!("{who}{e}")).with_cause(e);
                 self.errors.push(error);
                 return None;
             }
@@ -73,13 +118,13 @@ impl Validator<'_> {
         for path in template.paths() {
             if let Some(problem) = envelope_path_problem(path, payload) {
                 self.err(
-                    &text_key,
+                    key,
                     format!("{who}unknown placeholder {{{}}}: {problem}", path.join(".")),
                 );
                 ok = false;
             }
         }
-        ok.then_some(SlackConfig { text: template })
+        ok.then_some(template)
     }
 }
 
@@ -140,6 +185,60 @@ mod tests {
             e.contains("unknown placeholder {data.status}: \"data.status\" is never present with payload = \"thin\""),
             "{e}"
         );
+    }
+
+    #[test]
+    fn blocks_are_section_templates_checked_like_text() {
+        let c = load(
+            "format = \"slack\"\nslack = { text = \"{type}\", blocks = [\"*{type}* {entity_id}\", \"{data.status}\"] }",
+        )
+        .unwrap();
+        let slack = c.subscriptions[0].slack.as_ref().unwrap();
+        assert_eq!(slack.blocks.len(), 2);
+        assert_eq!(slack.blocks[1].paths().count(), 1);
+        assert!(c.inactive_keys().is_empty(), "{:?}", c.inactive_keys());
+        // The README's form: the list over several lines.
+        let c = load(
+            "format = \"slack\"\nslack = { text = \"{type}\", blocks = [\n  \"*{type}*\",\n  \"email: {data.email}\\nstatus\",\n] }",
+        )
+        .unwrap();
+        assert_eq!(c.subscriptions[0].slack.as_ref().unwrap().blocks.len(), 2);
+        // Without blocks: none.
+        let c = load("format = \"slack\"\nslack = { text = \"{type}\" }").unwrap();
+        assert!(c.subscriptions[0].slack.as_ref().unwrap().blocks.is_empty());
+
+        // Every bad block is named by its index; text is still checked beside them.
+        let e = load(
+            "format = \"slack\"\nslack = { text = \"{nope}\", blocks = [\"{type}\", \"{user}\", \" \", \"{data\"] }",
+        )
+        .unwrap_err();
+        for needle in [
+            "subscriptions[0].slack.text: subscription \"chat\": unknown placeholder {nope}",
+            "subscriptions[0].slack.blocks[1]: subscription \"chat\": unknown placeholder {user}: unknown envelope field \"user\"",
+            "subscriptions[0].slack.blocks[2]: subscription \"chat\": the section template is empty",
+            "subscriptions[0].slack.blocks[3]: subscription \"chat\": unclosed placeholder",
+        ] {
+            assert!(e.contains(needle), "{needle}\n{e}");
+        }
+        let e = load(
+            "format = \"slack\"\npayload = \"thin\"\nslack = { text = \"{type}\", blocks = [\"{changed}\"] }",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("slack.blocks[0]: subscription \"chat\": unknown placeholder {changed}"),
+            "{e}"
+        );
+        let e = load("format = \"slack\"\nslack = { text = \"{type}\", blocks = [] }").unwrap_err();
+        assert!(
+            e.contains("subscriptions[0].slack.blocks: subscription \"chat\": blocks has 0 section texts; give 1 to 50"),
+            "{e}"
+        );
+        let many = vec!["\"{type}\""; 51].join(", ");
+        let e = load(&format!(
+            "format = \"slack\"\nslack = {{ text = \"{{type}}\", blocks = [{many}] }}"
+        ))
+        .unwrap_err();
+        assert!(e.contains("blocks has 51 section texts"), "{e}");
     }
 
     #[test]
