@@ -51,6 +51,8 @@ pub fn chunk_events(
     let mut routed: Option<(String, Arc<[String]>)> = None;
     let mut changes = Vec::with_capacity(chunk.rows.len());
     for row in std::mem::take(&mut chunk.rows) {
+        // Read like a change's new row: the parent as it is when the chunk is ingested.
+        let context_keys = mapper.snapshot_context_keys(&closed.table, &row);
         let Some(d) = mapper.snapshot(&closed.table, row, chunk.event.as_deref()) else {
             continue;
         };
@@ -78,9 +80,7 @@ pub fn chunk_events(
                 subscriptions,
             }],
             bulk: None,
-            // Read like a change's new row: the parent as it is when the chunk is
-            // ingested.
-            context_keys: mapper.snapshot_context_keys(&closed.table, row),
+            context_keys,
             context: None,
         });
     }
