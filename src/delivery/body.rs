@@ -17,7 +17,6 @@ use crate::config::{
 };
 use crate::routing::Envelope;
 use crate::routing::envelope::format_time;
-use crate::source::Lsn;
 use crate::store::deliveries::DueEvent;
 
 /// Envelope keys left out of a `payload = "thin"` body.
@@ -107,7 +106,6 @@ pub fn renders_stored(sub: &SubscriptionConfig) -> bool {
 /// serialising them gives), without parsing and serialising every row value again.
 pub fn render_stored(e: &DueEvent, payload: Payload) -> Result<Bytes, DeliveryError> {
     let thin = payload == Payload::Thin;
-    let (schema, name) = e.table.split_once('.').unwrap_or(("", &e.table));
     let body = StoredEnvelope {
         id: &e.id,
         event_type: &e.event_type,
@@ -119,9 +117,11 @@ pub fn render_stored(e: &DueEvent, payload: Payload) -> Result<Bytes, DeliveryEr
         previous: e.previous.as_deref().filter(|_| !thin),
         changed: e.changed.as_deref().filter(|_| !thin),
         context: e.context.as_deref().filter(|_| !thin),
+        // Stored as `schema.name` and as PostgreSQL prints an LSN (`16/B374D848`):
+        // the text the envelope's `Display`s give.
         source: StoredSource {
-            table: format!("{schema}.{name}"),
-            lsn: e.lsn.parse::<Lsn>().unwrap_or_default().to_string(),
+            table: &e.table,
+            lsn: &e.lsn,
             xid: e.xid as u32,
         },
     };
@@ -148,13 +148,13 @@ struct StoredEnvelope<'a> {
     changed: Option<&'a [String]>,
     #[serde(skip_serializing_if = "Option::is_none")]
     context: Option<&'a RawValue>,
-    source: StoredSource,
+    source: StoredSource<'a>,
 }
 
 #[derive(Serialize)]
-struct StoredSource {
-    table: String,
-    lsn: String,
+struct StoredSource<'a> {
+    table: &'a str,
+    lsn: &'a str,
     xid: u32,
 }
 
