@@ -158,6 +158,31 @@ async fn holder_now(client: &Client, slot: &str) -> Option<Holder> {
     })
 }
 
+/// The server's sessions (pid, backend type, state, wait event, query start), for a
+/// failure message.
+async fn sessions(client: &Client) -> String {
+    let rows = client
+        .query(
+            "SELECT pid, backend_type, coalesce(state, ''), coalesce(wait_event, ''), \
+             left(coalesce(query, ''), 60) FROM pg_stat_activity WHERE pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap_or_default();
+    rows.iter()
+        .map(|r| {
+            format!(
+                "{} {} {} {} {}\n",
+                r.get::<_, i32>(0),
+                r.get::<_, String>(1),
+                r.get::<_, String>(2),
+                r.get::<_, String>(3),
+                r.get::<_, String>(4)
+            )
+        })
+        .collect()
+}
+
 /// Waits until `daemon` (running) took slot `slot` over from `before`: a new walsender
 /// (another `active_pid`; a dead one may still be marked active for a while) and a
 /// higher leader epoch in the store. Returns the new holder.
@@ -183,9 +208,12 @@ pub(crate) async fn wait_takeover(
         }
         assert!(
             Instant::now() < deadline,
-            "timed out after {WAIT:?} waiting for {what} (a walsender other than pid {} and a leader epoch above {})",
+            "timed out after {WAIT:?} waiting for {what} (a walsender other than pid {} and a leader epoch above {}); now {:?}; sessions:\n{}\nits log:\n{}",
             before.active_pid,
-            before.epoch
+            before.epoch,
+            holder_now(client, slot).await,
+            sessions(client).await,
+            daemon.log()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -295,4 +323,92 @@ async fn a_frozen_holder_is_fenced_after_a_takeover_and_stands_by() {
     first.signal(libc::SIGTERM);
     assert!(first.wait_exit(WAIT).success(), "{}", first.log());
     eprintln!("takeover from a frozen holder after {took_over:?}");
+}
+
+/// G8 with a holder frozen inside an ingest COPY: its store session keeps the checkpoint
+/// row locked and waits for COPY data in state `active`, where neither
+/// `idle_in_transaction_session_timeout` nor `statement_timeout` ends it. The test plays
+/// that session (the row locked, a COPY begun and never fed) and kills the holder; the
+/// standby takes the slot, ends the stalled session and leads within the takeover bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_stalled_mid_copy_holding_the_checkpoint_is_ended_by_the_new_holder() {
+    let cluster = Cluster::start();
+    let db = cluster.create_db().await;
+    db.batch(&workload::create_sql(ONE_TABLE)).await;
+    let toml = format!(
+        "[source]\nurl = \"{}?sslmode=disable\"\nslot = \"{}\"\n\n[server]\nlisten = \"127.0.0.1:0\"\n\n{}",
+        db.url(),
+        db.name,
+        workload::tables_toml(ONE_TABLE)
+    );
+    let work = Workdir::new(&toml);
+    let client = db.client().await;
+    let mut first = work.spawn_run(0);
+    wait_leading(&db, &mut first).await;
+    let mut second = work.spawn_run(1);
+    wait_for("the second instance to stand by", WAIT, || async {
+        second.log().contains("standing by")
+    })
+    .await;
+
+    let mut stalled = db.client().await;
+    let tx = stalled.transaction().await.expect("begin");
+    tx.execute(
+        "SELECT 1 FROM walhook.checkpoints WHERE slot = $1 FOR UPDATE",
+        &[&db.name],
+    )
+    .await
+    .expect("lock the checkpoint row");
+    tx.batch_execute("CREATE TEMP TABLE fed (x int)")
+        .await
+        .expect("temp table");
+    let sink = tx
+        .copy_in::<_, bytes::Bytes>("COPY fed FROM STDIN")
+        .await
+        .expect("begin a COPY");
+    let stalled_pid: i32 = client
+        .query_one(
+            "SELECT pid FROM pg_stat_activity WHERE query LIKE 'COPY fed%' AND state = 'active'",
+            &[],
+        )
+        .await
+        .expect("the stalled session")
+        .get(0);
+
+    let before = holder(&client, &db.name).await;
+    first.kill9();
+    let killed = Instant::now();
+    wait_takeover(
+        &client,
+        &db.name,
+        before,
+        &mut second,
+        "the standby to end the stalled session and lead",
+    )
+    .await;
+    let took_over = killed.elapsed();
+    let ended = client
+        .query_opt(
+            "SELECT 1 FROM pg_stat_activity WHERE pid = $1",
+            &[&stalled_pid],
+        )
+        .await
+        .expect("pg_stat_activity");
+    assert!(
+        ended.is_none(),
+        "the stalled session {stalled_pid} is still there"
+    );
+    assert!(
+        second.log().contains(&stalled_pid.to_string()),
+        "the new holder's log does not name the session it ended ({stalled_pid}):\n{}",
+        second.log()
+    );
+    drop(sink);
+    assert!(
+        took_over < TAKEOVER,
+        "took over {took_over:?} after the kill (bound {TAKEOVER:?})"
+    );
+    second.signal(libc::SIGTERM);
+    assert!(second.wait_exit(WAIT).success(), "{}", second.log());
+    eprintln!("takeover past a session stalled mid-COPY after {took_over:?}");
 }

@@ -26,6 +26,11 @@ use crate::pg::{ConnInfo, ErrorChain, PgError};
 use crate::source::Lsn;
 use crate::source::stream::Position;
 
+/// How long a new ingest leader waits for the checkpoint row before it ends the
+/// sessions holding it (see [`Store::take_leadership`]). A live earlier holder's last
+/// ingest transaction ends well within it.
+pub const STALLED_HOLDER: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Failures of the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -288,20 +293,86 @@ impl Store {
 
     /// Makes this instance the slot's ingest leader: bumps the epoch and returns it. Any
     /// ingest by an earlier leader fails from now on (G8).
+    ///
+    /// The caller holds the slot, so a session that keeps the checkpoint row locked can
+    /// only be an earlier holder's ingest, and PostgreSQL does not always end it: a
+    /// holder frozen inside its events COPY leaves a session `active` and waiting for
+    /// data, which neither `idle_in_transaction_session_timeout` nor `statement_timeout`
+    /// ends. Every [`STALLED_HOLDER`] of waiting, the sessions blocking the update are
+    /// ended (`pg_terminate_backend`); their transaction rolls back and this leader
+    /// resumes from the checkpoint, so nothing is lost or stored twice.
     pub async fn take_leadership(&self, slot: &str, leader: &str) -> Result<i64, StoreError> {
-        let row = self
+        let own_pid: i32 = self
             .client
-            .query_opt(
-                &format!(
-                    "UPDATE {}.checkpoints SET leader_epoch = leader_epoch + 1, leader = $2, updated_at = now()
-                     WHERE slot = $1 RETURNING leader_epoch",
-                    self.s
-                ),
-                &[&slot, &leader],
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await?
+            .get(0);
+        let update = format!(
+            "UPDATE {}.checkpoints SET leader_epoch = leader_epoch + 1, leader = $2, updated_at = now()
+             WHERE slot = $1 RETURNING leader_epoch",
+            self.s
+        );
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&slot, &leader];
+        let taken = self.client.query_opt(&update, &params);
+        tokio::pin!(taken);
+        let mut other = None;
+        loop {
+            tokio::select! {
+                row = &mut taken => {
+                    return row?
+                        .map(|r| r.get(0))
+                        .ok_or_else(|| StoreError::NoCheckpoint(slot.to_owned()));
+                }
+                _ = tokio::time::sleep(STALLED_HOLDER) => {
+                    if let Err(e) = self.end_blockers(own_pid, &mut other).await {
+                        tracing::warn!(error = %ErrorChain(&e), "cannot look for the sessions holding the checkpoint; still waiting");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Ends the sessions blocking session `blocked` (see [`Store::take_leadership`]),
+    /// over a second connection kept in `other`.
+    async fn end_blockers(
+        &self,
+        blocked: i32,
+        other: &mut Option<Store>,
+    ) -> Result<(), StoreError> {
+        if other.as_ref().is_none_or(|o| o.is_closed()) {
+            *other = Some(self.connect_another().await?);
+        }
+        let client = &other.as_ref().expect("connected above").client;
+        let blockers = client
+            .query(
+                "SELECT b.pid, coalesce(a.application_name, ''), coalesce(a.usename::text, '')
+                 FROM unnest(pg_blocking_pids($1)) AS b(pid)
+                 LEFT JOIN pg_stat_activity a ON a.pid = b.pid",
+                &[&blocked],
             )
             .await?;
-        row.map(|r| r.get(0))
-            .ok_or_else(|| StoreError::NoCheckpoint(slot.to_owned()))
+        for b in blockers {
+            let (pid, application, role): (i32, String, String) = (b.get(0), b.get(1), b.get(2));
+            match client
+                .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+                .await
+            {
+                Ok(_) => tracing::warn!(
+                    pid,
+                    application = %application,
+                    role = %role,
+                    "ended a session that held the checkpoint row of the slot this instance now holds (an earlier holder frozen mid-transaction); its transaction rolls back"
+                ),
+                Err(e) => tracing::warn!(
+                    pid,
+                    application = %application,
+                    role = %role,
+                    error = %ErrorChain(&e),
+                    "a session holds the checkpoint row and cannot be ended by this role; end it (SELECT pg_terminate_backend(pid)) or grant pg_signal_backend to walhook's role"
+                ),
+            }
+        }
+        Ok(())
     }
 
     /// Records the subscriptions of the config, keeping the state of known ones.
