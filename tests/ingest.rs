@@ -47,6 +47,7 @@ fn batch(lsn: u64, ids: &[&str]) -> IngestBatch {
                 previous: None,
                 changed: None,
                 subscriptions: Arc::from(Vec::<String>::new()),
+                json: None,
             }],
             context_keys: None,
             context: None,

@@ -78,6 +78,7 @@ pub fn chunk_events(
                 previous: None,
                 changed: None,
                 subscriptions,
+                json: None,
             }],
             bulk: None,
             context_keys,

@@ -408,13 +408,22 @@ fn change_events(
     let context_keys = context_keys.filter(|_| !drafts.is_empty());
     let events = drafts
         .into_iter()
-        .map(|d| PendingEvent {
-            id: crate::store::ingest::new_event_id(),
-            subscriptions: names.routes(routes, &d.event_type),
-            event_type: d.event_type,
-            data: d.data,
-            previous: d.previous,
-            changed: d.changed,
+        .map(|d| {
+            let mut e = PendingEvent {
+                id: crate::store::ingest::new_event_id(),
+                subscriptions: names.routes(routes, &d.event_type),
+                event_type: d.event_type,
+                data: d.data,
+                previous: d.previous,
+                changed: d.changed,
+                json: None,
+            };
+            // Serialised here, beside the store transaction of the batch before, not
+            // inside it (a bulk event's data is completed when it is stored).
+            if !matches!(bulk, Some(BulkRole::Event { .. })) {
+                e.render();
+            }
+            e
         })
         .collect();
     ChangeEvents {

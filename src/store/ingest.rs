@@ -11,6 +11,7 @@ use tokio_postgres::Transaction;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{Json, PgLsn, ToSql, Type};
 
+use super::deliveries::RawJson;
 use super::{Store, StoreError};
 use crate::source::Lsn;
 use crate::source::stream::Position;
@@ -21,11 +22,73 @@ pub struct PendingEvent {
     /// The event id (`evt_` and a ULID), kept when a batch is written again.
     pub id: String,
     pub event_type: String,
+    /// The row values; moved into [`PendingEvent::json`] by [`PendingEvent::render`].
     pub data: Map<String, Value>,
     pub previous: Option<Map<String, Value>>,
     pub changed: Option<Vec<String>>,
     /// The subscriptions the event is due to (shared by all events of one type).
     pub subscriptions: Arc<[String]>,
+    /// `data` and `previous` as JSON text, once rendered: the store's COPY and the live
+    /// log both take this text, so a row is serialised once, and outside the store
+    /// transaction.
+    pub json: Option<EventJson>,
+}
+
+/// The JSON text of an event's `data` and `previous` (see [`PendingEvent::render`]).
+#[derive(Clone, Debug)]
+pub struct EventJson {
+    pub data: RawJson,
+    pub previous: Option<RawJson>,
+}
+
+impl PendingEvent {
+    /// Serialises `data` and `previous` into [`PendingEvent::json`], leaving the maps
+    /// empty. Not for a bulk event, whose `data` the store fills in with revisions.
+    pub fn render(&mut self) {
+        if self.json.is_none() {
+            self.json = Some(EventJson {
+                data: raw_json(&std::mem::take(&mut self.data)),
+                previous: self.previous.take().map(|p| raw_json(&p)),
+            });
+        }
+    }
+
+    /// `data` as JSON text.
+    pub fn data_json(&self) -> RawJson {
+        match &self.json {
+            Some(j) => j.data.clone(),
+            None => raw_json(&self.data),
+        }
+    }
+
+    /// `previous` as JSON text.
+    pub fn previous_json(&self) -> Option<RawJson> {
+        match &self.json {
+            Some(j) => j.previous.clone(),
+            None => self.previous.as_ref().map(raw_json),
+        }
+    }
+}
+
+/// A JSON column value for the COPY: text rendered before, or a map serialised now.
+#[derive(Debug)]
+enum JsonArg<'a> {
+    Raw(&'a serde_json::value::RawValue),
+    Map(&'a Map<String, Value>),
+}
+
+impl serde::Serialize for JsonArg<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            JsonArg::Raw(r) => r.serialize(s),
+            JsonArg::Map(m) => m.serialize(s),
+        }
+    }
+}
+
+/// A row as JSON text, as the store keeps it.
+pub(crate) fn raw_json(row: &Map<String, Value>) -> RawJson {
+    Arc::from(serde_json::value::to_raw_value(row).expect("a map with string keys serialises"))
 }
 
 /// The events of one source row change: they share one revision of their entity (G3).
@@ -337,8 +400,15 @@ async fn write_changes(
             let context = change.context.as_deref().map(Json);
             for event in &change.events {
                 seq += 1;
-                let data = Json(bulk_data.as_ref().unwrap_or(&event.data));
-                let previous = event.previous.as_ref().map(Json);
+                let data = Json(match (&bulk_data, &event.json) {
+                    (Some(bulk), _) => JsonArg::Map(bulk),
+                    (None, Some(j)) => JsonArg::Raw(&j.data),
+                    (None, None) => JsonArg::Map(&event.data),
+                });
+                let previous = match &event.json {
+                    Some(j) => j.previous.as_deref().map(|p| Json(JsonArg::Raw(p))),
+                    None => event.previous.as_ref().map(|p| Json(JsonArg::Map(p))),
+                };
                 let subscriptions: &[String] = &event.subscriptions;
                 let values: [&(dyn ToSql + Sync); 15] = [
                     &seq,
@@ -380,6 +450,38 @@ mod tests {
             rows_done,
             complete,
         }
+    }
+
+    #[test]
+    fn a_rendered_event_keeps_its_data_and_previous_text() {
+        let row = |v: Value| match v {
+            Value::Object(m) => m,
+            _ => unreachable!(),
+        };
+        let mut e = PendingEvent {
+            id: new_event_id(),
+            event_type: "user.updated".into(),
+            data: row(serde_json::json!({"id": 1, "email": "a\"b", "n": null})),
+            previous: Some(row(serde_json::json!({"id": 1, "email": "x"}))),
+            changed: Some(vec!["email".into()]),
+            subscriptions: Arc::from(Vec::<String>::new()),
+            json: None,
+        };
+        let (data, previous) = (e.data_json(), e.previous_json());
+        e.render();
+        assert!(
+            e.data.is_empty() && e.previous.is_none(),
+            "the maps moved out"
+        );
+        assert_eq!(e.data_json().get(), data.get());
+        assert_eq!(e.data_json().get(), r#"{"id":1,"email":"a\"b","n":null}"#);
+        assert_eq!(
+            e.previous_json().map(|p| p.get().to_owned()),
+            previous.map(|p| p.get().to_owned())
+        );
+        // Rendering again changes nothing.
+        e.render();
+        assert_eq!(e.data_json().get(), data.get());
     }
 
     #[test]

@@ -14,9 +14,8 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use serde_json::{Map, Value};
-
-use super::deliveries::{DueEvent, NewEvents, RawJson};
+use super::deliveries::{DueEvent, NewEvents};
+use super::ingest::raw_json;
 use super::ingest::{IngestBatch, pg_time};
 
 /// An event as published: what a dispatcher needs, and the subscriptions it is due to.
@@ -86,6 +85,7 @@ impl LiveLog {
                     events.push(None);
                     continue;
                 }
+                let (data, previous) = (e.data_json(), e.previous_json());
                 let event = DueEvent {
                     seq,
                     id: e.id,
@@ -94,8 +94,8 @@ impl LiveLog {
                     entity_id: change.entity_id.clone(),
                     revision,
                     occurred_at,
-                    data: raw_json(&e.data),
-                    previous: e.previous.as_ref().map(raw_json),
+                    data,
+                    previous,
                     changed: e.changed,
                     table: change.table.to_string(),
                     lsn: lsn.clone(),
@@ -169,14 +169,9 @@ impl LiveLog {
     }
 }
 
-/// A row as JSON text, as the store keeps it.
-fn raw_json(row: &Map<String, Value>) -> RawJson {
-    Arc::from(serde_json::value::to_raw_value(row).expect("a map with string keys serialises"))
-}
-
 #[cfg(test)]
 mod tests {
-    use serde_json::Map;
+    use serde_json::{Map, Value};
 
     use super::*;
     use crate::source::Lsn;
@@ -197,6 +192,7 @@ mod tests {
                     commit_time: 0,
                     bulk: None,
                     events: vec![PendingEvent {
+                        json: None,
                         id: format!("evt_{id}"),
                         event_type: "user.updated".into(),
                         data: Map::from_iter([("id".to_owned(), Value::from(*id))]),
