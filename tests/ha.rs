@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::daemon::{USERS_TABLE, assert_exactly_once, config, event_count, write_random};
 use crate::support::daemon::{Daemon, Workdir, wait_leading};
-use crate::support::pg::{Cluster, create_db};
+use crate::support::pg::{Cluster, TestDb, create_db};
 use crate::support::receiver::Receiver;
 use crate::support::wait_for;
 use crate::support::workload::{self, ONE_TABLE, Writer};
@@ -219,21 +219,10 @@ pub(crate) async fn wait_takeover(
     }
 }
 
-/// G8 epoch fencing: the ingest holder is frozen (SIGSTOP) under a write load, its
-/// walsender times out (the cluster's `wal_sender_timeout` is 2 s), and the standby
-/// takes the slot and leads (new walsender, higher epoch). Thawed (SIGCONT), the old
-/// holder commits nothing more: every change is stored exactly once, revisions stay
-/// gap-free and the log stays in commit order. It does not exit either: it stands by,
-/// and leads again when the new holder dies.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_frozen_holder_is_fenced_after_a_takeover_and_stands_by() {
-    // A frozen holder may be inside an ingest transaction, holding the checkpoint row
-    // the standby must lock to take over: PostgreSQL ends such a session after 3 s, as
-    // it would end the session of a vanished host once TCP gives up.
-    let cluster = Cluster::start_with(&[
-        ("wal_sender_timeout", "2s"),
-        ("idle_in_transaction_session_timeout", "3s"),
-    ]);
+/// Two `walhook run` instances with one config (one watched table) on a new database of
+/// `cluster`: the database, the work directory (to keep), a client, the leading
+/// instance and the one standing by.
+async fn leader_and_standby(cluster: &Cluster) -> (TestDb, Workdir, Client, Daemon, Daemon) {
     let db = cluster.create_db().await;
     db.batch(&workload::create_sql(ONE_TABLE)).await;
     let toml = format!(
@@ -246,11 +235,31 @@ async fn a_frozen_holder_is_fenced_after_a_takeover_and_stands_by() {
     let client = db.client().await;
     let mut first = work.spawn_run(0);
     wait_leading(&db, &mut first).await;
-    let mut second = work.spawn_run(1);
+    let second = work.spawn_run(1);
     wait_for("the second instance to stand by", WAIT, || async {
         second.log().contains("standing by")
     })
     .await;
+    (db, work, client, first, second)
+}
+
+/// G8 epoch fencing: the ingest holder is frozen (SIGSTOP) under a write load, its
+/// walsender times out (the cluster's `wal_sender_timeout` is 2 s), and the standby
+/// takes the slot and leads (new walsender, higher epoch). Thawed (SIGCONT), the old
+/// holder commits nothing more: every change is stored exactly once, revisions stay
+/// gap-free and the log stays in commit order. It does not exit either: it stands by,
+/// and leads again when the new holder dies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_holder_is_fenced_after_a_takeover_and_stands_by() {
+    // A frozen holder may be inside an ingest transaction, holding the checkpoint row
+    // the standby must lock to take over: PostgreSQL ends such a session after 3 s when
+    // it is idle in the transaction, as it would end the session of a vanished host once
+    // TCP gives up; the new holder ends it after 5 s when it is inside a COPY (below).
+    let cluster = Cluster::start_with(&[
+        ("wal_sender_timeout", "2s"),
+        ("idle_in_transaction_session_timeout", "3s"),
+    ]);
+    let (db, _work, client, mut first, mut second) = leader_and_standby(&cluster).await;
 
     let seed = workload::Rng::seed_from_env("WALHOOK_TEST_SEED");
     let writer = Writer::spawn(db.url(), ONE_TABLE, 200, seed, Duration::from_millis(5));
@@ -333,23 +342,7 @@ async fn a_frozen_holder_is_fenced_after_a_takeover_and_stands_by() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_stalled_mid_copy_holding_the_checkpoint_is_ended_by_the_new_holder() {
     let cluster = Cluster::start();
-    let db = cluster.create_db().await;
-    db.batch(&workload::create_sql(ONE_TABLE)).await;
-    let toml = format!(
-        "[source]\nurl = \"{}?sslmode=disable\"\nslot = \"{}\"\n\n[server]\nlisten = \"127.0.0.1:0\"\n\n{}",
-        db.url(),
-        db.name,
-        workload::tables_toml(ONE_TABLE)
-    );
-    let work = Workdir::new(&toml);
-    let client = db.client().await;
-    let mut first = work.spawn_run(0);
-    wait_leading(&db, &mut first).await;
-    let mut second = work.spawn_run(1);
-    wait_for("the second instance to stand by", WAIT, || async {
-        second.log().contains("standing by")
-    })
-    .await;
+    let (db, _work, client, first, mut second) = leader_and_standby(&cluster).await;
 
     let mut stalled = db.client().await;
     let tx = stalled.transaction().await.expect("begin");
