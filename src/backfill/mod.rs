@@ -71,14 +71,19 @@ pub fn chunk_events(
             commit_lsn: at.commit_lsn,
             xid: at.xid,
             commit_time: at.commit_time,
-            events: vec![PendingEvent {
-                id: crate::store::ingest::new_event_id(),
-                event_type: d.event_type,
-                data: d.data,
-                previous: None,
-                changed: None,
-                subscriptions,
-                json: None,
+            events: vec![{
+                let mut e = PendingEvent {
+                    id: crate::store::ingest::new_event_id(),
+                    event_type: d.event_type,
+                    data: d.data,
+                    previous: None,
+                    changed: None,
+                    subscriptions,
+                    json: None,
+                };
+                // Serialised here, not inside the store transaction (as live events).
+                e.render();
+                e
             }],
             bulk: None,
             context_keys,

@@ -70,22 +70,6 @@ impl PendingEvent {
     }
 }
 
-/// A JSON column value for the COPY: text rendered before, or a map serialised now.
-#[derive(Debug)]
-enum JsonArg<'a> {
-    Raw(&'a serde_json::value::RawValue),
-    Map(&'a Map<String, Value>),
-}
-
-impl serde::Serialize for JsonArg<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self {
-            JsonArg::Raw(r) => r.serialize(s),
-            JsonArg::Map(m) => m.serialize(s),
-        }
-    }
-}
-
 /// A row as JSON text, as the store keeps it.
 pub(crate) fn raw_json(row: &Map<String, Value>) -> RawJson {
     Arc::from(serde_json::value::to_raw_value(row).expect("a map with string keys serialises"))
@@ -400,15 +384,14 @@ async fn write_changes(
             let context = change.context.as_deref().map(Json);
             for event in &change.events {
                 seq += 1;
-                let data = Json(match (&bulk_data, &event.json) {
-                    (Some(bulk), _) => JsonArg::Map(bulk),
-                    (None, Some(j)) => JsonArg::Raw(&j.data),
-                    (None, None) => JsonArg::Map(&event.data),
-                });
-                let previous = match &event.json {
-                    Some(j) => j.previous.as_deref().map(|p| Json(JsonArg::Raw(p))),
-                    None => event.previous.as_ref().map(|p| Json(JsonArg::Map(p))),
-                };
+                // Rendered before the transaction (PendingEvent::render), but for a bulk
+                // event's data, completed above.
+                let data = bulk_data
+                    .as_ref()
+                    .map_or_else(|| event.data_json(), raw_json);
+                let data = Json(&*data);
+                let previous = event.previous_json();
+                let previous = previous.as_deref().map(Json);
                 let subscriptions: &[String] = &event.subscriptions;
                 let values: [&(dyn ToSql + Sync); 15] = [
                     &seq,
