@@ -45,3 +45,11 @@ CREATE SCHEMA :"store_schema" AUTHORIZATION :"role";
 -- 3. Read access to the watched tables: one line per [[tables]] entry.
 GRANT USAGE ON SCHEMA public TO :"role";
 GRANT SELECT ON TABLE public.users, public.user_roles TO :"role";
+
+-- 4. Read access to other sessions' activity (pg_stat_activity), for `walhook backfill`:
+--    a transaction that committed but waits for a synchronous standby is still invisible
+--    to new snapshots, and a backfill chunk must not be read before it is visible. With
+--    this role walhook sees such waits and waits for them; without it, it waits 0.5 s
+--    for every invisible transaction and then reads. Read-only; drop it if you use no
+--    synchronous standby.
+GRANT pg_read_all_stats TO :"role";

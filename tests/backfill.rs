@@ -12,7 +12,7 @@ use serde_json::Value;
 use tokio_postgres::Client;
 
 use crate::support::daemon::{Daemon, Workdir, metric, server_url, wait_leading};
-use crate::support::pg::{TestDb, create_db};
+use crate::support::pg::{Cluster, TestDb, create_db};
 use crate::support::wait_for;
 use crate::support::workload::Rng;
 
@@ -27,7 +27,12 @@ fn rows() -> i64 {
 /// `items (id bigint PRIMARY KEY, ver bigint, body text)` with ids 1..=n; `ver` comes
 /// from one sequence on every insert and update, so a newer state has a higher `ver`.
 async fn items_db(n: i64) -> TestDb {
-    let db = create_db().await;
+    items_db_on(crate::support::pg::cluster(), n).await
+}
+
+/// [`items_db`] on `cluster`.
+async fn items_db_on(cluster: &Cluster, n: i64) -> TestDb {
+    let db = cluster.create_db().await;
     db.batch(&format!(
         "CREATE SEQUENCE ver;
          CREATE TABLE items (id bigint PRIMARY KEY, ver bigint NOT NULL DEFAULT nextval('ver'), body text);
@@ -464,6 +469,148 @@ async fn a_table_added_by_reload_with_snapshot_true_is_backfilled_once() {
         assert_eq!(evs.iter().filter(|e| e.kind == "extra.snapshot").count(), 1);
     }
     assert_eq!(stored["1"][1].kind, "extra.updated");
+}
+
+/// A transaction whose commit is in the WAL (the stream hands its change on) but not yet
+/// visible to new snapshots: here one waiting for a synchronous standby that never
+/// answers. A chunk read before it is visible carries the row's older state, which would
+/// go out after the newer one; the backfill waits (and says why in the log) until the
+/// transaction is visible, then reads the row's current state. The source is a cluster
+/// of its own with `synchronous_standby_names` set and `synchronous_commit = local` (only
+/// the test's session asks for the standby); the store is on the shared cluster, since
+/// ingest commits with `synchronous_commit = on`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_transaction_not_yet_visible_is_waited_for() {
+    let source = Cluster::start_with(&[
+        ("synchronous_standby_names", "walhook_absent_standby"),
+        ("synchronous_commit", "local"),
+    ]);
+    let db = items_db_on(&source, 200).await;
+    let store = create_db().await;
+    let more = format!(
+        "\n[store]\nurl = \"postgres://postgres@127.0.0.1:{}/{}?sslmode=disable\"\n",
+        store.port, store.name
+    );
+    let work = Workdir::new(&config(&db, &more));
+    let mut daemon = work.spawn_run(1);
+    let client = store.client().await;
+    wait_for("walhook to lead", Duration::from_secs(60), || async {
+        client
+            .query_opt(
+                "SELECT 1 FROM walhook.checkpoints WHERE leader IS NOT NULL",
+                &[],
+            )
+            .await
+            .is_ok_and(|r| r.is_some())
+    })
+    .await;
+    assert!(daemon.is_running(), "log:\n{}", daemon.log());
+
+    // The hidden update: committed locally, waiting for the standby, invisible.
+    let hidden = db.client().await;
+    let pid: i32 = hidden
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    hidden
+        .batch_execute("SET synchronous_commit = on")
+        .await
+        .unwrap();
+    let update = tokio::spawn(async move {
+        hidden
+            .batch_execute("UPDATE items SET ver = nextval('ver'), body = 'hidden' WHERE id = 1")
+            .await
+    });
+    wait_for(
+        "the hidden update to be stored",
+        Duration::from_secs(60),
+        || async {
+            client
+                .query_opt(
+                    "SELECT 1 FROM walhook.events WHERE entity = 'item' AND entity_id = '1'
+                     AND data->>'body' = 'hidden'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .is_some()
+        },
+    )
+    .await;
+    let visible = db.client().await;
+    let body: String = visible
+        .query_one("SELECT body FROM items WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(body, "row 1", "the update is not visible yet");
+
+    let run = tokio::task::spawn_blocking({
+        let config = work.config();
+        move || {
+            std::process::Command::new(crate::support::walhook_bin())
+                .args(["backfill", "--table", "public.items", "--config"])
+                .arg(config)
+                .output()
+                .expect("run walhook backfill")
+        }
+    });
+    // The line comes after 5 s of waiting, when the worker used to read anyway.
+    let waiting = Instant::now();
+    while !daemon.log().contains("committed but are not visible yet") {
+        if run.is_finished() || waiting.elapsed() > Duration::from_secs(60) {
+            let one = events(&client, "item").await.remove("1");
+            panic!(
+                "the backfill did not wait for the invisible update; item 1's events: \
+                 {one:?}\nlog:\n{}",
+                daemon.log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let waited = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let snapshots: i64 = client
+        .query_one(
+            "SELECT count(*) FROM walhook.events WHERE type = 'item.snapshot'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        snapshots,
+        0,
+        "nothing read while the update is invisible ({:?} after the log line)",
+        waited.elapsed()
+    );
+
+    // The wait ends: the commit becomes visible, the backfill reads it.
+    source
+        .admin_client()
+        .await
+        .execute("SELECT pg_cancel_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    update.await.unwrap().expect("the update commits locally");
+    let out = run.await.unwrap();
+    assert!(
+        out.status.success(),
+        "walhook backfill failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stored = events(&client, "item").await;
+    assert_eq!(stored.len(), 200, "every row has its events");
+    let one = &stored["1"];
+    let kinds: Vec<&str> = one.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["item.updated", "item.snapshot"], "{one:?}");
+    assert_eq!(
+        one[1].data["body"], "hidden",
+        "the snapshot is the row's newest state"
+    );
+    assert_eq!(one[1].data["ver"], one[0].data["ver"]);
 }
 
 /// The progress display: under a pseudo-terminal (`script` from util-linux) an

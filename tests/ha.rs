@@ -342,7 +342,7 @@ async fn a_frozen_holder_is_fenced_after_a_takeover_and_stands_by() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_stalled_mid_copy_holding_the_checkpoint_is_ended_by_the_new_holder() {
     let cluster = Cluster::start();
-    let (db, _work, client, first, mut second) = leader_and_standby(&cluster).await;
+    let (db, _work, client, mut first, mut second) = leader_and_standby(&cluster).await;
 
     let mut stalled = db.client().await;
     let tx = stalled.transaction().await.expect("begin");
@@ -369,7 +369,8 @@ async fn a_session_stalled_mid_copy_holding_the_checkpoint_is_ended_by_the_new_h
         .get(0);
 
     let before = holder(&client, &db.name).await;
-    first.kill9();
+    first.signal(libc::SIGKILL);
+    first.wait_exit(WAIT);
     let killed = Instant::now();
     wait_takeover(
         &client,
@@ -393,8 +394,11 @@ async fn a_session_stalled_mid_copy_holding_the_checkpoint_is_ended_by_the_new_h
     );
     assert!(
         second.log().contains(&stalled_pid.to_string()),
-        "the new holder's log does not name the session it ended ({stalled_pid}):\n{}",
-        second.log()
+        "the new holder's log does not name the session it ended ({stalled_pid}) after \
+         {took_over:?}:\n{}\nthe killed holder's log:\n{}\nthe server's log:\n{}",
+        second.log(),
+        first.log(),
+        std::fs::read_to_string(cluster.log_path()).unwrap_or_default()
     );
     drop(sink);
     assert!(

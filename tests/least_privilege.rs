@@ -184,6 +184,23 @@ events = ["user.*"]
             .all(|r| !String::from_utf8_lossy(&r.body).contains("hash")),
         "password_hash is excluded"
     );
+
+    // A backfill as the role: its watermarks (pg_logical_emit_message), its settle look
+    // at pg_stat_activity and the chunk read all pass with these rights.
+    let (status, stdout, stderr) = work.run_to_end(&["backfill", "--table", "public.users"], WAIT);
+    assert!(
+        status.success(),
+        "walhook backfill as {role}: {stdout}{stderr}\n{}",
+        daemon.log()
+    );
+    wait_for("the snapshot delivery", WAIT, || async {
+        receiver.received().len() >= 5
+    })
+    .await;
+    let snapshot = receiver.received()[4].json();
+    assert_eq!(snapshot["type"], "user.snapshot");
+    assert_eq!(snapshot["data"]["status"], "suspended");
+    assert!(snapshot["data"].get("password_hash").is_none());
     assert!(daemon.is_running(), "{}", daemon.log());
 }
 

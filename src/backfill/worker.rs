@@ -248,7 +248,12 @@ async fn run_one(
         let tag = format!("{}:{instance}:{chunk_no}", b.id);
         watermarks.open(&tag, table.clone(), key.clone());
         let sql = read::chunk_sql(&table, &shape, cursor.as_deref(), where_sql, limit);
-        let result = chunk(client, b, &sql, &shape, &types, &tag, watermarks).await;
+        let result = async {
+            emit(client, &message(&tag, Mark::Low)).await?;
+            settle(client, &b.request.table, stop).await?;
+            chunk(client, b, &sql, &shape, &types, &tag, watermarks).await
+        }
+        .await;
         let (done, next, read) = match result {
             Ok(Some(handed)) => handed,
             Ok(None) => {
@@ -311,8 +316,8 @@ async fn stored(
     }
 }
 
-/// Reads and hands over one chunk (`sql`) between its watermarks; `None` when no row
-/// is left.
+/// Reads and hands over one chunk (`sql`) after its low watermark, and writes its high
+/// watermark; `None` when no row is left.
 #[allow(clippy::type_complexity)]
 async fn chunk(
     client: &Client,
@@ -323,8 +328,6 @@ async fn chunk(
     tag: &str,
     watermarks: &Watermarks,
 ) -> Result<Option<(oneshot::Receiver<Result<(), String>>, Vec<String>, Read)>, Stop> {
-    emit(client, &message(tag, Mark::Low)).await?;
-    settle(client).await?;
     let chunk = read::read_chunk(client, sql, shape, types).await?;
     let Some(last) = chunk.last_key else {
         return Ok(None);
@@ -350,45 +353,90 @@ async fn chunk(
 }
 
 /// Waits until every transaction that was invisible to new snapshots just after the low
-/// watermark is visible or known to be still running. A commit is written to the WAL a
-/// moment before it is marked in the commit log, and that a moment before it becomes
-/// visible; a transaction whose commit record precedes the low watermark could otherwise
-/// be missing from the chunk's snapshot while the stream hands its change on before the
-/// window opens, and the chunk would carry an older state of its row (seen in CI under
-/// load: the commit record was in the WAL, the commit log still said "in progress").
-/// So the transactions invisible at the first look are waited for: a committed one
-/// until it is visible (up to [`SETTLE_COMMITTED`]), one still in progress for
-/// [`SETTLE_RUNNING`] at most (a long-running one commits after the watermark, inside
-/// the window).
-async fn settle(client: &Client) -> Result<(), tokio_postgres::Error> {
+/// watermark is visible or known to be still running, so that the chunk's snapshot
+/// holds every change the stream hands on before the low watermark.
+///
+/// A transaction's commit record reaches the WAL (and the stream) before the
+/// transaction leaves the proc array and becomes visible; a transaction whose commit
+/// record precedes the low watermark but which is still invisible when the chunk is read
+/// would leave an older state of its rows in the chunk, sent after the newer one (seen
+/// in CI under load). The transactions invisible at the first look are waited for:
+/// - one whose session waits for a synchronous standby (`wait_event` `SyncRep`) has
+///   committed and stays invisible until the standby answers or the wait is cancelled:
+///   waited for as long as that takes (the wait is logged after [`SETTLE_WARN`] and ends
+///   with `stop`). The session's wait event is seen by a superuser or a member of
+///   `pg_read_all_stats` (see sql/least-privilege.sql); otherwise the next rule applies;
+/// - any other for [`SETTLE_RUNNING`] at most: one between its commit record and its
+///   visibility leaves within that; a long-running one commits after the low watermark,
+///   inside the window, or after the high one.
+///
+/// [`Stop::Cancelled`] when `stop` came first. (`pg_xact_status` cannot tell these
+/// apart: it calls a transaction still in the proc array "in progress" even when it
+/// committed.)
+async fn settle(client: &Client, table: &str, stop: &CancellationToken) -> Result<(), Stop> {
     let started = tokio::time::Instant::now();
     let mut first: Option<Vec<String>> = None;
+    let mut pause = Duration::from_millis(1);
+    let mut warned_at: Option<tokio::time::Instant> = None;
     loop {
-        let row = client
-            .query_one(
-                "SELECT coalesce(array_agg(x::text), '{}'),
-                        count(*) FILTER (WHERE pg_xact_status(x) = 'committed')
+        let rows = client
+            .query(
+                "SELECT x::text, EXISTS (
+                     SELECT 1 FROM pg_stat_activity a
+                     WHERE a.backend_xid::text::bigint = x::text::bigint % 4294967296
+                       AND a.wait_event = 'SyncRep')
                  FROM pg_snapshot_xip(pg_current_snapshot()) x",
                 &[],
             )
             .await?;
-        let invisible: Vec<String> = row.get(0);
-        let committed: i64 = row.get(1);
-        let first = first.get_or_insert_with(|| invisible.clone());
-        let waiting = invisible.iter().any(|x| first.contains(x));
+        let invisible: Vec<(String, bool)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let first = first.get_or_insert_with(|| invisible.iter().map(|(x, _)| x.clone()).collect());
+        // Of the transactions invisible at the first look, those still invisible.
+        let still: Vec<&(String, bool)> = invisible
+            .iter()
+            .filter(|(x, _)| first.contains(x))
+            .collect();
+        // Of those, the ones committed and waiting for a synchronous standby.
+        let committed: Vec<&str> = still
+            .iter()
+            .filter(|(_, sync_rep)| *sync_rep)
+            .map(|(x, _)| x.as_str())
+            .collect();
         let elapsed = started.elapsed();
-        let settled = committed == 0 && (!waiting || elapsed >= SETTLE_RUNNING);
-        if settled || elapsed >= SETTLE_COMMITTED {
+        if committed.is_empty() && (still.is_empty() || elapsed >= SETTLE_RUNNING) {
             return Ok(());
         }
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        if !committed.is_empty()
+            && elapsed >= SETTLE_WARN
+            && warned_at.is_none_or(|at| at.elapsed() >= SETTLE_WARN_EVERY)
+        {
+            warned_at = Some(tokio::time::Instant::now());
+            warn!(
+                table,
+                transactions = %committed.join(","),
+                waited_s = elapsed.as_secs(),
+                "backfill waits for transactions that committed but are not visible yet: \
+                 their sessions wait for a synchronous standby (synchronous_standby_names); \
+                 a chunk read before they are visible could send a row's older state after \
+                 its newer one. Bring the standby back or cancel the waits \
+                 (pg_cancel_backend) and the backfill goes on"
+            );
+        }
+        if sleep_or_stop(pause, stop).await {
+            return Err(Stop::Cancelled);
+        }
+        pause = (pause * 2).min(SETTLE_POLL_MAX);
     }
 }
 
-/// How long [`settle`] waits for a transaction that committed and is not yet visible.
-const SETTLE_COMMITTED: Duration = Duration::from_secs(5);
 /// How long [`settle`] waits for a transaction still in progress at the low watermark.
 const SETTLE_RUNNING: Duration = Duration::from_millis(500);
+/// When [`settle`] first logs a wait for committed, invisible transactions, and how often
+/// again.
+const SETTLE_WARN: Duration = Duration::from_secs(5);
+const SETTLE_WARN_EVERY: Duration = Duration::from_secs(60);
+/// The longest pause between two looks of [`settle`].
+const SETTLE_POLL_MAX: Duration = Duration::from_millis(100);
 
 /// Writes a watermark into the WAL, in a transaction of its own.
 async fn emit(client: &Client, content: &str) -> Result<(), tokio_postgres::Error> {

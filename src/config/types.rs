@@ -91,7 +91,7 @@ pub enum LogFormat {
 pub struct DaemonConfig {
     /// On SIGTERM, in-flight deliveries get at most this long (default 30 s).
     pub shutdown_grace: Duration,
-    /// Row data received from the source but not yet stored, in bytes (default 16 MiB):
+    /// Row data received from the source but not yet stored, in bytes (default 4 MiB):
     /// the replication stream pauses while this much is in flight (G6).
     pub ingest_buffer: u64,
 }

@@ -301,13 +301,23 @@ pub async fn run(
     Ok(())
 }
 
-/// What a row change holds of the ingest buffer: its size on the wire for the decoded
-/// row, and as much again for each of its events (their data and previous values),
-/// never more than the whole buffer (a row larger than the buffer passes alone).
+/// What a row change holds of the ingest buffer once mapped (its decoded row is gone by
+/// then): for each of its events, its data and previous values as JSON, about the row's
+/// size on the wire, plus [`EVENT_OVERHEAD`]; a change without events its wire size.
+/// At least 64 bytes, never more than the whole buffer (a row larger than the buffer
+/// passes alone).
 fn change_cost(wire: usize, events: usize, capacity: usize) -> u32 {
-    let cost = (wire.max(64)).saturating_mul(1 + events);
+    let cost = wire
+        .max(64)
+        .saturating_mul(events.max(1))
+        .saturating_add(events.saturating_mul(EVENT_OVERHEAD));
     cost.min(capacity).min(u32::MAX as usize) as u32
 }
+
+/// Memory of an event besides its row values: its id, type, entity id, subscriptions
+/// and the structures holding them (measured: narrow rows took about this much more
+/// than their wire size).
+const EVENT_OVERHEAD: usize = 256;
 
 /// Takes `cost` bytes of the ingest buffer, waiting while it is full (back-pressure on
 /// the stream). While the wait lasts longer than [`BLOCKED_LIMIT`] the replication
@@ -550,5 +560,27 @@ fn chunk_msg(
 async fn stalled_now(stalled: &mut watch::Receiver<bool>) {
     if stalled.wait_for(|s| *s).await.is_err() {
         std::future::pending::<()>().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_change_costs_its_events_values_and_their_overhead_within_the_buffer() {
+        let cap = 4 << 20;
+        // One event: its values (about the wire size) and its overhead.
+        assert_eq!(change_cost(2_000, 1, cap), 2_000 + EVENT_OVERHEAD as u32);
+        // Two events hold two copies of the values.
+        assert_eq!(
+            change_cost(2_000, 2, cap),
+            4_000 + 2 * EVENT_OVERHEAD as u32
+        );
+        // No event: the wire size, at least 64 bytes.
+        assert_eq!(change_cost(2_000, 0, cap), 2_000);
+        assert_eq!(change_cost(10, 0, cap), 64);
+        // A row larger than the buffer takes all of it, and passes alone.
+        assert_eq!(change_cost(10 << 20, 1, cap), cap as u32);
     }
 }

@@ -47,7 +47,7 @@ pub(crate) fn validate(raw: RawConfig, loc: &Locator) -> Result<Config, Vec<Conf
             .size(
                 "daemon.ingest_buffer",
                 raw.daemon.ingest_buffer,
-                "16MiB",
+                "4MiB",
                 1 << 20,
             )
             .unwrap_or_default(),

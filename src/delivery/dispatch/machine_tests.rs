@@ -607,3 +607,35 @@ fn one_query_of_new_events_at_a_time_and_a_wake_during_it_asks_again() {
     m.new_fetched(fetched(vec![], 11, false), &HashSet::new());
     assert_eq!(m.wants_new(), None, "read to the head, nobody woke it");
 }
+
+#[test]
+fn the_next_query_starts_before_an_answer_is_taken_only_when_the_log_has_more_and_it_fits() {
+    let m = Machine::new(0, false, Instant::now());
+    let page = |from: i64, n: i64, more: bool| {
+        fetched(
+            (from + 1..=from + n).map(|s| event(s, "a")).collect(),
+            from + n,
+            more,
+        )
+    };
+    // The log has more and the answer fits: the next query reads past it.
+    assert_eq!(m.room_after(&page(0, 100, true)), Some(100));
+    // Read to the head: nothing to read past it yet.
+    assert_eq!(m.room_after(&page(0, 100, false)), None);
+    // The answer alone would fill memory.
+    assert_eq!(m.room_after(&page(0, WAITING_MAX as i64, true)), None);
+
+    // What waits counts too: with WAITING_MAX - 10 events waiting, a page of 9 fits
+    // and a page of 10 does not.
+    let waiting: Vec<DueEvent> = (1..=WAITING_MAX as i64 - 10)
+        .map(|s| event(s, "b"))
+        .collect();
+    let mut m = with_new(0, false, waiting);
+    let head = WAITING_MAX as i64 - 10;
+    assert_eq!(m.room_after(&page(head, 9, true)), Some(head + 9));
+    assert_eq!(m.room_after(&page(head, 10, true)), None);
+
+    // A stopping machine asks for nothing more.
+    m.stop();
+    assert_eq!(m.room_after(&page(head, 1, true)), None);
+}
