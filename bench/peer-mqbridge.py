@@ -13,6 +13,7 @@ Copied from the CDC-to-webhooks bench kit (bench-kit/peer-mqbridge.py) so bench/
 """
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -84,9 +85,11 @@ while time.time() - t0 < args.timeout:
 t1 = time.time()
 route.stop()
 route.join()
+# CPU of this process: mq-bridge's Rust core runs in it (the psql polls are children, not counted).
+ru = resource.getrusage(resource.RUSAGE_SELF)
 print("PEER_RESULT tool=mq-bridge version=%s output=%s reason=%s start_call_s=%.3f drain_s=%.3f "
-      "remaining_lag_bytes=%s batch_size=%d concurrency=%d http_concurrency=%d"
+      "remaining_lag_bytes=%s batch_size=%d concurrency=%d http_concurrency=%d cpu_s=%.3f"
       % (getattr(mq_bridge, "__version__", "?"), args.output, reason, t_started - t0, t1 - t0, lag,
-         args.batch_size, args.concurrency, args.http_concurrency))
+         args.batch_size, args.concurrency, args.http_concurrency, ru.ru_utime + ru.ru_stime))
 sys.stdout.flush()
 sys.exit(0 if reason == "caught-up" else 1)

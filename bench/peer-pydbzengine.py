@@ -14,6 +14,7 @@ Copied from the CDC-to-webhooks bench kit (bench-kit/peer-pydbzengine.py) so ben
 """
 import argparse
 import os
+import resource
 import sys
 import tempfile
 import threading
@@ -142,10 +143,12 @@ wall = ((last or t_stop) - t_start)
 print(
     "PEER_RESULT tool=pydbzengine row_events=%d skipped_message_events=%d expected=%d reason=%s batches=%d value_bytes=%d "
     "startup_to_first_s=%.3f first_to_last_s=%.3f events_per_s_first_to_last=%.1f "
-    "start_to_last_s=%.3f events_per_s_incl_startup=%.1f ops=%s errors=%s workdir=%s"
+    "start_to_last_s=%.3f events_per_s_incl_startup=%.1f cpu_s=%.3f ops=%s errors=%s workdir=%s"
     % (n, state.get("skipped", 0), args.expect, reason, state["batches"], state["bytes"],
        ((first or t_stop) - t_start), span, n / span if span == span and span > 0 else float("nan"),
        wall, n / wall if wall > 0 else float("nan"),
+       # CPU of this process, the embedded JVM included (its start-up too).
+       resource.getrusage(resource.RUSAGE_SELF).ru_utime + resource.getrusage(resource.RUSAGE_SELF).ru_stime,
        ",".join(f"{k}:{v}" for k, v in sorted(state["ops"].items())) or "-", "|".join(err) or "-", workdir)
 )
 sys.stdout.flush()

