@@ -148,7 +148,7 @@ print(
        ((first or t_stop) - t_start), span, n / span if span == span and span > 0 else float("nan"),
        wall, n / wall if wall > 0 else float("nan"),
        # CPU of this process, the embedded JVM included (its start-up too).
-       resource.getrusage(resource.RUSAGE_SELF).ru_utime + resource.getrusage(resource.RUSAGE_SELF).ru_stime,
+       sum(resource.getrusage(resource.RUSAGE_SELF)[:2]),
        ",".join(f"{k}:{v}" for k, v in sorted(state["ops"].items())) or "-", "|".join(err) or "-", workdir)
 )
 sys.stdout.flush()

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tokio_postgres::Client;
 
-use crate::support::daemon::{Daemon, Workdir, wait_leading};
+use crate::support::daemon::{Daemon, Workdir, wait_leading, wait_leading_with_store};
 use crate::support::pg::{Cluster, StopMode, TestDb, create_db};
 use crate::support::workload::{self, ONE_TABLE, Writer};
 use crate::support::{wait_for, wait_for_some};
@@ -594,18 +594,8 @@ async fn unreachable_store_makes_ingest_wait_without_confirming() {
     let toml = config_with_store(&db, Some(&store_db), USERS_TABLE);
     let work = Workdir::new(&toml);
     let mut daemon = work.spawn_run(0);
+    wait_leading_with_store(&db, &store_db, &mut daemon).await;
     let store_client = store_db.client().await;
-    wait_for("walhook to take the slot", WAIT, || async {
-        store_client
-            .query_opt(
-                "SELECT 1 FROM walhook.checkpoints WHERE leader IS NOT NULL",
-                &[],
-            )
-            .await
-            .map(|r| r.is_some())
-            .unwrap_or(false)
-    })
-    .await;
     let writer = db.client().await;
     let mut rng = Rng::new();
     let mut live = vec![false; 100];

@@ -8,7 +8,9 @@ use std::time::Duration;
 use tokio_postgres::Client;
 
 use crate::support::cli::{self, ConfigFile, StdoutMode, Tail};
-use crate::support::daemon::{Daemon, Workdir, users_config, wait_leading};
+use crate::support::daemon::{
+    Daemon, Workdir, users_config, wait_leading, wait_leading_with_store,
+};
 use crate::support::pg::{Auth, Cluster, TestDb, cluster, create_db, users_db};
 use crate::support::receiver::Receiver;
 use crate::support::{wait_for, wait_for_some};
@@ -423,18 +425,7 @@ async fn read_only_store_at_start_is_refused() {
 async fn read_only_store_while_running_makes_ingest_wait() {
     let (db, store, work) = db_with_separate_store().await;
     let mut daemon = work.spawn_run(1);
-    let store_client = store.client().await;
-    wait_for("walhook to lead", WAIT, || async {
-        store_client
-            .query_opt(
-                "SELECT 1 FROM walhook.checkpoints WHERE leader IS NOT NULL",
-                &[],
-            )
-            .await
-            .map(|r| r.is_some())
-            .unwrap_or(false)
-    })
-    .await;
+    wait_leading_with_store(&db, &store, &mut daemon).await;
     set_read_only(&db, &store.name, true).await;
     db.batch("INSERT INTO users VALUES (1, 'a@x', 0)").await;
     let line = wait_log(&mut daemon, "the ingest error", "read-only transaction").await;

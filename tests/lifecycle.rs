@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 use crate::daemon::{Rng, assert_exactly_once, config, event_count, write_random};
-use crate::support::daemon::{Daemon, Workdir, wait_leading};
+use crate::support::daemon::{Daemon, Workdir, wait_leading, wait_leading_with_store};
 use crate::support::pg::{Cluster, StopMode, TestDb, create_db};
 use crate::support::wait_for_some;
 
@@ -205,20 +205,7 @@ async fn a_fast_stop_with_the_store_unreachable_is_quick() {
     let toml = crate::daemon::config_with_store(&db, Some(&store_db), USERS);
     let work = Workdir::new(&toml);
     let mut daemon = work.spawn_run(0);
-    let store_client = store_db.client().await;
-    wait_for_some("walhook to lead ingest", WAIT, || async {
-        store_client
-            .query_opt(
-                "SELECT 1 FROM walhook.checkpoints WHERE leader IS NOT NULL",
-                &[],
-            )
-            .await
-            .ok()
-            .flatten()
-            .map(|_| ())
-    })
-    .await;
-    drop(store_client);
+    wait_leading_with_store(&db, &store_db, &mut daemon).await;
     let sc = store_cluster.clone();
     tokio::task::spawn_blocking(move || sc.stop(StopMode::Fast))
         .await

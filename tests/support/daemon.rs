@@ -182,14 +182,21 @@ fn read(path: &Path) -> String {
 /// An active slot alone is not enough: a slot being created is already active before
 /// its consistent point, and changes committed before that point are not captured.
 pub async fn wait_leading(db: &TestDb, daemon: &mut Daemon) {
+    wait_leading_with_store(db, db, daemon).await;
+}
+
+/// [`wait_leading`] for a store in database `store` (the checkpoint is there, the slot
+/// on `db`'s cluster).
+pub async fn wait_leading_with_store(db: &TestDb, store: &TestDb, daemon: &mut Daemon) {
     let client = db.client().await;
+    let store_client = store.client().await;
     let slot = db.name.clone();
     let start = Instant::now();
     loop {
         if !daemon.is_running() {
             panic!("walhook run exited early; log:\n{}", daemon.log());
         }
-        let row = client
+        let row = store_client
             .query_opt(
                 "SELECT leader_epoch FROM walhook.checkpoints WHERE slot = $1 AND leader IS NOT NULL",
                 &[&slot],
