@@ -15,7 +15,7 @@ use super::health::{Health, StoreState};
 use crate::pg::ConnInfo;
 use crate::pg::ErrorChain;
 use crate::store::Store;
-use crate::store::stats::QueueStats;
+use crate::store::stats::{QueueCounts, QueueStats};
 use crate::telemetry::{REPLICATION_LAG_BYTES, SLOT_ACTIVE};
 
 /// How often the store is probed for `/readyz`.
@@ -45,10 +45,14 @@ pub async fn store_loop(
     let mut failing = false;
     // The figures last read, of subscriptions still in the config.
     let mut figures: Vec<QueueStats> = Vec::new();
+    // What earlier refreshes counted of each backlog (see `QueueCounts`).
+    let mut counts = QueueCounts::default();
     loop {
         let probe = async {
             if store.as_ref().is_none_or(|s| s.is_closed()) {
                 store = Some(Store::connect(&params, &schema).await?);
+                // A store that went away may come back restored from a backup.
+                counts.clear();
             }
             store.as_ref().expect("connected above").ping().await
         };
@@ -94,9 +98,10 @@ pub async fn store_loop(
             // reported from this refresh on, even while the store does not answer. The
             // others keep their last figures until it answers again.
             figures.retain(|q| subscriptions.contains(&q.subscription));
-            if let Some(s) = store.as_ref() {
+            if let Some(s) = store.as_mut() {
                 last_stats = Some(Instant::now());
-                match tokio::time::timeout(QUERY_TIMEOUT, s.queue_stats(&subscriptions)).await {
+                let read = s.queue_stats(&subscriptions, &mut counts);
+                match tokio::time::timeout(QUERY_TIMEOUT, read).await {
                     Ok(Ok(stats)) => figures = stats,
                     Ok(Err(e)) => warn!(error = %ErrorChain(&e), "reading queue figures failed"),
                     Err(_) => warn!(timeout = ?QUERY_TIMEOUT, "reading queue figures timed out"),

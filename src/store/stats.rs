@@ -1,6 +1,14 @@
 //! Cheap per-subscription queue figures for metrics: pending and dead counts and the
-//! age of the oldest pending delivery. One query for all subscriptions; it reads the
-//! retry rows through their indexes and the events past each cursor.
+//! age of the oldest pending delivery. The retry rows are read through their indexes;
+//! the events past each cursor are counted incrementally (see [`QueueCounts`]), so a
+//! refresh reads only the part of the log that changed since the one before, not the
+//! whole backlog (which made each refresh O(backlog): 0.4 s of three cores at 1M
+//! pending events, and past the refresh timeout at some millions, exactly when an
+//! operator needs the figures).
+
+use std::collections::{BTreeMap, HashMap};
+
+use tokio_postgres::IsolationLevel;
 
 use super::{Store, StoreError};
 
@@ -17,48 +25,266 @@ pub struct QueueStats {
     pub oldest_pending_seconds: f64,
 }
 
+/// What earlier refreshes counted, per subscription: its events in the log up to
+/// `head`, as counts per chunk of [`CHUNK`] sequence numbers, for the chunks past its
+/// cursor's. A refresh counts the events appended since (past `head`) into their
+/// chunks, drops the chunks its cursor reached, and counts directly only the events
+/// between the cursor and the end of its chunk. Nothing is ever subtracted, so events
+/// purged behind a cursor do not matter. Correct because the log only grows at its
+/// head (seq is commit order, one writer), a cursor only moves forward, and an event
+/// past a configured subscription's cursor is never purged; when a cursor or the head
+/// is seen to move back (an operator rewound a cursor or restored the store), the
+/// subscription is counted afresh.
+#[derive(Debug, Default)]
+pub struct QueueCounts {
+    counted: HashMap<String, Counted>,
+}
+
+impl QueueCounts {
+    /// Forgets everything: the next refresh counts every backlog in full.
+    pub fn clear(&mut self) {
+        self.counted.clear();
+    }
+}
+
+/// Sequence numbers per chunk: the most a refresh reads directly per subscription.
+const CHUNK: i64 = 1 << 14;
+
+#[derive(Clone, Debug, Default)]
+struct Counted {
+    /// The cursor's chunk when counted: the chunks after it are in `chunks`.
+    cursor_chunk: i64,
+    head: i64,
+    chunks: BTreeMap<i64, i64>,
+}
+
+/// The chunk holding the first event past `cursor`.
+fn chunk_after(cursor: i64) -> i64 {
+    (cursor + 1).div_euclid(CHUNK)
+}
+
+/// What one refresh reads for one subscription.
+#[derive(Debug, PartialEq)]
+struct Plan {
+    /// Events in `(lo, hi]`, counted by chunk into the kept counts (emptied first when
+    /// counting afresh).
+    by_chunk: Option<(i64, i64)>,
+    afresh: bool,
+    /// Events in `(lo, hi]`, counted directly: past the cursor, in its chunk.
+    direct: Option<(i64, i64)>,
+}
+
+impl Counted {
+    /// What to read to bring these counts (the default: nothing counted yet) to
+    /// `(cursor, head]`.
+    fn plan(&self, cursor: i64, head: i64) -> Plan {
+        let k = chunk_after(cursor);
+        let end_of_chunk = (k + 1) * CHUNK - 1;
+        let span = |lo: i64, hi: i64| (lo < hi).then_some((lo, hi));
+        let direct = span(cursor, end_of_chunk.min(head));
+        if k >= self.cursor_chunk && head >= self.head {
+            Plan {
+                by_chunk: span(self.head.max(end_of_chunk), head),
+                afresh: false,
+                direct,
+            }
+        } else {
+            Plan {
+                by_chunk: span(end_of_chunk, head),
+                afresh: true,
+                direct,
+            }
+        }
+    }
+
+    /// Brings the counts to `(cursor, head]` with what `plan` read: `by_chunk`
+    /// (chunk, events) and `direct` events; returns the events past the cursor.
+    fn apply(
+        &mut self,
+        plan: &Plan,
+        cursor: i64,
+        head: i64,
+        by_chunk: &[(i64, i64)],
+        direct: i64,
+    ) -> i64 {
+        if plan.afresh {
+            self.chunks.clear();
+        }
+        for (chunk, n) in by_chunk {
+            *self.chunks.entry(*chunk).or_default() += n;
+        }
+        self.cursor_chunk = chunk_after(cursor);
+        self.chunks = self.chunks.split_off(&(self.cursor_chunk + 1));
+        self.head = head.max(cursor);
+        direct + self.chunks.values().sum::<i64>()
+    }
+}
+
 impl Store {
-    /// Queue figures of `subscriptions` (those without a state row are left out).
+    /// Queue figures of `subscriptions` (those without a state row are left out),
+    /// counting on from `counts` (kept by the caller between refreshes) and updating
+    /// it. Reads in one repeatable-read snapshot, so the cursors, the head of the log
+    /// and the counts agree.
     pub async fn queue_stats(
-        &self,
+        &mut self,
         subscriptions: &[String],
+        counts: &mut QueueCounts,
     ) -> Result<Vec<QueueStats>, StoreError> {
-        let s = &self.s;
-        let sql = format!(
-            "SELECT st.subscription, st.enabled AND NOT st.paused,
-                    r.pending + e.pending,
-                    r.dead,
-                    coalesce(extract(epoch FROM now() - least(r.oldest, e.oldest))::float8, 0)
-             FROM {s}.subscription_state st
-             CROSS JOIN LATERAL (
-                 SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
-                        count(*) FILTER (WHERE status = 'dead') AS dead,
-                        min(first_due_at) FILTER (WHERE status = 'pending') AS oldest
-                 FROM {s}.delivery_retries WHERE subscription = st.subscription
-             ) r
-             CROSS JOIN LATERAL (
-                 SELECT count(*) AS pending, min(ingested_at) AS oldest
-                 FROM {s}.events
-                 WHERE seq > st.cursor AND st.subscription = ANY (subscriptions)
-             ) e
-             WHERE st.subscription = ANY ($1)"
-        );
-        let rows = self.client.query(&sql, &[&subscriptions]).await?;
-        Ok(rows
-            .iter()
-            .map(|r| QueueStats {
-                subscription: r.get(0),
+        let s = self.s.clone();
+        let tx = self
+            .client
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        let rows = tx
+            .query(
+                &format!(
+                    "SELECT st.subscription, st.enabled AND NOT st.paused, st.cursor, h.head,
+                            r.pending, r.dead, extract(epoch FROM now() - r.oldest)::float8
+                     FROM {s}.subscription_state st
+                     CROSS JOIN (SELECT coalesce(max(seq), 0) AS head FROM {s}.events) h
+                     CROSS JOIN LATERAL (
+                         SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
+                                count(*) FILTER (WHERE status = 'dead') AS dead,
+                                min(first_due_at) FILTER (WHERE status = 'pending') AS oldest
+                         FROM {s}.delivery_retries WHERE subscription = st.subscription
+                     ) r
+                     WHERE st.subscription = ANY ($1)"
+                ),
+                &[&subscriptions],
+            )
+            .await?;
+        counts
+            .counted
+            .retain(|name, _| subscriptions.iter().any(|s| s == name));
+
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let name: String = r.get(0);
+            let cursor: i64 = r.get(2);
+            let head: i64 = r.get(3);
+            let counted = counts.counted.entry(name.clone()).or_default();
+            let plan = counted.plan(cursor, head);
+            let by_chunk: Vec<(i64, i64)> = match plan.by_chunk {
+                Some((lo, hi)) => tx
+                    .query(
+                        &format!(
+                            "SELECT seq / {CHUNK}, count(*) FROM {s}.events
+                             WHERE seq > $1 AND seq <= $2 AND $3 = ANY (subscriptions) GROUP BY 1"
+                        ),
+                        &[&lo, &hi, &name],
+                    )
+                    .await?
+                    .iter()
+                    .map(|r| (r.get(0), r.get(1)))
+                    .collect(),
+                None => Vec::new(),
+            };
+            let direct: i64 = match plan.direct {
+                Some((lo, hi)) => tx
+                    .query_one(
+                        &format!(
+                            "SELECT count(*) FROM {s}.events
+                             WHERE seq > $1 AND seq <= $2 AND $3 = ANY (subscriptions)"
+                        ),
+                        &[&lo, &hi, &name],
+                    )
+                    .await?
+                    .get(0),
+                None => 0,
+            };
+            let events = counted.apply(&plan, cursor, head, &by_chunk, direct);
+            // The oldest event past the cursor: the first in seq order (ingested_at
+            // grows with seq: ingest commits one batch at a time).
+            let oldest: Option<f64> = if events > 0 {
+                tx.query_opt(
+                    &format!(
+                        "SELECT extract(epoch FROM now() - ingested_at)::float8 FROM {s}.events
+                         WHERE seq > $1 AND $2 = ANY (subscriptions) ORDER BY seq LIMIT 1"
+                    ),
+                    &[&cursor, &name],
+                )
+                .await?
+                .map(|r| r.get(0))
+            } else {
+                None
+            };
+            let retry_oldest: Option<f64> = r.get(6);
+            let age = match (retry_oldest, oldest) {
+                (Some(a), Some(b)) => a.max(b),
+                (a, b) => a.or(b).unwrap_or(0.0),
+            };
+            out.push(QueueStats {
+                subscription: name,
                 dispatched: r.get(1),
-                pending: r.get(2),
-                dead: r.get(3),
-                oldest_pending_seconds: r.get::<_, f64>(4).max(0.0),
-            })
-            .collect())
+                pending: r.get::<_, i64>(4) + events,
+                dead: r.get(5),
+                oldest_pending_seconds: age.max(0.0),
+            });
+        }
+        tx.commit().await?;
+        Ok(out)
     }
 
     /// `SELECT 1`: whether the store answers.
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.client.simple_query("SELECT 1").await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refresh_reads_only_the_new_events_and_the_cursors_chunk() {
+        let c = CHUNK;
+        // First time: the cursor's chunk directly, the rest by chunk.
+        let mut counted = Counted::default();
+        let first = counted.plan(10, 3 * c);
+        assert_eq!(
+            first,
+            Plan {
+                by_chunk: Some((c - 1, 3 * c)),
+                afresh: false,
+                direct: Some((10, c - 1))
+            }
+        );
+        // One event per seq: chunks 1 and 2 full, chunk 3 holds seq 3c.
+        let events = counted.apply(&first, 10, 3 * c, &[(1, c), (2, c), (3, 1)], c - 11);
+        assert_eq!(events, 3 * c - 10);
+        // The cursor moved into chunk 1, the head on by 5: only those 5 and the rest
+        // of the cursor's chunk are read.
+        let next = counted.plan(c + 100, 3 * c + 5);
+        assert_eq!(
+            next,
+            Plan {
+                by_chunk: Some((3 * c, 3 * c + 5)),
+                afresh: false,
+                direct: Some((c + 100, 2 * c - 1))
+            }
+        );
+        let events = counted.apply(&next, c + 100, 3 * c + 5, &[(3, 5)], c - 100 - 1);
+        assert_eq!(events, 3 * c + 5 - (c + 100));
+        // Nothing moved: only the cursor's chunk is read again.
+        let same = counted.plan(c + 100, 3 * c + 5);
+        assert_eq!(same.by_chunk, None);
+        assert!(!same.afresh);
+        // A cursor moved back or a head that shrank: counted afresh.
+        assert!(counted.plan(5, 3 * c + 5).afresh);
+        assert!(counted.plan(c + 100, 3 * c).afresh);
+        // A cursor at the head: nothing to read.
+        let idle = Counted::default().plan(3 * c + 5, 3 * c + 5);
+        assert_eq!(
+            idle,
+            Plan {
+                by_chunk: None,
+                afresh: false,
+                direct: None
+            }
+        );
     }
 }
