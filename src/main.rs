@@ -13,29 +13,37 @@ use walhook::cli::{Cli, Command, Exit, check, tail};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Arenas commit memory as it is used, not ahead; freed memory goes back to the system
-/// after mimalloc's own delay (10 ms), left as it is. With mimalloc's default
-/// of committing arenas eagerly the daemon held about twice its working set: ingesting
-/// a 1M-change backlog, peak RSS 94 -> 57 MiB at the same speed. Purging at once (delay
-/// 0) saved another 2-3 MiB but cost 8 % of the CPU per delivered event (an madvise
-/// and its TLB shootdown, then page faults, for memory in use again a moment later):
-/// `bench/ingest-loop dispatch`, 29.6 -> 27.3 µs per event and 41k -> 43k events/s
-/// with the 10 ms delay, RSS 38 -> 40 MiB. `MIMALLOC_PURGE_DELAY` and
+/// Arenas commit memory as it is used, not ahead, and freed memory goes back to the
+/// system 10 ms after it was freed. With mimalloc's default of committing arenas
+/// eagerly the daemon held about twice its working set: ingesting a 1M-change backlog,
+/// peak RSS 94 -> 57 MiB at the same speed. The purge delay is set explicitly: the
+/// mimalloc 3 that libmimalloc-sys builds defaults to 1000 ms (mimalloc 2 had 10), and
+/// with that ingesting and delivering a 1M-change backlog (`bench/ingest-loop run`)
+/// peaked at 71-78 MiB instead of 56-58, for 2-4 % less CPU per event (dispatch alone
+/// 28.6 against 29.8 µs). Purging at once (delay 0) saved another 2-3 MiB but cost 8 %
+/// of the CPU per delivered event (an madvise and its TLB shootdown, then page faults,
+/// for memory in use again a moment later). `MIMALLOC_PURGE_DELAY` and
 /// `MIMALLOC_ARENA_EAGER_COMMIT` in the environment still win.
 ///
 /// It runs as an ELF constructor, before the Rust runtime's first allocation: mimalloc
 /// reserves its first arena then, and the eager-commit option only counts before that.
 #[cfg(target_os = "linux")]
 extern "C" fn tune_allocator() {
-    // Its number in `mi_option_t` of the mimalloc 3 that libmimalloc-sys builds (its
-    // Rust bindings do not name it).
+    // Their numbers in `mi_option_t` of the mimalloc 3 that libmimalloc-sys builds (its
+    // Rust bindings do not name them).
     const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
-    // SAFETY: getenv reads the environment the process started with (nothing sets it
-    // this early); mi_option_set sets a process-wide option, and no other thread exists
-    // yet.
-    unsafe {
-        if libc::getenv(c"MIMALLOC_ARENA_EAGER_COMMIT".as_ptr()).is_null() {
-            libmimalloc_sys::mi_option_set(ARENA_EAGER_COMMIT, 0);
+    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    for (option, env, value) in [
+        (ARENA_EAGER_COMMIT, c"MIMALLOC_ARENA_EAGER_COMMIT", 0),
+        (PURGE_DELAY, c"MIMALLOC_PURGE_DELAY", 10),
+    ] {
+        // SAFETY: getenv reads the environment the process started with (nothing sets
+        // it this early); mi_option_set sets a process-wide option, and no other thread
+        // exists yet.
+        unsafe {
+            if libc::getenv(env.as_ptr()).is_null() {
+                libmimalloc_sys::mi_option_set(option, value);
+            }
         }
     }
 }

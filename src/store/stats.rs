@@ -124,7 +124,9 @@ impl Store {
     /// Queue figures of `subscriptions` (those without a state row are left out),
     /// counting on from `counts` (kept by the caller between refreshes) and updating
     /// it. Reads in one repeatable-read snapshot, so the cursors, the head of the log
-    /// and the counts agree.
+    /// and the counts agree. The head is the checkpoint's `last_seq` (which never goes
+    /// back, while the newest event may be purged once every subscription it is due
+    /// to is past it).
     pub async fn queue_stats(
         &mut self,
         subscriptions: &[String],
@@ -144,7 +146,8 @@ impl Store {
                     "SELECT st.subscription, st.enabled AND NOT st.paused, st.cursor, h.head,
                             r.pending, r.dead, extract(epoch FROM now() - r.oldest)::float8
                      FROM {s}.subscription_state st
-                     CROSS JOIN (SELECT coalesce(max(seq), 0) AS head FROM {s}.events) h
+                     CROSS JOIN (SELECT greatest(max(e.seq), (SELECT max(last_seq) FROM {s}.checkpoints), 0) AS head
+                                 FROM {s}.events e) h
                      CROSS JOIN LATERAL (
                          SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
                                 count(*) FILTER (WHERE status = 'dead') AS dead,
