@@ -22,21 +22,24 @@ use tokio_postgres::types::Json;
 
 use super::{Store, StoreError};
 
-/// A stored event due to a subscription, with its retry row when it has one.
+/// A stored event due to a subscription, with its retry row when it has one. Its text
+/// fields are shared (`Arc<str>`): an event the live log hands to a dispatcher, and
+/// the per-entity order key the dispatcher keeps for it, are copies of pointers, not of
+/// strings.
 #[derive(Clone, Debug)]
 pub struct DueEvent {
     pub seq: i64,
-    pub id: String,
-    pub event_type: String,
-    pub entity: String,
-    pub entity_id: String,
+    pub id: Arc<str>,
+    pub event_type: Arc<str>,
+    pub entity: Arc<str>,
+    pub entity_id: Arc<str>,
     pub revision: i64,
     pub occurred_at: SystemTime,
     pub data: RawJson,
     pub previous: Option<RawJson>,
     pub changed: Option<Vec<String>>,
-    pub table: String,
-    pub lsn: String,
+    pub table: Arc<str>,
+    pub lsn: Arc<str>,
     pub xid: i64,
     /// The context the event carried (`[[tables.context]]`), if its table has any.
     pub context: Option<RawJson>,
@@ -102,23 +105,28 @@ pub(super) const EVENT_FIELDS: &str = "e.seq, e.id, e.type, e.entity, e.entity_i
 pub(super) fn due_event(r: &Row, attempts: i32, first_due_at: SystemTime) -> DueEvent {
     DueEvent {
         seq: r.get(0),
-        id: r.get(1),
-        event_type: r.get(2),
-        entity: r.get(3),
-        entity_id: r.get(4),
+        id: text(r, 1),
+        event_type: text(r, 2),
+        entity: text(r, 3),
+        entity_id: text(r, 4),
         revision: r.get(5),
         occurred_at: r.get(6),
         data: raw(r.get(7)),
         previous: r.get::<_, Option<_>>(8).map(raw),
         changed: r.get(9),
-        table: r.get(10),
-        lsn: r.get(11),
+        table: text(r, 10),
+        lsn: text(r, 11),
         xid: r.get(12),
         context: r.get::<_, Option<_>>(13).map(raw),
         attempts,
         first_due_at,
         batch: None,
     }
+}
+
+/// Column `i` of `r`, a text, shared.
+fn text(r: &Row, i: usize) -> Arc<str> {
+    Arc::from(r.get::<_, &str>(i))
 }
 
 /// A due retry row and the id of the stored batch it was sent in, if any.
@@ -396,15 +404,12 @@ impl Store {
     pub async fn blocked_entities(
         &self,
         subscription: &str,
-        entities: &[(String, String)],
-    ) -> Result<HashSet<(String, String)>, StoreError> {
+        entities: &[(Arc<str>, Arc<str>)],
+    ) -> Result<HashSet<(Arc<str>, Arc<str>)>, StoreError> {
         if entities.is_empty() {
             return Ok(HashSet::new());
         }
-        let (es, ids): (Vec<&str>, Vec<&str>) = entities
-            .iter()
-            .map(|(e, i)| (e.as_str(), i.as_str()))
-            .unzip();
+        let (es, ids): (Vec<&str>, Vec<&str>) = entities.iter().map(|(e, i)| (&**e, &**i)).unzip();
         let rows = self
             .client
             .query(
@@ -417,7 +422,7 @@ impl Store {
                 &[&subscription, &es, &ids],
             )
             .await?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        Ok(rows.iter().map(|r| (text(r, 0), text(r, 1))).collect())
     }
 
     /// Creates or updates the retry rows of `subscription` for attempts that need one
@@ -468,8 +473,8 @@ impl Store {
         );
         for (event, rec) in attempts {
             seqs.push(event.seq);
-            entities.push(event.entity.as_str());
-            ids.push(event.entity_id.as_str());
+            entities.push(&*event.entity);
+            ids.push(&*event.entity_id);
             states.push(rec.status);
             counts.push(rec.attempts);
             nexts.push(rec.next_attempt_at);
@@ -549,8 +554,8 @@ impl Store {
             .filter(|e| seen.insert(e.seq))
             .collect();
         let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
-        let entities: Vec<&str> = events.iter().map(|e| e.entity.as_str()).collect();
-        let ids: Vec<&str> = events.iter().map(|e| e.entity_id.as_str()).collect();
+        let entities: Vec<&str> = events.iter().map(|e| &*e.entity).collect();
+        let ids: Vec<&str> = events.iter().map(|e| &*e.entity_id).collect();
         let held: bool = self
             .client
             .query_one(
@@ -692,10 +697,10 @@ mod tests {
     fn row(seq: i64, batch: Option<&str>) -> (DueEvent, Option<String>) {
         let event = DueEvent {
             seq,
-            id: format!("evt_{seq}"),
+            id: format!("evt_{seq}").into(),
             event_type: "user.updated".into(),
             entity: "user".into(),
-            entity_id: seq.to_string(),
+            entity_id: seq.to_string().into(),
             revision: 1,
             occurred_at: SystemTime::UNIX_EPOCH,
             data: Arc::from(RawValue::from_string("{}".into()).unwrap()),

@@ -67,7 +67,6 @@ impl LiveLog {
         let changes = batch.changes.into_iter().filter(|c| c.takes_revision());
         for (i, (change, &revision)) in changes.zip(revisions).enumerate() {
             let occurred_at = pg_time(change.commit_time);
-            let lsn = change.commit_lsn.to_string();
             let bulk_rows = match change.bulk {
                 Some(crate::store::BulkRole::Event { rows }) => {
                     &revisions[i.saturating_sub(rows)..i]
@@ -76,6 +75,10 @@ impl LiveLog {
             };
             // Serialised once per change, shared by its events.
             let context = change.context.as_deref().map(raw_json);
+            let (entity_id, lsn): (Arc<str>, Arc<str>) = (
+                Arc::from(change.entity_id),
+                Arc::from(change.commit_lsn.to_string()),
+            );
             for mut e in change.events {
                 seq += 1;
                 if !bulk_rows.is_empty() {
@@ -88,16 +91,16 @@ impl LiveLog {
                 let (data, previous) = (e.data_json(), e.previous_json());
                 let event = DueEvent {
                     seq,
-                    id: e.id,
-                    event_type: e.event_type,
-                    entity: change.entity.to_string(),
-                    entity_id: change.entity_id.clone(),
+                    id: Arc::from(e.id),
+                    event_type: Arc::from(e.event_type),
+                    entity: change.entity.clone(),
+                    entity_id: entity_id.clone(),
                     revision,
                     occurred_at,
                     data,
                     previous,
                     changed: e.changed,
-                    table: change.table.to_string(),
+                    table: change.table.clone(),
                     lsn: lsn.clone(),
                     xid: i64::from(change.xid),
                     context: context.clone(),
@@ -222,15 +225,9 @@ mod tests {
         assert_eq!(seqs(&new), [41, 42, 43]);
         assert_eq!((new.read_upto, new.more), (43, false));
         let e = &new.events[0];
-        assert_eq!(
-            (e.id.as_str(), e.revision, e.entity_id.as_str()),
-            ("evt_1", 7, "1")
-        );
-        assert_eq!(
-            (e.entity.as_str(), e.table.as_str()),
-            ("user", "public.users")
-        );
-        assert_eq!((e.lsn.as_str(), e.xid, e.attempts), ("0/16B3748", 9, 0));
+        assert_eq!((&*e.id, e.revision, &*e.entity_id), ("evt_1", 7, "1"));
+        assert_eq!((&*e.entity, &*e.table), ("user", "public.users"));
+        assert_eq!((&*e.lsn, e.xid, e.attempts), ("0/16B3748", 9, 0));
         assert_eq!(e.data.get(), r#"{"id":"1"}"#);
         assert_eq!(log.read("a", 41, 10).map(|n| seqs(&n)), Some(vec![42, 43]));
         assert!(log.read("a", 43, 10).is_none(), "caught up: ask the store");

@@ -64,10 +64,10 @@ fn instance_id(daemon: &Daemon) -> String {
 fn due(seq: i64) -> DueEvent {
     DueEvent {
         seq,
-        id: format!("evt_{seq}"),
+        id: format!("evt_{seq}").into(),
         event_type: "user.created".into(),
         entity: "user".into(),
-        entity_id: seq.to_string(),
+        entity_id: seq.to_string().into(),
         revision: 1,
         occurred_at: SystemTime::now(),
         data: std::sync::Arc::from(

@@ -28,7 +28,7 @@ pub(super) const WAITING_MAX: usize = 2_000;
 pub(super) const CURSOR_EVERY: Duration = Duration::from_millis(50);
 
 /// An entity: its name and id.
-pub(super) type Key = (String, String);
+pub(super) type Key = (Arc<str>, Arc<str>);
 
 /// Where an attempt's event came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

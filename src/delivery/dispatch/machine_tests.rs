@@ -9,7 +9,7 @@ use crate::delivery::{Attempt, AttemptOutcome, Decision, ErrorKind};
 fn event(seq: i64, entity_id: &str) -> DueEvent {
     DueEvent {
         seq,
-        id: format!("evt_{seq}"),
+        id: format!("evt_{seq}").into(),
         event_type: "user.updated".into(),
         entity: "user".into(),
         entity_id: entity_id.into(),
@@ -222,12 +222,9 @@ fn with_ordering_a_retry_queues_the_rest_of_its_chain_and_later_events_behind_it
     let entities = m.unchained(&new);
     assert_eq!(
         entities,
-        [
-            ("user".to_owned(), "a".to_owned()),
-            ("user".into(), "c".into())
-        ]
+        [("user".into(), "a".into()), ("user".into(), "c".into())]
     );
-    let blocked = HashSet::from([("user".to_owned(), "a".to_owned())]);
+    let blocked = HashSet::from([("user".into(), "a".into())]);
     let queued = m.new_fetched(fetched(new, 6, false), &blocked);
     assert_eq!(seqs(&queued), [5]);
     assert_eq!(seqs(&start(&mut m, 10)), [6]);

@@ -582,7 +582,7 @@ async fn attempt(
             } else {
                 (
                     Request {
-                        id: first.id.clone(),
+                        id: first.id.to_string(),
                         body,
                         content_type,
                     },
@@ -592,7 +592,7 @@ async fn attempt(
         }
         None => {
             let request = Request {
-                id: first.id.clone(),
+                id: first.id.to_string(),
                 body: bodies.pop().expect("one body per event sent"),
                 content_type: Cow::Borrowed(body::content_type(sub.format)),
             };
@@ -663,10 +663,10 @@ pub(crate) fn envelope(e: &DueEvent) -> Envelope {
     // Stored values are objects; anything else (never written) reads as empty.
     let as_row = |v: &RawJson| serde_json::from_str(v.get()).unwrap_or_default();
     Envelope {
-        id: e.id.clone(),
-        event_type: e.event_type.clone(),
-        entity: Arc::from(e.entity.as_str()),
-        entity_id: e.entity_id.clone(),
+        id: e.id.to_string(),
+        event_type: e.event_type.to_string(),
+        entity: e.entity.clone(),
+        entity_id: e.entity_id.to_string(),
         revision: e.revision,
         occurred_at: DateTime::<Utc>::from(e.occurred_at),
         data: as_row(&e.data),
