@@ -573,14 +573,16 @@ async fn incremental_queue_figures_equal_a_full_count() {
     check("empty log").await;
     db.batch(&append(1, 50_000)).await;
     check("a backlog over several chunks").await;
-    db.batch("UPDATE walhook.subscription_state SET cursor = 20 WHERE subscription = 'all'")
-        .await;
+    let cursors = |all: i64, some: i64| {
+        format!(
+            "UPDATE walhook.subscription_state
+             SET cursor = CASE subscription WHEN 'all' THEN {all} ELSE {some} END"
+        )
+    };
+    db.batch(&cursors(20, 0)).await;
     check("a cursor moved within its chunk").await;
     db.batch(&append(50_001, 50_100)).await;
-    db.batch("UPDATE walhook.subscription_state SET cursor = 40000 WHERE subscription = 'all'")
-        .await;
-    db.batch("UPDATE walhook.subscription_state SET cursor = 17000 WHERE subscription = 'some'")
-        .await;
+    db.batch(&cursors(40_000, 17_000)).await;
     check("cursors moved across chunks while events came").await;
     db.batch("DELETE FROM walhook.events WHERE seq <= 17000")
         .await;
@@ -591,13 +593,9 @@ async fn incremental_queue_figures_equal_a_full_count() {
          VALUES ('some', 3, 'user', '3', 'pending', 2, now() - interval '1 hour');",
     )
     .await;
-    db.batch("UPDATE walhook.subscription_state SET cursor = 30000 WHERE subscription = 'all'")
-        .await;
-    db.batch("UPDATE walhook.subscription_state SET cursor = 65000 WHERE subscription = 'some'")
-        .await;
+    db.batch(&cursors(30_000, 65_000)).await;
     check("a cursor rewound by an operator, a retry row").await;
-    db.batch("UPDATE walhook.subscription_state SET cursor = 70000")
-        .await;
+    db.batch(&cursors(70_000, 70_000)).await;
     db.batch("DELETE FROM walhook.delivery_retries").await;
     check("everything delivered").await;
 }
