@@ -109,10 +109,12 @@ impl Exporter {
                 let sub = q.subscription.clone();
                 gauge!(SUBSCRIPTION_ENABLED, label::SUBSCRIPTION => sub.clone())
                     .set(f64::from(u8::from(q.dispatched)));
-                gauge!(QUEUE_PENDING, label::SUBSCRIPTION => sub.clone()).set(q.pending as f64);
                 gauge!(QUEUE_DEAD, label::SUBSCRIPTION => sub.clone()).set(q.dead as f64);
-                gauge!(QUEUE_OLDEST_PENDING_SECONDS, label::SUBSCRIPTION => sub)
-                    .set(q.oldest_pending_seconds);
+                // Not yet known while a backlog's first count is under way.
+                if let (Some(pending), Some(oldest)) = (q.pending, q.oldest_pending_seconds) {
+                    gauge!(QUEUE_PENDING, label::SUBSCRIPTION => sub.clone()).set(pending as f64);
+                    gauge!(QUEUE_OLDEST_PENDING_SECONDS, label::SUBSCRIPTION => sub).set(oldest);
+                }
             }
         });
         let text = recorder.handle().render();
@@ -172,9 +174,9 @@ mod tests {
         QueueStats {
             subscription: subscription.into(),
             dispatched: true,
-            pending,
+            pending: Some(pending),
             dead: 0,
-            oldest_pending_seconds: 0.0,
+            oldest_pending_seconds: Some(0.0),
         }
     }
 
