@@ -46,7 +46,11 @@ async fn standby_takes_over_slot_and_deliveries_after_sigkill_under_load() {
     .await;
     let mut second = second;
 
-    // Load: a writer commits small random transactions until told to stop.
+    // Load: a writer commits small random transactions at a steady pace (about 1,000
+    // transactions, 2,500 changes a second) until told to stop. Unpaced, it wrote as
+    // fast as the machine let it: some 240,000 changes in the ten seconds of the
+    // takeover, whose delivery by the debug build then took 70-90 s alone and more than
+    // the wait below on a loaded machine.
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
         let (stop, client) = (stop.clone(), db.client().await);
@@ -54,7 +58,10 @@ async fn standby_takes_over_slot_and_deliveries_after_sigkill_under_load() {
             let mut rng = crate::daemon::Rng::new();
             let mut live = vec![false; 200];
             let mut log = Vec::new();
+            let mut pace = tokio::time::interval(Duration::from_millis(20));
+            pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             while !stop.load(Ordering::Relaxed) {
+                pace.tick().await;
                 log.extend(write_random(&client, &mut rng, &mut live, 20).await);
             }
             log
@@ -99,23 +106,32 @@ async fn standby_takes_over_slot_and_deliveries_after_sigkill_under_load() {
     for (id, _) in &log {
         *expected.entry(id.to_string()).or_default() += 1;
     }
-    wait_for("every revision delivered", WAIT, || async {
-        let mut top: HashMap<String, i64> = HashMap::new();
-        for r in receiver.received() {
-            let body = r.json();
-            let id = body["entity_id"].as_str().unwrap().to_owned();
-            let rev = body["revision"].as_i64().unwrap();
-            let seen = top.entry(id.clone()).or_default();
-            assert!(
-                rev <= *seen + 1,
-                "entity {id}: revision {rev} arrived before {}",
-                *seen + 1
-            );
-            *seen = (*seen).max(rev);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let top = newest_revisions(&receiver);
+        if top == expected {
+            break;
         }
-        top == expected
-    })
-    .await;
+        if Instant::now() >= deadline {
+            let missing: Vec<_> = expected
+                .iter()
+                .filter(|(id, rev)| top.get(*id) != Some(rev))
+                .map(|(id, rev)| format!("{id}: {:?} of {rev}", top.get(id)))
+                .collect();
+            let log = second.log();
+            let tail: Vec<&str> = log.lines().rev().take(200).collect();
+            panic!(
+                "timed out after {WAIT:?} waiting for every revision delivered; {} entities \
+                 short of it, newest received revision of some: {:?}\ndelivery state: {}\n\
+                 the second instance's log, last 200 lines:\n{}",
+                missing.len(),
+                &missing[..missing.len().min(20)],
+                delivery_state(&store).await,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(
         slot_taken < TAKEOVER,
         "slot taken over {slot_taken:?} after the kill (bound {TAKEOVER:?})"
@@ -125,7 +141,49 @@ async fn standby_takes_over_slot_and_deliveries_after_sigkill_under_load() {
         "deliveries resumed {delivering:?} after the kill"
     );
     assert!(second.is_running(), "{}", second.log());
-    eprintln!("takeover: slot after {slot_taken:?}, deliveries after {delivering:?}");
+    eprintln!(
+        "takeover: slot after {slot_taken:?}, deliveries after {delivering:?}; {} changes",
+        log.len()
+    );
+}
+
+/// The newest revision received per entity id, checking that none arrived before its
+/// predecessor (a revision sent by a killed instance may arrive again).
+fn newest_revisions(receiver: &Receiver) -> HashMap<String, i64> {
+    let mut top: HashMap<String, i64> = HashMap::new();
+    for r in receiver.received() {
+        let body = r.json();
+        let id = body["entity_id"].as_str().unwrap().to_owned();
+        let rev = body["revision"].as_i64().unwrap();
+        let seen = top.entry(id.clone()).or_default();
+        assert!(
+            rev <= *seen + 1,
+            "entity {id}: revision {rev} arrived before {}",
+            *seen + 1
+        );
+        *seen = (*seen).max(rev);
+    }
+    top
+}
+
+/// The subscriptions' cursors and leases, the retry rows and the log's end, for a
+/// failure message.
+async fn delivery_state(store: &Client) -> String {
+    let queries = [
+        "SELECT coalesce(json_agg(s)::text, '') FROM walhook.subscription_state s",
+        "SELECT coalesce(json_agg(r)::text, '') FROM (SELECT subscription, seq, status, \
+         attempts, next_attempt_at, last_status, last_error FROM walhook.delivery_retries \
+         ORDER BY seq LIMIT 20) r",
+        "SELECT coalesce(json_agg(c)::text, '') FROM walhook.checkpoints c",
+    ];
+    let mut out = String::new();
+    for q in queries {
+        match store.query_one(q, &[]).await {
+            Ok(row) => out.push_str(&format!("\n{}", row.get::<_, String>(0))),
+            Err(e) => out.push_str(&format!("\n{q}: {e}")),
+        }
+    }
+    out
 }
 
 /// Who holds slot `slot`: its walsender's pid and the store's leader epoch.
