@@ -147,6 +147,12 @@ sent_as = "unbatched" if batch_size == 1 else f"batch_size = {batch_size}"
 row(f"dispatch alone, {sent_as}: {ev} pending events in the store -> receiver",
     f"{n(get('dispatch.events_per_s'))} events/s ({n(get('dispatch.cpu_us_per_event'), 1)} µs CPU/event)",
     f"receiver capacity {n(get('http.rps'))} req/s", during=("dispatch", "http"))
+if get("dispatch_batched.events_per_s") is not None:
+    row(f"dispatch alone, batch_size = {n(get('dispatch_batched.batch_size'))}: the same {ev} events again "
+        "(cursor rewound)",
+        f"{n(get('dispatch_batched.events_per_s'))} events/s ({n(get('dispatch_batched.cpu_us_per_event'), 1)} "
+        f"µs CPU/event, peak RSS {n(get('dispatch_batched.peak_rss_mib'), 1)} MiB)",
+        f"receiver capacity {n(get('http.rps'))} req/s", during=("dispatch_batched", "http"))
 row(f"end to end from the backlog, {sent_as}: ingest, store, sign, POST", f"{n(get('e2e.events_per_s'))} events/s",
     f"mq-bridge {n(get('mqbridge.posts_per_s'))} POSTs/s ({n(get('mqbridge.cpu_us_per_post'), 1)} µs CPU/POST)",
     r("e2e_vs_mqbridge"), ("e2e", "mqbridge"))

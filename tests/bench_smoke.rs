@@ -24,6 +24,8 @@ const FIGURES: &[&str] = &[
     "ingest.cpu_us_per_event",
     "dispatch.events_per_s",
     "dispatch.cpu_us_per_event",
+    "dispatch_batched.events_per_s",
+    "dispatch_batched.cpu_us_per_event",
     "ingest_dispatch.peak_rss_mib",
     "e2e.events_per_s",
     "e2e.cpu_us_per_event",
@@ -127,6 +129,7 @@ fn bench_run_smoke_reports_every_figure() {
     let table = String::from_utf8_lossy(&output.stdout);
     assert!(
         table.contains("| dispatch alone, batch_size = 10:")
+            && table.contains("| dispatch alone, batch_size = 100: the same ")
             && table.contains("| end to end from the backlog, batch_size = 10:"),
         "{table}"
     );
