@@ -108,16 +108,17 @@ impl Counted {
         let end_of_chunk = (k + 1) * CHUNK - 1;
         let span = |lo: i64, hi: i64| (lo < hi).then_some((lo, hi));
         let direct = span(cursor, end_of_chunk.min(head));
-        let span = |lo: i64, hi: i64| span(lo, hi.min(lo.saturating_add(limit)));
+        // What is read by chunk stops after `limit` sequence numbers.
+        let capped = |lo: i64, hi: i64| span(lo, hi.min(lo.saturating_add(limit)));
         if k >= self.cursor_chunk && head >= self.head {
             Plan {
-                by_chunk: span(self.head.max(end_of_chunk), head),
+                by_chunk: capped(self.head.max(end_of_chunk), head),
                 afresh: false,
                 direct,
             }
         } else {
             Plan {
-                by_chunk: span(end_of_chunk, head),
+                by_chunk: capped(end_of_chunk, head),
                 afresh: true,
                 direct,
             }

@@ -496,7 +496,8 @@ fn log_answer(subscription: &str, answer: &Answer) {
 
 /// What to send for a request: the `webhook-id`, the body and its content type.
 struct Request {
-    id: String,
+    /// `webhook-id`: the event's id (shared with the event), or a batch's.
+    id: Arc<str>,
     body: Bytes,
     content_type: Cow<'static, str>,
 }
@@ -553,7 +554,7 @@ async fn attempt(
     let (request, batch) = match stored {
         Some(batch) => {
             let request = Request {
-                id: batch.id.clone(),
+                id: Arc::from(batch.id.as_str()),
                 body: batch.body.clone(),
                 content_type: Cow::Owned(batch.content_type.clone()),
             };
@@ -573,7 +574,7 @@ async fn attempt(
                 });
                 (
                     Request {
-                        id,
+                        id: Arc::from(id),
                         body,
                         content_type,
                     },
@@ -582,7 +583,7 @@ async fn attempt(
             } else {
                 (
                     Request {
-                        id: first.id.to_string(),
+                        id: first.id.clone(),
                         body,
                         content_type,
                     },
@@ -592,7 +593,7 @@ async fn attempt(
         }
         None => {
             let request = Request {
-                id: first.id.to_string(),
+                id: first.id.clone(),
                 body: bodies.pop().expect("one body per event sent"),
                 content_type: Cow::Borrowed(body::content_type(sub.format)),
             };
