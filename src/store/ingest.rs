@@ -7,9 +7,9 @@ use std::time::SystemTime;
 
 use futures_util::pin_mut;
 use serde_json::{Map, Value};
-use tokio_postgres::Transaction;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{Json, PgLsn, ToSql, Type};
+use tokio_postgres::{Client, Statement, Transaction};
 
 use super::deliveries::RawJson;
 use super::{Store, StoreError};
@@ -181,7 +181,67 @@ const EVENT_TYPES: [Type; 15] = [
     Type::JSON,
 ];
 
+/// The statements of a batch's transaction, prepared on a connection when it first
+/// ingests: each runs once per batch, and preparing it every time cost a round trip
+/// and a parse in the store session every batch waits for.
+#[derive(Clone)]
+pub(super) struct IngestStatements {
+    /// Locks the slot's checkpoint row and reads it.
+    lock: Statement,
+    /// Adds each entity's change count to its revision and returns the new one.
+    revisions: Statement,
+    /// Moves the checkpoint.
+    checkpoint: Statement,
+    /// The events' binary COPY.
+    copy: Statement,
+}
+
+impl IngestStatements {
+    pub(super) async fn prepare(
+        client: &Client,
+        s: &str,
+    ) -> Result<IngestStatements, tokio_postgres::Error> {
+        let lock = format!(
+            "SELECT leader_epoch, last_seq, commit_lsn::text, rows_done, complete
+             FROM {s}.checkpoints WHERE slot = $1 FOR UPDATE"
+        );
+        let revisions = format!(
+            "INSERT INTO {s}.revisions AS r (entity, entity_id, revision)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::int8[])
+             ON CONFLICT (entity, entity_id) DO UPDATE SET revision = r.revision + excluded.revision
+             RETURNING entity, entity_id, revision"
+        );
+        let checkpoint = format!(
+            "UPDATE {s}.checkpoints SET commit_lsn = $2::text::pg_lsn, rows_done = $3, complete = $4, last_seq = $5, updated_at = now()
+             WHERE slot = $1"
+        );
+        let copy = format!("COPY {s}.events ({EVENT_COLUMNS}) FROM STDIN BINARY");
+        // Sent together: one round trip.
+        let (lock, revisions, checkpoint, copy) = tokio::try_join!(
+            client.prepare(&lock),
+            client.prepare(&revisions),
+            client.prepare(&checkpoint),
+            client.prepare(&copy),
+        )?;
+        Ok(IngestStatements {
+            lock,
+            revisions,
+            checkpoint,
+            copy,
+        })
+    }
+}
+
 impl Store {
+    /// The ingest statements of this connection, prepared when first asked for.
+    async fn ingest_statements(&self) -> Result<IngestStatements, StoreError> {
+        let st = self
+            .ingest_sql
+            .get_or_try_init(|| IngestStatements::prepare(&self.client, &self.s))
+            .await?;
+        Ok(st.clone())
+    }
+
     /// Writes `batch` and moves the checkpoint of `slot` to `batch.position`, in one
     /// transaction, provided this instance still holds leader epoch `epoch` (G8).
     ///
@@ -190,26 +250,27 @@ impl Store {
     /// position: a batch at or below the stored checkpoint was committed before (its
     /// COMMIT acknowledgement was lost and the caller retries it) and is not written
     /// again; the outcome then says so and carries the stored `last_seq` (G2, G3).
+    ///
+    /// Statements that do not wait for each other's answers are sent together (five
+    /// round trips in all): the store session is what ingest waits for.
     pub async fn ingest(
         &mut self,
         slot: &str,
         epoch: i64,
         batch: &IngestBatch,
     ) -> Result<IngestOutcome, StoreError> {
+        let st = self.ingest_statements().await?;
         let s = self.s.clone();
+        // The notification goes out at commit: dispatchers of other processes wake.
+        let setup = format!(
+            "SET LOCAL synchronous_commit = on; NOTIFY {}",
+            crate::store::wake::channel(&self.schema)
+        );
         let tx = self.client.transaction().await?;
-        tx.batch_execute("SET LOCAL synchronous_commit = on")
-            .await?;
-        let row = tx
-            .query_opt(
-                &format!(
-                    "SELECT leader_epoch, last_seq, commit_lsn::text, rows_done, complete
-                     FROM {s}.checkpoints WHERE slot = $1 FOR UPDATE"
-                ),
-                &[&slot],
-            )
-            .await?
-            .ok_or_else(|| StoreError::NoCheckpoint(slot.to_owned()))?;
+        let lock_args: [&(dyn ToSql + Sync); 1] = [&slot];
+        let (_, row) =
+            tokio::try_join!(tx.batch_execute(&setup), tx.query_opt(&st.lock, &lock_args))?;
+        let row = row.ok_or_else(|| StoreError::NoCheckpoint(slot.to_owned()))?;
         let (current, seq_base): (i64, i64) = (row.get(0), row.get(1));
         if current != epoch {
             return Err(StoreError::Deposed {
@@ -232,23 +293,27 @@ impl Store {
                 already_stored: true,
             });
         }
-        // The notification goes out at commit: dispatchers of other processes wake.
-        tx.batch_execute(&format!(
-            "NOTIFY {}",
-            crate::store::wake::channel(&self.schema)
-        ))
-        .await?;
-        let (written, seq, revisions) = write_changes(&tx, &s, &batch.changes, seq_base).await?;
-        super::backfills::advance(&tx, &s, &batch.backfills).await?;
+        // Every event of the batch is written, numbered from seq_base on: the
+        // checkpoint's last_seq is known before the COPY, and moves with the revisions.
+        let last_seq = seq_base + batch.event_count() as i64;
         let p = batch.position;
-        tx.execute(
-            &format!(
-                "UPDATE {s}.checkpoints SET commit_lsn = $2::text::pg_lsn, rows_done = $3, complete = $4, last_seq = $5, updated_at = now()
-                 WHERE slot = $1"
-            ),
-            &[&slot, &p.commit_lsn.to_string(), &(p.rows_done as i64), &p.complete, &seq],
-        )
-        .await?;
+        let lsn = p.commit_lsn.to_string();
+        let rows_done = p.rows_done as i64;
+        let (next_rev, _, ()) = tokio::try_join!(
+            assign_revisions(&tx, &st, &batch.changes),
+            async {
+                let args: [&(dyn ToSql + Sync); 5] =
+                    [&slot, &lsn, &rows_done, &p.complete, &last_seq];
+                Ok::<_, StoreError>(tx.execute(&st.checkpoint, &args).await?)
+            },
+            super::backfills::advance(&tx, &s, &batch.backfills),
+        )?;
+        let (written, seq, revisions) =
+            copy_events(&tx, &st, &batch.changes, seq_base, next_rev).await?;
+        debug_assert_eq!(
+            seq, last_seq,
+            "the checkpoint's last_seq is the last event's"
+        );
         tx.commit().await?;
         Ok(IngestOutcome {
             events: written,
@@ -268,6 +333,7 @@ impl Store {
         batch: &IngestBatch,
     ) -> Result<Option<(usize, StoreError)>, StoreError> {
         let s = self.s.clone();
+        let st = self.ingest_statements().await?;
         for (i, change) in batch.changes.iter().enumerate() {
             if change.events.is_empty() {
                 continue;
@@ -281,7 +347,13 @@ impl Store {
                 .await?
                 .ok_or_else(|| StoreError::NoCheckpoint(slot.to_owned()))?
                 .get(0);
-            let written = write_changes(&tx, &s, std::slice::from_ref(change), seq_base).await;
+            let changes = std::slice::from_ref(change);
+            let written = match assign_revisions(&tx, &st, changes).await {
+                Ok(next_rev) => copy_events(&tx, &st, changes, seq_base, next_rev)
+                    .await
+                    .map(|_| ()),
+                Err(e) => Err(e),
+            };
             // Rolled back on drop, whatever happened.
             drop(tx);
             match written {
@@ -305,60 +377,58 @@ pub fn covers(stored: Position, p: Position) -> bool {
     }
 }
 
-/// Writes the revisions and events of `changes` in `tx`, numbering events after
-/// `seq_base`; returns how many events it wrote and the last sequence number.
-async fn write_changes(
+/// The first revision of each entity's changes in `changes`: one upsert row per
+/// entity, adding its change count, in a fixed order (two batches never wait for each
+/// other's rows in opposite orders).
+async fn assign_revisions<'a>(
     tx: &Transaction<'_>,
-    s: &str,
-    changes: &[ChangeEvents],
-    seq_base: i64,
-) -> Result<(u64, i64, Vec<i64>), StoreError> {
-    let mut seq = seq_base;
-    let mut revisions = Vec::new();
-    // Revisions: one upsert row per entity in the batch, adding its change count,
-    // in a fixed order.
+    st: &IngestStatements,
+    changes: &'a [ChangeEvents],
+) -> Result<HashMap<(&'a str, &'a str), i64>, StoreError> {
     let mut counts: HashMap<(&str, &str), i64> = HashMap::new();
     for c in changes.iter().filter(|c| c.takes_revision()) {
         *counts.entry((&c.entity, &c.entity_id)).or_default() += 1;
     }
     let mut next_rev: HashMap<(&str, &str), i64> = HashMap::with_capacity(counts.len());
-    if !counts.is_empty() {
-        let mut keys: Vec<((&str, &str), i64)> = counts.iter().map(|(k, n)| (*k, *n)).collect();
-        keys.sort_unstable();
-        let entities: Vec<&str> = keys.iter().map(|((e, _), _)| *e).collect();
-        let ids: Vec<&str> = keys.iter().map(|((_, i), _)| *i).collect();
-        let ns: Vec<i64> = keys.iter().map(|(_, n)| *n).collect();
-        let rows = tx
-            .query(
-                &format!(
-                    "INSERT INTO {s}.revisions AS r (entity, entity_id, revision)
-                     SELECT * FROM unnest($1::text[], $2::text[], $3::int8[])
-                     ON CONFLICT (entity, entity_id) DO UPDATE SET revision = r.revision + excluded.revision
-                     RETURNING entity, entity_id, revision"
-                ),
-                &[&entities, &ids, &ns],
-            )
-            .await?;
-        let last: HashMap<(String, String), i64> = rows
-            .iter()
-            .map(|r| ((r.get(0), r.get(1)), r.get(2)))
-            .collect();
-        for (key, n) in &counts {
-            let owned = (key.0.to_owned(), key.1.to_owned());
-            if let Some(last) = last.get(&owned) {
-                next_rev.insert(*key, last - n + 1);
-            }
+    if counts.is_empty() {
+        return Ok(next_rev);
+    }
+    let mut keys: Vec<((&str, &str), i64)> = counts.iter().map(|(k, n)| (*k, *n)).collect();
+    keys.sort_unstable();
+    let entities: Vec<&str> = keys.iter().map(|((e, _), _)| *e).collect();
+    let ids: Vec<&str> = keys.iter().map(|((_, i), _)| *i).collect();
+    let ns: Vec<i64> = keys.iter().map(|(_, n)| *n).collect();
+    let rows = tx.query(&st.revisions, &[&entities, &ids, &ns]).await?;
+    let last: HashMap<(String, String), i64> = rows
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect();
+    for (key, n) in &counts {
+        let owned = (key.0.to_owned(), key.1.to_owned());
+        if let Some(last) = last.get(&owned) {
+            next_rev.insert(*key, last - n + 1);
         }
     }
+    Ok(next_rev)
+}
 
+/// Writes the events of `changes` in `tx` by binary COPY, in commit order, numbering
+/// them after `seq_base`, each change's events with the next revision of its entity
+/// from `next_rev`; returns how many events it wrote, the last sequence number and the
+/// revision of each change that took one.
+async fn copy_events(
+    tx: &Transaction<'_>,
+    st: &IngestStatements,
+    changes: &[ChangeEvents],
+    seq_base: i64,
+    mut next_rev: HashMap<(&str, &str), i64>,
+) -> Result<(u64, i64, Vec<i64>), StoreError> {
+    let mut seq = seq_base;
+    let mut revisions = Vec::new();
     // Events, by binary COPY, in commit order.
     let mut written = 0u64;
     if !next_rev.is_empty() {
-        let sink = tx
-            .copy_in(&format!(
-                "COPY {s}.events ({EVENT_COLUMNS}) FROM STDIN BINARY"
-            ))
-            .await?;
+        let sink = tx.copy_in(&st.copy).await?;
         let writer = BinaryCopyInWriter::new(sink, &EVENT_TYPES);
         pin_mut!(writer);
         for change in changes.iter().filter(|c| c.takes_revision()) {

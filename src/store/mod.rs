@@ -163,6 +163,9 @@ pub struct Store {
     /// run (it runs every few milliseconds under load: a prepared statement saves a
     /// round trip and the parse).
     new_events: OnceCell<Statement>,
+    /// The statements of ingest's transaction, prepared when this connection first
+    /// ingests.
+    ingest_sql: OnceCell<ingest::IngestStatements>,
 }
 
 impl Store {
@@ -175,6 +178,7 @@ impl Store {
             schema: schema.to_owned(),
             s: quote_ident(schema),
             new_events: OnceCell::new(),
+            ingest_sql: OnceCell::new(),
         })
     }
 
@@ -187,6 +191,7 @@ impl Store {
     pub async fn reconnect(&mut self) -> Result<(), StoreError> {
         self.client = self.params.connect_sql().await?;
         self.new_events = OnceCell::new();
+        self.ingest_sql = OnceCell::new();
         Ok(())
     }
 
