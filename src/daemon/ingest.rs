@@ -2,8 +2,9 @@
 //! milliseconds), writes each in one store transaction, and only then reports the last
 //! committed source transaction's end LSN for confirmation to the slot.
 //!
-//! One batch is written at a time. A batch that fails is retried until it commits and
-//! nothing after it is confirmed meanwhile (G1): at once with short backoff while the
+//! Up to two batches are written at a time, on two store connections, and commit in
+//! source order (see [`run`]). A batch that fails is written again alone, retried until
+//! it commits, and nothing after it is confirmed meanwhile (G1): at once with short backoff while the
 //! store is unreachable, and with backoff up to [`MAX_REFUSED_BACKOFF`] while the store
 //! refuses it (an entity id too long for an index, a constraint): ingest then stays up
 //! and not ready, naming the source table and the fix, until an operator fixed the
