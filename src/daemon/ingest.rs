@@ -135,6 +135,7 @@ pub async fn run(
     };
     let mut lanes = Lanes {
         conn: (store.conn_info().clone(), store.schema().to_owned()),
+        second_refused: None,
         spare: vec![store],
         flight: VecDeque::new(),
     };
@@ -201,6 +202,9 @@ pub async fn run(
 
 /// Batches written at once at most.
 const LANES: usize = 2;
+/// After the store refused a second connection, batches are written one at a time
+/// this long before ingest asks again.
+const SECOND_RETRY: Duration = Duration::from_secs(10);
 
 /// What ingest's stages share.
 struct Ingest<'a> {
@@ -280,6 +284,15 @@ struct Lane {
     then: Vec<Pending>,
 }
 
+/// What asking for a second store connection came to.
+enum Second {
+    Connected(Box<Store>),
+    /// The batch in flight ended first.
+    Ended(Box<Result<Written, tokio::task::JoinError>>),
+    /// Refused (now or lately).
+    Refused,
+}
+
 /// What a lane's task gives back.
 struct Written {
     store: Store,
@@ -292,6 +305,8 @@ struct Written {
 struct Lanes {
     /// Where and in which schema the store is, for a second connection.
     conn: (ConnInfo, String),
+    /// When the store last refused a second connection.
+    second_refused: Option<Instant>,
     spare: Vec<Store>,
     flight: VecDeque<Lane>,
 }
@@ -313,6 +328,32 @@ impl Lanes {
         (&mut lane.task).await
     }
 
+    /// A second store connection, unless the batch in flight ends first (the wait for a
+    /// store that does not answer is never longer than that batch's) or the store
+    /// refused one less than [`SECOND_RETRY`] ago.
+    async fn connect_second(&mut self) -> Second {
+        if self
+            .second_refused
+            .is_some_and(|at| at.elapsed() < SECOND_RETRY)
+        {
+            return Second::Refused;
+        }
+        let (info, schema) = self.conn.clone();
+        let connected = tokio::select! {
+            biased;
+            written = self.oldest() => return Second::Ended(Box::new(written)),
+            connected = Store::connect(&info, &schema) => connected,
+        };
+        match connected {
+            Ok(store) => Second::Connected(Box::new(store)),
+            Err(e) => {
+                debug!(error = %ErrorChain(&e), "no second store connection for ingest; one batch at a time for now");
+                self.second_refused = Some(Instant::now());
+                Second::Refused
+            }
+        }
+    }
+
     /// Starts writing `pending`, on a connection of its own when another batch is in
     /// flight. `false` when shutdown came while waiting for the store.
     async fn start(&mut self, pending: Pending, cx: &Ingest<'_>) -> Result<bool, DaemonError> {
@@ -320,13 +361,15 @@ impl Lanes {
         // (reconnecting).
         let store = match self.spare.pop() {
             Some(store) => store,
-            None => match Store::connect(&self.conn.0, &self.conn.1).await {
-                Ok(store) => store,
-                Err(e) => {
-                    // The store does not take a second connection now: the batch in
-                    // flight is finished first and its connection used.
-                    debug!(error = %ErrorChain(&e), "no second store connection for ingest");
-                    let written = self.oldest().await;
+            None => match self.connect_second().await {
+                Second::Connected(store) => *store,
+                second => {
+                    // No second connection (not now, or the batch in flight ended
+                    // first): that batch is finished first and its connection used.
+                    let written = match second {
+                        Second::Ended(written) => *written,
+                        _ => self.oldest().await,
+                    };
                     if !self.completed(written, cx).await? {
                         return Ok(false);
                     }
