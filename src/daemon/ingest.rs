@@ -284,15 +284,6 @@ struct Lane {
     then: Vec<Pending>,
 }
 
-/// What asking for a second store connection came to.
-enum Second {
-    Connected(Box<Store>),
-    /// The batch in flight ended first.
-    Ended(Box<Result<Written, tokio::task::JoinError>>),
-    /// Refused (now or lately).
-    Refused,
-}
-
 /// What a lane's task gives back.
 struct Written {
     store: Store,
@@ -328,30 +319,51 @@ impl Lanes {
         (&mut lane.task).await
     }
 
-    /// A second store connection, unless the batch in flight ends first (the wait for a
-    /// store that does not answer is never longer than that batch's) or the store
-    /// refused one less than [`SECOND_RETRY`] ago.
-    async fn connect_second(&mut self) -> Second {
-        if self
+    /// A store connection for the next batch: a spare one; else a second one, unless
+    /// the store refused one less than [`SECOND_RETRY`] ago or the batch in flight ends
+    /// first (a store that does not answer never holds ingest up longer than that
+    /// batch); else that batch's, once it is finished. `None` when shutdown came while
+    /// the store did not take that batch.
+    async fn next_store(&mut self, cx: &Ingest<'_>) -> Result<Option<Store>, DaemonError> {
+        if let Some(store) = self.spare.pop() {
+            return Ok(Some(store));
+        }
+        let refused_lately = self
             .second_refused
-            .is_some_and(|at| at.elapsed() < SECOND_RETRY)
-        {
-            return Second::Refused;
-        }
-        let (info, schema) = self.conn.clone();
-        let connected = tokio::select! {
-            biased;
-            written = self.oldest() => return Second::Ended(Box::new(written)),
-            connected = Store::connect(&info, &schema) => connected,
-        };
-        match connected {
-            Ok(store) => Second::Connected(Box::new(store)),
-            Err(e) => {
-                debug!(error = %ErrorChain(&e), "no second store connection for ingest; one batch at a time for now");
-                self.second_refused = Some(Instant::now());
-                Second::Refused
+            .is_some_and(|at| at.elapsed() < SECOND_RETRY);
+        let ended = if refused_lately {
+            None
+        } else {
+            let (info, schema) = self.conn.clone();
+            tokio::select! {
+                biased;
+                written = self.oldest() => Some(written),
+                connected = Store::connect(&info, &schema) => match connected {
+                    Ok(store) => return Ok(Some(store)),
+                    Err(e) => {
+                        debug!(error = %ErrorChain(&e), "no second store connection for ingest; one batch at a time for now");
+                        None
+                    }
+                },
             }
+        };
+        let written = match ended {
+            Some(written) => written,
+            None => {
+                if !refused_lately {
+                    self.second_refused = Some(Instant::now());
+                }
+                self.oldest().await
+            }
+        };
+        if !self.completed(written, cx).await? {
+            return Ok(None);
         }
+        let store = self
+            .spare
+            .pop()
+            .expect("a finished batch gives its connection back");
+        Ok(Some(store))
     }
 
     /// Starts writing `pending`, on a connection of its own when another batch is in
@@ -359,25 +371,8 @@ impl Lanes {
     async fn start(&mut self, pending: Pending, cx: &Ingest<'_>) -> Result<bool, DaemonError> {
         // A connection lost meanwhile fails the batch, which is then written alone
         // (reconnecting).
-        let store = match self.spare.pop() {
-            Some(store) => store,
-            None => match self.connect_second().await {
-                Second::Connected(store) => *store,
-                second => {
-                    // No second connection (not now, or the batch in flight ended
-                    // first): that batch is finished first and its connection used.
-                    let written = match second {
-                        Second::Ended(written) => *written,
-                        _ => self.oldest().await,
-                    };
-                    if !self.completed(written, cx).await? {
-                        return Ok(false);
-                    }
-                    self.spare
-                        .pop()
-                        .expect("a finished batch gives its connection back")
-                }
-            },
+        let Some(store) = self.next_store(cx).await? else {
+            return Ok(false);
         };
         let keys = Arc::new(batch_keys(&pending.batch));
         let after = match self.flight.back_mut() {
@@ -451,9 +446,7 @@ impl Lanes {
                 drop(lane.next_go);
                 let mut again = vec![(store, pending, lane.then)];
                 if let Some(next) = self.flight.pop_front() {
-                    let w = (&mut { next.task })
-                        .await
-                        .map_err(DaemonError::IngestTask)?;
+                    let w = next.task.await.map_err(DaemonError::IngestTask)?;
                     again.push((w.store, w.pending, next.then));
                 }
                 for (mut store, pending, then) in again {
