@@ -136,6 +136,37 @@ async fn a_batch_retried_after_its_commit_was_acknowledged_lost_is_stored_once()
     assert_eq!(revision.get::<_, i64>(0), 2);
 }
 
+#[tokio::test]
+async fn a_refused_batch_is_refused_for_its_cause_not_for_the_statements_after_it() {
+    // The statements of a batch are sent together; those after the refused one fail
+    // only with "current transaction is aborted". The reason (and metric kind) must
+    // be the refused statement's, every time.
+    let db = create_db().await;
+    let mut store = store(&db).await;
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for i in 0..40 {
+        // ~10 kB that does not compress: over the revisions index's row size limit.
+        let id: String = (0..640).map(|_| format!("{:016x}", next())).collect();
+        let refused = batch(0x1000 + i, &["a", &id, "b"]);
+        let err = store
+            .ingest("s", 1, &refused)
+            .await
+            .expect_err("an id over the index limit");
+        let refusal = err.refusal();
+        assert_eq!(refusal.kind, "limit", "try {i}: {}", refusal.what);
+    }
+    assert!(
+        events(&db).await.is_empty(),
+        "nothing of a refused batch is stored"
+    );
+}
+
 /// Rows in `ckpt_log`: one per update of the checkpoint row since [`log_checkpoint_writes`].
 async fn checkpoint_writes(db: &TestDb) -> i64 {
     db.query_one("SELECT count(*) FROM ckpt_log", &[])

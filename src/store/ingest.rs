@@ -268,8 +268,13 @@ impl Store {
         );
         let tx = self.client.transaction().await?;
         let lock_args: [&(dyn ToSql + Sync); 1] = [&slot];
-        let (_, row) =
-            tokio::try_join!(tx.batch_execute(&setup), tx.query_opt(&st.lock, &lock_args))?;
+        let (setup, row) =
+            tokio::join!(tx.batch_execute(&setup), tx.query_opt(&st.lock, &lock_args));
+        // Statements sent together fail in the order sent: the first error is the
+        // cause, the ones after it only say the transaction is aborted (`try_join!`
+        // returns whichever it polls first, and the refusal would name that).
+        setup?;
+        let row = row?;
         let row = row.ok_or_else(|| StoreError::NoCheckpoint(slot.to_owned()))?;
         let (current, seq_base): (i64, i64) = (row.get(0), row.get(1));
         if current != epoch {
@@ -299,15 +304,19 @@ impl Store {
         let p = batch.position;
         let lsn = p.commit_lsn.to_string();
         let rows_done = p.rows_done as i64;
-        let (next_rev, _, ()) = tokio::try_join!(
+        let (next_rev, checkpoint, backfills) = tokio::join!(
             assign_revisions(&tx, &st, &batch.changes),
             async {
                 let args: [&(dyn ToSql + Sync); 5] =
                     [&slot, &lsn, &rows_done, &p.complete, &last_seq];
-                Ok::<_, StoreError>(tx.execute(&st.checkpoint, &args).await?)
+                tx.execute(&st.checkpoint, &args).await
             },
             super::backfills::advance(&tx, &s, &batch.backfills),
-        )?;
+        );
+        // The first error in the order sent (see above).
+        let next_rev = next_rev?;
+        checkpoint?;
+        backfills?;
         let (written, seq, revisions) =
             copy_events(&tx, &st, &batch.changes, seq_base, next_rev).await?;
         debug_assert_eq!(
