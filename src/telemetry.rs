@@ -103,7 +103,7 @@ pub fn describe() {
     );
     describe_histogram!(
         INGEST_BATCH_SECONDS,
-        "Duration of one ingest store transaction (a group-committed batch)."
+        "Duration of one ingest store transaction (a group-committed batch), including its wait for the batch before it while two are written at once."
     );
     describe_counter!(
         INGEST_ERRORS_TOTAL,

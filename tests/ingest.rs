@@ -7,10 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Map, json};
+use tokio::sync::oneshot::Sender;
 use walhook::pg::ConnInfo;
 use walhook::source::Lsn;
 use walhook::source::stream::Position;
-use walhook::store::{ChangeEvents, IngestBatch, PendingEvent, Store};
+use walhook::store::ingest::{After, IngestOutcome, batch_keys};
+use walhook::store::{ChangeEvents, IngestBatch, PendingEvent, Store, StoreError};
 
 use crate::support::daemon::{Workdir, server_url, users_config, wait_leading};
 use crate::support::pg::{TestDb, create_db, users_db};
@@ -165,6 +167,121 @@ async fn a_refused_batch_is_refused_for_its_cause_not_for_the_statements_after_i
         events(&db).await.is_empty(),
         "nothing of a refused batch is stored"
     );
+}
+
+/// The store sessions of ingest that wait inside their transaction for the batch
+/// before (idle in transaction), and those that wait for a lock.
+async fn sessions(db: &TestDb) -> (i64, i64) {
+    let row = db
+        .query_one(
+            "SELECT count(*) FILTER (WHERE state = 'idle in transaction'),
+                    count(*) FILTER (WHERE wait_event_type = 'Lock')
+             FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await;
+    (row.get(0), row.get(1))
+}
+
+/// `After` a batch with `keys`, and the sender that says it committed.
+fn after(keys: &IngestBatch) -> (After, tokio::sync::oneshot::Sender<bool>) {
+    let (go, committed) = tokio::sync::oneshot::channel();
+    let keys = Arc::new(batch_keys(keys));
+    (After { keys, committed }, go)
+}
+
+/// A batch being written by a task, giving back its connection and outcome.
+type Writing = tokio::task::JoinHandle<(Store, Result<IngestOutcome, StoreError>)>;
+
+/// Batches a (users x, y) and b (users y, z), each on a connection of its own in `db`,
+/// both waiting inside their transactions, a for its sender (after an empty batch: it
+/// has upserted x and y and holds their rows), b for a's (it has upserted z, and waits
+/// for a without touching y). Fails when b waits for a lock instead.
+async fn two_batches_waiting(db: &TestDb) -> ((Writing, Sender<bool>), (Writing, Sender<bool>)) {
+    let mut first = store(db).await;
+    let mut second = first.connect_another().await.expect("second connection");
+    let a = batch(0x1000, &["x", "y"]);
+    let b = batch(0x2000, &["y", "z"]);
+    let (after_none, go_a) = after(&batch(0, &[]));
+    let (after_a, go_b) = after(&a);
+    let write_a = tokio::spawn(async move {
+        let out = first.ingest_after("s", 1, &a, Some(after_none)).await;
+        (first, out)
+    });
+    wait_for("the first batch to wait", WAIT, || async {
+        sessions(db).await.0 == 1
+    })
+    .await;
+    let write_b = tokio::spawn(async move {
+        let out = second.ingest_after("s", 1, &b, Some(after_a)).await;
+        (second, out)
+    });
+    // Both sessions wait in their transactions, neither for a lock.
+    wait_for("both batches to wait", WAIT, || async {
+        sessions(db).await == (2, 0)
+    })
+    .await;
+    assert!(
+        events(db).await.is_empty(),
+        "nothing is visible before a commit"
+    );
+    ((write_a, go_a), (write_b, go_b))
+}
+
+/// The log of a then b (see [`two_batches_waiting`]).
+const A_THEN_B: [(i64, &str, i64); 4] = [(1, "x", 1), (2, "y", 1), (3, "y", 2), (4, "z", 1)];
+
+fn log_is(log: Vec<(i64, String, i64)>, want: &[(i64, &str, i64)]) {
+    let log: Vec<(i64, &str, i64)> = log.iter().map(|(s, id, r)| (*s, id.as_str(), *r)).collect();
+    assert_eq!(log, want);
+}
+
+#[tokio::test]
+async fn a_batch_written_while_the_one_before_is_open_waits_only_for_the_entities_they_share() {
+    let db = create_db().await;
+    let ((write_a, go_a), (write_b, go_b)) = two_batches_waiting(&db).await;
+    go_a.send(true).expect("a waits");
+    let (_, out_a) = write_a.await.expect("a's task");
+    let out_a = out_a.expect("a stored");
+    assert_eq!(
+        (out_a.events, out_a.last_seq, out_a.revisions),
+        (2, 2, vec![1, 1])
+    );
+    go_b.send(true).expect("b waits");
+    let (_, out_b) = write_b.await.expect("b's task");
+    let out_b = out_b.expect("b stored");
+    assert_eq!(
+        (out_b.events, out_b.last_seq, out_b.revisions),
+        (2, 4, vec![2, 1])
+    );
+    log_is(events(&db).await, &A_THEN_B);
+}
+
+#[tokio::test]
+async fn when_the_batch_before_fails_the_next_is_rolled_back_and_both_go_through_again() {
+    let db = create_db().await;
+    let ((write_a, go_a), (write_b, go_b)) = two_batches_waiting(&db).await;
+    // The batch before this one fails (here: told so); the next is told it failed.
+    go_a.send(false).expect("a waits");
+    let (mut first, out_a) = write_a.await.expect("a's task");
+    assert!(matches!(out_a, Err(StoreError::EarlierFailed)), "{out_a:?}");
+    drop(go_b);
+    let (mut second, out_b) = write_b.await.expect("b's task");
+    assert!(matches!(out_b, Err(StoreError::EarlierFailed)), "{out_b:?}");
+    assert!(events(&db).await.is_empty(), "both rolled back");
+    let revisions = db.query("SELECT * FROM walhook.revisions", &[]).await;
+    assert!(revisions.is_empty(), "no revision consumed");
+
+    // Written again, one at a time, on the same connections.
+    first
+        .ingest("s", 1, &batch(0x1000, &["x", "y"]))
+        .await
+        .expect("a again");
+    second
+        .ingest("s", 1, &batch(0x2000, &["y", "z"]))
+        .await
+        .expect("b again");
+    log_is(events(&db).await, &A_THEN_B);
 }
 
 /// Rows in `ckpt_log`: one per update of the checkpoint row since [`log_checkpoint_writes`].

@@ -26,6 +26,8 @@ pub enum DaemonError {
     Server(#[from] crate::server::ServerError),
     #[error("the source task stopped unexpectedly")]
     SourceTask(#[source] tokio::task::JoinError),
+    #[error("an ingest task writing a batch stopped unexpectedly")]
+    IngestTask(#[source] tokio::task::JoinError),
     #[error(
         "table `{table}`: {needs} need the old row, which only REPLICA IDENTITY FULL provides. Fix: run `ALTER TABLE {quoted} REPLICA IDENTITY FULL;` or remove those settings from the config"
     )]

@@ -2,28 +2,34 @@
 //! milliseconds), writes each in one store transaction, and only then reports the last
 //! committed source transaction's end LSN for confirmation to the slot.
 //!
-//! One batch is written at a time. A batch that fails is retried until it commits and
-//! nothing after it is confirmed meanwhile (G1): at once with short backoff while the
+//! Up to two batches are written at a time, on two store connections, and commit in
+//! source order (see [`run`]). A batch that fails is written again alone, retried until
+//! it commits, and nothing after it is confirmed meanwhile (G1): at once with short backoff while the
 //! store is unreachable, and with backoff up to [`MAX_REFUSED_BACKOFF`] while the store
 //! refuses it (an entity id too long for an index, a constraint): ingest then stays up
 //! and not ready, naming the source table and the fix, until an operator fixed the
 //! cause. A batch with no events writes nothing (G9).
 
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use metrics::{counter, histogram};
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument, debug, error, info, warn};
 
 use super::DaemonError;
 use super::context::{ContextReader, Signals};
 use super::source_task::SourceMsg;
+use crate::pg::ConnInfo;
 use crate::pg::ErrorChain;
 use crate::pg::PG_EPOCH_OFFSET_MICROS;
 use crate::server::Health;
 use crate::source::Lsn;
+use crate::store::ingest::{After, IngestOutcome, batch_keys};
 use crate::store::wake::Wake;
 use crate::store::{IngestBatch, Store, StoreError};
 use crate::telemetry::{self, EVENTS_TOTAL, INGEST_BATCH_SECONDS, INGEST_ERRORS_TOTAL, label};
@@ -65,6 +71,12 @@ struct Pending {
 }
 
 impl Pending {
+    /// Whether the batch goes to the store: it has events, or backfill chunks (whose
+    /// cursors move even without events).
+    fn writes(&self) -> bool {
+        self.events > 0 || !self.batch.backfills.is_empty()
+    }
+
     /// Metrics of a committed batch: its duration, event counts and lag reference.
     fn committed(&self, took: Duration) {
         // One label lookup per event type, not per event.
@@ -93,9 +105,15 @@ impl Pending {
 /// Runs until the source closes the channel or `shutdown` is cancelled. A batch in
 /// hand is committed before returning, unless shutdown comes while the store does not
 /// take it (then it is left unconfirmed: the slot replays it to the next run).
+///
+/// Up to two batches are written at once, each on a store connection of its own (see
+/// [`Store::ingest_after`]): the second starts on the revisions only it has while the
+/// first finishes, and commits after it. Batches are confirmed and published in source
+/// order, each once it committed (G1). When a batch fails, it and the one after it are
+/// written again one at a time, retried as [`commit_with_retry`] says.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
-    mut store: Store,
+    store: Store,
     wake: &Wake,
     health: &Health,
     slot: &str,
@@ -106,84 +124,360 @@ pub async fn run(
     mut context: ContextReader,
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
+    let cx = Ingest {
+        wake,
+        health,
+        slot,
+        epoch,
+        confirm,
+        stalled,
+        shutdown,
+    };
+    let mut lanes = Lanes {
+        conn: (store.conn_info().clone(), store.schema().to_owned()),
+        second_refused: None,
+        spare: vec![store],
+        flight: VecDeque::new(),
+    };
     let mut last_closed = Instant::now();
     loop {
-        if rx.is_empty() {
+        let idle = lanes.flight.is_empty();
+        let room = lanes.flight.len() < LANES && !cx.shutdown.is_cancelled();
+        if idle && rx.is_empty() {
             // Caught up with the stream: replication lag (seconds) is 0.
             telemetry::ingest_idle(true);
         }
-        let collected = collect(&mut rx, last_closed + MIN_BATCH_INTERVAL, &shutdown).await;
-        last_closed = Instant::now();
-        telemetry::ingest_idle(false);
-        let Some(mut pending) = collected else {
+        let first = tokio::select! {
+            biased;
+            // Batches in flight are finished first.
+            _ = cx.shutdown.cancelled(), if idle => return Ok(()),
+            written = lanes.oldest(), if !idle => {
+                if !lanes.completed(written, &cx).await? {
+                    return Ok(());
+                }
+                continue;
+            }
+            msg = rx.recv(), if room => msg,
+        };
+        let Some(first) = first else {
+            // The source is done.
+            lanes.drain(&cx).await?;
             return Ok(());
         };
+        let mut pending = collect_from(first, &mut rx, last_closed + MIN_BATCH_INTERVAL).await;
+        last_closed = Instant::now();
+        telemetry::ingest_idle(false);
         // A batch without events (changes of unwatched rows, bare commits) writes
-        // nothing: no transaction, no NOTIFY (G9). Its commit is still confirmed, so
-        // the slot advances (G7), and the store's checkpoint then lags behind the
-        // slot's confirmed LSN. That is safe: the server never sends again what the
-        // slot confirmed, and the stream's resume filter (`ReplicationStream::filter`)
-        // skips only transactions at or below the checkpoint, so everything the
-        // server sends after a restart (all past the confirmed LSN, hence past the
-        // checkpoint) is handed on.
+        // nothing: no transaction, no NOTIFY (G9). Its commit is still confirmed (once
+        // the batches before it are stored), so the slot advances (G7), and the store's
+        // checkpoint then lags behind the slot's confirmed LSN. That is safe: the
+        // server never sends again what the slot confirmed, and the stream's resume
+        // filter (`ReplicationStream::filter`) skips only transactions at or below the
+        // checkpoint, so everything the server sends after a restart (all past the
+        // confirmed LSN, hence past the checkpoint) is handed on.
         // A backfill chunk is written even without events: its cursor moves.
-        if pending.events > 0 || !pending.batch.backfills.is_empty() {
-            // Context is read before the batch is stored, and a batch is stored only
-            // with it (G1, G2).
-            let signals = Signals {
-                health,
-                stalled: &stalled,
-                shutdown: &shutdown,
-            };
-            if !context.fill(&mut pending.batch, &signals).await {
-                return Ok(());
+        if !pending.writes() {
+            match lanes.flight.back_mut() {
+                Some(lane) => lane.then.push(pending),
+                None => cx.confirm(&pending),
             }
-            let started = Instant::now();
-            let Some(outcome) = commit_with_retry(
-                &mut store,
-                health,
-                &stalled,
-                slot,
-                epoch,
-                &pending.batch,
-                &shutdown,
-            )
-            .await?
-            else {
-                return Ok(());
-            };
-            pending.committed(started.elapsed());
-            debug!(
-                events = pending.events,
-                last_seq = outcome.last_seq,
-                already_stored = outcome.already_stored,
-                "batch ingested"
-            );
-            if let Some(end) = pending.last_commit {
-                confirm.send_replace(end);
-            }
-            for done in std::mem::take(&mut pending.chunks_done) {
-                let _ = done.send(Ok(()));
-            }
-            // Dispatchers in this process learn of new events at once, and take them
-            // from memory (a batch stored before is not published: they read it from
-            // the store).
-            if !outcome.already_stored {
-                let cost = pending.held.as_ref().map_or(0, |h| h.num_permits());
-                let seq_base = outcome.last_seq - outcome.events as i64;
-                wake.live()
-                    .publish(pending.batch, seq_base, &outcome.revisions, cost);
-            }
-            wake.notify();
             continue;
         }
-        if let Some(end) = pending.last_commit {
-            confirm.send_replace(end);
+        // Context is read before the batch is stored, and a batch is stored only with
+        // it (G1, G2).
+        let signals = Signals {
+            health,
+            stalled: &cx.stalled,
+            shutdown: &cx.shutdown,
+        };
+        if !context.fill(&mut pending.batch, &signals).await {
+            lanes.drain(&cx).await?;
+            return Ok(());
+        }
+        if !lanes.start(pending, &cx).await? {
+            return Ok(());
         }
     }
 }
 
+/// Batches written at once at most.
+const LANES: usize = 2;
+/// After the store refused a second connection, batches are written one at a time
+/// this long before ingest asks again.
+const SECOND_RETRY: Duration = Duration::from_secs(10);
+
+/// What ingest's stages share.
+struct Ingest<'a> {
+    wake: &'a Wake,
+    health: &'a Health,
+    slot: &'a str,
+    epoch: i64,
+    confirm: watch::Sender<Lsn>,
+    stalled: watch::Sender<bool>,
+    shutdown: CancellationToken,
+}
+
+impl Ingest<'_> {
+    /// After `pending` committed (`outcome`): metrics, confirmation, backfill chunks
+    /// told, and the new events handed to the dispatchers of this process.
+    fn stored(&self, mut pending: Pending, outcome: IngestOutcome, took: Duration) {
+        pending.committed(took);
+        debug!(
+            events = pending.events,
+            last_seq = outcome.last_seq,
+            already_stored = outcome.already_stored,
+            "batch ingested"
+        );
+        self.confirm(&pending);
+        for done in std::mem::take(&mut pending.chunks_done) {
+            let _ = done.send(Ok(()));
+        }
+        // Dispatchers in this process learn of new events at once, and take them from
+        // memory (a batch stored before is not published: they read it from the store).
+        if !outcome.already_stored {
+            let cost = pending.held.as_ref().map_or(0, |h| h.num_permits());
+            let seq_base = outcome.last_seq - outcome.events as i64;
+            self.wake
+                .live()
+                .publish(pending.batch, seq_base, &outcome.revisions, cost);
+        }
+        self.wake.notify();
+    }
+
+    /// Confirms the last source commit of `pending`.
+    fn confirm(&self, pending: &Pending) {
+        if let Some(end) = pending.last_commit {
+            self.confirm.send_replace(end);
+        }
+    }
+
+    /// Writes `pending` alone with `store`, retrying until it commits; `false` when
+    /// shutdown came first.
+    async fn write_alone(&self, store: &mut Store, pending: Pending) -> Result<bool, DaemonError> {
+        let started = Instant::now();
+        let Some(outcome) = commit_with_retry(
+            store,
+            self.health,
+            &self.stalled,
+            self.slot,
+            self.epoch,
+            &pending.batch,
+            &self.shutdown,
+        )
+        .await?
+        else {
+            return Ok(false);
+        };
+        self.stored(pending, outcome, started.elapsed());
+        Ok(true)
+    }
+}
+
+/// A batch being written by a task of its own.
+struct Lane {
+    task: JoinHandle<Written>,
+    /// The batch's entity keys, hashed, for the batch after it.
+    keys: Arc<HashSet<u64>>,
+    /// Tells the batch after this one that this one committed.
+    next_go: Option<oneshot::Sender<bool>>,
+    /// Batches after this one that write nothing, confirmed once it committed.
+    then: Vec<Pending>,
+}
+
+/// What a lane's task gives back.
+struct Written {
+    store: Store,
+    pending: Pending,
+    result: Result<IngestOutcome, StoreError>,
+    took: Duration,
+}
+
+/// The store connections of ingest, and the batches being written, oldest first.
+struct Lanes {
+    /// Where and in which schema the store is, for a second connection.
+    conn: (ConnInfo, String),
+    /// When the store last refused a second connection.
+    second_refused: Option<Instant>,
+    spare: Vec<Store>,
+    flight: VecDeque<Lane>,
+}
+
+impl Drop for Lanes {
+    fn drop(&mut self) {
+        // Returning early (an error): what is still being written is rolled back with
+        // its connection, and nothing of it was confirmed.
+        for lane in &self.flight {
+            lane.task.abort();
+        }
+    }
+}
+
+impl Lanes {
+    /// The oldest batch's task, once it ended. Cancel-safe.
+    async fn oldest(&mut self) -> Result<Written, tokio::task::JoinError> {
+        let lane = self.flight.front_mut().expect("a batch in flight");
+        (&mut lane.task).await
+    }
+
+    /// A store connection for the next batch: a spare one; else a second one, unless
+    /// the store refused one less than [`SECOND_RETRY`] ago or the batch in flight ends
+    /// first (a store that does not answer never holds ingest up longer than that
+    /// batch); else that batch's, once it is finished. `None` when shutdown came while
+    /// the store did not take that batch.
+    async fn next_store(&mut self, cx: &Ingest<'_>) -> Result<Option<Store>, DaemonError> {
+        if let Some(store) = self.spare.pop() {
+            return Ok(Some(store));
+        }
+        let refused_lately = self
+            .second_refused
+            .is_some_and(|at| at.elapsed() < SECOND_RETRY);
+        let ended = if refused_lately {
+            None
+        } else {
+            let (info, schema) = self.conn.clone();
+            tokio::select! {
+                biased;
+                written = self.oldest() => Some(written),
+                connected = Store::connect(&info, &schema) => match connected {
+                    Ok(store) => return Ok(Some(store)),
+                    Err(e) => {
+                        debug!(error = %ErrorChain(&e), "no second store connection for ingest; one batch at a time for now");
+                        None
+                    }
+                },
+            }
+        };
+        let written = match ended {
+            Some(written) => written,
+            None => {
+                if !refused_lately {
+                    self.second_refused = Some(Instant::now());
+                }
+                self.oldest().await
+            }
+        };
+        if !self.completed(written, cx).await? {
+            return Ok(None);
+        }
+        let store = self
+            .spare
+            .pop()
+            .expect("a finished batch gives its connection back");
+        Ok(Some(store))
+    }
+
+    /// Starts writing `pending`, on a connection of its own when another batch is in
+    /// flight. `false` when shutdown came while waiting for the store.
+    async fn start(&mut self, pending: Pending, cx: &Ingest<'_>) -> Result<bool, DaemonError> {
+        // A connection lost meanwhile fails the batch, which is then written alone
+        // (reconnecting).
+        let Some(store) = self.next_store(cx).await? else {
+            return Ok(false);
+        };
+        let keys = Arc::new(batch_keys(&pending.batch));
+        let after = match self.flight.back_mut() {
+            Some(before) => {
+                let (go, committed) = oneshot::channel();
+                before.next_go = Some(go);
+                Some(After {
+                    keys: before.keys.clone(),
+                    committed,
+                })
+            }
+            None => None,
+        };
+        let (slot, epoch) = (cx.slot.to_owned(), cx.epoch);
+        let task = tokio::spawn(
+            async move {
+                let mut store = store;
+                let started = Instant::now();
+                let result = store
+                    .ingest_after(&slot, epoch, &pending.batch, after)
+                    .await;
+                Written {
+                    store,
+                    pending,
+                    result,
+                    took: started.elapsed(),
+                }
+            }
+            .in_current_span(),
+        );
+        self.flight.push_back(Lane {
+            task,
+            keys,
+            next_go: None,
+            then: Vec::new(),
+        });
+        Ok(true)
+    }
+
+    /// Takes the end of the oldest batch's task: a committed batch is confirmed and
+    /// published, and the one after it told to go on; a failed one is written again
+    /// alone, then the one after it. `false` when shutdown came while the store did not
+    /// take a batch.
+    async fn completed(
+        &mut self,
+        written: Result<Written, tokio::task::JoinError>,
+        cx: &Ingest<'_>,
+    ) -> Result<bool, DaemonError> {
+        let lane = self.flight.pop_front().expect("a batch in flight");
+        let Written {
+            store,
+            pending,
+            result,
+            took,
+        } = written.map_err(DaemonError::IngestTask)?;
+        match result {
+            Ok(outcome) => {
+                if let Some(go) = lane.next_go {
+                    let _ = go.send(true);
+                }
+                self.spare.push(store);
+                cx.stored(pending, outcome, took);
+                for then in &lane.then {
+                    cx.confirm(then);
+                }
+                Ok(true)
+            }
+            Err(e) => {
+                debug!(error = %ErrorChain(&e), "a batch failed; it and the one after it are written again one at a time");
+                // The batch after this one gives up (rolled back), and waits its turn.
+                drop(lane.next_go);
+                let mut again = vec![(store, pending, lane.then)];
+                if let Some(next) = self.flight.pop_front() {
+                    let w = next.task.await.map_err(DaemonError::IngestTask)?;
+                    again.push((w.store, w.pending, next.then));
+                }
+                for (mut store, pending, then) in again {
+                    let stored = cx.write_alone(&mut store, pending).await;
+                    self.spare.push(store);
+                    if !stored? {
+                        return Ok(false);
+                    }
+                    for then in &then {
+                        cx.confirm(then);
+                    }
+                }
+                Ok(true)
+            }
+        }
+    }
+
+    /// Finishes every batch in flight.
+    async fn drain(&mut self, cx: &Ingest<'_>) -> Result<(), DaemonError> {
+        while !self.flight.is_empty() {
+            let written = self.oldest().await;
+            if !self.completed(written, cx).await? {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The next batch, or `None` when the source is done or shutdown was asked for.
+#[cfg(test)]
 async fn collect(
     rx: &mut mpsc::Receiver<SourceMsg>,
     not_before: Instant,
@@ -194,6 +488,15 @@ async fn collect(
         _ = shutdown.cancelled() => return None,
         msg = rx.recv() => msg?,
     };
+    Some(collect_from(first, rx, not_before).await)
+}
+
+/// The batch that begins with `first` (see [`collect`]).
+async fn collect_from(
+    first: SourceMsg,
+    rx: &mut mpsc::Receiver<SourceMsg>,
+    not_before: Instant,
+) -> Pending {
     let mut pending = Pending {
         batch: IngestBatch::default(),
         last_commit: None,
@@ -230,7 +533,7 @@ async fn collect(
         add(&mut pending, msg);
         messages += 1;
     }
-    Some(pending)
+    pending
 }
 
 fn add(pending: &mut Pending, msg: SourceMsg) {

@@ -1,12 +1,13 @@
 //! Group-committed ingest: one store transaction per batch writes the revisions, the
 //! events (binary COPY) and the checkpoint, with `synchronous_commit = on`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use futures_util::pin_mut;
 use serde_json::{Map, Value};
+use tokio::sync::oneshot;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{Json, PgLsn, ToSql, Type};
 use tokio_postgres::{Client, Statement, Transaction};
@@ -259,6 +260,24 @@ impl Store {
         epoch: i64,
         batch: &IngestBatch,
     ) -> Result<IngestOutcome, StoreError> {
+        self.ingest_after(slot, epoch, batch, None).await
+    }
+
+    /// [`Store::ingest`], on a connection of its own while the batch before is still
+    /// being written on another (`after`): the revisions of entities that batch does not
+    /// have are upserted at once (that batch holds its own entities' rows until it
+    /// commits; these it never touches), and the rest (the checkpoint lock, the shared
+    /// entities' revisions, the events) once it committed. So two store sessions work
+    /// at once, and batches still commit in order, each under the checkpoint lock.
+    /// When the batch before fails, this one is rolled back
+    /// ([`StoreError::EarlierFailed`]).
+    pub async fn ingest_after(
+        &mut self,
+        slot: &str,
+        epoch: i64,
+        batch: &IngestBatch,
+        after: Option<After>,
+    ) -> Result<IngestOutcome, StoreError> {
         let st = self.ingest_statements().await?;
         let s = self.s.clone();
         // The notification goes out at commit: dispatchers of other processes wake.
@@ -266,15 +285,41 @@ impl Store {
             "SET LOCAL synchronous_commit = on; NOTIFY {}",
             crate::store::wake::channel(&self.schema)
         );
+        let counts = count_keys(&batch.changes);
+        let mut keys: Vec<((&str, &str), i64)> = counts.iter().map(|(k, n)| (*k, *n)).collect();
+        keys.sort_unstable();
         let tx = self.client.transaction().await?;
         let lock_args: [&(dyn ToSql + Sync); 1] = [&slot];
-        let (setup, row) =
-            tokio::join!(tx.batch_execute(&setup), tx.query_opt(&st.lock, &lock_args));
-        // Statements sent together fail in the order sent: the first error is the
-        // cause, the ones after it only say the transaction is aborted (`try_join!`
-        // returns whichever it polls first, and the refusal would name that).
-        setup?;
-        let row = row?;
+        let mut last = HashMap::new();
+        let row = match after {
+            None => {
+                let (setup, row) =
+                    tokio::join!(tx.batch_execute(&setup), tx.query_opt(&st.lock, &lock_args));
+                // Statements sent together fail in the order sent: the first error is
+                // the cause, the ones after it only say the transaction is aborted
+                // (`try_join!` returns whichever it polls first, and the refusal would
+                // name that).
+                setup?;
+                row?
+            }
+            Some(after) => {
+                let (own, shared) = keys
+                    .iter()
+                    .copied()
+                    .partition::<Vec<_>, _>(|((e, i), _)| !after.keys.contains(&key_hash(e, i)));
+                let (setup, own) =
+                    tokio::join!(tx.batch_execute(&setup), upsert_revisions(&tx, &st, &own));
+                // The first error in the order sent (see above).
+                setup?;
+                last = own?;
+                keys = shared;
+                if !after.committed.await.unwrap_or(false) {
+                    // Rolled back on drop.
+                    return Err(StoreError::EarlierFailed);
+                }
+                tx.query_opt(&st.lock, &lock_args).await?
+            }
+        };
         let row = row.ok_or_else(|| StoreError::NoCheckpoint(slot.to_owned()))?;
         let (current, seq_base): (i64, i64) = (row.get(0), row.get(1));
         if current != epoch {
@@ -304,8 +349,8 @@ impl Store {
         let p = batch.position;
         let lsn = p.commit_lsn.to_string();
         let rows_done = p.rows_done as i64;
-        let (next_rev, checkpoint, backfills) = tokio::join!(
-            assign_revisions(&tx, &st, &batch.changes),
+        let (rest, checkpoint, backfills) = tokio::join!(
+            upsert_revisions(&tx, &st, &keys),
             async {
                 let args: [&(dyn ToSql + Sync); 5] =
                     [&slot, &lsn, &rows_done, &p.complete, &last_seq];
@@ -314,9 +359,10 @@ impl Store {
             super::backfills::advance(&tx, &s, &batch.backfills),
         );
         // The first error in the order sent (see above).
-        let next_rev = next_rev?;
+        last.extend(rest?);
         checkpoint?;
         backfills?;
+        let next_rev = next_revisions(&counts, &last);
         let (written, seq, revisions) =
             copy_events(&tx, &st, &batch.changes, seq_base, next_rev).await?;
         debug_assert_eq!(
@@ -357,12 +403,14 @@ impl Store {
                 .ok_or_else(|| StoreError::NoCheckpoint(slot.to_owned()))?
                 .get(0);
             let changes = std::slice::from_ref(change);
-            let written = match assign_revisions(&tx, &st, changes).await {
-                Ok(next_rev) => copy_events(&tx, &st, changes, seq_base, next_rev)
-                    .await
-                    .map(|_| ()),
-                Err(e) => Err(e),
-            };
+            let written = async {
+                let counts = count_keys(changes);
+                let keys: Vec<_> = counts.iter().map(|(k, n)| (*k, *n)).collect();
+                let last = upsert_revisions(&tx, &st, &keys).await?;
+                let next_rev = next_revisions(&counts, &last);
+                copy_events(&tx, &st, changes, seq_base, next_rev).await
+            }
+            .await;
             // Rolled back on drop, whatever happened.
             drop(tx);
             match written {
@@ -386,39 +434,77 @@ pub fn covers(stored: Position, p: Position) -> bool {
     }
 }
 
-/// The first revision of each entity's changes in `changes`: one upsert row per
-/// entity, adding its change count, in a fixed order (two batches never wait for each
-/// other's rows in opposite orders).
-async fn assign_revisions<'a>(
-    tx: &Transaction<'_>,
-    st: &IngestStatements,
-    changes: &'a [ChangeEvents],
-) -> Result<HashMap<(&'a str, &'a str), i64>, StoreError> {
+/// What a batch written while the one before it is still on its way waits for (see
+/// [`Store::ingest_after`]).
+pub struct After {
+    /// The entity keys of the batch before, hashed ([`key_hash`]).
+    pub keys: Arc<HashSet<u64>>,
+    /// `true` once the batch before committed; `false` (or dropped) when it failed.
+    pub committed: oneshot::Receiver<bool>,
+}
+
+/// The hash of an entity key in [`After::keys`]; two keys with one hash only make a
+/// revision wait for the batch before (never a wrong revision).
+pub fn key_hash(entity: &str, id: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (entity, id).hash(&mut h);
+    h.finish()
+}
+
+/// The entity keys of `batch`, hashed, for the batch after it ([`After::keys`]).
+pub fn batch_keys(batch: &IngestBatch) -> HashSet<u64> {
+    batch
+        .changes
+        .iter()
+        .filter(|c| c.takes_revision())
+        .map(|c| key_hash(&c.entity, &c.entity_id))
+        .collect()
+}
+
+/// How many revisions each entity of `changes` takes.
+fn count_keys(changes: &[ChangeEvents]) -> HashMap<(&str, &str), i64> {
     let mut counts: HashMap<(&str, &str), i64> = HashMap::new();
     for c in changes.iter().filter(|c| c.takes_revision()) {
         *counts.entry((&c.entity, &c.entity_id)).or_default() += 1;
     }
-    let mut next_rev: HashMap<(&str, &str), i64> = HashMap::with_capacity(counts.len());
-    if counts.is_empty() {
-        return Ok(next_rev);
+    counts
+}
+
+/// Adds each entity's count in `keys` (sorted: two transactions take rows in one
+/// order) to its revision; returns each entity's revision now.
+async fn upsert_revisions(
+    tx: &Transaction<'_>,
+    st: &IngestStatements,
+    keys: &[((&str, &str), i64)],
+) -> Result<HashMap<(String, String), i64>, StoreError> {
+    if keys.is_empty() {
+        return Ok(HashMap::new());
     }
-    let mut keys: Vec<((&str, &str), i64)> = counts.iter().map(|(k, n)| (*k, *n)).collect();
-    keys.sort_unstable();
     let entities: Vec<&str> = keys.iter().map(|((e, _), _)| *e).collect();
     let ids: Vec<&str> = keys.iter().map(|((_, i), _)| *i).collect();
     let ns: Vec<i64> = keys.iter().map(|(_, n)| *n).collect();
     let rows = tx.query(&st.revisions, &[&entities, &ids, &ns]).await?;
-    let last: HashMap<(String, String), i64> = rows
+    Ok(rows
         .iter()
         .map(|r| ((r.get(0), r.get(1)), r.get(2)))
-        .collect();
-    for (key, n) in &counts {
+        .collect())
+}
+
+/// The first revision of each entity's changes: its revision now (`last`) less its
+/// count, plus one.
+fn next_revisions<'a>(
+    counts: &HashMap<(&'a str, &'a str), i64>,
+    last: &HashMap<(String, String), i64>,
+) -> HashMap<(&'a str, &'a str), i64> {
+    let mut next_rev = HashMap::with_capacity(counts.len());
+    for (key, n) in counts {
         let owned = (key.0.to_owned(), key.1.to_owned());
         if let Some(last) = last.get(&owned) {
             next_rev.insert(*key, last - n + 1);
         }
     }
-    Ok(next_rev)
+    next_rev
 }
 
 /// Writes the events of `changes` in `tx` by binary COPY, in commit order, numbering

@@ -52,6 +52,10 @@ pub enum StoreError {
         ours: i64,
         current: i64,
     },
+    /// A batch written while the one before it was still on its way was rolled back
+    /// because that one failed (see [`Store::ingest_after`]).
+    #[error("the batch before this one was not stored; this one is written again after it")]
+    EarlierFailed,
     #[error("the store has no checkpoint row for slot `{0}`")]
     NoCheckpoint(String),
     /// A delivery-state write was refused: this dispatcher no longer holds the
@@ -198,6 +202,11 @@ impl Store {
     /// Whether the connection is closed.
     pub fn is_closed(&self) -> bool {
         self.client.is_closed()
+    }
+
+    /// Where the store is.
+    pub fn conn_info(&self) -> &ConnInfo {
+        &self.params
     }
 
     /// The schema name.
