@@ -165,11 +165,29 @@ impl Daemon {
     }
 }
 
+/// Lines of a daemon's log printed when a test fails while it runs: its last lines
+/// above debug level, and its last lines.
+const LOG_TAIL_ON_FAILURE: usize = 30;
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+            // A test that fails while the daemon runs (a bounded wait ran out) shows
+            // what the daemon was doing, not only what the test waited for.
+            if std::thread::panicking() {
+                let log = self.log();
+                let tail = |lines: Vec<&str>| {
+                    lines[lines.len().saturating_sub(LOG_TAIL_ON_FAILURE)..].join("\n")
+                };
+                eprintln!(
+                    "--- {}: last lines above debug ---\n{}\n--- last lines ---\n{}",
+                    self.log_path.display(),
+                    tail(log.lines().filter(|l| !l.contains(" DEBUG ")).collect()),
+                    tail(log.lines().collect()),
+                );
+            }
         }
     }
 }
