@@ -139,6 +139,75 @@ async fn a_batch_retried_after_its_commit_was_acknowledged_lost_is_stored_once()
 }
 
 #[tokio::test]
+async fn a_store_upgraded_to_byte_ordered_revisions_keeps_and_continues_them() {
+    // A version-6 store (revisions in the database's collation) with revisions in it:
+    // migration 7 keeps them, and ingest goes on from them.
+    let db = create_db().await;
+    let mut store = store(&db).await;
+    store
+        .ingest("s", 1, &batch(0x1000, &["a", "b", "é"]))
+        .await
+        .expect("first ingest");
+    db.batch(
+        "ALTER TABLE walhook.revisions
+             ALTER COLUMN entity TYPE text COLLATE \"default\",
+             ALTER COLUMN entity_id TYPE text COLLATE \"default\";
+         DELETE FROM walhook.schema_migrations WHERE version = 7;",
+    )
+    .await;
+    let collations = || async {
+        db.query(
+            "SELECT a.attname::text, coalesce(c.collname::text, '') FROM pg_attribute a
+             LEFT JOIN pg_collation c ON c.oid = a.attcollation
+             WHERE a.attrelid = 'walhook.revisions'::regclass AND a.attname IN ('entity', 'entity_id')
+             ORDER BY 1",
+            &[],
+        )
+        .await
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect::<Vec<_>>()
+    };
+    assert_eq!(collations().await[0].1, "default", "set up as version 6");
+
+    assert_eq!(store.migrate().await.expect("upgrade"), 1, "one migration");
+    assert_eq!(
+        collations().await,
+        [
+            ("entity".into(), "C".into()),
+            ("entity_id".into(), "C".into())
+        ]
+    );
+    let out = store
+        .ingest("s", 1, &batch(0x2000, &["é", "c", "a"]))
+        .await
+        .expect("ingest after the upgrade");
+    assert_eq!(
+        out.revisions,
+        [2, 1, 2],
+        "revisions go on from the stored ones"
+    );
+    let revisions: Vec<(String, i64)> = db
+        .query(
+            "SELECT entity_id, revision FROM walhook.revisions ORDER BY entity_id",
+            &[],
+        )
+        .await
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        revisions,
+        [
+            ("a".into(), 2),
+            ("b".into(), 1),
+            ("c".into(), 1),
+            ("é".into(), 2)
+        ]
+    );
+}
+
+#[tokio::test]
 async fn a_refused_batch_is_refused_for_its_cause_not_for_the_statements_after_it() {
     // The statements of a batch are sent together; those after the refused one fail
     // only with "current transaction is aborted". The reason (and metric kind) must

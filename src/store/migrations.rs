@@ -46,6 +46,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0006_backfills",
         sql: include_str!("../../sql/0006_backfills.sql"),
     },
+    Migration {
+        version: 7,
+        name: "0007_revisions_collate_c",
+        sql: include_str!("../../sql/0007_revisions_collate_c.sql"),
+    },
 ];
 
 /// Advisory lock key for migrations ("walhook" in ASCII).
