@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{Json, PgLsn, ToSql, Type};
-use tokio_postgres::{Client, Statement, Transaction};
+use tokio_postgres::{Client, Row, Statement, Transaction};
 
 use super::deliveries::RawJson;
 use super::{Store, StoreError};
@@ -290,7 +290,7 @@ impl Store {
         keys.sort_unstable();
         let tx = self.client.transaction().await?;
         let lock_args: [&(dyn ToSql + Sync); 1] = [&slot];
-        let mut last = HashMap::new();
+        let mut last = Vec::new();
         let row = match after {
             None => {
                 let (setup, row) =
@@ -472,35 +472,36 @@ fn count_keys(changes: &[ChangeEvents]) -> HashMap<(&str, &str), i64> {
 }
 
 /// Adds each entity's count in `keys` (sorted: two transactions take rows in one
-/// order) to its revision; returns each entity's revision now.
+/// order) to its revision; returns the rows `(entity, entity_id, revision)` of each
+/// entity's revision now.
 async fn upsert_revisions(
     tx: &Transaction<'_>,
     st: &IngestStatements,
     keys: &[((&str, &str), i64)],
-) -> Result<HashMap<(String, String), i64>, StoreError> {
+) -> Result<Vec<Row>, StoreError> {
     if keys.is_empty() {
-        return Ok(HashMap::new());
+        return Ok(Vec::new());
     }
     let entities: Vec<&str> = keys.iter().map(|((e, _), _)| *e).collect();
     let ids: Vec<&str> = keys.iter().map(|((_, i), _)| *i).collect();
     let ns: Vec<i64> = keys.iter().map(|(_, n)| *n).collect();
-    let rows = tx.query(&st.revisions, &[&entities, &ids, &ns]).await?;
-    Ok(rows
-        .iter()
-        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
-        .collect())
+    Ok(tx.query(&st.revisions, &[&entities, &ids, &ns]).await?)
 }
 
-/// The first revision of each entity's changes: its revision now (`last`) less its
-/// count, plus one.
+/// The first revision of each entity's changes: its revision now (in `last`, the rows
+/// [`upsert_revisions`] returned) less its count, plus one. The rows' texts are read in
+/// place, not copied.
 fn next_revisions<'a>(
     counts: &HashMap<(&'a str, &'a str), i64>,
-    last: &HashMap<(String, String), i64>,
+    last: &[Row],
 ) -> HashMap<(&'a str, &'a str), i64> {
+    let now: HashMap<(&str, &str), i64> = last
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect();
     let mut next_rev = HashMap::with_capacity(counts.len());
     for (key, n) in counts {
-        let owned = (key.0.to_owned(), key.1.to_owned());
-        if let Some(last) = last.get(&owned) {
+        if let Some(last) = now.get(key) {
             next_rev.insert(*key, last - n + 1);
         }
     }
