@@ -146,14 +146,18 @@ pub async fn run(
                 bulks = TxnAggregates::default();
                 continue;
             }
-            Decoded::Change(change) => {
+            Decoded::Change(mut change) => {
                 watermarks.observe(&change);
                 let replayed = stream.replayed();
                 if !replayed {
                     names.count_change(&change.table, change.op);
                 }
                 drafts.clear();
-                current.mapper.map(&change, &mut drafts);
+                // Read before mapping, which moves the rows into the events. Keys are
+                // taken while the change is at hand: a held row's events may go on at
+                // the commit, with its context.
+                let keys = current.mapper.context_keys(&change);
+                current.mapper.map(&mut change, &mut drafts);
                 let mut events = Vec::new();
                 if let Some(t) = &mut txn {
                     t.rows += 1;
@@ -162,7 +166,6 @@ pub async fn run(
                             let first = &drafts[0];
                             let (entity, id) = (first.entity.clone(), first.entity_id.clone());
                             let d = std::mem::take(&mut drafts);
-                            let keys = current.mapper.context_keys(&change);
                             events.push(change_events(
                                 t,
                                 (entity, id),
@@ -175,13 +178,7 @@ pub async fn run(
                         }
                     } else {
                         let d = std::mem::take(&mut drafts);
-                        // Keys are taken while the change is at hand: a held row's
-                        // events may go on at the commit, with its context.
-                        let keys = if d.is_empty() {
-                            None
-                        } else {
-                            current.mapper.context_keys(&change)
-                        };
+                        let keys = if d.is_empty() { None } else { keys };
                         bulks.row(
                             &current.aggregates,
                             t.rows,
