@@ -45,22 +45,24 @@ pub fn request_headers(
     msg_id: &str,
     timestamp: i64,
     body: &[u8],
-) -> Vec<(HeaderName, HeaderValue)> {
-    let mut out = Vec::with_capacity(5 + sub.headers.len());
+) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(5 + sub.headers.len());
     let content_type =
         HeaderValue::from_str(content_type).unwrap_or(HeaderValue::from_static("application/json"));
-    out.push((header::CONTENT_TYPE, content_type));
-    out.push((header::USER_AGENT, HeaderValue::from_static(USER_AGENT)));
+    out.append(header::CONTENT_TYPE, content_type);
+    out.append(header::USER_AGENT, HeaderValue::from_static(USER_AGENT));
     match HeaderValue::from_str(msg_id) {
-        Ok(v) => out.push((WEBHOOK_ID, v)),
+        Ok(v) => {
+            out.append(WEBHOOK_ID, v);
+        }
         Err(_) => tracing::warn!(subscription = %sub.name, "event id is not a valid header value"),
     }
-    out.push((WEBHOOK_TIMESTAMP, HeaderValue::from(timestamp)));
+    out.append(WEBHOOK_TIMESTAMP, HeaderValue::from(timestamp));
     if let Some(signature) = sign(&sub.keys, msg_id, timestamp, body)
         && let Ok(mut v) = HeaderValue::from_str(&signature)
     {
         v.set_sensitive(true);
-        out.push((WEBHOOK_SIGNATURE, v));
+        out.append(WEBHOOK_SIGNATURE, v);
     }
     for (name, value) in &sub.headers {
         let parsed = (
@@ -70,7 +72,7 @@ pub fn request_headers(
         match parsed {
             (Ok(name), Ok(mut value)) => {
                 value.set_sensitive(true);
-                out.push((name, value));
+                out.append(name, value);
             }
             _ => tracing::warn!(
                 subscription = %sub.name,
@@ -225,19 +227,15 @@ impl HttpClient {
     pub async fn post(
         &self,
         url: &Url,
-        headers: &[(HeaderName, HeaderValue)],
+        headers: HeaderMap,
         body: Bytes,
         timeout: Duration,
     ) -> Attempt {
         let start = Instant::now();
-        let mut map = HeaderMap::with_capacity(headers.len());
-        for (name, value) in headers {
-            map.append(name.clone(), value.clone());
-        }
         let sent = self
             .client
             .post(url.clone())
-            .headers(map)
+            .headers(headers)
             .timeout(timeout)
             .body(body)
             .send()

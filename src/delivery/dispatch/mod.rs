@@ -620,7 +620,7 @@ async fn attempt(
     }
     let result = clients
         .for_subscription(sub)
-        .post(sub.url.expose(), &headers, request.body, sub.timeout)
+        .post(sub.url.expose(), headers, request.body, sub.timeout)
         .await;
     // Retry-After and the backoff count from the answer, not from the request: a slow
     // answer must not bring the next attempt forward.

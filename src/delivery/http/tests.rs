@@ -156,17 +156,17 @@ fn client() -> HttpClient {
     HttpClient::new(false, None).unwrap()
 }
 
-fn json_headers() -> Vec<(HeaderName, HeaderValue)> {
-    vec![(
+fn json_headers() -> HeaderMap {
+    HeaderMap::from_iter([(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
-    )]
+    )])
 }
 
 async fn post(client: &HttpClient, url: &Url, timeout: Duration) -> Attempt {
     tokio::time::timeout(
         WAIT,
-        client.post(url, &json_headers(), Bytes::from_static(b"{}"), timeout),
+        client.post(url, json_headers(), Bytes::from_static(b"{}"), timeout),
     )
     .await
     .expect("post returned within 10s")
@@ -308,7 +308,7 @@ async fn headers_arrive_and_the_signature_verifies() {
     let clients = HttpClients::new(&c.delivery).unwrap();
     let a = clients
         .for_subscription(sub)
-        .post(sub.url.expose(), &headers, body.clone(), sub.timeout)
+        .post(sub.url.expose(), headers.clone(), body.clone(), sub.timeout)
         .await;
     assert_eq!(code(&a), 204);
     let got = tokio::time::timeout(WAIT, rx.recv())
@@ -423,7 +423,7 @@ async fn a_configured_proxy_gets_every_request_in_absolute_form() {
     // The receiver's host does not resolve: only the proxy can have answered.
     let receiver = Url::parse("http://receiver.invalid:8080/hook").unwrap();
     let a = client
-        .post(&receiver, &json_headers(), Bytes::from_static(b"{}"), WAIT)
+        .post(&receiver, json_headers(), Bytes::from_static(b"{}"), WAIT)
         .await;
     assert_eq!(code(&a), 204, "{a:?}");
     let got = tokio::time::timeout(WAIT, rx.recv())
