@@ -262,29 +262,31 @@ fn after(keys: &IngestBatch) -> (After, tokio::sync::oneshot::Sender<bool>) {
 /// A batch being written by a task, giving back its connection and outcome.
 type Writing = tokio::task::JoinHandle<(Store, Result<IngestOutcome, StoreError>)>;
 
+/// Writes `batch` with `store` after the batch `after` names, in a task.
+fn write(mut store: Store, batch: IngestBatch, after: After) -> Writing {
+    tokio::spawn(async move {
+        let out = store.ingest_after("s", 1, &batch, Some(after)).await;
+        (store, out)
+    })
+}
+
 /// Batches a (users x, y) and b (users y, z), each on a connection of its own in `db`,
 /// both waiting inside their transactions, a for its sender (after an empty batch: it
 /// has upserted x and y and holds their rows), b for a's (it has upserted z, and waits
 /// for a without touching y). Fails when b waits for a lock instead.
 async fn two_batches_waiting(db: &TestDb) -> ((Writing, Sender<bool>), (Writing, Sender<bool>)) {
-    let mut first = store(db).await;
-    let mut second = first.connect_another().await.expect("second connection");
+    let first = store(db).await;
+    let second = first.connect_another().await.expect("second connection");
     let a = batch(0x1000, &["x", "y"]);
     let b = batch(0x2000, &["y", "z"]);
     let (after_none, go_a) = after(&batch(0, &[]));
     let (after_a, go_b) = after(&a);
-    let write_a = tokio::spawn(async move {
-        let out = first.ingest_after("s", 1, &a, Some(after_none)).await;
-        (first, out)
-    });
+    let write_a = write(first, a, after_none);
     wait_for("the first batch to wait", WAIT, || async {
         sessions(db).await.0 == 1
     })
     .await;
-    let write_b = tokio::spawn(async move {
-        let out = second.ingest_after("s", 1, &b, Some(after_a)).await;
-        (second, out)
-    });
+    let write_b = write(second, b, after_a);
     // Both sessions wait in their transactions, neither for a lock.
     wait_for("both batches to wait", WAIT, || async {
         sessions(db).await == (2, 0)

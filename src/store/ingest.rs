@@ -182,6 +182,18 @@ const EVENT_TYPES: [Type; 15] = [
     Type::JSON,
 ];
 
+/// Awaits statements sent together on one connection (one round trip), binding each
+/// `name` to its result, or returns the first error in the order they were sent: in a
+/// transaction, the statements after a failed one only answer that the transaction is
+/// aborted, so the first is the cause (`try_join!` returns whichever error it polls
+/// first, and a refused batch was then named "current transaction is aborted").
+macro_rules! sent_together {
+    ($($name:ident = $statement:expr),+ $(,)?) => {
+        let ($($name,)+) = tokio::join!($($statement),+);
+        $(let $name = $name?;)+
+    };
+}
+
 /// The statements of a batch's transaction, prepared on a connection when it first
 /// ingests: each runs once per batch, and preparing it every time cost a round trip
 /// and a parse in the store session every batch waits for.
@@ -293,25 +305,22 @@ impl Store {
         let mut last = Vec::new();
         let row = match after {
             None => {
-                let (setup, row) =
-                    tokio::join!(tx.batch_execute(&setup), tx.query_opt(&st.lock, &lock_args));
-                // Statements sent together fail in the order sent: the first error is
-                // the cause, the ones after it only say the transaction is aborted
-                // (`try_join!` returns whichever it polls first, and the refusal would
-                // name that).
-                setup?;
-                row?
+                sent_together!(
+                    _setup = tx.batch_execute(&setup),
+                    row = tx.query_opt(&st.lock, &lock_args),
+                );
+                row
             }
             Some(after) => {
                 let (own, shared) = keys
                     .iter()
                     .copied()
                     .partition::<Vec<_>, _>(|((e, i), _)| !after.keys.contains(&key_hash(e, i)));
-                let (setup, own) =
-                    tokio::join!(tx.batch_execute(&setup), upsert_revisions(&tx, &st, &own));
-                // The first error in the order sent (see above).
-                setup?;
-                last = own?;
+                sent_together!(
+                    _setup = tx.batch_execute(&setup),
+                    own = upsert_revisions(&tx, &st, &own),
+                );
+                last = own;
                 keys = shared;
                 if !after.committed.await.unwrap_or(false) {
                     // Rolled back on drop.
@@ -349,19 +358,14 @@ impl Store {
         let p = batch.position;
         let lsn = p.commit_lsn.to_string();
         let rows_done = p.rows_done as i64;
-        let (rest, checkpoint, backfills) = tokio::join!(
-            upsert_revisions(&tx, &st, &keys),
-            async {
-                let args: [&(dyn ToSql + Sync); 5] =
-                    [&slot, &lsn, &rows_done, &p.complete, &last_seq];
-                tx.execute(&st.checkpoint, &args).await
-            },
-            super::backfills::advance(&tx, &s, &batch.backfills),
+        let checkpoint_args: [&(dyn ToSql + Sync); 5] =
+            [&slot, &lsn, &rows_done, &p.complete, &last_seq];
+        sent_together!(
+            rest = upsert_revisions(&tx, &st, &keys),
+            _checkpoint = tx.execute(&st.checkpoint, &checkpoint_args),
+            _backfills = super::backfills::advance(&tx, &s, &batch.backfills),
         );
-        // The first error in the order sent (see above).
-        last.extend(rest?);
-        checkpoint?;
-        backfills?;
+        last.extend(rest);
         let next_rev = next_revisions(&counts, &last);
         let (written, seq, revisions) =
             copy_events(&tx, &st, &batch.changes, seq_base, next_rev).await?;
