@@ -667,3 +667,114 @@ async fn a_change_the_store_refuses_goes_through_once_the_limit_is_raised() {
     )
     .await;
 }
+
+/// Daemon level: the batch written first fails while the batch after it is in flight on
+/// the second connection (`Lanes::completed`'s failure arm). Both go through again, one
+/// at a time and in source order: each change stored once, a shared entity's revisions
+/// in commit order, the slot confirmed past both, and ingest goes on after.
+#[tokio::test]
+async fn a_batch_failing_while_the_next_is_in_flight_is_written_again_with_it_in_order() {
+    let db = users_db().await;
+    // No subscription: nothing but ingest writes to the store.
+    let work = Workdir::new(&users_config(&db, ""));
+    let mut daemon = work.spawn_run(0);
+    wait_leading(&db, &mut daemon).await;
+    db.batch("INSERT INTO users VALUES (1, 'a', 0)").await;
+    let client = db.client().await;
+    wait_for("the first event", WAIT, || async {
+        event_count(&client).await == 1
+    })
+    .await;
+    // The next COPY into the events fails once, and only once the batch after it holds
+    // a transaction open beside it (its own entities upserted, waiting for this one to
+    // commit): the failure lands while both are in flight, whatever the timing.
+    db.batch(
+        "CREATE SEQUENCE public.injected;
+         CREATE FUNCTION public.fail_beside_the_next() RETURNS trigger
+         LANGUAGE plpgsql SECURITY DEFINER AS $$
+         BEGIN
+           IF (SELECT is_called FROM public.injected) THEN RETURN NULL; END IF;
+           FOR i IN 1..600 LOOP
+             -- pg_stat_activity is read once per transaction unless cleared.
+             PERFORM pg_stat_clear_snapshot();
+             EXIT WHEN EXISTS (SELECT 1 FROM pg_stat_activity
+               WHERE pid <> pg_backend_pid() AND datname = current_database()
+                 AND state = 'idle in transaction' AND backend_xid IS NOT NULL);
+             PERFORM pg_sleep(0.05);
+           END LOOP;
+           PERFORM nextval('public.injected');
+           RAISE EXCEPTION 'injected: the batch before fails';
+         END $$;
+         CREATE TRIGGER fail_beside_the_next BEFORE INSERT ON walhook.events
+           FOR EACH STATEMENT EXECUTE FUNCTION public.fail_beside_the_next();",
+    )
+    .await;
+    // Batch A updates user 1 and creates 2; once its COPY waits in the trigger, batch B
+    // (a transaction of its own, so a batch of its own) updates 1 again and creates 3.
+    db.batch("BEGIN; UPDATE users SET email = 'a2' WHERE id = 1; INSERT INTO users VALUES (2, 'b', 0); COMMIT")
+        .await;
+    wait_for("batch A waiting in the trigger", WAIT, || async {
+        client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep' AND query LIKE 'COPY%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    })
+    .await;
+    db.batch("BEGIN; UPDATE users SET email = 'a3' WHERE id = 1; INSERT INTO users VALUES (3, 'c', 0); COMMIT")
+        .await;
+    let b_end: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    wait_for("both batches stored", WAIT, || async {
+        event_count(&client).await == 5
+    })
+    .await;
+    let log = daemon.log();
+    assert!(
+        log.contains("a batch failed; it and the one after it are written again one at a time"),
+        "the failure landed with two batches in flight:\n{log}"
+    );
+    let injected: bool = client
+        .query_one("SELECT is_called FROM public.injected", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(injected, "the trigger failed a batch");
+    let stored: Vec<(String, String, i64)> = client
+        .query(
+            "SELECT type, entity_id, revision FROM walhook.events ORDER BY seq",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let want = [
+        ("user.created", "1", 1),
+        ("user.updated", "1", 2),
+        ("user.created", "2", 1),
+        ("user.updated", "1", 3),
+        ("user.created", "3", 1),
+    ]
+    .map(|(t, e, r)| (t.to_owned(), e.to_owned(), r));
+    assert_eq!(stored, want, "{log}");
+    // Ingest goes on (two batches at a time again), and the slot passes both.
+    db.batch("INSERT INTO users VALUES (4, 'd', 0)").await;
+    wait_for("the event after the rewrite", WAIT, || async {
+        event_count(&client).await == 6
+    })
+    .await;
+    wait_for("the slot to pass batch B", WAIT, || async {
+        confirmed_past(&db, &b_end).await
+    })
+    .await;
+    assert!(daemon.is_running(), "{}", daemon.log());
+}
