@@ -14,7 +14,7 @@ use walhook::source::stream::Position;
 use walhook::store::ingest::{After, IngestOutcome, batch_keys};
 use walhook::store::{ChangeEvents, IngestBatch, PendingEvent, Store, StoreError};
 
-use crate::support::daemon::{Workdir, server_url, users_config, wait_leading};
+use crate::support::daemon::{Daemon, Workdir, server_url, users_config, wait_leading};
 use crate::support::pg::{TestDb, create_db, users_db};
 use crate::support::{wait_for, wait_for_some};
 
@@ -382,21 +382,32 @@ async fn event_count(client: &tokio_postgres::Client) -> i64 {
         .unwrap_or(0)
 }
 
-#[tokio::test]
-async fn changes_without_events_write_nothing_to_the_store_but_advance_the_slot() {
-    let db = users_db().await;
-    db.batch("ALTER TABLE users REPLICA IDENTITY FULL").await;
-    // Updates that change only `n` produce no event. (Transactions on unwatched tables
-    // do not reach walhook at all on PostgreSQL 15: pgoutput skips them.)
-    let work = Workdir::new(&users_config(&db, "update_columns = [\"email\"]"));
+/// `walhook run` on `db` (`users_config` with `rest`) once it stored its first event
+/// (user 1 created): its workdir (the daemon's config and log), the daemon, a client.
+async fn running_with_one_event(
+    db: &TestDb,
+    rest: &str,
+) -> (Workdir, Daemon, tokio_postgres::Client) {
+    let work = Workdir::new(&users_config(db, rest));
     let mut daemon = work.spawn_run(0);
-    wait_leading(&db, &mut daemon).await;
+    wait_leading(db, &mut daemon).await;
     db.batch("INSERT INTO users VALUES (1, 'a', 0)").await;
     let client = db.client().await;
     wait_for("the first event", WAIT, || async {
         event_count(&client).await == 1
     })
     .await;
+    (work, daemon, client)
+}
+
+#[tokio::test]
+async fn changes_without_events_write_nothing_to_the_store_but_advance_the_slot() {
+    let db = users_db().await;
+    db.batch("ALTER TABLE users REPLICA IDENTITY FULL").await;
+    // Updates that change only `n` produce no event. (Transactions on unwatched tables
+    // do not reach walhook at all on PostgreSQL 15: pgoutput skips them.)
+    let (work, mut daemon, client) =
+        running_with_one_event(&db, "update_columns = [\"email\"]").await;
     log_checkpoint_writes(&db).await;
 
     // Twenty transactions of watched changes without events, then a change with one:
@@ -676,15 +687,7 @@ async fn a_change_the_store_refuses_goes_through_once_the_limit_is_raised() {
 async fn a_batch_failing_while_the_next_is_in_flight_is_written_again_with_it_in_order() {
     let db = users_db().await;
     // No subscription: nothing but ingest writes to the store.
-    let work = Workdir::new(&users_config(&db, ""));
-    let mut daemon = work.spawn_run(0);
-    wait_leading(&db, &mut daemon).await;
-    db.batch("INSERT INTO users VALUES (1, 'a', 0)").await;
-    let client = db.client().await;
-    wait_for("the first event", WAIT, || async {
-        event_count(&client).await == 1
-    })
-    .await;
+    let (_work, mut daemon, client) = running_with_one_event(&db, "").await;
     // The next COPY into the events fails once, and only once the batch after it holds
     // a transaction open beside it (its own entities upserted, waiting for this one to
     // commit): the failure lands while both are in flight, whatever the timing.
