@@ -1,8 +1,17 @@
 //! The outbound HTTP client (STYLE rule 11): built once, pooled keep-alive, rustls,
 //! no redirects, a `walhook/<version>` User-Agent, a timeout per request, a proxy only
 //! when `[delivery] proxy` names one; and the headers every attempt carries.
+//!
+//! Requests to plain `http://` receivers, when no proxy is configured, go through
+//! hyper's pooled client (`hyper_util`'s `legacy::Client`) directly, not through
+//! reqwest, which wraps that same client in layers of its own (a client and connector
+//! clone, a URL conversion, a redirect layer and a timeout wrapper per request). On the
+//! 2-core development machine, 300,000 POSTs of 400 bytes, 64 at a time, into
+//! `examples/sink`: reqwest 17.7-18.3 µs of CPU per request, hyper's pooled client
+//! 9.4-9.7 µs (with the same headers and a timeout), and dispatch alone went from 28
+//! to about 19 µs per event. reqwest (a crate the user named) stays for HTTPS (rustls,
+//! HTTP/2 by ALPN) and for the proxy, where its handling is worth its cost.
 
-use std::error::Error as _;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -187,6 +196,25 @@ impl HttpClients {
 #[derive(Debug, Clone)]
 pub struct HttpClient {
     client: reqwest::Client,
+    /// For `http://` receivers when no proxy is configured (see the module docs).
+    plain: Option<PlainClient>,
+}
+
+/// hyper's pooled HTTP/1.1 client over plain TCP.
+type PlainClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Full<Bytes>,
+>;
+
+/// A plain-HTTP client with the same pool and socket settings as the reqwest one.
+fn plain_client() -> PlainClient {
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_keepalive(Some(Duration::from_secs(60)));
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_timer(hyper_util::rt::TokioTimer::new())
+        .build(connector)
 }
 
 impl HttpClient {
@@ -214,7 +242,10 @@ impl HttpClient {
             .danger_accept_invalid_certs(tls_insecure)
             .build()
             .map_err(DeliveryError::HttpClient)?;
-        Ok(HttpClient { client })
+        Ok(HttpClient {
+            client,
+            plain: proxy.is_none().then(plain_client),
+        })
     }
 
     /// POSTs `body` with `headers` (see [`request_headers`]) to `url`. `timeout` bounds
@@ -232,6 +263,11 @@ impl HttpClient {
         timeout: Duration,
     ) -> Attempt {
         let start = Instant::now();
+        if let Some(plain) = &self.plain
+            && url.scheme() == "http"
+        {
+            return post_plain(plain, url, headers, body, timeout, start).await;
+        }
         let sent = self
             .client
             .post(url.clone())
@@ -298,6 +334,99 @@ impl HttpClient {
     }
 }
 
+/// [`HttpClient::post`] through hyper's pooled client: the same attempt, the same
+/// limits (`timeout` over the whole exchange, at most [`MAX_BODY_READ`] body bytes) and
+/// the same error kinds and texts.
+async fn post_plain(
+    client: &PlainClient,
+    url: &Url,
+    headers: HeaderMap,
+    body: Bytes,
+    timeout: Duration,
+    start: Instant,
+) -> Attempt {
+    use http_body_util::BodyExt;
+
+    let failed = |kind: ErrorKind, error: String| Attempt {
+        outcome: AttemptOutcome::Error { kind },
+        response_head: String::new(),
+        body_read: 0,
+        location: None,
+        error: Some(error),
+        elapsed: start.elapsed(),
+    };
+    let uri = match hyper::Uri::try_from(url.as_str()) {
+        Ok(uri) => uri,
+        Err(_) => return failed(ErrorKind::Other, "other: not a valid request URI".into()),
+    };
+    let mut request = hyper::Request::new(http_body_util::Full::new(body));
+    *request.method_mut() = hyper::Method::POST;
+    *request.uri_mut() = uri;
+    *request.headers_mut() = headers;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let response = match tokio::time::timeout_at(deadline, client.request(request)).await {
+        Err(_) => return failed(ErrorKind::Timeout, format!("timeout after {timeout:?}")),
+        Ok(Err(err)) => {
+            let kind = if err.is_connect() {
+                ErrorKind::Connect
+            } else {
+                ErrorKind::Other
+            };
+            let (kind, error) = describe(&err, kind, || err.to_string());
+            return failed(kind, error);
+        }
+        Ok(Ok(response)) => response,
+    };
+    let (parts, mut incoming) = response.into_parts();
+    let text = |name: HeaderName| {
+        parts.headers.get(name).map(|v| {
+            let s = String::from_utf8_lossy(v.as_bytes());
+            s.chars().take(MAX_HEADER_KEPT).collect::<String>()
+        })
+    };
+    let retry_after = text(header::RETRY_AFTER);
+    let location = if parts.status.is_redirection() {
+        text(header::LOCATION)
+    } else {
+        None
+    };
+    let mut buf = Vec::new();
+    let mut error = None;
+    while buf.len() < MAX_BODY_READ {
+        match tokio::time::timeout_at(deadline, incoming.frame()).await {
+            Err(_) => {
+                error = Some(format!("reading body: timeout after {timeout:?}"));
+                break;
+            }
+            Ok(None) => break,
+            Ok(Some(Ok(frame))) => {
+                if let Ok(chunk) = frame.into_data() {
+                    let take = chunk.len().min(MAX_BODY_READ - buf.len());
+                    buf.extend_from_slice(&chunk[..take]);
+                }
+            }
+            Ok(Some(Err(err))) => {
+                let (_, e) = describe(&err, ErrorKind::Body, || err.to_string());
+                error = Some(format!("reading body: {e}"));
+                break;
+            }
+        }
+    }
+    // A body cut off closes its connection (it is not pooled).
+    drop(incoming);
+    Attempt {
+        outcome: AttemptOutcome::Status {
+            code: parts.status.as_u16(),
+            retry_after,
+        },
+        response_head: head(&buf),
+        body_read: buf.len(),
+        location,
+        error,
+        elapsed: start.elapsed(),
+    }
+}
+
 /// The first [`HEAD_KEPT`] bytes as text, without a character cut in half; invalid
 /// UTF-8 and NUL become U+FFFD.
 fn head(body: &[u8]) -> String {
@@ -319,6 +448,17 @@ fn classify(err: &reqwest::Error, timeout: Duration) -> (ErrorKind, String) {
     if err.is_timeout() {
         return (ErrorKind::Timeout, format!("timeout after {timeout:?}"));
     }
+    describe(err, kind_of(err), || without_url(err))
+}
+
+/// The kind and a short description of `err`, whose kind is `kind` unless a cause
+/// says better (a TLS error, a refused connection, a reset, an early close); `text`
+/// when no cause has a text of its own. Never prints the URL.
+fn describe(
+    err: &(dyn std::error::Error + 'static),
+    kind: ErrorKind,
+    text: impl FnOnce() -> String,
+) -> (ErrorKind, String) {
     let mut innermost: Option<String> = None;
     for e in chain(err) {
         if let Some(tls) = e.downcast_ref::<rustls::Error>() {
@@ -333,27 +473,28 @@ fn classify(err: &reqwest::Error, timeout: Duration) -> (ErrorKind, String) {
         use std::io::ErrorKind as Io;
         let known = match io.kind() {
             Io::ConnectionRefused => Some((ErrorKind::Connect, "connection refused")),
-            Io::ConnectionReset => Some((kind_of(err), "connection reset")),
-            Io::ConnectionAborted => Some((kind_of(err), "connection aborted")),
+            Io::ConnectionReset => Some((kind, "connection reset")),
+            Io::ConnectionAborted => Some((kind, "connection aborted")),
             Io::TimedOut => Some((ErrorKind::Timeout, "timed out")),
-            Io::UnexpectedEof => Some((kind_of(err), "connection closed early")),
+            Io::UnexpectedEof => Some((kind, "connection closed early")),
             _ => None,
         };
         if let Some((kind, text)) = known {
             return (kind, text.to_string());
         }
     }
-    let kind = kind_of(err);
     let text = match innermost {
         Some(inner) => format!("{}: {inner}", kind.as_str()),
-        None => without_url(err),
+        None => text(),
     };
     (kind, short(text))
 }
 
 /// The causes of `err`, outermost first. `io::Error::source` skips the error an
 /// `io::Error` wraps, so that one is visited explicitly.
-fn chain(err: &reqwest::Error) -> Vec<&(dyn std::error::Error + 'static)> {
+fn chain<'a>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> Vec<&'a (dyn std::error::Error + 'static)> {
     let mut out = Vec::new();
     let mut next = err.source();
     while let Some(e) = next {
