@@ -41,6 +41,8 @@ enum Reply {
     Big(usize),
     /// Never answer (keep the connection open).
     Never,
+    /// `200` announcing 1,000 body bytes, 10 of them, then nothing (kept open).
+    Stalls,
 }
 
 /// Serves `reply` on `127.0.0.1:0` over plain TCP, or TLS with `tls`; each request
@@ -103,6 +105,12 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
         Reply::Never => {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        }
+        Reply::Stalls => {
+            let text = "HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789";
+            let _ = s.write_all(text.as_bytes()).await;
+            let _ = s.flush().await;
             tokio::time::sleep(Duration::from_secs(60)).await;
         }
     }
@@ -234,6 +242,29 @@ async fn silent_server_times_out() {
     );
     assert_eq!(a.error.as_deref(), Some("timeout after 300ms"));
     assert!(a.elapsed >= Duration::from_millis(300) && a.elapsed < Duration::from_secs(5));
+}
+
+/// Both paths (plain HTTP through hyper's client, HTTPS through reqwest) time a body
+/// that stops arriving out the same way: the status stands, the error says so.
+#[tokio::test]
+async fn a_body_that_stops_arriving_keeps_its_status_and_times_out() {
+    let insecure = HttpClient::new(true, None).unwrap();
+    for (scheme, tls) in [("http", None), ("https", Some(self_signed()))] {
+        let (addr, _rx) = serve(Reply::Stalls, tls).await;
+        let a = post(&insecure, &url(scheme, addr), Duration::from_millis(500)).await;
+        assert_eq!(code(&a), 200, "{scheme}");
+        assert_eq!(
+            a.error.as_deref(),
+            Some("reading body: timeout after 500ms"),
+            "{scheme}"
+        );
+        assert_eq!(
+            (a.body_read, a.response_head.as_str()),
+            (10, "0123456789"),
+            "{scheme}"
+        );
+        assert!(a.elapsed >= Duration::from_millis(500) && a.elapsed < Duration::from_secs(5));
+    }
 }
 
 #[tokio::test]
