@@ -263,10 +263,8 @@ impl HttpClient {
         timeout: Duration,
     ) -> Attempt {
         let start = Instant::now();
-        if let Some(plain) = &self.plain
-            && url.scheme() == "http"
-        {
-            return post_plain(plain, url, headers, body, timeout, start).await;
+        if let Some((plain, uri)) = self.plain.as_ref().zip(plain_uri(url)) {
+            return post_plain(plain, uri, headers, body, timeout, start).await;
         }
         let sent = self
             .client
@@ -334,12 +332,25 @@ impl HttpClient {
     }
 }
 
+/// The request URI of `url` for hyper's client: a plain `http://` URL without
+/// credentials (reqwest turns those into an `Authorization` header) and without a
+/// fragment; `None` sends it through reqwest.
+fn plain_uri(url: &Url) -> Option<hyper::Uri> {
+    let plain = url.scheme() == "http"
+        && url.username().is_empty()
+        && url.password().is_none()
+        && url.fragment().is_none();
+    plain
+        .then(|| hyper::Uri::try_from(url.as_str()).ok())
+        .flatten()
+}
+
 /// [`HttpClient::post`] through hyper's pooled client: the same attempt, the same
 /// limits (`timeout` over the whole exchange, at most [`MAX_BODY_READ`] body bytes) and
 /// the same error kinds and texts.
 async fn post_plain(
     client: &PlainClient,
-    url: &Url,
+    uri: hyper::Uri,
     headers: HeaderMap,
     body: Bytes,
     timeout: Duration,
@@ -354,10 +365,6 @@ async fn post_plain(
         location: None,
         error: Some(error),
         elapsed: start.elapsed(),
-    };
-    let uri = match hyper::Uri::try_from(url.as_str()) {
-        Ok(uri) => uri,
-        Err(_) => return failed(ErrorKind::Other, "other: not a valid request URI".into()),
     };
     let mut request = hyper::Request::new(http_body_util::Full::new(body));
     *request.method_mut() = hyper::Method::POST;

@@ -267,6 +267,24 @@ async fn a_body_that_stops_arriving_keeps_its_status_and_times_out() {
     }
 }
 
+/// Credentials in an `http://` URL become an `Authorization` header (reqwest's way,
+/// which such URLs take), never part of the request line or `Host`.
+#[tokio::test]
+async fn credentials_in_a_plain_url_are_sent_as_basic_auth() {
+    let (addr, mut rx) = serve(
+        Reply::Raw("HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n".into()),
+        None,
+    )
+    .await;
+    let url = Url::parse(&format!("http://user:pass@{addr}/hook")).unwrap();
+    let a = post(&client(), &url, WAIT).await;
+    assert_eq!(code(&a), 204);
+    let got = rx.recv().await.expect("the request");
+    assert_eq!(got.header("authorization"), Some("Basic dXNlcjpwYXNz"));
+    assert_eq!(got.header("host"), Some(addr.to_string().as_str()));
+    assert!(!got.request_line.contains("pass"), "{}", got.request_line);
+}
+
 #[tokio::test]
 async fn huge_body_is_cut_off() {
     let (addr, _rx) = serve(Reply::Big(10 * 1024 * 1024), None).await;
