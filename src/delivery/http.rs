@@ -278,37 +278,15 @@ impl HttpClient {
             Ok(response) => response,
             Err(err) => {
                 let (kind, error) = classify(&err, timeout);
-                return Attempt {
-                    outcome: AttemptOutcome::Error { kind },
-                    response_head: String::new(),
-                    body_read: 0,
-                    location: None,
-                    error: Some(error),
-                    elapsed: start.elapsed(),
-                };
+                return failed(kind, error, start);
             }
         };
-        let status = response.status();
-        let text = |name: HeaderName| {
-            response.headers().get(name).map(|v| {
-                let s = String::from_utf8_lossy(v.as_bytes());
-                s.chars().take(MAX_HEADER_KEPT).collect::<String>()
-            })
-        };
-        let retry_after = text(header::RETRY_AFTER);
-        let location = if status.is_redirection() {
-            text(header::LOCATION)
-        } else {
-            None
-        };
+        let answer = AnswerHead::of(response.status(), response.headers());
         let mut buf = Vec::new();
         let mut error = None;
         while buf.len() < MAX_BODY_READ {
             match response.chunk().await {
-                Ok(Some(chunk)) => {
-                    let take = chunk.len().min(MAX_BODY_READ - buf.len());
-                    buf.extend_from_slice(&chunk[..take]);
-                }
+                Ok(Some(chunk)) => keep(&mut buf, &chunk),
                 Ok(None) => break,
                 Err(err) => {
                     let (_, e) = classify(&err, timeout);
@@ -318,18 +296,69 @@ impl HttpClient {
             }
         }
         drop(response);
+        answer.attempt(&buf, error, start)
+    }
+}
+
+/// What an attempt keeps of an answer's head: the status, `Retry-After`, and
+/// `Location` of a redirect (each at most [`MAX_HEADER_KEPT`] characters).
+struct AnswerHead {
+    code: u16,
+    retry_after: Option<String>,
+    location: Option<String>,
+}
+
+impl AnswerHead {
+    fn of(status: hyper::StatusCode, headers: &HeaderMap) -> AnswerHead {
+        let text = |name: HeaderName| {
+            headers.get(name).map(|v| {
+                let s = String::from_utf8_lossy(v.as_bytes());
+                s.chars().take(MAX_HEADER_KEPT).collect::<String>()
+            })
+        };
+        AnswerHead {
+            code: status.as_u16(),
+            retry_after: text(header::RETRY_AFTER),
+            location: status
+                .is_redirection()
+                .then(|| text(header::LOCATION))
+                .flatten(),
+        }
+    }
+
+    /// The attempt that got this answer, `body` read of it (`error` when reading
+    /// stopped early).
+    fn attempt(self, body: &[u8], error: Option<String>, start: Instant) -> Attempt {
         Attempt {
             outcome: AttemptOutcome::Status {
-                code: status.as_u16(),
-                retry_after,
+                code: self.code,
+                retry_after: self.retry_after,
             },
-            response_head: head(&buf),
-            body_read: buf.len(),
-            location,
+            response_head: head(body),
+            body_read: body.len(),
+            location: self.location,
             error,
             elapsed: start.elapsed(),
         }
     }
+}
+
+/// An attempt that got no answer.
+fn failed(kind: ErrorKind, error: String, start: Instant) -> Attempt {
+    Attempt {
+        outcome: AttemptOutcome::Error { kind },
+        response_head: String::new(),
+        body_read: 0,
+        location: None,
+        error: Some(error),
+        elapsed: start.elapsed(),
+    }
+}
+
+/// Appends what of `chunk` fits under [`MAX_BODY_READ`].
+fn keep(buf: &mut Vec<u8>, chunk: &[u8]) {
+    let take = chunk.len().min(MAX_BODY_READ - buf.len());
+    buf.extend_from_slice(&chunk[..take]);
 }
 
 /// The request URI of `url` for hyper's client: a plain `http://` URL without
@@ -358,21 +387,19 @@ async fn post_plain(
 ) -> Attempt {
     use http_body_util::BodyExt;
 
-    let failed = |kind: ErrorKind, error: String| Attempt {
-        outcome: AttemptOutcome::Error { kind },
-        response_head: String::new(),
-        body_read: 0,
-        location: None,
-        error: Some(error),
-        elapsed: start.elapsed(),
-    };
     let mut request = hyper::Request::new(http_body_util::Full::new(body));
     *request.method_mut() = hyper::Method::POST;
     *request.uri_mut() = uri;
     *request.headers_mut() = headers;
     let deadline = tokio::time::Instant::now() + timeout;
     let response = match tokio::time::timeout_at(deadline, client.request(request)).await {
-        Err(_) => return failed(ErrorKind::Timeout, format!("timeout after {timeout:?}")),
+        Err(_) => {
+            return failed(
+                ErrorKind::Timeout,
+                format!("timeout after {timeout:?}"),
+                start,
+            );
+        }
         Ok(Err(err)) => {
             let kind = if err.is_connect() {
                 ErrorKind::Connect
@@ -380,23 +407,12 @@ async fn post_plain(
                 ErrorKind::Other
             };
             let (kind, error) = describe(&err, kind, || err.to_string());
-            return failed(kind, error);
+            return failed(kind, error, start);
         }
         Ok(Ok(response)) => response,
     };
     let (parts, mut incoming) = response.into_parts();
-    let text = |name: HeaderName| {
-        parts.headers.get(name).map(|v| {
-            let s = String::from_utf8_lossy(v.as_bytes());
-            s.chars().take(MAX_HEADER_KEPT).collect::<String>()
-        })
-    };
-    let retry_after = text(header::RETRY_AFTER);
-    let location = if parts.status.is_redirection() {
-        text(header::LOCATION)
-    } else {
-        None
-    };
+    let answer = AnswerHead::of(parts.status, &parts.headers);
     let mut buf = Vec::new();
     let mut error = None;
     while buf.len() < MAX_BODY_READ {
@@ -408,8 +424,7 @@ async fn post_plain(
             Ok(None) => break,
             Ok(Some(Ok(frame))) => {
                 if let Ok(chunk) = frame.into_data() {
-                    let take = chunk.len().min(MAX_BODY_READ - buf.len());
-                    buf.extend_from_slice(&chunk[..take]);
+                    keep(&mut buf, &chunk);
                 }
             }
             Ok(Some(Err(err))) => {
@@ -421,17 +436,7 @@ async fn post_plain(
     }
     // A body cut off closes its connection (it is not pooled).
     drop(incoming);
-    Attempt {
-        outcome: AttemptOutcome::Status {
-            code: parts.status.as_u16(),
-            retry_after,
-        },
-        response_head: head(&buf),
-        body_read: buf.len(),
-        location,
-        error,
-        elapsed: start.elapsed(),
-    }
+    answer.attempt(&buf, error, start)
 }
 
 /// The first [`HEAD_KEPT`] bytes as text, without a character cut in half; invalid
