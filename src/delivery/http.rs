@@ -248,7 +248,7 @@ impl HttpClient {
         })
     }
 
-    /// POSTs `body` with `headers` (see [`request_headers`]) to `url`. `timeout` bounds
+    /// POSTs `body` with `headers` (see [`request_headers`]) to `target`. `timeout` bounds
     /// the whole attempt: connecting, the answer and reading the body. Redirects are
     /// returned, not followed. At most [`MAX_BODY_READ`] bytes of the body are read;
     /// a longer body is cut off (its connection is then closed, not pooled).
@@ -257,18 +257,18 @@ impl HttpClient {
     /// Logs nothing.
     pub async fn post(
         &self,
-        url: &Url,
+        target: &Target,
         headers: HeaderMap,
         body: Bytes,
         timeout: Duration,
     ) -> Attempt {
         let start = Instant::now();
-        if let Some((plain, uri)) = self.plain.as_ref().zip(plain_uri(url)) {
-            return post_plain(plain, uri, headers, body, timeout, start).await;
+        if let Some((plain, uri)) = self.plain.as_ref().zip(target.plain.as_ref()) {
+            return post_plain(plain, uri.clone(), headers, body, timeout, start).await;
         }
         let sent = self
             .client
-            .post(url.clone())
+            .post(target.url.clone())
             .headers(headers)
             .timeout(timeout)
             .body(body)
@@ -361,17 +361,29 @@ fn keep(buf: &mut Vec<u8>, chunk: &[u8]) {
     buf.extend_from_slice(&chunk[..take]);
 }
 
-/// The request URI of `url` for hyper's client: a plain `http://` URL without
-/// credentials (reqwest turns those into an `Authorization` header) and without a
-/// fragment; `None` sends it through reqwest.
-fn plain_uri(url: &Url) -> Option<hyper::Uri> {
-    let plain = url.scheme() == "http"
-        && url.username().is_empty()
-        && url.password().is_none()
-        && url.fragment().is_none();
-    plain
-        .then(|| hyper::Uri::try_from(url.as_str()).ok())
-        .flatten()
+/// Where a subscription's requests go: its URL and, for a plain `http://` URL without
+/// credentials (reqwest turns those into an `Authorization` header) or a fragment, the
+/// request URI hyper's client takes, worked out once rather than per request.
+#[derive(Debug, Clone)]
+pub struct Target {
+    url: Url,
+    /// `None` sends requests through reqwest.
+    plain: Option<hyper::Uri>,
+}
+
+impl Target {
+    pub fn new(url: &Url) -> Target {
+        let plain = url.scheme() == "http"
+            && url.username().is_empty()
+            && url.password().is_none()
+            && url.fragment().is_none();
+        Target {
+            url: url.clone(),
+            plain: plain
+                .then(|| hyper::Uri::try_from(url.as_str()).ok())
+                .flatten(),
+        }
+    }
 }
 
 /// [`HttpClient::post`] through hyper's pooled client: the same attempt, the same

@@ -21,7 +21,7 @@ pub mod supervise;
 
 pub use error::DeliveryError;
 pub use http::{
-    Attempt, AttemptOutcome, HEAD_KEPT, HttpClient, HttpClients, MAX_BODY_READ, USER_AGENT,
+    Attempt, AttemptOutcome, HEAD_KEPT, HttpClient, HttpClients, MAX_BODY_READ, Target, USER_AGENT,
     request_headers,
 };
 pub use policy::{Decision, ErrorKind, Outcome, decide};

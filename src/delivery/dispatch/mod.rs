@@ -35,7 +35,7 @@ use tracing::{debug, info, warn};
 
 use self::machine::{Answer, Machine, Row, Sent};
 use super::measure::AttemptMetrics;
-use super::{Decision, HttpClients, body, decide, request_headers};
+use super::{Decision, HttpClients, Target, body, decide, request_headers};
 use crate::config::{Ordering, SubscriptionConfig};
 use crate::routing::{Envelope, EventSource, Router};
 use crate::source::decoder::TableName;
@@ -82,8 +82,11 @@ pub async fn run(
     let sub = Arc::new(sub);
     let serial = DISPATCHERS.fetch_add(1, AtomicOrdering::Relaxed);
     let mut d = Dispatcher {
-        router: Arc::new(Router::new(std::slice::from_ref(&*sub))),
-        metrics: Arc::new(AttemptMetrics::new(sub.name.as_str())),
+        outbound: Arc::new(Outbound {
+            router: Router::new(std::slice::from_ref(&*sub)),
+            metrics: AttemptMetrics::new(sub.name.as_str()),
+            target: Target::new(sub.url.expose()),
+        }),
         ordered: sub.ordering == Ordering::Entity,
         sub,
         clients,
@@ -129,10 +132,18 @@ type Done = Answer;
 /// A finished query of new events, and the connection it ran on.
 type Fetched = (Store, Result<NewEvents, StoreError>);
 
+/// What every attempt of a subscription uses, built once.
+struct Outbound {
+    /// Applies the subscription's filter.
+    router: Router,
+    metrics: AttemptMetrics,
+    /// Where requests go.
+    target: Target,
+}
+
 struct Dispatcher {
     sub: Arc<SubscriptionConfig>,
-    router: Arc<Router>,
-    metrics: Arc<AttemptMetrics>,
+    outbound: Arc<Outbound>,
     clients: Arc<HttpClients>,
     store: Store,
     /// Bumped on new events; holds the newest this process ingested.
@@ -381,12 +392,10 @@ impl Dispatcher {
 
     /// Starts the request of `events`.
     fn start(&self, tasks: &mut JoinSet<Done>, events: Vec<DueEvent>) {
-        let (sub, clients, router) = (self.sub.clone(), self.clients.clone(), self.router.clone());
-        let metrics = self.metrics.clone();
+        let (sub, clients) = (self.sub.clone(), self.clients.clone());
+        let outbound = self.outbound.clone();
         let valid_until = self.valid_until;
-        tasks.spawn(async move {
-            attempt(&sub, &clients, &router, &metrics, events, valid_until).await
-        });
+        tasks.spawn(async move { attempt(&sub, &clients, &outbound, events, valid_until).await });
     }
 
     /// Hands finished attempts to the machine and writes what it settles (one
@@ -513,8 +522,7 @@ struct Request {
 async fn attempt(
     sub: &SubscriptionConfig,
     clients: &HttpClients,
-    router: &Router,
-    metrics: &AttemptMetrics,
+    outbound: &Outbound,
     events: Vec<DueEvent>,
     valid_until: Instant,
 ) -> Answer {
@@ -533,7 +541,7 @@ async fn attempt(
             body::render_stored(&event, sub.payload)
         } else {
             let envelope = envelope(&event);
-            if sub.filter.is_some() && router.route(&envelope).subscriptions.is_empty() {
+            if sub.filter.is_some() && outbound.router.route(&envelope).subscriptions.is_empty() {
                 out.push((event, Some(Sent::Filtered)));
                 continue;
             }
@@ -624,7 +632,7 @@ async fn attempt(
     }
     let result = clients
         .for_subscription(sub)
-        .post(sub.url.expose(), headers, request.body, sub.timeout)
+        .post(&outbound.target, headers, request.body, sub.timeout)
         .await;
     // Retry-After and the backoff count from the answer, not from the request: a slow
     // answer must not bring the next attempt forward.
@@ -639,7 +647,9 @@ async fn attempt(
         fastrand::f64(),
     );
     tracing::Span::current().record("status", result.outcome.label().as_ref());
-    metrics.record(&result, &decision, occurred_at, count as u64);
+    outbound
+        .metrics
+        .record(&result, &decision, occurred_at, count as u64);
     debug!(subscription = %sub.name, webhook_id = %request.id, events = count, attempt = attempts + 1, elapsed_ms = result.elapsed.as_millis() as u64, "attempt");
     finish(out, Some(Sent::Attempted(result, decision)), batch)
 }

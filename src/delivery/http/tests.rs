@@ -174,7 +174,12 @@ fn json_headers() -> HeaderMap {
 async fn post(client: &HttpClient, url: &Url, timeout: Duration) -> Attempt {
     tokio::time::timeout(
         WAIT,
-        client.post(url, json_headers(), Bytes::from_static(b"{}"), timeout),
+        client.post(
+            &Target::new(url),
+            json_headers(),
+            Bytes::from_static(b"{}"),
+            timeout,
+        ),
     )
     .await
     .expect("post returned within 10s")
@@ -357,7 +362,12 @@ async fn headers_arrive_and_the_signature_verifies() {
     let clients = HttpClients::new(&c.delivery).unwrap();
     let a = clients
         .for_subscription(sub)
-        .post(sub.url.expose(), headers.clone(), body.clone(), sub.timeout)
+        .post(
+            &Target::new(sub.url.expose()),
+            headers.clone(),
+            body.clone(),
+            sub.timeout,
+        )
         .await;
     assert_eq!(code(&a), 204);
     let got = tokio::time::timeout(WAIT, rx.recv())
@@ -472,7 +482,12 @@ async fn a_configured_proxy_gets_every_request_in_absolute_form() {
     // The receiver's host does not resolve: only the proxy can have answered.
     let receiver = Url::parse("http://receiver.invalid:8080/hook").unwrap();
     let a = client
-        .post(&receiver, json_headers(), Bytes::from_static(b"{}"), WAIT)
+        .post(
+            &Target::new(&receiver),
+            json_headers(),
+            Bytes::from_static(b"{}"),
+            WAIT,
+        )
         .await;
     assert_eq!(code(&a), 204, "{a:?}");
     let got = tokio::time::timeout(WAIT, rx.recv())
