@@ -2,16 +2,17 @@
 //! no redirects, a `walhook/<version>` User-Agent, a timeout per request, a proxy only
 //! when `[delivery] proxy` names one; and the headers every attempt carries.
 //!
-//! Requests to plain `http://` receivers, when no proxy is configured, go through
-//! hyper's pooled client (`hyper_util`'s `legacy::Client`) directly, not through
-//! reqwest, which wraps that same client in layers of its own (a client and connector
-//! clone, a URL conversion, a redirect layer and a timeout wrapper per request). On the
-//! 2-core development machine, 300,000 POSTs of 400 bytes, 64 at a time, into
-//! `examples/sink`: reqwest 17.7-18.3 µs of CPU per request, hyper's pooled client
-//! 9.4-9.7 µs (with the same headers and a timeout), and dispatch alone went from 28
-//! to about 19 µs per event. reqwest (a crate the user named) stays for HTTPS (rustls,
-//! HTTP/2 by ALPN) and for the proxy, where its handling is worth its cost.
+//! Requests to plain `http://` receivers, when no proxy is configured, go over hyper's
+//! HTTP/1.1 client connections in walhook's own pool ([`plain`]), not through reqwest,
+//! which wraps hyper's pooled client (`hyper_util`'s `legacy::Client`) in layers of its
+//! own (a client and connector clone, a URL conversion, a redirect layer and a timeout
+//! wrapper per request). On the 2-core development machine, 300,000 POSTs of 400 bytes,
+//! 64 at a time, into `examples/sink`: reqwest 17.7-18.3 µs of CPU per request, hyper's
+//! pooled client 9.4-9.7 µs (with the same headers and a timeout), hyper's connections
+//! driven directly 6.7-6.9 µs. reqwest (a crate the user named) stays for HTTPS
+//! (rustls, HTTP/2 by ALPN) and for the proxy, where its handling is worth its cost.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -196,25 +197,9 @@ impl HttpClients {
 #[derive(Debug, Clone)]
 pub struct HttpClient {
     client: reqwest::Client,
-    /// For `http://` receivers when no proxy is configured (see the module docs).
-    plain: Option<PlainClient>,
-}
-
-/// hyper's pooled HTTP/1.1 client over plain TCP.
-type PlainClient = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    http_body_util::Full<Bytes>,
->;
-
-/// A plain-HTTP client with the same pool and socket settings as the reqwest one.
-fn plain_client() -> PlainClient {
-    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_keepalive(Some(Duration::from_secs(60)));
-    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_timer(hyper_util::rt::TokioTimer::new())
-        .build(connector)
+    /// No proxy is configured: requests to `http://` receivers go through walhook's
+    /// own connection pool ([`plain`], see the module docs).
+    direct: bool,
 }
 
 impl HttpClient {
@@ -244,7 +229,7 @@ impl HttpClient {
             .map_err(DeliveryError::HttpClient)?;
         Ok(HttpClient {
             client,
-            plain: proxy.is_none().then(plain_client),
+            direct: proxy.is_none(),
         })
     }
 
@@ -263,8 +248,10 @@ impl HttpClient {
         timeout: Duration,
     ) -> Attempt {
         let start = Instant::now();
-        if let Some((plain, uri)) = self.plain.as_ref().zip(target.plain.as_ref()) {
-            return post_plain(plain, uri.clone(), headers, body, timeout, start).await;
+        if self.direct
+            && let Some(plain) = &target.plain
+        {
+            return plain.post(headers, body, timeout, start).await;
         }
         let sent = self
             .client
@@ -363,12 +350,13 @@ fn keep(buf: &mut Vec<u8>, chunk: &[u8]) {
 
 /// Where a subscription's requests go: its URL and, for a plain `http://` URL without
 /// credentials (reqwest turns those into an `Authorization` header) or a fragment, the
-/// request URI hyper's client takes, worked out once rather than per request.
+/// pool of connections to it ([`plain`]), made once per dispatcher rather than per
+/// request. Cloning shares the pool.
 #[derive(Debug, Clone)]
 pub struct Target {
     url: Url,
     /// `None` sends requests through reqwest.
-    plain: Option<hyper::Uri>,
+    plain: Option<Arc<plain::Plain>>,
 }
 
 impl Target {
@@ -380,75 +368,11 @@ impl Target {
         Target {
             url: url.clone(),
             plain: plain
-                .then(|| hyper::Uri::try_from(url.as_str()).ok())
-                .flatten(),
+                .then(|| plain::Plain::new(url))
+                .flatten()
+                .map(Arc::new),
         }
     }
-}
-
-/// [`HttpClient::post`] through hyper's pooled client: the same attempt, the same
-/// limits (`timeout` over the whole exchange, at most [`MAX_BODY_READ`] body bytes) and
-/// the same error kinds and texts.
-async fn post_plain(
-    client: &PlainClient,
-    uri: hyper::Uri,
-    headers: HeaderMap,
-    body: Bytes,
-    timeout: Duration,
-    start: Instant,
-) -> Attempt {
-    use http_body_util::BodyExt;
-
-    let mut request = hyper::Request::new(http_body_util::Full::new(body));
-    *request.method_mut() = hyper::Method::POST;
-    *request.uri_mut() = uri;
-    *request.headers_mut() = headers;
-    let deadline = tokio::time::Instant::now() + timeout;
-    let response = match tokio::time::timeout_at(deadline, client.request(request)).await {
-        Err(_) => {
-            return failed(
-                ErrorKind::Timeout,
-                format!("timeout after {timeout:?}"),
-                start,
-            );
-        }
-        Ok(Err(err)) => {
-            let kind = if err.is_connect() {
-                ErrorKind::Connect
-            } else {
-                ErrorKind::Other
-            };
-            let (kind, error) = describe(&err, kind, || err.to_string());
-            return failed(kind, error, start);
-        }
-        Ok(Ok(response)) => response,
-    };
-    let (parts, mut incoming) = response.into_parts();
-    let answer = AnswerHead::of(parts.status, &parts.headers);
-    let mut buf = Vec::new();
-    let mut error = None;
-    while buf.len() < MAX_BODY_READ {
-        match tokio::time::timeout_at(deadline, incoming.frame()).await {
-            Err(_) => {
-                error = Some(format!("reading body: timeout after {timeout:?}"));
-                break;
-            }
-            Ok(None) => break,
-            Ok(Some(Ok(frame))) => {
-                if let Ok(chunk) = frame.into_data() {
-                    keep(&mut buf, &chunk);
-                }
-            }
-            Ok(Some(Err(err))) => {
-                let (_, e) = describe(&err, ErrorKind::Body, || err.to_string());
-                error = Some(format!("reading body: {e}"));
-                break;
-            }
-        }
-    }
-    // A body cut off closes its connection (it is not pooled).
-    drop(incoming);
-    answer.attempt(&buf, error, start)
 }
 
 /// The first [`HEAD_KEPT`] bytes as text, without a character cut in half; invalid
@@ -566,6 +490,8 @@ fn short(mut text: String) -> String {
     }
     text
 }
+
+mod plain;
 
 #[cfg(test)]
 mod tests;

@@ -17,6 +17,8 @@ const KEY: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 /// A request as the server saw it.
 #[derive(Debug)]
 struct Received {
+    /// Which connection it came on: the server's accept count, from 1.
+    conn: usize,
     request_line: String,
     /// Lowercased names.
     headers: Vec<(String, String)>,
@@ -43,6 +45,12 @@ enum Reply {
     Never,
     /// `200` announcing 1,000 body bytes, 10 of them, then nothing (kept open).
     Stalls,
+    /// `204` to every request, keeping the connection open.
+    KeepAlive,
+    /// `204` without `connection: close`, then close 50 ms later.
+    Once,
+    /// `204` with `connection: close`, then close.
+    OnceSayingClose,
 }
 
 /// Serves `reply` on `127.0.0.1:0` over plain TCP, or TLS with `tls`; each request
@@ -55,7 +63,7 @@ async fn serve(
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
-        loop {
+        for conn in 1.. {
             let Ok((sock, _)) = listener.accept().await else {
                 return;
             };
@@ -64,10 +72,10 @@ async fn serve(
                 match tls {
                     Some(acceptor) => {
                         if let Ok(s) = acceptor.accept(sock).await {
-                            handle(s, reply, tx).await;
+                            handle(s, conn, reply, tx).await;
                         }
                     }
-                    None => handle(sock, reply, tx).await,
+                    None => handle(sock, conn, reply, tx).await,
                 }
             });
         }
@@ -77,14 +85,37 @@ async fn serve(
 
 async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     mut s: S,
+    conn: usize,
     reply: Reply,
     tx: mpsc::UnboundedSender<Received>,
 ) {
-    let Some(request) = read_request(&mut s).await else {
+    let Some(mut request) = read_request(&mut s).await else {
         return;
     };
+    request.conn = conn;
     let _ = tx.send(request);
     match reply {
+        Reply::KeepAlive => loop {
+            if s.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let Some(mut request) = read_request(&mut s).await else {
+                return;
+            };
+            request.conn = conn;
+            let _ = tx.send(request);
+        },
+        Reply::Once => {
+            let _ = s.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Reply::OnceSayingClose => {
+            let text = "HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n";
+            let _ = s.write_all(text.as_bytes()).await;
+        }
         Reply::Raw(text) => {
             let _ = s.write_all(text.as_bytes()).await;
         }
@@ -150,6 +181,7 @@ async fn read_request<S: AsyncRead + Unpin>(s: &mut S) -> Option<Received> {
         buf.extend_from_slice(&tmp[..n]);
     }
     Some(Received {
+        conn: 0,
         request_line,
         headers,
         body: buf[head_end..head_end + len].to_vec(),
@@ -172,23 +204,76 @@ fn json_headers() -> HeaderMap {
 }
 
 async fn post(client: &HttpClient, url: &Url, timeout: Duration) -> Attempt {
+    post_to(client, &Target::new(url), timeout).await
+}
+
+async fn post_to(client: &HttpClient, target: &Target, timeout: Duration) -> Attempt {
     tokio::time::timeout(
         WAIT,
-        client.post(
-            &Target::new(url),
-            json_headers(),
-            Bytes::from_static(b"{}"),
-            timeout,
-        ),
+        client.post(target, json_headers(), Bytes::from_static(b"{}"), timeout),
     )
     .await
     .expect("post returned within 10s")
+}
+
+/// The connections the requests received so far came on, in order.
+fn connections(rx: &mut mpsc::UnboundedReceiver<Received>) -> Vec<usize> {
+    std::iter::from_fn(|| rx.try_recv().ok())
+        .map(|r| r.conn)
+        .collect()
 }
 
 fn code(a: &Attempt) -> u16 {
     match &a.outcome {
         AttemptOutcome::Status { code, .. } => *code,
         other => panic!("expected a status, got {other:?} ({:?})", a.error),
+    }
+}
+
+#[tokio::test]
+async fn plain_http_connections_are_kept_and_reused() {
+    let (addr, mut rx) = serve(Reply::KeepAlive, None).await;
+    let (client, target) = (client(), Target::new(&url("http", addr)));
+    for _ in 0..5 {
+        assert_eq!(code(&post_to(&client, &target, WAIT).await), 204);
+    }
+    assert_eq!(
+        connections(&mut rx),
+        [1; 5],
+        "one after another: one connection"
+    );
+
+    // Eight at once need at most eight connections; the next eight find them idle.
+    let eight = || futures_util::future::join_all((0..8).map(|_| post_to(&client, &target, WAIT)));
+    for a in eight().await {
+        assert_eq!(code(&a), 204);
+    }
+    let first = connections(&mut rx);
+    let opened = *first.iter().max().unwrap();
+    assert!(first.len() == 8 && opened <= 8, "{first:?}");
+    for a in eight().await {
+        assert_eq!(code(&a), 204);
+    }
+    let second = connections(&mut rx);
+    assert_eq!(second.len(), 8);
+    assert!(
+        second.iter().all(|&c| c <= opened),
+        "{first:?} then {second:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_kept_connection_the_receiver_closed_is_not_used_again() {
+    // Closed after the answer, with `connection: close` or (later) without a word.
+    for (reply, pause) in [(Reply::OnceSayingClose, 0), (Reply::Once, 200)] {
+        let (addr, mut rx) = serve(reply, None).await;
+        let (client, target) = (client(), Target::new(&url("http", addr)));
+        for _ in 0..3 {
+            let a = post_to(&client, &target, WAIT).await;
+            assert_eq!(code(&a), 204, "{:?}", a.error);
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+        }
+        assert_eq!(connections(&mut rx), [1, 2, 3], "pause {pause} ms");
     }
 }
 
