@@ -211,7 +211,12 @@ impl Plain {
             (_, Some(ip)) => vec![SocketAddr::new(ip, self.port)],
             (Some(domain), None) => tokio::net::lookup_host((domain.as_str(), self.port))
                 .await
-                .map_err(|e| (ErrorKind::Connect, short(format!("dns error: {e}"))))?
+                .map_err(|e| {
+                    (
+                        ErrorKind::Connect,
+                        short(format!("connect: dns error: {e}")),
+                    )
+                })?
                 .collect(),
             (None, None) => Vec::new(),
         };
