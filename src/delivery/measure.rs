@@ -6,14 +6,14 @@
 //! A series is created by its first sample, as before: a subscription that never
 //! attempted anything has none (and a reload that removes it leaves none behind).
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 use std::time::SystemTime;
 
 use metrics::{Counter, Histogram, counter, histogram};
 
-use super::{Attempt, Decision};
+use super::policy::ErrorKind;
+use super::{Attempt, AttemptOutcome, Decision};
 use crate::telemetry::{
     DELIVERIES_TOTAL, DELIVERY_ATTEMPT_SECONDS, DELIVERY_LATENCY_SECONDS, HTTP_RESPONSES_TOTAL,
     label,
@@ -21,6 +21,9 @@ use crate::telemetry::{
 
 /// The `outcome` labels, in [`outcome`]'s order.
 const OUTCOMES: [&str; 4] = ["delivered", "retry", "dead", "disabled"];
+
+/// A status code, or the kind of failure.
+type ResponseKey = Result<u16, ErrorKind>;
 
 /// The index in [`OUTCOMES`] of a decision's `outcome` label.
 fn outcome(decision: &Decision) -> usize {
@@ -36,9 +39,9 @@ fn outcome(decision: &Decision) -> usize {
 pub struct AttemptMetrics {
     subscription: String,
     deliveries: [OnceLock<Counter>; 4],
-    /// `http_responses_total` per `code` label seen so far (a bounded set: status codes
-    /// and the failure kinds).
-    responses: Mutex<HashMap<Cow<'static, str>, Counter>>,
+    /// `http_responses_total` per status code or failure kind seen so far (a bounded
+    /// set), keyed without building the label.
+    responses: Mutex<HashMap<ResponseKey, Counter>>,
     attempt_seconds: OnceLock<Histogram>,
     latency_seconds: OnceLock<Histogram>,
 }
@@ -70,13 +73,17 @@ impl AttemptMetrics {
         self.deliveries[i]
             .get_or_init(|| counter!(DELIVERIES_TOTAL, label::SUBSCRIPTION => sub(), label::OUTCOME => OUTCOMES[i]))
             .increment(events);
-        let code = attempt.outcome.label();
+        let key = match attempt.outcome {
+            AttemptOutcome::Status { code, .. } => Ok(code),
+            AttemptOutcome::Error { kind } => Err(kind),
+        };
         self.responses
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry(code)
-            .or_insert_with_key(|code| {
-                counter!(HTTP_RESPONSES_TOTAL, label::SUBSCRIPTION => sub(), label::CODE => code.clone())
+            .entry(key)
+            .or_insert_with(|| {
+                let code = attempt.outcome.label();
+                counter!(HTTP_RESPONSES_TOTAL, label::SUBSCRIPTION => sub(), label::CODE => code)
             })
             .increment(1);
         self.attempt_seconds

@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 use crate::config::RetryPolicy;
 
 /// A failure that produced no HTTP status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorKind {
     /// No complete response head within the subscription's timeout.
     Timeout,

@@ -646,7 +646,10 @@ async fn attempt(
         answered,
         fastrand::f64(),
     );
-    tracing::Span::current().record("status", result.outcome.label().as_ref());
+    let span = tracing::Span::current();
+    if !span.is_disabled() {
+        span.record("status", result.outcome.label().as_ref());
+    }
     outbound
         .metrics
         .record(&result, &decision, occurred_at, count as u64);
