@@ -56,7 +56,8 @@ pub fn request_headers(
     timestamp: i64,
     body: &[u8],
 ) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(5 + sub.headers.len());
+    // Room for the plain-HTTP path's Host header too.
+    let mut out = HeaderMap::with_capacity(6 + sub.headers.len());
     let content_type =
         HeaderValue::from_str(content_type).unwrap_or(HeaderValue::from_static("application/json"));
     out.append(header::CONTENT_TYPE, content_type);

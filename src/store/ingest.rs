@@ -20,8 +20,9 @@ use crate::source::stream::Position;
 /// One event of a row change, before it has a revision and a sequence number.
 #[derive(Clone, Debug)]
 pub struct PendingEvent {
-    /// The event id (`evt_` and a ULID), kept when a batch is written again.
-    pub id: String,
+    /// The event id (`evt_` and a ULID), kept when a batch is written again; shared
+    /// with the live log's copy of the event.
+    pub id: Arc<str>,
     pub event_type: String,
     /// The row values; moved into [`PendingEvent::json`] by [`PendingEvent::render`].
     pub data: Map<String, Value>,
@@ -145,8 +146,13 @@ impl IngestBatch {
 }
 
 /// A new event id: `evt_` and a ULID.
-pub fn new_event_id() -> String {
-    format!("evt_{}", ulid::Ulid::new())
+pub fn new_event_id() -> Arc<str> {
+    let mut ulid = [0; ulid::ULID_LEN];
+    ulid::Ulid::new().array_to_str(&mut ulid);
+    let mut id = [0; 4 + ulid::ULID_LEN];
+    id[..4].copy_from_slice(b"evt_");
+    id[4..].copy_from_slice(&ulid);
+    Arc::from(std::str::from_utf8(&id).expect("base32 is ASCII"))
 }
 
 /// What one ingest wrote.
@@ -565,7 +571,7 @@ async fn copy_events(
                 let subscriptions: &[String] = &event.subscriptions;
                 let values: [&(dyn ToSql + Sync); 15] = [
                     &seq,
-                    &event.id,
+                    &&*event.id,
                     &event.event_type,
                     &&*change.entity,
                     &change.entity_id,
@@ -603,6 +609,16 @@ mod tests {
             rows_done,
             complete,
         }
+    }
+
+    #[test]
+    fn event_ids_are_evt_and_a_ulid() {
+        let (a, b) = (new_event_id(), new_event_id());
+        for id in [&a, &b] {
+            let ulid = id.strip_prefix("evt_").expect("evt_ prefix");
+            assert_eq!(ulid::Ulid::from_string(ulid).unwrap().to_string(), ulid);
+        }
+        assert_ne!(a, b);
     }
 
     #[test]

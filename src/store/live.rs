@@ -91,7 +91,7 @@ impl LiveLog {
                 let (data, previous) = (e.data_json(), e.previous_json());
                 let event = DueEvent {
                     seq,
-                    id: Arc::from(e.id),
+                    id: e.id,
                     event_type: Arc::from(e.event_type),
                     entity: change.entity.clone(),
                     entity_id: entity_id.clone(),
@@ -196,7 +196,7 @@ mod tests {
                     bulk: None,
                     events: vec![PendingEvent {
                         json: None,
-                        id: format!("evt_{id}"),
+                        id: format!("evt_{id}").into(),
                         event_type: "user.updated".into(),
                         data: Map::from_iter([("id".to_owned(), Value::from(*id))]),
                         previous: None,
