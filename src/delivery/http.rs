@@ -374,6 +374,16 @@ impl Target {
                 .map(Arc::new),
         }
     }
+
+    /// A target whose idle plain-HTTP connections close after `idle_timeout`.
+    #[cfg(test)]
+    fn with_idle_timeout(url: &Url, idle_timeout: Duration) -> Target {
+        let plain = plain::Plain::new(url).expect("a plain-HTTP URL");
+        Target {
+            url: url.clone(),
+            plain: Some(Arc::new(plain.with_idle_timeout(idle_timeout))),
+        }
+    }
 }
 
 /// The first [`HEAD_KEPT`] bytes as text, without a character cut in half; invalid

@@ -49,6 +49,8 @@ pub(super) struct Plain {
     port: u16,
     /// Most recently used last.
     idle: Mutex<Vec<Idle>>,
+    /// [`IDLE_TIMEOUT`], shorter in tests.
+    idle_timeout: Duration,
     /// Whether the task closing idle connections runs.
     sweeping: AtomicBool,
 }
@@ -88,8 +90,18 @@ impl Plain {
             ip,
             port,
             idle: Mutex::new(Vec::new()),
+            idle_timeout: IDLE_TIMEOUT,
             sweeping: AtomicBool::new(false),
         })
+    }
+
+    /// Closes idle connections after `idle_timeout` instead of [`IDLE_TIMEOUT`].
+    #[cfg(test)]
+    pub(super) fn with_idle_timeout(self, idle_timeout: Duration) -> Plain {
+        Plain {
+            idle_timeout,
+            ..self
+        }
     }
 
     /// [`super::HttpClient::post`] to this receiver: the same attempt, the same limits
@@ -179,7 +191,7 @@ impl Plain {
     fn take_idle(&self) -> Option<Sender> {
         let mut idle = self.idle.lock().expect("idle connections lock");
         while let Some(Idle { sender, since }) = idle.pop() {
-            if since.elapsed() >= IDLE_TIMEOUT {
+            if since.elapsed() >= self.idle_timeout {
                 // The rest are older still.
                 idle.clear();
                 return None;
@@ -256,17 +268,21 @@ fn request_failure(err: &hyper::Error) -> Failure {
     describe(err, ErrorKind::Other, || short(err.to_string()))
 }
 
-/// Closes connections idle for [`IDLE_TIMEOUT`], until the receiver's [`Plain`] is gone.
+/// Closes connections idle for the receiver's idle timeout, until its [`Plain`] is gone.
 async fn sweep(plain: Weak<Plain>) {
     loop {
-        tokio::time::sleep(IDLE_TIMEOUT / 3).await;
+        let Some(every) = plain.upgrade().map(|p| p.idle_timeout / 3) else {
+            return;
+        };
+        tokio::time::sleep(every).await;
         let Some(plain) = plain.upgrade() else {
             return;
         };
+        let timeout = plain.idle_timeout;
         plain
             .idle
             .lock()
             .expect("idle connections lock")
-            .retain(|i| i.since.elapsed() < IDLE_TIMEOUT && !i.sender.is_closed());
+            .retain(|i| i.since.elapsed() < timeout && !i.sender.is_closed());
     }
 }

@@ -103,6 +103,13 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
                 return;
             }
             let Some(mut request) = read_request(&mut s).await else {
+                // The client closed the connection: say so with a request line of "".
+                let _ = tx.send(Received {
+                    conn,
+                    request_line: String::new(),
+                    headers: Vec::new(),
+                    body: Vec::new(),
+                });
                 return;
             };
             request.conn = conn;
@@ -260,6 +267,34 @@ async fn plain_http_connections_are_kept_and_reused() {
         second.iter().all(|&c| c <= opened),
         "{first:?} then {second:?}"
     );
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_after_the_idle_timeout() {
+    let (addr, mut rx) = serve(Reply::KeepAlive, None).await;
+    let target = Target::with_idle_timeout(&url("http", addr), Duration::from_millis(300));
+    let client = client();
+    let started = std::time::Instant::now();
+    assert_eq!(code(&post_to(&client, &target, WAIT).await), 204);
+    let first = rx.recv().await.unwrap();
+    assert_eq!(
+        (first.conn, first.request_line.as_str()),
+        (1, "POST /hook?token=s3cret HTTP/1.1")
+    );
+    // Nothing else is sent: the pool itself closes the connection.
+    let closed = tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((closed.conn, closed.request_line.as_str()), (1, ""));
+    let after = started.elapsed();
+    assert!(
+        after >= Duration::from_millis(300) && after < Duration::from_secs(3),
+        "closed after {after:?}"
+    );
+    // The next request opens a new connection.
+    assert_eq!(code(&post_to(&client, &target, WAIT).await), 204);
+    assert_eq!(rx.recv().await.unwrap().conn, 2);
 }
 
 #[tokio::test]
