@@ -268,6 +268,20 @@ pub async fn run(
             }
         };
         // Hand on; if ingest takes nothing for a while, stop holding the server up.
+        // When there is room and nothing to watch for, without building the wait
+        // (once per row change: its waiters and timer cost more than the send).
+        let msg = if stop.is_cancelled() || (stream.is_connected() && *stalled.borrow()) {
+            msg
+        } else {
+            match tx.try_reserve() {
+                Ok(permit) => {
+                    permit.send(msg);
+                    continue;
+                }
+                Err(mpsc::error::TrySendError::Closed(())) => break,
+                Err(mpsc::error::TrySendError::Full(())) => msg,
+            }
+        };
         let blocked_since = tokio::time::Instant::now();
         loop {
             tokio::select! {
@@ -326,6 +340,13 @@ async fn hold(
     stalled: &mut watch::Receiver<bool>,
     stop: &CancellationToken,
 ) -> Option<OwnedSemaphorePermit> {
+    if stop.is_cancelled() {
+        return None;
+    }
+    // Room at once: no wait to build (as the wait below would take it first).
+    if let Ok(permit) = buffer.clone().try_acquire_many_owned(cost) {
+        return Some(permit);
+    }
     let since = tokio::time::Instant::now();
     let acquire = buffer.clone().acquire_many_owned(cost);
     tokio::pin!(acquire);
