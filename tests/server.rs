@@ -312,7 +312,10 @@ async fn readiness_follows_the_store_and_healthz_stays_ok() {
     let json: serde_json::Value = serde_json::from_str(&body).expect("/readyz JSON");
     assert_eq!(json["status"], "not ready", "{body}");
     assert_eq!(json["store"]["ok"], false, "{body}");
-    assert_eq!(json["source"]["ok"], true, "{body}");
+    // The source streams, or was closed on purpose while ingest cannot store (G9):
+    // never reported as failing to connect.
+    let source = json["source"]["state"].as_str().expect("a source state");
+    assert!(matches!(source, "streaming" | "paused"), "{body}");
     let reason = json["reason"].as_str().expect("a reason");
     assert!(reason.starts_with("store:"), "{body}");
     assert!(reason.contains("unreachable"), "{body}");

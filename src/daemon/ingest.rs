@@ -28,6 +28,7 @@ use crate::pg::ConnInfo;
 use crate::pg::ErrorChain;
 use crate::pg::PG_EPOCH_OFFSET_MICROS;
 use crate::server::Health;
+use crate::server::health::StoreState;
 use crate::source::Lsn;
 use crate::store::ingest::{After, IngestOutcome, batch_keys};
 use crate::store::wake::Wake;
@@ -623,6 +624,13 @@ async fn commit_with_retry(
             }
             Err(e) => e,
         };
+        if err.is_transient() {
+            // Readiness names the store at once, not at its next probe, and before the
+            // source pauses because of it.
+            health.set_store(StoreState::Unreachable(
+                "ingest cannot reach it to store a batch".to_owned(),
+            ));
+        }
         // The source stops holding the server up while this batch waits (G9).
         stalled.send_if_modified(|s| !std::mem::replace(s, true));
         if err.is_transient() {

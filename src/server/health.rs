@@ -79,6 +79,10 @@ impl Health {
                 false,
                 json!({"ok": false, "state": "connecting", "reason": "the replication connection is not established (connecting or reconnecting)"}),
             ),
+            Some(Link::Paused) => (
+                false,
+                json!({"ok": false, "state": "paused", "reason": "the replication connection was closed on purpose because ingest cannot take or store more; it reconnects after a pause"}),
+            ),
         };
         let store = self.store.lock().expect("health lock").clone();
         let (store_ok, store_json) = match store {
@@ -102,10 +106,11 @@ impl Health {
         };
         let ready = source_ok && store_ok && ingest_ok;
         let mut reasons = Vec::new();
+        // Causes first: a store or ingest failure pauses the source (G9).
         for (name, ok, part) in [
-            ("source", source_ok, &source_json),
             ("store", store_ok, &store_json),
             ("ingest", ingest_ok, &ingest_json),
+            ("source", source_ok, &source_json),
         ] {
             if !ok {
                 reasons.push(format!(
@@ -165,5 +170,21 @@ mod tests {
         assert!(reason.contains("public.users"), "{reason}");
         health.set_ingest_refused(None);
         assert!(health.readiness().0);
+    }
+
+    #[test]
+    fn a_source_paused_by_a_store_outage_names_the_store_first() {
+        let health = Health::default();
+        let (tx, rx) = watch::channel(Link::Streaming);
+        health.watch_source(rx);
+        health.set_store(StoreState::Unreachable("connection refused".into()));
+        tx.send_replace(Link::Paused);
+        let (ready, body) = health.readiness();
+        assert!(!ready);
+        assert_eq!(body["source"]["state"], "paused", "{body}");
+        let reason = body["reason"].as_str().unwrap();
+        assert!(reason.starts_with("store: "), "{reason}");
+        assert!(reason.contains("; source: "), "{reason}");
+        assert!(reason.contains("closed on purpose"), "{reason}");
     }
 }

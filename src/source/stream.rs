@@ -40,6 +40,9 @@ pub enum Link {
     StandingBy,
     /// Streaming from the slot.
     Streaming,
+    /// Closed on purpose because the consumer cannot take or store more (G9); it
+    /// connects again after a pause.
+    Paused,
 }
 
 /// How the stream reports progress to the slot.
@@ -267,7 +270,7 @@ impl ReplicationStream {
         if let Some(client) = self.client.take() {
             warn!(slot = %self.opts.slot, reason = why, "closing the replication connection; it reconnects and resumes after what was handed on");
             client.close().await;
-            self.link.send_replace(Link::Connecting);
+            self.link.send_replace(Link::Paused);
             self.pause = Some(self.backoff);
             self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
         }
