@@ -624,7 +624,8 @@ async fn commit_with_retry(
             }
             Err(e) => e,
         };
-        if err.is_transient() {
+        let transient = err.is_transient();
+        if transient {
             // Readiness names the store at once, not at its next probe, and before the
             // source pauses because of it.
             health.set_store(StoreState::Unreachable(
@@ -633,7 +634,7 @@ async fn commit_with_retry(
         }
         // The source stops holding the server up while this batch waits (G9).
         stalled.send_if_modified(|s| !std::mem::replace(s, true));
-        if err.is_transient() {
+        if transient {
             counter!(INGEST_ERRORS_TOTAL, label::KIND => "unavailable").increment(1);
             warn!(error = %ErrorChain(&err), backoff_ms = backoff.as_millis() as u64, "store unavailable; retrying the batch");
         } else {

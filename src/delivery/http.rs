@@ -380,8 +380,8 @@ impl Target {
     fn with_idle_timeout(url: &Url, idle_timeout: Duration) -> Target {
         let plain = plain::Plain::new(url).expect("a plain-HTTP URL");
         Target {
-            url: url.clone(),
             plain: Some(Arc::new(plain.with_idle_timeout(idle_timeout))),
+            ..Target::new(url)
         }
     }
 }

@@ -147,11 +147,9 @@ impl IngestBatch {
 
 /// A new event id: `evt_` and a ULID.
 pub fn new_event_id() -> Arc<str> {
-    let mut ulid = [0; ulid::ULID_LEN];
-    ulid::Ulid::new().array_to_str(&mut ulid);
-    let mut id = [0; 4 + ulid::ULID_LEN];
-    id[..4].copy_from_slice(b"evt_");
-    id[4..].copy_from_slice(&ulid);
+    let mut id = *b"evt_00000000000000000000000000";
+    let ulid: &mut [u8; ulid::ULID_LEN] = (&mut id[4..]).try_into().expect("26 bytes");
+    ulid::Ulid::new().array_to_str(ulid);
     Arc::from(std::str::from_utf8(&id).expect("base32 is ASCII"))
 }
 

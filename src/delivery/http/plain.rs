@@ -15,7 +15,6 @@
 //! back unsent (the receiver closed it meanwhile) goes out on another one, and the Host
 //! header (the URL's host, and its port when not 80).
 
-use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -43,9 +42,8 @@ pub(super) struct Plain {
     path: hyper::Uri,
     /// The `Host` header.
     host: HeaderValue,
-    /// The host to resolve, unless it is an address already.
-    domain: Option<String>,
-    ip: Option<IpAddr>,
+    /// The host to connect to: a name to resolve, or an address (IPv6 without brackets).
+    host_name: String,
     port: u16,
     /// Most recently used last.
     idle: Mutex<Vec<Idle>>,
@@ -69,10 +67,10 @@ impl Plain {
     /// `None` when its parts cannot make a request.
     pub(super) fn new(url: &Url) -> Option<Plain> {
         let port = url.port_or_known_default()?;
-        let (domain, ip) = match url.host()? {
-            Host::Domain(d) => (Some(d.to_string()), None),
-            Host::Ipv4(ip) => (None, Some(IpAddr::V4(ip))),
-            Host::Ipv6(ip) => (None, Some(IpAddr::V6(ip))),
+        let host_name = match url.host()? {
+            Host::Domain(d) => d.to_string(),
+            Host::Ipv4(ip) => ip.to_string(),
+            Host::Ipv6(ip) => ip.to_string(),
         };
         // `Url` leaves the scheme's default port out.
         let authority = match url.port() {
@@ -86,8 +84,7 @@ impl Plain {
         Some(Plain {
             path: hyper::Uri::try_from(path).ok()?,
             host: HeaderValue::from_str(&authority).ok()?,
-            domain,
-            ip,
+            host_name,
             port,
             idle: Mutex::new(Vec::new()),
             idle_timeout: IDLE_TIMEOUT,
@@ -216,22 +213,17 @@ impl Plain {
         }
     }
 
-    /// A new connection: resolves the host (when it is a name), connects to its
-    /// addresses in turn, and starts the connection's task.
+    /// A new connection: resolves the host (an address resolves to itself, without
+    /// asking DNS), connects to its addresses in turn, and starts the connection's task.
     async fn connect(&self) -> Result<Sender, Failure> {
-        let addrs: Vec<SocketAddr> = match (&self.domain, self.ip) {
-            (_, Some(ip)) => vec![SocketAddr::new(ip, self.port)],
-            (Some(domain), None) => tokio::net::lookup_host((domain.as_str(), self.port))
-                .await
-                .map_err(|e| {
-                    (
-                        ErrorKind::Connect,
-                        short(format!("connect: dns error: {e}")),
-                    )
-                })?
-                .collect(),
-            (None, None) => Vec::new(),
-        };
+        let addrs = tokio::net::lookup_host((self.host_name.as_str(), self.port))
+            .await
+            .map_err(|e| {
+                (
+                    ErrorKind::Connect,
+                    short(format!("connect: dns error: {e}")),
+                )
+            })?;
         let mut failure = (ErrorKind::Connect, "no address to connect to".to_string());
         for addr in addrs {
             match tokio::net::TcpStream::connect(addr).await {
