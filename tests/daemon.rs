@@ -651,6 +651,113 @@ async fn unreachable_store_makes_ingest_wait_without_confirming() {
     assert_exactly_once(&store_client, &log).await;
 }
 
+/// G9: once ingest cannot store a batch, the source stops holding the server up at
+/// once: it closes the replication connection on the next change it hands on, not
+/// when the channel to ingest fills (16,384 messages: minutes at this write rate) nor
+/// after the 5 s an ingest that takes nothing is given. Writes go on steadily (a
+/// transaction every 50 ms) through the outage, so every change after the store
+/// stopped reaches the source task while ingest is retrying.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_source_lets_go_of_the_server_as_soon_as_ingest_cannot_store() {
+    let db = create_db().await;
+    db.batch("CREATE TABLE users (id int PRIMARY KEY, email text, n int)")
+        .await;
+    let store_cluster = Cluster::start();
+    let store_db = store_cluster.create_db().await;
+    let work = Workdir::new(&config_with_store(&db, Some(&store_db), USERS_TABLE));
+    let mut daemon = work.spawn_run(0);
+    wait_leading_with_store(&db, &store_db, &mut daemon).await;
+    let store_client = store_db.client().await;
+    let writer = db.client().await;
+    let mut rng = Rng::new();
+    let mut live = vec![false; 100];
+    let mut log = write_random(&writer, &mut rng, &mut live, 10).await;
+    let first = log.len() as i64;
+    wait_for("the first events", WAIT, || async {
+        event_count(&store_client).await == first
+    })
+    .await;
+    drop(store_client);
+
+    // A steady writer, through the outage and after it.
+    let stop_writing = tokio_util::sync::CancellationToken::new();
+    let steady = tokio::spawn({
+        let stop_writing = stop_writing.clone();
+        async move {
+            let mut log = Vec::new();
+            while !stop_writing.is_cancelled() {
+                log.extend(write_random(&writer, &mut rng, &mut live, 1).await);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            log
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let watcher = db.client().await;
+    let slot_active = || async {
+        watcher
+            .query_one(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                &[&db.name],
+            )
+            .await
+            .unwrap()
+            .get::<_, bool>(0)
+    };
+    assert!(slot_active().await, "streaming before the store stops");
+
+    let c = store_cluster.clone();
+    tokio::task::spawn_blocking(move || c.stop(StopMode::Fast))
+        .await
+        .unwrap();
+    let stopped = Instant::now();
+    let mut let_go = None;
+    while stopped.elapsed() < Duration::from_secs(20) {
+        if !slot_active().await {
+            let_go = Some(stopped.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let Some(let_go) = let_go else {
+        panic!(
+            "the slot stayed active 20 s after the store stopped; log:\n{}",
+            daemon.log()
+        );
+    };
+    eprintln!("replication connection closed {let_go:?} after the store stopped");
+    // Ingest learns of the outage at its next batch (a change every 50 ms); the close
+    // follows at the next change. Far below the 5 s limit either fallback would take.
+    assert!(
+        let_go < Duration::from_millis(2500),
+        "closed {let_go:?} after the store stopped; log:\n{}",
+        daemon.log()
+    );
+    let first_close = daemon
+        .log()
+        .lines()
+        .find(|l| l.contains("closing the replication connection"))
+        .map(str::to_owned)
+        .unwrap_or_default();
+    assert!(
+        first_close.contains("ingest cannot store what it received"),
+        "the first close names ingest's failure: {first_close:?}"
+    );
+
+    let c = store_cluster.clone();
+    tokio::task::spawn_blocking(move || c.start_again())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_writing.cancel();
+    log.extend(steady.await.unwrap());
+    let store_client = store_db.client().await;
+    wait_events(&store_client, log.len() as i64, &mut daemon, WAIT).await;
+    daemon.signal(libc::SIGTERM);
+    assert!(daemon.wait_exit(WAIT).success(), "log:\n{}", daemon.log());
+    assert_exactly_once(&store_client, &log).await;
+}
+
 async fn confirmed_flush(client: &Client, slot: &str) -> String {
     client
         .query_one(
