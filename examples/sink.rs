@@ -4,7 +4,8 @@
 //! 100 ms since start, and, when the body has an `occurred_at` (walhook's envelope: the
 //! commit time of the source transaction), the commit-to-receiver latency.
 //!
-//! Usage: `sink PORT` (runs until killed). Control requests, not counted as arrivals:
+//! Usage: `sink PORT [--tls]` (runs until killed; `--tls`: HTTPS with a self-signed
+//! certificate for 127.0.0.1, for a subscription with `tls_insecure = true`). Control requests, not counted as arrivals:
 //! - `GET /stats`: JSON `{"received", "start_unix", "latency_ms": {"n", "p50", "p95",
 //!   "p99", "max"}}`, latencies since the last reset;
 //! - `GET /series`: JSON `{"bucket_ms": 100, "counts": [...]}`, arrivals per bucket since start;
@@ -14,8 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
 
 /// Width of one arrival-series bucket.
 const BUCKET_MS: u128 = 100;
@@ -102,8 +103,8 @@ fn events(body: &[u8]) -> Vec<Option<SystemTime>> {
 }
 
 /// Serves one keep-alive connection until the peer closes it or sends garbage.
-async fn serve(socket: TcpStream, record: Arc<Record>) {
-    let (read, mut write) = socket.into_split();
+async fn serve(socket: impl AsyncRead + AsyncWrite, record: Arc<Record>) {
+    let (read, mut write) = tokio::io::split(socket);
     let mut read = BufReader::with_capacity(64 * 1024, read);
     let mut line = String::new();
     let mut body = Vec::new();
@@ -170,10 +171,13 @@ fn json_response(value: &serde_json::Value) -> Vec<u8> {
 
 #[tokio::main]
 async fn main() {
-    let port = match std::env::args().nth(1).map(|p| p.parse::<u16>()) {
-        Some(Ok(port)) => port,
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let port = match args.first().map(|p| p.parse::<u16>()) {
+        Some(Ok(port)) if args.len() == 1 || (args.len() == 2 && args[1] == "--tls") => port,
         _ => {
-            eprintln!("usage: sink PORT  (the receiver of bench/run; see examples/sink.rs)");
+            eprintln!(
+                "usage: sink PORT [--tls]  (the receiver of bench/run; see examples/sink.rs)"
+            );
             std::process::exit(2);
         }
     };
@@ -193,14 +197,42 @@ async fn main() {
         series: Mutex::new(Vec::new()),
         latencies: Mutex::new(Vec::new()),
     });
+    let tls = (args.len() == 2).then(acceptor);
     eprintln!("sink: listening on 127.0.0.1:{port}");
     loop {
         match listener.accept().await {
             Ok((socket, _)) => {
                 let _ = socket.set_nodelay(true);
-                tokio::spawn(serve(socket, record.clone()));
+                let record = record.clone();
+                match &tls {
+                    None => tokio::spawn(serve(socket, record)),
+                    Some(tls) => {
+                        let tls = tls.clone();
+                        tokio::spawn(async move {
+                            if let Ok(socket) = tls.accept(socket).await {
+                                serve(socket, record).await;
+                            }
+                        })
+                    }
+                };
             }
             Err(e) => eprintln!("sink: accept failed: {e}"),
         }
     }
+}
+
+/// TLS with a self-signed certificate for 127.0.0.1 and localhost.
+fn acceptor() -> tokio_rustls::TlsAcceptor {
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
+        .expect("self-signed certificate");
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into());
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.cert.der().clone()], key)
+    .expect("certificate and key");
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }

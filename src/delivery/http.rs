@@ -2,15 +2,16 @@
 //! no redirects, a `walhook/<version>` User-Agent, a timeout per request, a proxy only
 //! when `[delivery] proxy` names one; and the headers every attempt carries.
 //!
-//! Requests to plain `http://` receivers, when no proxy is configured, go over hyper's
-//! HTTP/1.1 client connections in walhook's own pool ([`plain`]), not through reqwest,
+//! Requests to `http://` and `https://` receivers, when no proxy is configured, go over
+//! hyper's HTTP/1.1 client connections in walhook's own pool ([`pool`]), not through reqwest,
 //! which wraps hyper's pooled client (`hyper_util`'s `legacy::Client`) in layers of its
 //! own (a client and connector clone, a URL conversion, a redirect layer and a timeout
 //! wrapper per request). On the 2-core development machine, 300,000 POSTs of 400 bytes,
 //! 64 at a time, into `examples/sink`: reqwest 17.7-18.3 µs of CPU per request, hyper's
 //! pooled client 9.4-9.7 µs (with the same headers and a timeout), hyper's connections
-//! driven directly 6.7-6.9 µs. reqwest (a crate the user named) stays for HTTPS
-//! (rustls, HTTP/2 by ALPN) and for the proxy, where its handling is worth its cost.
+//! driven directly 6.7-6.9 µs. reqwest (a crate the user named) stays for the proxy
+//! (HTTPS through `CONNECT`, HTTP/2 by ALPN) and for URLs with credentials, where its
+//! handling is worth its cost.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -198,9 +199,11 @@ impl HttpClients {
 #[derive(Debug, Clone)]
 pub struct HttpClient {
     client: reqwest::Client,
-    /// No proxy is configured: requests to `http://` receivers go through walhook's
-    /// own connection pool ([`plain`], see the module docs).
+    /// No proxy is configured: requests go through the target's own connection pool
+    /// ([`pool`], see the module docs).
     direct: bool,
+    /// TLS of the direct path to `https://` receivers.
+    tls: Arc<rustls::ClientConfig>,
 }
 
 impl HttpClient {
@@ -231,6 +234,7 @@ impl HttpClient {
         Ok(HttpClient {
             client,
             direct: proxy.is_none(),
+            tls: receiver_tls(tls_insecure),
         })
     }
 
@@ -250,9 +254,9 @@ impl HttpClient {
     ) -> Attempt {
         let start = Instant::now();
         if self.direct
-            && let Some(plain) = &target.plain
+            && let Some(pool) = &target.pool
         {
-            return plain.post(headers, body, timeout, start).await;
+            return pool.post(&self.tls, headers, body, timeout, start).await;
         }
         let sent = self
             .client
@@ -349,41 +353,59 @@ fn keep(buf: &mut Vec<u8>, chunk: &[u8]) {
     buf.extend_from_slice(&chunk[..take]);
 }
 
-/// Where a subscription's requests go: its URL and, for a plain `http://` URL without
-/// credentials (reqwest turns those into an `Authorization` header) or a fragment, the
-/// pool of connections to it ([`plain`]), made once per dispatcher rather than per
-/// request. Cloning shares the pool.
+/// Where a subscription's requests go: its URL and, for an `http://` or `https://` URL
+/// without credentials (reqwest turns those into an `Authorization` header) or a
+/// fragment, the pool of connections to it ([`pool`]), made once per dispatcher rather
+/// than per request. Cloning shares the pool.
 #[derive(Debug, Clone)]
 pub struct Target {
     url: Url,
     /// `None` sends requests through reqwest.
-    plain: Option<Arc<plain::Plain>>,
+    pool: Option<Arc<pool::Pool>>,
 }
 
 impl Target {
     pub fn new(url: &Url) -> Target {
-        let plain = url.scheme() == "http"
-            && url.username().is_empty()
-            && url.password().is_none()
-            && url.fragment().is_none();
+        let pooled =
+            url.username().is_empty() && url.password().is_none() && url.fragment().is_none();
         Target {
             url: url.clone(),
-            plain: plain
-                .then(|| plain::Plain::new(url))
-                .flatten()
-                .map(Arc::new),
+            pool: pooled.then(|| pool::Pool::new(url)).flatten().map(Arc::new),
         }
     }
 
-    /// A target whose idle plain-HTTP connections close after `idle_timeout`.
+    /// A target whose idle connections close after `idle_timeout`.
     #[cfg(test)]
     fn with_idle_timeout(url: &Url, idle_timeout: Duration) -> Target {
-        let plain = plain::Plain::new(url).expect("a plain-HTTP URL");
+        let pool = pool::Pool::new(url).expect("an http:// or https:// URL");
         Target {
-            plain: Some(Arc::new(plain.with_idle_timeout(idle_timeout))),
+            pool: Some(Arc::new(pool.with_idle_timeout(idle_timeout))),
             ..Target::new(url)
         }
     }
+}
+
+/// rustls for `https://` receivers on the direct path: the webpki roots and the
+/// system's, as reqwest's were; any certificate for any name with `tls_insecure`;
+/// HTTP/1.1 by ALPN (the pool's connections speak nothing else).
+fn receiver_tls(tls_insecure: bool) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions");
+    let builder = if tls_insecure {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(crate::pg::tls::NoVerify::new(provider)))
+    } else {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+        builder.with_root_certificates(roots)
+    };
+    let mut config = builder.with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(config)
 }
 
 /// The first [`HEAD_KEPT`] bytes as text, without a character cut in half; invalid
@@ -502,7 +524,7 @@ fn short(mut text: String) -> String {
     text
 }
 
-mod plain;
+mod pool;
 
 #[cfg(test)]
 mod tests;

@@ -125,9 +125,16 @@ fn client_identity(
     Ok((chain, key_der))
 }
 
-/// `sslmode=require|prefer` without roots: encrypt, but accept any certificate.
+/// `sslmode=require|prefer` without roots: encrypt, but accept any certificate (also
+/// a webhook receiver's with `tls_insecure`). Handshake signatures are still checked.
 #[derive(Debug)]
-struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+pub(crate) struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl NoVerify {
+    pub(crate) fn new(provider: Arc<rustls::crypto::CryptoProvider>) -> NoVerify {
+        NoVerify(provider)
+    }
+}
 
 impl ServerCertVerifier for NoVerify {
     fn verify_server_cert(

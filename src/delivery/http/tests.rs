@@ -237,78 +237,107 @@ fn code(a: &Attempt) -> u16 {
     }
 }
 
-#[tokio::test]
-async fn plain_http_connections_are_kept_and_reused() {
-    let (addr, mut rx) = serve(Reply::KeepAlive, None).await;
-    let (client, target) = (client(), Target::new(&url("http", addr)));
-    for _ in 0..5 {
-        assert_eq!(code(&post_to(&client, &target, WAIT).await), 204);
-    }
-    assert_eq!(
-        connections(&mut rx),
-        [1; 5],
-        "one after another: one connection"
-    );
-
-    // Eight at once need at most eight connections; the next eight find them idle.
-    let eight = || futures_util::future::join_all((0..8).map(|_| post_to(&client, &target, WAIT)));
-    for a in eight().await {
-        assert_eq!(code(&a), 204);
-    }
-    let first = connections(&mut rx);
-    let opened = *first.iter().max().unwrap();
-    assert!(first.len() == 8 && opened <= 8, "{first:?}");
-    for a in eight().await {
-        assert_eq!(code(&a), 204);
-    }
-    let second = connections(&mut rx);
-    assert_eq!(second.len(), 8);
-    assert!(
-        second.iter().all(|&c| c <= opened),
-        "{first:?} then {second:?}"
-    );
+/// Each way the pool reaches a receiver, with a server for it and a client: plain
+/// HTTP, and HTTPS (a self-signed certificate, so the client does not check it).
+fn schemes() -> [(&'static str, Option<tokio_rustls::TlsAcceptor>, HttpClient); 2] {
+    [
+        ("http", None, client()),
+        (
+            "https",
+            Some(self_signed()),
+            HttpClient::new(true, None).unwrap(),
+        ),
+    ]
 }
 
 #[tokio::test]
+async fn connections_are_kept_and_reused() {
+    for (scheme, tls, client) in schemes() {
+        let (addr, mut rx) = serve(Reply::KeepAlive, tls).await;
+        let target = Target::new(&url(scheme, addr));
+        for _ in 0..5 {
+            assert_eq!(
+                code(&post_to(&client, &target, WAIT).await),
+                204,
+                "{scheme}"
+            );
+        }
+        assert_eq!(
+            connections(&mut rx),
+            [1; 5],
+            "{scheme}: one after another, one connection"
+        );
+
+        // Eight at once need at most eight connections; the next eight find them idle.
+        let eight =
+            || futures_util::future::join_all((0..8).map(|_| post_to(&client, &target, WAIT)));
+        for a in eight().await {
+            assert_eq!(code(&a), 204);
+        }
+        let first = connections(&mut rx);
+        let opened = *first.iter().max().unwrap();
+        assert!(first.len() == 8 && opened <= 8, "{scheme}: {first:?}");
+        for a in eight().await {
+            assert_eq!(code(&a), 204);
+        }
+        let second = connections(&mut rx);
+        assert_eq!(second.len(), 8);
+        assert!(
+            second.iter().all(|&c| c <= opened),
+            "{scheme}: {first:?} then {second:?}"
+        );
+    }
+}
+
+/// The pool's own idle timeout (reqwest's is 90 s): this also shows that HTTPS goes
+/// through the pool.
+#[tokio::test]
 async fn idle_connections_are_closed_after_the_idle_timeout() {
-    let (addr, mut rx) = serve(Reply::KeepAlive, None).await;
-    let target = Target::with_idle_timeout(&url("http", addr), Duration::from_millis(300));
-    let client = client();
-    let started = std::time::Instant::now();
-    assert_eq!(code(&post_to(&client, &target, WAIT).await), 204);
-    let first = rx.recv().await.unwrap();
-    assert_eq!(
-        (first.conn, first.request_line.as_str()),
-        (1, "POST /hook?token=s3cret HTTP/1.1")
-    );
-    // Nothing else is sent: the pool itself closes the connection.
-    let closed = tokio::time::timeout(WAIT, rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!((closed.conn, closed.request_line.as_str()), (1, ""));
-    let after = started.elapsed();
-    assert!(
-        after >= Duration::from_millis(300) && after < Duration::from_secs(3),
-        "closed after {after:?}"
-    );
-    // The next request opens a new connection.
-    assert_eq!(code(&post_to(&client, &target, WAIT).await), 204);
-    assert_eq!(rx.recv().await.unwrap().conn, 2);
+    for (scheme, tls, client) in schemes() {
+        let (addr, mut rx) = serve(Reply::KeepAlive, tls).await;
+        let target = Target::with_idle_timeout(&url(scheme, addr), Duration::from_millis(300));
+        let started = std::time::Instant::now();
+        assert_eq!(code(&post_to(&client, &target, WAIT).await), 204);
+        let first = rx.recv().await.unwrap();
+        assert_eq!(
+            (first.conn, first.request_line.as_str()),
+            (1, "POST /hook?token=s3cret HTTP/1.1")
+        );
+        // Nothing else is sent: the pool itself closes the connection.
+        let closed = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((closed.conn, closed.request_line.as_str()), (1, ""));
+        let after = started.elapsed();
+        assert!(
+            after >= Duration::from_millis(300) && after < Duration::from_secs(3),
+            "{scheme}: closed after {after:?}"
+        );
+        // The next request opens a new connection.
+        assert_eq!(code(&post_to(&client, &target, WAIT).await), 204);
+        assert_eq!(rx.recv().await.unwrap().conn, 2, "{scheme}");
+    }
 }
 
 #[tokio::test]
 async fn a_kept_connection_the_receiver_closed_is_not_used_again() {
     // Closed after the answer, with `connection: close` or (later) without a word.
-    for (reply, pause) in [(Reply::OnceSayingClose, 0), (Reply::Once, 200)] {
-        let (addr, mut rx) = serve(reply, None).await;
-        let (client, target) = (client(), Target::new(&url("http", addr)));
-        for _ in 0..3 {
-            let a = post_to(&client, &target, WAIT).await;
-            assert_eq!(code(&a), 204, "{:?}", a.error);
-            tokio::time::sleep(Duration::from_millis(pause)).await;
+    for (scheme, tls, client) in schemes() {
+        for (reply, pause) in [(Reply::OnceSayingClose, 0), (Reply::Once, 200)] {
+            let (addr, mut rx) = serve(reply, tls.clone()).await;
+            let target = Target::new(&url(scheme, addr));
+            for _ in 0..3 {
+                let a = post_to(&client, &target, WAIT).await;
+                assert_eq!(code(&a), 204, "{scheme}: {:?}", a.error);
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+            }
+            assert_eq!(
+                connections(&mut rx),
+                [1, 2, 3],
+                "{scheme}, pause {pause} ms"
+            );
         }
-        assert_eq!(connections(&mut rx), [1, 2, 3], "pause {pause} ms");
     }
 }
 
@@ -591,6 +620,33 @@ async fn untrusted_certificate_is_a_tls_error_unless_insecure() {
     let a = post(&insecure, &url("https", addr), WAIT).await;
     assert_eq!(code(&a), 200);
     assert_eq!(a.response_head, "ok");
+}
+
+#[tokio::test]
+async fn https_to_a_plain_http_receiver_is_a_tls_error() {
+    // A plain-HTTP server answers the TLS hello as the garbage it is to HTTP.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut sock, _) = listener.accept().await.unwrap();
+        let mut hello = [0u8; 512];
+        let _ = sock.read(&mut hello).await;
+        let _ = sock
+            .write_all(b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\n\r\n")
+            .await;
+    });
+    let insecure = HttpClient::new(true, None).unwrap();
+    let a = post(&insecure, &url("https", addr), WAIT).await;
+    assert_eq!(
+        a.outcome,
+        AttemptOutcome::Error {
+            kind: ErrorKind::Tls
+        },
+        "{:?}",
+        a.error
+    );
+    let error = a.error.unwrap();
+    assert!(error.starts_with("tls: "), "{error}");
 }
 
 #[tokio::test]
