@@ -202,7 +202,9 @@ impl Pool {
                 },
             }
         }
-        let mut sender = self.connect(tls).await?;
+        // Boxed: the TLS handshake's state is kilobytes, and an attempt, whose future
+        // is moved into a task of its own, rarely connects.
+        let mut sender = Box::pin(self.connect(tls)).await?;
         match sender.send_request(request).await {
             Ok(response) => Ok((response, sender)),
             Err(e) => Err(request_failure(&e)),
