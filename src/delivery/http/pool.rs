@@ -13,9 +13,9 @@
 //!
 //! HTTPS went through reqwest until this pool carried it too. Same machine, 1M pending
 //! events dispatched into `examples/sink --tls` (`bench/ingest-loop dispatch` with
-//! `SINK_TLS=1`), 64 in flight, alternated: reqwest 29.4/30.6 µs of walhook CPU per
-//! event (38.8k/37.9k events/s), this pool 20.8/20.2 µs (48.9k/50.5k); plain HTTP over
-//! the pool 17.3. TLS is rustls with the webpki and the system's roots, as reqwest's
+//! `SINK_TLS=1`), 64 in flight, alternated: reqwest 29.4/30.6/30.5 µs of walhook CPU
+//! per event (38.8k/37.9k/38.2k events/s), this pool 18.4/19.6 µs (54.5k/51.1k); plain
+//! HTTP over the pool 16.7-16.9. TLS is rustls with the webpki and the system's roots, as reqwest's
 //! was; ALPN offers HTTP/1.1 only (reqwest offered HTTP/2 too), so an HTTPS receiver
 //! gets up to `max_in_flight` kept connections, as a plain-HTTP one always did.
 //!
