@@ -83,6 +83,11 @@ async fn serve(
     (addr, rx)
 }
 
+/// [`serve`] over plain TCP, answering every request with `text` and closing.
+async fn serve_raw(text: &str) -> (SocketAddr, mpsc::UnboundedReceiver<Received>) {
+    serve(Reply::Raw(text.to_owned()), None).await
+}
+
 async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     mut s: S,
     conn: usize,
@@ -343,16 +348,12 @@ async fn a_kept_connection_the_receiver_closed_is_not_used_again() {
 
 #[tokio::test]
 async fn redirects_are_not_followed() {
-    let (target, mut target_rx) = serve(
-        Reply::Raw("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".into()),
-        None,
-    )
-    .await;
+    let (target, mut target_rx) = serve_raw("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await;
     let location = format!("http://{target}/elsewhere");
     let reply = format!(
         "HTTP/1.1 302 Found\r\nlocation: {location}\r\ncontent-length: 5\r\nconnection: close\r\n\r\nmoved"
     );
-    let (addr, mut rx) = serve(Reply::Raw(reply), None).await;
+    let (addr, mut rx) = serve_raw(&reply).await;
     let a = post(&client(), &url("http", addr), WAIT).await;
     assert_eq!(code(&a), 302);
     assert_eq!(a.location.as_deref(), Some(location.as_str()));
@@ -367,10 +368,7 @@ async fn redirects_are_not_followed() {
 
 #[tokio::test]
 async fn retry_after_is_returned() {
-    let (addr, _rx) = serve(
-        Reply::Raw("HTTP/1.1 503 Service Unavailable\r\nretry-after: 120\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".into()),
-        None,
-    )
+    let (addr, _rx) = serve_raw("HTTP/1.1 503 Service Unavailable\r\nretry-after: 120\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
     .await;
     let a = post(&client(), &url("http", addr), WAIT).await;
     assert_eq!(
@@ -425,11 +423,7 @@ async fn a_body_that_stops_arriving_keeps_its_status_and_times_out() {
 /// which such URLs take), never part of the request line or `Host`.
 #[tokio::test]
 async fn credentials_in_a_plain_url_are_sent_as_basic_auth() {
-    let (addr, mut rx) = serve(
-        Reply::Raw("HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n".into()),
-        None,
-    )
-    .await;
+    let (addr, mut rx) = serve_raw("HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n").await;
     let url = Url::parse(&format!("http://user:pass@{addr}/hook")).unwrap();
     let a = post(&client(), &url, WAIT).await;
     assert_eq!(code(&a), 204);
@@ -481,11 +475,7 @@ async fn errors_never_show_the_url() {
 
 #[tokio::test]
 async fn headers_arrive_and_the_signature_verifies() {
-    let (addr, mut rx) = serve(
-        Reply::Raw("HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n".into()),
-        None,
-    )
-    .await;
+    let (addr, mut rx) = serve_raw("HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n").await;
     let c = config(&format!(
         "[[subscriptions]]\nname = \"crm\"\nurl = \"http://{addr}/hook\"\nevents = [\"*\"]\n\
          secret = \"{KEY}\"\nheaders = {{ Authorization = \"Bearer t0k\", X-Tenant = \"acme\" }}\n"
@@ -652,7 +642,7 @@ async fn https_to_a_plain_http_receiver_is_a_tls_error() {
 #[tokio::test]
 async fn a_configured_proxy_gets_every_request_in_absolute_form() {
     let ok = "HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n".to_string();
-    let (proxy_addr, mut rx) = serve(Reply::Raw(ok), None).await;
+    let (proxy_addr, mut rx) = serve_raw(&ok).await;
     let proxy = Url::parse(&format!("http://{proxy_addr}")).unwrap();
     let client = HttpClient::new(false, Some(&proxy)).unwrap();
     // The receiver's host does not resolve: only the proxy can have answered.
