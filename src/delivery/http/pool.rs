@@ -11,13 +11,14 @@
 //! `examples/sink`: legacy client 9.4-9.7 µs of CPU per POST, hyper's connections
 //! driven directly 6.7-6.9 µs.
 //!
-//! HTTPS went through reqwest until this pool carried it too. Same machine, 1M pending
-//! events dispatched into `examples/sink --tls` (`bench/ingest-loop dispatch` with
-//! `SINK_TLS=1`), 64 in flight, alternated: reqwest 29.4/30.6/30.5 µs of walhook CPU
-//! per event (38.8k/37.9k/38.2k events/s), this pool 18.4/19.6 µs (54.5k/51.1k); plain
-//! HTTP over the pool 16.7-16.9. TLS is rustls with the webpki and the system's roots, as reqwest's
-//! was; ALPN offers HTTP/1.1 only (reqwest offered HTTP/2 too), so an HTTPS receiver
-//! gets up to `max_in_flight` kept connections, as a plain-HTTP one always did.
+//! HTTPS went through reqwest until this pool carried it too. Same machine, 1M
+//! pending events dispatched into `examples/sink --tls` (`bench/ingest-loop dispatch`
+//! with `SINK_TLS=1`), 64 in flight, alternated: reqwest 29.4/30.6/30.5 µs of walhook
+//! CPU per event (38.8k/37.9k/38.2k events/s), this pool 18.4/19.6 µs (54.5k/51.1k);
+//! plain HTTP over the pool 16.7-16.9. TLS is rustls with the webpki and the system's
+//! roots, as reqwest's was; ALPN offers HTTP/1.1 only (reqwest offered HTTP/2 too), so
+//! an HTTPS receiver gets up to `max_in_flight` kept connections, as a plain-HTTP one
+//! always did.
 //!
 //! What the legacy client did that is kept: TCP nodelay, TCP keep-alive probes after
 //! 60 s, idle connections closed after 90 s, a request that a pooled connection gives

@@ -382,21 +382,32 @@ async fn retry_after_is_returned() {
     assert_eq!(a.error, None);
 }
 
+/// A receiver that never answers, over either scheme, and one that accepts the TCP
+/// connection but never answers the TLS hello: the timeout covers the whole exchange.
 #[tokio::test]
 async fn silent_server_times_out() {
-    let (addr, _rx) = serve(Reply::Never, None).await;
-    let a = post(&client(), &url("http", addr), Duration::from_millis(300)).await;
-    assert_eq!(
-        a.outcome,
-        AttemptOutcome::Error {
-            kind: ErrorKind::Timeout
-        }
-    );
-    assert_eq!(a.error.as_deref(), Some("timeout after 300ms"));
-    assert!(a.elapsed >= Duration::from_millis(300) && a.elapsed < Duration::from_secs(5));
+    let mut receivers = Vec::new();
+    for (scheme, tls, client) in schemes() {
+        receivers.push((scheme, serve(Reply::Never, tls).await.0, client));
+    }
+    let mute = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    receivers.push(("https", mute.local_addr().unwrap(), client()));
+    for (scheme, addr, client) in receivers {
+        let a = post(&client, &url(scheme, addr), Duration::from_millis(300)).await;
+        assert_eq!(
+            a.outcome,
+            AttemptOutcome::Error {
+                kind: ErrorKind::Timeout
+            },
+            "{scheme} {addr}"
+        );
+        assert_eq!(a.error.as_deref(), Some("timeout after 300ms"));
+        assert!(a.elapsed >= Duration::from_millis(300) && a.elapsed < Duration::from_secs(5));
+    }
+    drop(mute);
 }
 
-/// Both paths (plain HTTP through hyper's client, HTTPS through reqwest) time a body
+/// Both schemes (plain HTTP, and TLS over the same pool) time a body
 /// that stops arriving out the same way: the status stands, the error says so.
 #[tokio::test]
 async fn a_body_that_stops_arriving_keeps_its_status_and_times_out() {
