@@ -153,6 +153,10 @@ if get("dispatch_batched.events_per_s") is not None:
         f"{n(get('dispatch_batched.events_per_s'))} events/s ({n(get('dispatch_batched.cpu_us_per_event'), 1)} "
         f"µs CPU/event, peak RSS {n(get('dispatch_batched.peak_rss_mib'), 1)} MiB)",
         f"receiver capacity {n(get('http.rps'))} req/s", during=("dispatch_batched", "http"))
+if get("dispatch_tls.events_per_s") is not None:
+    row(f"dispatch alone over HTTPS, {sent_as}: the same {ev} events again -> sink --tls",
+        f"{n(get('dispatch_tls.events_per_s'))} events/s ({n(get('dispatch_tls.cpu_us_per_event'), 1)} "
+        "µs CPU/event)", "", during=("dispatch_tls",))
 row(f"end to end from the backlog, {sent_as}: ingest, store, sign, POST", f"{n(get('e2e.events_per_s'))} events/s",
     f"mq-bridge {n(get('mqbridge.posts_per_s'))} POSTs/s ({n(get('mqbridge.cpu_us_per_post'), 1)} µs CPU/POST)",
     r("e2e_vs_mqbridge"), ("e2e", "mqbridge"))

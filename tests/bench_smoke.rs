@@ -26,6 +26,8 @@ const FIGURES: &[&str] = &[
     "dispatch.cpu_us_per_event",
     "dispatch_batched.events_per_s",
     "dispatch_batched.cpu_us_per_event",
+    "dispatch_tls.events_per_s",
+    "dispatch_tls.cpu_us_per_event",
     "ingest_dispatch.peak_rss_mib",
     "e2e.events_per_s",
     "e2e.cpu_us_per_event",
@@ -80,6 +82,7 @@ fn bench_run_smoke_reports_every_figure() {
         .env("SINK", &sink)
         .env("BENCH_PORT", free_port().to_string())
         .env("SINK_PORT", free_port().to_string())
+        .env("TLS_PORT", free_port().to_string())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
