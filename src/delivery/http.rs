@@ -208,8 +208,9 @@ pub struct HttpClient {
 
 impl HttpClient {
     /// Builds a client: rustls with the system's and the webpki root certificates,
-    /// HTTP/1.1 and HTTP/2 (ALPN), keep-alive pool, no redirects. With
-    /// `tls_insecure`, receiver certificates and host names are not checked.
+    /// keep-alive connections, no redirects; HTTP/1.1 on the direct path ([`pool`]),
+    /// HTTP/1.1 or HTTP/2 (ALPN) through reqwest. With `tls_insecure`, receiver
+    /// certificates and host names are not checked.
     ///
     /// Every request goes through `proxy` when given (HTTP requests in absolute form,
     /// HTTPS through `CONNECT`), and straight to the receiver otherwise: the proxy
