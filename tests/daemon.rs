@@ -583,29 +583,70 @@ update_columns = ["email"]
     wait_leading(&db, &mut daemon).await;
 }
 
+/// A source database watched by walhook, whose store lives in a cluster of its own (which
+/// a test stops and starts), with `first` random transactions written and stored.
+struct OutageSetup {
+    db: TestDb,
+    store_cluster: Cluster,
+    store_db: TestDb,
+    daemon: Daemon,
+    /// Holds the daemon's config and log; dropped after it.
+    work: Workdir,
+    writer: Client,
+    rng: Rng,
+    /// Which ids exist ([`write_random`]).
+    live: Vec<bool>,
+    /// What was written ([`assert_exactly_once`]).
+    log: Vec<(i32, &'static str)>,
+}
+
+impl OutageSetup {
+    async fn start(first: usize) -> OutageSetup {
+        let db = create_db().await;
+        db.batch("CREATE TABLE users (id int PRIMARY KEY, email text, n int)")
+            .await;
+        let store_cluster = Cluster::start();
+        let store_db = store_cluster.create_db().await;
+        let work = Workdir::new(&config_with_store(&db, Some(&store_db), USERS_TABLE));
+        let mut daemon = work.spawn_run(0);
+        wait_leading_with_store(&db, &store_db, &mut daemon).await;
+        let store_client = store_db.client().await;
+        let writer = db.client().await;
+        let mut rng = Rng::new();
+        let mut live = vec![false; 100];
+        let log = write_random(&writer, &mut rng, &mut live, first).await;
+        let stored = log.len() as i64;
+        wait_for("the first events", WAIT, || async {
+            event_count(&store_client).await == stored
+        })
+        .await;
+        OutageSetup {
+            db,
+            store_cluster,
+            store_db,
+            daemon,
+            work,
+            writer,
+            rng,
+            live,
+            log,
+        }
+    }
+}
+
 #[tokio::test]
 async fn unreachable_store_makes_ingest_wait_without_confirming() {
-    let db = create_db().await;
-    db.batch("CREATE TABLE users (id int PRIMARY KEY, email text, n int)")
-        .await;
-    // The store lives in a cluster of its own, which the test stops and starts.
-    let store_cluster = Cluster::start();
-    let store_db = store_cluster.create_db().await;
-    let toml = config_with_store(&db, Some(&store_db), USERS_TABLE);
-    let work = Workdir::new(&toml);
-    let mut daemon = work.spawn_run(0);
-    wait_leading_with_store(&db, &store_db, &mut daemon).await;
-    let store_client = store_db.client().await;
-    let writer = db.client().await;
-    let mut rng = Rng::new();
-    let mut live = vec![false; 100];
-    let mut log = write_random(&writer, &mut rng, &mut live, 30).await;
-    let first = log.len() as i64;
-    wait_for("the first events", WAIT, || async {
-        event_count(&store_client).await == first
-    })
-    .await;
-    drop(store_client);
+    let OutageSetup {
+        db,
+        store_cluster,
+        store_db,
+        mut daemon,
+        work: _work,
+        writer,
+        mut rng,
+        mut live,
+        mut log,
+    } = OutageSetup::start(30).await;
 
     let c = store_cluster.clone();
     tokio::task::spawn_blocking(move || c.stop(StopMode::Fast))
@@ -659,25 +700,17 @@ async fn unreachable_store_makes_ingest_wait_without_confirming() {
 /// stopped reaches the source task while ingest is retrying.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_source_lets_go_of_the_server_as_soon_as_ingest_cannot_store() {
-    let db = create_db().await;
-    db.batch("CREATE TABLE users (id int PRIMARY KEY, email text, n int)")
-        .await;
-    let store_cluster = Cluster::start();
-    let store_db = store_cluster.create_db().await;
-    let work = Workdir::new(&config_with_store(&db, Some(&store_db), USERS_TABLE));
-    let mut daemon = work.spawn_run(0);
-    wait_leading_with_store(&db, &store_db, &mut daemon).await;
-    let store_client = store_db.client().await;
-    let writer = db.client().await;
-    let mut rng = Rng::new();
-    let mut live = vec![false; 100];
-    let mut log = write_random(&writer, &mut rng, &mut live, 10).await;
-    let first = log.len() as i64;
-    wait_for("the first events", WAIT, || async {
-        event_count(&store_client).await == first
-    })
-    .await;
-    drop(store_client);
+    let OutageSetup {
+        db,
+        store_cluster,
+        store_db,
+        mut daemon,
+        work: _work,
+        writer,
+        mut rng,
+        mut live,
+        mut log,
+    } = OutageSetup::start(10).await;
 
     // A steady writer, through the outage and after it.
     let stop_writing = tokio_util::sync::CancellationToken::new();
