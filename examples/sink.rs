@@ -5,7 +5,8 @@
 //! commit time of the source transaction), the commit-to-receiver latency.
 //!
 //! Usage: `sink PORT [--tls]` (runs until killed; `--tls`: HTTPS with a self-signed
-//! certificate for 127.0.0.1, for a subscription with `tls_insecure = true`). Control requests, not counted as arrivals:
+//! certificate for 127.0.0.1, for a subscription with `tls_insecure = true`). Control
+//! requests, not counted as arrivals:
 //! - `GET /stats`: JSON `{"received", "start_unix", "latency_ms": {"n", "p50", "p95",
 //!   "p99", "max"}}`, latencies since the last reset;
 //! - `GET /series`: JSON `{"bucket_ms": 100, "counts": [...]}`, arrivals per bucket since start;

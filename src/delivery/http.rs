@@ -473,26 +473,33 @@ fn describe(
 }
 
 /// The causes of `err`, outermost first. `io::Error::source` skips the error an
-/// `io::Error` wraps, so that one is visited explicitly.
+/// `io::Error` wraps, so that one is visited explicitly (`err`'s own too).
 fn chain<'a>(
     err: &'a (dyn std::error::Error + 'static),
 ) -> Vec<&'a (dyn std::error::Error + 'static)> {
     let mut out = Vec::new();
-    let mut next = err.source();
+    let mut next = cause(err);
     while let Some(e) = next {
         out.push(e);
-        next = match e
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-        {
-            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
-            None => e.source(),
-        };
+        next = cause(e);
         if out.len() > 16 {
             break;
         }
     }
     out
+}
+
+/// What `e` wraps: an `io::Error`'s inner error, otherwise its source.
+fn cause<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a (dyn std::error::Error + 'static)> {
+    match e
+        .downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
+    {
+        Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+        None => e.source(),
+    }
 }
 
 fn kind_of(err: &reqwest::Error) -> ErrorKind {

@@ -264,7 +264,11 @@ impl Pool {
                     let stream = TlsConnector::from(tls.clone())
                         .connect(name.clone(), stream)
                         .await
-                        .map_err(|e| handshake_failure(&e))?;
+                        .map_err(|e| {
+                            // What rustls refused (`tls: invalid peer certificate:
+                            // UnknownIssuer`), or the connection's own failure.
+                            describe(&e, ErrorKind::Connect, || short(format!("connect: {e}")))
+                        })?;
                     return start_connection(stream).await;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
@@ -304,18 +308,6 @@ where
 
 fn request_failure(err: &hyper::Error) -> Failure {
     describe(err, ErrorKind::Other, || short(err.to_string()))
-}
-
-/// A failed TLS handshake: what rustls refused (`tls: invalid peer certificate:
-/// UnknownIssuer`), or the connection's own failure, as reqwest named them.
-fn handshake_failure(err: &std::io::Error) -> Failure {
-    if let Some(tls) = err
-        .get_ref()
-        .and_then(|e| e.downcast_ref::<rustls::Error>())
-    {
-        return (ErrorKind::Tls, short(format!("tls: {tls}")));
-    }
-    describe(err, ErrorKind::Connect, || short(format!("connect: {err}")))
 }
 
 /// Closes connections idle for the receiver's idle timeout, until its [`Pool`] is gone.

@@ -411,10 +411,9 @@ async fn silent_server_times_out() {
 /// that stops arriving out the same way: the status stands, the error says so.
 #[tokio::test]
 async fn a_body_that_stops_arriving_keeps_its_status_and_times_out() {
-    let insecure = HttpClient::new(true, None).unwrap();
-    for (scheme, tls) in [("http", None), ("https", Some(self_signed()))] {
+    for (scheme, tls, client) in schemes() {
         let (addr, _rx) = serve(Reply::Stalls, tls).await;
-        let a = post(&insecure, &url(scheme, addr), Duration::from_millis(500)).await;
+        let a = post(&client, &url(scheme, addr), Duration::from_millis(500)).await;
         assert_eq!(code(&a), 200, "{scheme}");
         assert_eq!(
             a.error.as_deref(),
