@@ -5,8 +5,8 @@
 //! What to send, what to record and where the cursor may go is decided by
 //! [`machine::Machine`], which does no I/O and has the unit tests. This module is the
 //! loop around it: one coordinator task fetches events from the log (while earlier ones
-//! are still in flight), starts attempts as tasks (at most `max_in_flight` at once),
-//! hands their answers to the machine in batches and writes what it settles.
+//! are still in flight), hands attempts to worker tasks (at most `max_in_flight` at
+//! once; see [`workers`]), hands their answers to the machine in batches and writes what it settles.
 //!
 //! An event is attempted from one source at a time: an event with a retry row is never
 //! fetched as new (the store skips it), and a due retry row of an event this session
@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use self::machine::{Answer, Machine, Row, Sent};
+use self::workers::{Shared, Workers};
 use super::measure::AttemptMetrics;
 use super::{Decision, HttpClients, Target, body, decide, request_headers};
 use crate::config::{Ordering, SubscriptionConfig};
@@ -64,6 +65,7 @@ const WINDOW_MAX: i64 = 5_000;
 const POLL: Duration = Duration::from_millis(250);
 
 mod machine;
+mod workers;
 
 /// Dispatchers started by this process so far: each one's lease owner is unique.
 static DISPATCHERS: AtomicU64 = AtomicU64::new(0);
@@ -126,7 +128,7 @@ pub async fn run(
     }
 }
 
-/// A finished attempt task.
+/// A finished attempt.
 type Done = Answer;
 
 /// A finished query of new events, and the connection it ran on.
@@ -186,14 +188,18 @@ impl Dispatcher {
         // operator's replay) must come from the store, which skips them.
         self.live_from = self.store.newest_retry_row(self.name()).await?;
         let mut m = Machine::new(lease.cursor, self.ordered, Instant::now());
-        let mut tasks = JoinSet::new();
-        match self.dispatch(&mut m, &mut tasks, woken, shutdown).await {
+        let mut workers = Workers::new(Shared {
+            sub: self.sub.clone(),
+            clients: self.clients.clone(),
+            outbound: self.outbound.clone(),
+        });
+        match self.dispatch(&mut m, &mut workers, woken, shutdown).await {
             Err(StoreError::LeaseLost { .. }) => {
                 // Nothing more is written; what is in flight is abandoned (its results
                 // could not be recorded), and the new holder sends it again.
-                info!(subscription = %self.name(), abandoned = tasks.len(), "lost the lease to another instance; stopped dispatching");
+                info!(subscription = %self.name(), abandoned = workers.in_flight(), "lost the lease to another instance; stopped dispatching");
                 self.leased = false;
-                tasks.abort_all();
+                workers.abort();
                 Ok(())
             }
             other => other,
@@ -204,14 +210,14 @@ impl Dispatcher {
     async fn dispatch(
         &mut self,
         m: &mut Machine,
-        tasks: &mut JoinSet<Done>,
+        workers: &mut Workers,
         woken: &mut watch::Receiver<u64>,
         shutdown: &CancellationToken,
     ) -> Result<(), StoreError> {
-        self.pump(m, tasks, woken, shutdown).await?;
+        self.pump(m, workers, woken, shutdown).await?;
         m.stop();
-        while let Some(joined) = tasks.join_next().await {
-            self.settle(m, vec![finished(joined)]).await?;
+        while let Some(done) = workers.next().await {
+            self.settle(m, vec![done]).await?;
         }
         self.write_cursor(m, true).await
     }
@@ -255,7 +261,7 @@ impl Dispatcher {
     async fn pump(
         &mut self,
         m: &mut Machine,
-        tasks: &mut JoinSet<Done>,
+        workers: &mut Workers,
         woken: &mut watch::Receiver<u64>,
         shutdown: &CancellationToken,
     ) -> Result<(), StoreError> {
@@ -319,7 +325,7 @@ impl Dispatcher {
             }
             let batch = self.sub.batch_size.max(1) as usize;
             while let Some(events) = m.next_start(limit, batch) {
-                self.start(tasks, events);
+                workers.start(events, self.valid_until);
             }
             self.write_cursor(m, false).await?;
             if m.is_stopping() {
@@ -335,10 +341,10 @@ impl Dispatcher {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Ok(()),
-                Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
-                    let mut done = vec![finished(joined)];
-                    while let Some(joined) = tasks.try_join_next() {
-                        done.push(finished(joined));
+                Some(first) = workers.next(), if workers.in_flight() > 0 => {
+                    let mut done = vec![first];
+                    while let Some(next) = workers.try_next() {
+                        done.push(next);
                     }
                     self.settle(m, done).await?;
                 }
@@ -388,14 +394,6 @@ impl Dispatcher {
         let blocked = self.store.blocked_entities(self.name(), &entities).await?;
         let queued = m.new_fetched(new, &blocked);
         self.queue_behind(&queued).await
-    }
-
-    /// Starts the request of `events`.
-    fn start(&self, tasks: &mut JoinSet<Done>, events: Vec<DueEvent>) {
-        let (sub, clients) = (self.sub.clone(), self.clients.clone());
-        let outbound = self.outbound.clone();
-        let valid_until = self.valid_until;
-        tasks.spawn(async move { attempt(&sub, &clients, &outbound, events, valid_until).await });
     }
 
     /// Hands finished attempts to the machine and writes what it settles (one
@@ -461,17 +459,6 @@ fn retry_batches(sub: &SubscriptionConfig) -> usize {
     (BATCH as usize / sub.batch_size.max(1) as usize).max(1)
 }
 
-/// A joined attempt task. A panic in one is carried on: the supervisor restarts the
-/// dispatcher, which starts again from the stored cursor and retry rows.
-fn finished(joined: Result<Done, tokio::task::JoinError>) -> Done {
-    match joined.map_err(|e| e.try_into_panic()) {
-        Ok(done) => done,
-        Err(Ok(panic)) => std::panic::resume_unwind(panic),
-        Err(Err(e)) => panic!("an attempt task ended early: {e}"),
-    }
-}
-
-/// Logs what an operator should hear of an answer (never a body or a URL).
 fn log_answer(subscription: &str, answer: &Answer) {
     let batch = answer
         .batch
