@@ -70,8 +70,9 @@ pub fn request_headers(
         Err(_) => tracing::warn!(subscription = %sub.name, "event id is not a valid header value"),
     }
     out.append(WEBHOOK_TIMESTAMP, HeaderValue::from(timestamp));
+    // The signature's bytes become the header value as they are (checked, not copied).
     if let Some(signature) = sign(&sub.keys, msg_id, timestamp, body)
-        && let Ok(mut v) = HeaderValue::from_str(&signature)
+        && let Ok(mut v) = HeaderValue::from_maybe_shared(Bytes::from(signature))
     {
         v.set_sensitive(true);
         out.append(WEBHOOK_SIGNATURE, v);
