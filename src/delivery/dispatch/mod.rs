@@ -690,7 +690,7 @@ pub(crate) fn envelope(e: &DueEvent) -> Envelope {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::mapping::test_support::config;
     use serde_json::json;
@@ -700,7 +700,7 @@ mod tests {
     }
 
     /// A stored event, as the store reads it back, with or without its optional parts.
-    fn stored(full: bool) -> DueEvent {
+    pub(super) fn stored(full: bool) -> DueEvent {
         DueEvent {
             seq: 12,
             id: "evt_01JDXYZ".into(),
