@@ -246,6 +246,7 @@ mod tests {
             table: Arc::new(table),
             op,
             new: new.map(row),
+            new_json: None,
             old: old.map(row),
             old_is_full: false,
             unchanged_toast: Vec::new(),

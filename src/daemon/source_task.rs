@@ -22,9 +22,10 @@ use crate::mapping::aggregate::{Emit, TxnAggregates};
 use crate::mapping::{ContextKeys, EventDraft};
 use crate::source::Lsn;
 use crate::source::SourceError;
-use crate::source::decoder::{Decoded, Op, TableName};
+use crate::source::decoder::{Decoded, JsonRows, Op, TableName};
 use crate::source::stream::{Position, ReplicationStream};
 use crate::store::backfills::BackfillProgress;
+use crate::store::ingest::EventJson;
 use crate::store::{BulkRole, ChangeEvents, PendingEvent};
 use crate::telemetry::{SOURCE_CHANGES_TOTAL, label};
 
@@ -111,6 +112,7 @@ pub async fn run(
     let mut current = rules.borrow_and_update().clone();
     let mut bulks = TxnAggregates::default();
     let mut emits: Vec<Emit> = Vec::new();
+    stream.set_json_rows(json_rows(&current));
     if !current.aggregates.is_empty() {
         // Bulk events depend on a transaction's earlier rows: after a restart in the
         // middle of one, its stored rows are fed again (their output dropped).
@@ -132,6 +134,7 @@ pub async fn run(
                 if rules.has_changed().unwrap_or(false) {
                     current = rules.borrow_and_update().clone();
                     names.routes.clear();
+                    stream.set_json_rows(json_rows(&current));
                     tracing::info!(
                         xid,
                         "reloaded table rules and routes in effect from this transaction"
@@ -165,11 +168,10 @@ pub async fn run(
                         if !drafts.is_empty() {
                             let first = &drafts[0];
                             let (entity, id) = (first.entity.clone(), first.entity_id.clone());
-                            let d = std::mem::take(&mut drafts);
                             events.push(change_events(
                                 t,
                                 (entity, id),
-                                d,
+                                &mut drafts,
                                 keys,
                                 None,
                                 &current.routes,
@@ -421,7 +423,7 @@ impl NameCache {
 fn change_events(
     txn: &Txn,
     (entity, entity_id): (Arc<str>, String),
-    drafts: Vec<EventDraft>,
+    drafts: &mut Vec<EventDraft>,
     context_keys: Option<ContextKeys>,
     bulk: Option<BulkRole>,
     routes: &Routes,
@@ -434,8 +436,12 @@ fn change_events(
     // A change without events has nothing to read context for (a bulk row that the
     // bulk event replaces).
     let context_keys = context_keys.filter(|_| !drafts.is_empty());
+    // Drained, not consumed: the caller's buffer is kept, and the events get an
+    // allocation of their own. Collected in place into the drafts' allocation, the
+    // events took it to the ingest task, which freed it there; allocating it again per
+    // change then kept faulting in fresh pages (~7 % of ingest's CPU, +7 MiB RSS).
     let events = drafts
-        .into_iter()
+        .drain(..)
         .map(|d| {
             let mut e = PendingEvent {
                 id: crate::store::ingest::new_event_id(),
@@ -444,7 +450,10 @@ fn change_events(
                 data: d.data,
                 previous: d.previous,
                 changed: d.changed,
-                json: None,
+                json: d.json.map(|j| EventJson {
+                    data: j.0,
+                    previous: None,
+                }),
             };
             // Serialised here, beside the store transaction of the batch before, not
             // inside it (a bulk event's data is completed when it is stored).
@@ -473,6 +482,16 @@ fn change_events(
 /// id names the part (`<table>/<op>/<commit LSN>/<part>`: revision 1 of an entity of
 /// its own, so it neither waits behind nor holds up the entities it lists) and whose
 /// `data.items` revisions the store fills in.
+/// The tables whose new rows the decoder writes as JSON text ([`JsonRows`]): none
+/// while bulk events are configured, whose items are built from rows.
+fn json_rows(rules: &Rules) -> JsonRows {
+    if rules.aggregates.is_empty() {
+        rules.mapper.json_rows()
+    } else {
+        JsonRows::default()
+    }
+}
+
 fn push_emit(
     txn: &Txn,
     emit: Emit,
@@ -481,10 +500,10 @@ fn push_emit(
     out: &mut Vec<ChangeEvents>,
 ) {
     match emit {
-        Emit::Row(r) => out.push(change_events(
+        Emit::Row(mut r) => out.push(change_events(
             txn,
             (r.entity, r.entity_id),
-            r.drafts,
+            &mut r.drafts,
             r.context_keys,
             None,
             routes,
@@ -494,11 +513,11 @@ fn push_emit(
             let rows = b.rows.len();
             let data = b.data(&vec![0; rows]);
             let table = names.table(&b.table);
-            for r in b.rows {
+            for mut r in b.rows {
                 let mut c = change_events(
                     txn,
                     (r.entity, r.entity_id),
-                    r.drafts,
+                    &mut r.drafts,
                     r.context_keys,
                     Some(BulkRole::Row),
                     routes,
@@ -519,6 +538,7 @@ fn push_emit(
                 entity: b.entity.clone(),
                 entity_id: entity_id.clone(),
                 data,
+                json: None,
                 previous: None,
                 changed: None,
                 table: b.table,
@@ -527,7 +547,7 @@ fn push_emit(
             out.push(change_events(
                 txn,
                 (b.entity, entity_id),
-                vec![draft],
+                &mut vec![draft],
                 None,
                 Some(BulkRole::Event { rows }),
                 routes,

@@ -332,6 +332,7 @@ mod tests {
             entity: Arc::from("user"),
             entity_id: id.to_string(),
             data: Row::new(),
+            json: None,
             previous: None,
             changed: None,
             table: Arc::new(table.clone()),

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::config::TableConfig;
-use crate::source::decoder::{Change, Op, Row, TableName};
+use crate::source::decoder::{Change, JsonRowSpec, JsonRows, Op, Row, RowJson, TableName};
 use crate::source::setup::TableInfo;
 
 use super::condition::{self, EvalError};
@@ -24,8 +24,11 @@ pub struct EventDraft {
     pub entity: Arc<str>,
     /// Entity id (id columns; composite ids joined with `:`).
     pub entity_id: String,
-    /// The new row, or on a delete the old row's known values; redacted.
+    /// The new row, or on a delete the old row's known values; redacted. Empty when
+    /// `json` holds it.
     pub data: Row,
+    /// `data` as JSON text, when the decoder wrote it so ([`Mapper::json_rows`]).
+    pub json: Option<RowJson>,
     /// The old row on updates under REPLICA IDENTITY FULL; redacted.
     pub previous: Option<Row>,
     /// Columns whose value changed, on updates under REPLICA IDENTITY FULL; redacted.
@@ -142,6 +145,29 @@ impl Mapper {
         self.context.keys(table, Some(row))
     }
 
+    /// The tables whose new rows the decoder may write as JSON text: those whose
+    /// mapping reads only the entity id of a row (no rules, no `update_columns`, no
+    /// context). Not for a config with bulk events, which build their items from rows.
+    pub fn json_rows(&self) -> JsonRows {
+        let tables = self
+            .tables
+            .iter()
+            .filter(|(table, t)| {
+                t.rules.is_empty()
+                    && t.update_columns.is_none()
+                    && !self.context.tables.contains_key(*table)
+            })
+            .map(|(table, t)| {
+                let spec = JsonRowSpec {
+                    read: t.id.clone(),
+                    columns: t.columns.clone(),
+                };
+                (table.clone(), spec)
+            })
+            .collect();
+        JsonRows { tables }
+    }
+
     /// Whether `table` is watched.
     pub fn watches(&self, table: &TableName) -> bool {
         self.tables.contains_key(table)
@@ -248,7 +274,15 @@ impl Mapper {
             Op::Update if old_full => (change.new.take(), change.old.take()),
             Op::Update => (change.new.take(), None),
         };
-        let data = redact(data.unwrap_or_default(), &t.columns);
+        // Written by the decoder, filtered already: `data` keeps only the id's columns.
+        let json = match change.op {
+            Op::Insert | Op::Update if !old_full => change.new_json.take(),
+            _ => None,
+        };
+        let data = match json {
+            Some(_) => Row::new(),
+            None => redact(data.unwrap_or_default(), &t.columns),
+        };
         let previous = previous.map(|old| redact(old, &t.columns));
 
         let count = own.iter().len() + fired.len();
@@ -258,6 +292,7 @@ impl Mapper {
             entity: Arc::clone(&t.entity),
             entity_id,
             data,
+            json,
             previous,
             changed,
             table: Arc::clone(&change.table),
@@ -419,6 +454,7 @@ when = "op == 'insert' && table == 'public.counters' && size(changed) == 0 && ol
             }),
             op,
             new: new.map(row),
+            new_json: None,
             old: old.map(row),
             old_is_full: full,
             unchanged_toast: Vec::new(),
@@ -439,6 +475,58 @@ when = "op == 'insert' && table == 'public.counters' && size(changed) == 0 && ol
 
     fn user(email: &str, status: &str, pw: &str) -> Value {
         json!({"id": 42, "email": email, "status": status, "name": "Ann", "password_hash": pw})
+    }
+
+    /// Only tables whose mapping reads nothing of a row but its id get rows as JSON
+    /// text: users have rules and `update_columns`, counters rules.
+    #[test]
+    fn json_rows_are_for_tables_that_read_only_the_id() {
+        let rows = mapper().json_rows();
+        let mut tables: Vec<String> = rows.tables.keys().map(|t| t.to_string()).collect();
+        tables.sort();
+        assert_eq!(tables, ["public.memberships", "public.user_roles"]);
+        let spec = &rows.tables[&TableName {
+            schema: "public".into(),
+            name: "memberships".into(),
+        }];
+        assert_eq!(spec.read, ["org", "member"]);
+        assert!(!spec.columns.allows("secret"));
+    }
+
+    /// A row the decoder wrote as JSON becomes the draft's data as it is; with the full
+    /// old row (an update under FULL) there is none, and a delete's data is its old row.
+    #[test]
+    fn json_rows_become_the_data_of_inserts_and_updates() {
+        let m = mapper();
+        let text = RowJson(Arc::from(
+            serde_json::value::to_raw_value(&json!({"org": 1, "member": 2, "role": "x"})).unwrap(),
+        ));
+        for op in [Op::Insert, Op::Update, Op::Delete] {
+            let mut c = change(
+                "public.memberships",
+                op,
+                Some(json!({"org": 1, "member": 2})),
+                Some(json!({"org": 1, "member": 2})),
+                false,
+            );
+            c.new_json = Some(text.clone());
+            let (out, _) = run(&m, &c);
+            assert_eq!(out.len(), 1, "{op}");
+            let d = &out[0];
+            assert_eq!(d.entity_id, "1:2");
+            if op == Op::Delete {
+                assert_eq!(
+                    (&d.json, &d.data),
+                    (&None, &row(json!({"org": 1, "member": 2})))
+                );
+            } else {
+                assert_eq!(
+                    (&d.json, &d.data),
+                    (&Some(text.clone()), &Row::new()),
+                    "{op}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -36,6 +36,7 @@ impl Mapper {
                 row.retain(|name, _| t.columns.allows(name));
                 row
             },
+            json: None,
             previous: None,
             changed: None,
             table: t.table.clone(),

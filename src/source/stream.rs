@@ -10,7 +10,7 @@ use tracing::{info, warn};
 use super::Lsn;
 use super::SourceError;
 use super::client::{ClientError, ReplicationClient, ReplicationMessage};
-use super::decoder::{Decoded, Decoder};
+use super::decoder::{Decoded, Decoder, JsonRows};
 use super::pgoutput;
 use super::setup::{create_slot, slot_error};
 use crate::pg::ErrorChain;
@@ -153,6 +153,12 @@ impl ReplicationStream {
         }
     }
 
+    /// Writes the new rows of `rows`' tables as JSON text from the next change on
+    /// ([`JsonRows`]), in this session and the next.
+    pub fn set_json_rows(&mut self, rows: JsonRows) {
+        self.decoder.set_json_rows(rows);
+    }
+
     /// From now on until the resume transaction commits (or the stream reconnects),
     /// also hand on the row changes of the resume transaction that the resume position
     /// covers, each marked by [`replayed`](Self::replayed): a consumer whose state
@@ -215,7 +221,7 @@ impl ReplicationStream {
             self.replay_rows = false;
         }
         self.connected_once = true;
-        self.decoder = Decoder::new();
+        self.decoder = self.decoder.fresh();
         self.in_txn = false;
         self.skip_txn = false;
         self.rows_in_txn = 0;

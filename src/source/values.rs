@@ -66,35 +66,97 @@ pub mod oid {
 /// starting with `_` marks an array type, converted to an array of strings. A value
 /// that does not parse as its type claims is kept as its text.
 pub fn to_json(type_oid: u32, type_name: Option<&str>, text: &str) -> Value {
-    match type_oid {
-        oid::BOOL => match text {
+    match kind(type_oid, type_name) {
+        Kind::Bool => match text {
             "t" => Value::Bool(true),
             "f" => Value::Bool(false),
             _ => string(text),
         },
-        oid::INT2 | oid::INT4 | oid::INT8 => text
+        Kind::Integer => text
             .parse::<i64>()
             .map(Value::from)
             .unwrap_or_else(|_| string(text)),
-        oid::OID => text
+        Kind::Oid => text
             .parse::<u32>()
             .map(Value::from)
             .unwrap_or_else(|_| string(text)),
-        oid::FLOAT4 | oid::FLOAT8 => float(text),
-        oid::JSON | oid::JSONB => serde_json::from_str(text).unwrap_or_else(|_| string(text)),
-        oid::BYTEA => match bytea(text) {
+        Kind::Float => float(text),
+        Kind::Json => serde_json::from_str(text).unwrap_or_else(|_| string(text)),
+        Kind::Bytea => match bytea(text) {
             Some(raw) => Value::String(BASE64.encode(raw)),
             None => string(text),
         },
+        Kind::Array { element, delim } => array(text, element, delim),
+        Kind::Text => string(text),
+    }
+}
+
+/// How a type's text form becomes JSON.
+#[derive(Clone, Copy)]
+enum Kind {
+    Bool,
+    Integer,
+    Oid,
+    Float,
+    Json,
+    Bytea,
+    Array {
+        element: u32,
+        delim: u8,
+    },
+    /// The text form unchanged, as a string.
+    Text,
+}
+
+fn kind(type_oid: u32, type_name: Option<&str>) -> Kind {
+    match type_oid {
+        oid::BOOL => Kind::Bool,
+        oid::INT2 | oid::INT4 | oid::INT8 => Kind::Integer,
+        oid::OID => Kind::Oid,
+        oid::FLOAT4 | oid::FLOAT8 => Kind::Float,
+        oid::JSON | oid::JSONB => Kind::Json,
+        oid::BYTEA => Kind::Bytea,
         _ => {
             if let Some(element) = array_element(type_oid) {
                 let delim = if element == oid::BOX { b';' } else { b',' };
-                array(text, element, delim)
+                Kind::Array { element, delim }
             } else if type_name.is_some_and(|name| name.starts_with('_')) {
-                array(text, oid::TEXT, b',')
+                Kind::Array {
+                    element: oid::TEXT,
+                    delim: b',',
+                }
             } else {
-                string(text)
+                Kind::Text
             }
+        }
+    }
+}
+
+/// One non-NULL column value as [`to_json`] converts it, serialised without building
+/// the [`Value`] for booleans, integers and text (a row's JSON written straight from
+/// the stream: [`crate::source::decoder::JsonRows`]). Serialises to the same bytes as
+/// `to_json`'s value.
+pub struct JsonText<'a> {
+    pub type_oid: u32,
+    pub type_name: Option<&'a str>,
+    pub text: &'a str,
+}
+
+impl serde::Serialize for JsonText<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let text = self.text;
+        match kind(self.type_oid, self.type_name) {
+            Kind::Text => s.serialize_str(text),
+            Kind::Bool => match text {
+                "t" => s.serialize_bool(true),
+                "f" => s.serialize_bool(false),
+                _ => s.serialize_str(text),
+            },
+            Kind::Integer => match text.parse::<i64>() {
+                Ok(n) => s.serialize_i64(n),
+                Err(_) => s.serialize_str(text),
+            },
+            _ => to_json(self.type_oid, self.type_name, text).serialize(s),
         }
     }
 }
@@ -373,6 +435,50 @@ impl ArrayParser<'_> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// The direct writer gives `to_json`'s bytes for every kind of type, well-formed
+    /// or not.
+    #[test]
+    fn json_text_serialises_as_to_json_does() {
+        let cases: &[(u32, Option<&str>, &str)] = &[
+            (oid::BOOL, None, "t"),
+            (oid::BOOL, None, "f"),
+            (oid::BOOL, None, "maybe"),
+            (oid::INT2, None, "-32768"),
+            (oid::INT4, None, "0"),
+            (oid::INT8, None, "9223372036854775807"),
+            (oid::INT8, None, "-9223372036854775808"),
+            (oid::INT8, None, "12x"),
+            (oid::OID, None, "4294967295"),
+            (oid::FLOAT8, None, "1.5"),
+            (oid::FLOAT4, None, "NaN"),
+            (oid::NUMERIC, None, "3.14159265358979323846"),
+            (oid::JSON, None, r#"{"a": [1, 2.50, "x\u0041"]}"#),
+            (oid::JSONB, None, "not json"),
+            (oid::BYTEA, None, "\\x0a0b"),
+            (oid::TEXT, None, "a\"b\\c\n\u{7}\u{1F600}<>&"),
+            (oid::VARCHAR, None, ""),
+            (oid::TIMESTAMPTZ, None, "2026-12-05 06:22:34.571322+00"),
+            (oid::UUID, None, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
+            (oid::TEXT_ARRAY, None, r#"{a,"b,c",NULL}"#),
+            (oid::INT4_ARRAY, None, "{1,2,3}"),
+            (99_999, Some("_mood"), "{happy,sad}"),
+            (99_999, Some("mood"), "happy"),
+        ];
+        for &(type_oid, type_name, text) in cases {
+            let direct = serde_json::to_string(&JsonText {
+                type_oid,
+                type_name,
+                text,
+            })
+            .unwrap();
+            let value = serde_json::to_string(&to_json(type_oid, type_name, text)).unwrap();
+            assert_eq!(
+                direct, value,
+                "type {type_oid} {type_name:?}, text {text:?}"
+            );
+        }
+    }
 
     fn conv(oid: u32, text: &str) -> Value {
         to_json(oid, None, text)

@@ -388,3 +388,138 @@ fn a_renamed_relation_takes_its_new_name() {
     assert_eq!(c.table.to_string(), "app.members");
     assert_eq!(c.new, Some(json!({"id": 7}).as_object().unwrap().clone()));
 }
+
+/// `public.users` written as JSON, keeping `org` as a value besides the key, without
+/// the columns `columns` leaves out.
+fn json_rows(columns: Columns) -> JsonRows {
+    let spec = JsonRowSpec {
+        read: vec!["org".to_owned()],
+        columns,
+    };
+    let table = TableName {
+        schema: "public".to_owned(),
+        name: "users".to_owned(),
+    };
+    JsonRows {
+        tables: HashMap::from([(table, spec)]),
+    }
+}
+
+const WIDE: &[(&str, u32, bool)] = &[
+    ("id", 23, true),
+    ("org", 20, false),
+    ("email", 25, false),
+    ("active", 16, false),
+    ("tags", 1009, false),
+    ("doc", 3802, false),
+    ("score", 701, false),
+    ("bio", 25, false),
+    ("note", 25, false),
+];
+
+/// The rows written as JSON are the bytes the store got from the rows as values
+/// (`raw_json` of the redacted row), and the change keeps the key and read columns.
+#[test]
+fn json_rows_are_the_rows_as_values_serialised() {
+    let tuple = [
+        Some("7"),
+        Some("-12"),
+        Some("a\"b\\c\n\u{1F600}<&>"),
+        Some("t"),
+        Some(r#"{x,"y z",NULL}"#),
+        Some(r#"{"k": [1, 2.50]}"#),
+        Some("NaN"),
+        Some(TOAST),
+        None,
+    ];
+    for columns in [
+        Columns::All,
+        Columns::Exclude(vec!["email".to_owned(), "doc".to_owned()]),
+        Columns::Include(vec!["id".to_owned(), "tags".to_owned()]),
+    ] {
+        let mut plain = decoder(b'd', WIDE);
+        let mut json = decoder(b'd', WIDE);
+        json.set_json_rows(json_rows(columns.clone()));
+        for op in [b'I', b'U'] {
+            let buf = || Buf::new(op).u32(USERS).u8(b'N').tuple(&tuple);
+            let expected = change_of(&mut plain, buf());
+            let c = change_of(&mut json, buf());
+            let redacted: Row = (expected.new.clone().unwrap().into_iter())
+                .filter(|(name, _)| columns.allows(name))
+                .collect();
+            let text = serde_json::to_string(&redacted).unwrap();
+            assert_eq!(c.new_json.as_ref().unwrap().0.get(), text, "{columns:?}");
+            assert_eq!(c.new.unwrap(), row(json!({"id": 7, "org": -12})));
+            assert_eq!(c.unchanged_toast, ["bio"]);
+            assert_eq!(expected.new_json, None);
+        }
+    }
+}
+
+#[test]
+fn json_rows_follow_the_setting_and_skip_full_old_rows() {
+    let mut d = users(b'f');
+    let insert = || {
+        Buf::new(b'I')
+            .u32(USERS)
+            .u8(b'N')
+            .tuple(&[Some("1"), Some("e"), None])
+    };
+    assert_eq!(change_of(&mut d, insert()).new_json, None);
+    d.set_json_rows(json_rows(Columns::All));
+    assert_eq!(
+        change_of(&mut d, insert()).new_json.unwrap().0.get(),
+        r#"{"id":1,"email":"e","bio":null}"#
+    );
+    // With the full old row the mapping compares rows: values, no text.
+    let c = change_of(
+        &mut d,
+        Buf::new(b'U')
+            .u32(USERS)
+            .u8(b'O')
+            .tuple(&[Some("1"), Some("old"), Some("long bio")])
+            .u8(b'N')
+            .tuple(&[Some("1"), Some("new"), Some(TOAST)]),
+    );
+    assert_eq!(c.new_json, None);
+    assert_eq!(
+        c.new.unwrap(),
+        row(json!({"id": 1, "email": "new", "bio": "long bio"}))
+    );
+    // Kept across a reconnect, and for a relation announced after the setting.
+    let mut d = d.fresh();
+    assert_eq!(d.decode(relation(b'd', &[("id", 23, true)])).unwrap(), None);
+    let c = change_of(
+        &mut d,
+        Buf::new(b'I').u32(USERS).u8(b'N').tuple(&[Some("3")]),
+    );
+    assert_eq!(c.new_json.unwrap().0.get(), r#"{"id":3}"#);
+    d.set_json_rows(JsonRows::default());
+    let c = change_of(
+        &mut d,
+        Buf::new(b'I').u32(USERS).u8(b'N').tuple(&[Some("3")]),
+    );
+    assert_eq!(c.new_json, None);
+}
+
+#[test]
+fn json_rows_refuse_non_utf8_text_like_values_do() {
+    let mut d = users(b'd');
+    d.set_json_rows(json_rows(Columns::All));
+    let buf = Buf::new(b'I')
+        .u32(USERS)
+        .u8(b'N')
+        .u16(3)
+        .u8(b't')
+        .i32(1)
+        .raw(b"1")
+        .u8(b'n')
+        .u8(b't')
+        .i32(2)
+        .raw(&[0xc3, 0x28]);
+    let err = d.decode(parse(buf.bytes()).unwrap()).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "pgoutput insert on public.users: value of column bio is not valid UTF-8"
+    );
+}
