@@ -6,7 +6,8 @@
 //! [`machine::Machine`], which does no I/O and has the unit tests. This module is the
 //! loop around it: one coordinator task fetches events from the log (while earlier ones
 //! are still in flight), hands attempts to worker tasks (at most `max_in_flight` at
-//! once; see [`workers`]), hands their answers to the machine in batches and writes what it settles.
+//! once; see [`workers`]), hands their answers to the machine in batches and writes
+//! what it settles.
 //!
 //! An event is attempted from one source at a time: an event with a retry row is never
 //! fetched as new (the store skips it), and a due retry row of an event this session
@@ -459,6 +460,7 @@ fn retry_batches(sub: &SubscriptionConfig) -> usize {
     (BATCH as usize / sub.batch_size.max(1) as usize).max(1)
 }
 
+/// Logs what an operator should hear of an answer (never a body or a URL).
 fn log_answer(subscription: &str, answer: &Answer) {
     let batch = answer
         .batch
