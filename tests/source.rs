@@ -5,8 +5,11 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use std::collections::HashMap;
 use walhook::pg::ConnInfo;
-use walhook::source::decoder::{Change, Decoded, Op};
+
+use walhook::config::Columns;
+use walhook::source::decoder::{Change, Decoded, JsonRowSpec, JsonRows, Op, Row, TableName};
 use walhook::source::stream::{ConfirmMode, Position, ReplicationStream, StreamOptions};
 
 use crate::support::pg::{Auth, TestDb, create_db};
@@ -30,6 +33,11 @@ async fn publish(db: &TestDb, tables: &str) {
 fn stream_for(url: &str) -> ReplicationStream {
     let params = ConnInfo::parse(url).expect("test URL parses");
     let slot = params.dbname.clone();
+    stream_of_slot(url, slot)
+}
+
+fn stream_of_slot(url: &str, slot: String) -> ReplicationStream {
+    let params = ConnInfo::parse(url).expect("test URL parses");
     ReplicationStream::new(
         params,
         StreamOptions {
@@ -73,6 +81,10 @@ fn changes(items: &[Decoded]) -> Vec<&Change> {
 
 /// Inserts `value` (an SQL literal) into a one-column table of `sql_type` and returns
 /// the column's JSON as the stream carries it.
+///
+/// Read a second time from a slot of its own, with the rows written as JSON text by
+/// the decoder (as the daemon has them for a table whose mapping reads only the id):
+/// that text must be the serialisation of the row read as values, byte for byte.
 async fn convert(sql_type: &str, values: &[&str]) -> Vec<Value> {
     let db = create_db().await;
     db.batch(&format!(
@@ -80,6 +92,11 @@ async fn convert(sql_type: &str, values: &[&str]) -> Vec<Value> {
     ))
     .await;
     publish(&db, "t").await;
+    let json_slot = format!("{}_json", db.name);
+    db.batch(&format!(
+        "SELECT pg_create_logical_replication_slot('{json_slot}', 'pgoutput')"
+    ))
+    .await;
     let mut sql = String::new();
     for v in values {
         sql.push_str(&format!("INSERT INTO t (v) VALUES ({v});"));
@@ -87,10 +104,35 @@ async fn convert(sql_type: &str, values: &[&str]) -> Vec<Value> {
     db.batch(&format!("BEGIN; {sql} COMMIT;")).await;
     let mut stream = stream_for(&db.url());
     let items = read_commits(&mut stream, 1).await;
-    changes(&items)
+    let rows: Vec<&Row> = changes(&items)
         .iter()
-        .map(|c| c.new.as_ref().expect("insert has new")["v"].clone())
-        .collect()
+        .map(|c| c.new.as_ref().expect("insert has new"))
+        .collect();
+
+    let mut stream = stream_of_slot(&db.url(), json_slot);
+    let table = TableName {
+        schema: "public".into(),
+        name: "t".into(),
+    };
+    let spec = JsonRowSpec {
+        read: Vec::new(),
+        columns: Columns::All,
+    };
+    stream.set_json_rows(JsonRows {
+        tables: HashMap::from([(table, spec)]),
+    });
+    let items = read_commits(&mut stream, 1).await;
+    let texts: Vec<&str> = changes(&items)
+        .iter()
+        .map(|c| c.new_json.as_ref().expect("written as JSON").0.get())
+        .collect();
+    let expected: Vec<String> = rows
+        .iter()
+        .map(|r| serde_json::to_string(r).unwrap())
+        .collect();
+    assert_eq!(texts, expected, "{sql_type}: rows written as JSON");
+
+    rows.iter().map(|r| r["v"].clone()).collect()
 }
 
 #[tokio::test]
