@@ -10,7 +10,7 @@
 //! and not ready, naming the source table and the fix, until an operator fixed the
 //! cause. A batch with no events writes nothing (G9).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -278,7 +278,7 @@ impl Ingest<'_> {
 struct Lane {
     task: JoinHandle<Written>,
     /// The batch's entity keys, hashed, for the batch after it.
-    keys: Arc<HashSet<u64>>,
+    keys: Arc<foldhash::HashSet<u64>>,
     /// Tells the batch after this one that this one committed.
     next_go: Option<oneshot::Sender<bool>>,
     /// Batches after this one that write nothing, confirmed once it committed.

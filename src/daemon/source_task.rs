@@ -7,10 +7,10 @@
 //! of rules only. Changes of a table the rules no longer watch (pgoutput may still send
 //! a few already in flight after the publication dropped it) produce no events.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use foldhash::HashMap;
 use metrics::{Counter, counter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;

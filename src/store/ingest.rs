@@ -1,10 +1,10 @@
 //! Group-committed ingest: one store transaction per batch writes the revisions, the
 //! events (binary COPY) and the checkpoint, with `synchronous_commit = on`.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use foldhash::{HashMap, HashMapExt, HashSet};
 use futures_util::pin_mut;
 use serde_json::{Map, Value};
 use tokio::sync::oneshot;
@@ -454,10 +454,8 @@ pub struct After {
 /// The hash of an entity key in [`After::keys`]; two keys with one hash only make a
 /// revision wait for the batch before (never a wrong revision).
 pub fn key_hash(entity: &str, id: &str) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    (entity, id).hash(&mut h);
-    h.finish()
+    use std::hash::BuildHasher;
+    foldhash::fast::FixedState::with_seed(0).hash_one((entity, id))
 }
 
 /// The entity keys of `batch`, hashed, for the batch after it ([`After::keys`]).

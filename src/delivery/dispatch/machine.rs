@@ -12,7 +12,9 @@
 //! the chain is queued behind it. An entity with a pending retry row in the store gets
 //! its new events queued behind that row.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashSet, VecDeque};
+
+use foldhash::{HashMap, HashMapExt};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
