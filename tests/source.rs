@@ -31,8 +31,7 @@ async fn publish(db: &TestDb, tables: &str) {
 
 /// A stream of the slot `publish` made for the database that `url` names.
 fn stream_for(url: &str) -> ReplicationStream {
-    let params = ConnInfo::parse(url).expect("test URL parses");
-    let slot = params.dbname.clone();
+    let slot = ConnInfo::parse(url).expect("test URL parses").dbname;
     stream_of_slot(url, slot)
 }
 

@@ -9,7 +9,7 @@ mod entity_id;
 mod error;
 pub mod lookup;
 mod mapper;
-mod rows;
+pub(crate) mod rows;
 mod snapshot;
 mod table;
 

@@ -150,6 +150,23 @@ pub struct JsonRowSpec {
 #[derive(Clone, Debug)]
 pub struct RowJson(pub Arc<RawValue>);
 
+impl JsonRows {
+    /// What `table`'s rows need, per column, when it is one of these tables.
+    fn relation(&self, table: &TableName, columns: &[ColumnInfo]) -> Option<RelationJson> {
+        let spec = self.tables.get(table)?;
+        Some(RelationJson {
+            kept: columns
+                .iter()
+                .map(|c| c.is_key || spec.read.contains(&c.name))
+                .collect(),
+            shown: columns
+                .iter()
+                .map(|c| spec.columns.allows(&c.name))
+                .collect(),
+        })
+    }
+}
+
 impl PartialEq for RowJson {
     fn eq(&self, other: &RowJson) -> bool {
         self.0.get() == other.0.get()
@@ -163,21 +180,6 @@ struct RelationJson {
     kept: Vec<bool>,
     /// In [`Change::new_json`].
     shown: Vec<bool>,
-}
-
-impl RelationJson {
-    fn new(columns: &[ColumnInfo], spec: &JsonRowSpec) -> RelationJson {
-        RelationJson {
-            kept: columns
-                .iter()
-                .map(|c| c.is_key || spec.read.contains(&c.name))
-                .collect(),
-            shown: columns
-                .iter()
-                .map(|c| spec.columns.allows(&c.name))
-                .collect(),
-        }
-    }
 }
 
 /// One column of a cached relation.
@@ -239,10 +241,7 @@ impl Decoder {
             return;
         }
         for rel in self.relations.values_mut() {
-            rel.json = rows
-                .tables
-                .get(&*rel.table)
-                .map(|spec| RelationJson::new(&rel.columns, spec));
+            rel.json = rows.relation(&rel.table, &rel.columns);
         }
         self.json_rows = rows;
     }
@@ -426,11 +425,7 @@ impl Decoder {
             schema,
             name: rel.name,
         };
-        let json = self
-            .json_rows
-            .tables
-            .get(&table)
-            .map(|spec| RelationJson::new(&columns, spec));
+        let json = self.json_rows.relation(&table, &columns);
         self.relations.insert(
             rel.id,
             RelationInfo {
@@ -486,6 +481,10 @@ fn check_width(rel: &RelationInfo, op: Op, tuple: &TupleData) -> Result<(), Deco
 
 /// The new row of a [`JsonRows`] table: its kept columns as values, all its shown
 /// columns as JSON text, and its unchanged TOAST columns (left out of both) by name.
+///
+/// Each column's text is checked to be UTF-8 once: a kept one by [`value`], a shown one
+/// as it is written, any other here. When a check fails, the error names the first
+/// column in order whose text is not UTF-8, as [`new_row`]'s does.
 fn json_row(
     rel: &RelationInfo,
     json: &RelationJson,
@@ -493,24 +492,22 @@ fn json_row(
     new: &TupleData,
 ) -> Result<(Row, Option<RowJson>, Vec<String>), DecodeError> {
     check_width(rel, op, new)?;
+    let invalid = || invalid_text(rel, op, new);
     let mut row = Row::new();
     let mut unchanged = Vec::new();
-    for ((col, data), &kept) in rel.columns.iter().zip(&new.0).zip(&json.kept) {
-        if kept {
-            match value(rel, op, col, data)? {
-                Some(v) => {
+    let columns = rel.columns.iter().zip(&new.0);
+    for ((col, data), (&kept, &shown)) in columns.zip(json.kept.iter().zip(&json.shown)) {
+        match data {
+            ColumnData::UnchangedToast => unchanged.push(col.name.clone()),
+            _ if kept => {
+                if let Some(v) = value(rel, op, col, data).map_err(|_| invalid())? {
                     row.insert(col.name.clone(), v);
                 }
-                None => unchanged.push(col.name.clone()),
             }
-            continue;
-        }
-        match data {
-            ColumnData::Text(raw) => {
-                text(rel, op, col, raw)?;
+            ColumnData::Text(raw) if !shown && std::str::from_utf8(raw).is_err() => {
+                return Err(invalid());
             }
-            ColumnData::UnchangedToast => unchanged.push(col.name.clone()),
-            ColumnData::Null | ColumnData::Binary(_) => {}
+            _ => {}
         }
     }
     let text = serde_json::value::to_raw_value(&TupleJson {
@@ -518,8 +515,21 @@ fn json_row(
         shown: &json.shown,
         tuple: new,
     })
-    .expect("a row of checked text serialises");
+    .map_err(|_| invalid())?;
     Ok((row, Some(RowJson(Arc::from(text))), unchanged))
+}
+
+/// The error of the first column of `tuple` whose text is not UTF-8, once a check
+/// found one.
+fn invalid_text(rel: &RelationInfo, op: Op, tuple: &TupleData) -> DecodeError {
+    rel.columns
+        .iter()
+        .zip(&tuple.0)
+        .find_map(|(col, data)| match data {
+            ColumnData::Text(raw) => text(rel, op, col, raw).err(),
+            _ => None,
+        })
+        .expect("a column's text failed the UTF-8 check")
 }
 
 /// A tuple's shown columns as a JSON object, the values as [`value`] gives them.
